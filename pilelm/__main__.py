@@ -1,0 +1,5 @@
+import sys
+
+from pilelm.cli import main
+
+sys.exit(main())

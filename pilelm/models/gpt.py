@@ -1,0 +1,295 @@
+"""GPT-2 and GPT-NeoX/Pythia causal language models in one readable file.
+
+Two families share one block:
+- ``gpt2`` (Radford et al. 2019): learned absolute positions, pre-LayerNorm, tanh-GELU MLP,
+  sequential residual, output projection tied to the token embedding.
+- ``neox`` (Black et al. 2022; Pythia, Biderman et al. 2023): rotary position embedding on
+  the first ``rotary_pct`` of each head (rotate-half form), parallel residual
+  ``x + attn(ln1(x)) + mlp(ln2(x))``, exact GELU, untied output projection.
+
+Shapes: B batch, T time, C = d_model, nh heads, hs = C // nh head size, V vocabulary.
+
+Inference uses a ``KVCache`` (preallocated keys/values per layer) and optional per-row
+``positions`` and a key mask, so left-padded batches of prompts decode together.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    arch: Literal["gpt2", "neox"] = "gpt2"
+    """Model family: gpt2 (learned positions, tied output) or neox (rotary, parallel residual)."""
+    vocab_size: int = 0
+    """Vocabulary size; 0 takes it from the token shards' tokenizer (rounded up to a multiple of 64)."""
+    block_size: int = 256
+    """Context length in tokens."""
+    n_layer: int = 6
+    """Number of transformer blocks."""
+    n_head: int = 6
+    """Attention heads per block."""
+    d_model: int = 384
+    """Residual stream width."""
+    d_ff: int = 0
+    """MLP hidden width; 0 means 4 * d_model."""
+    dropout: float = 0.0
+    """Dropout on embeddings, attention output and MLP output (0 for pretraining at scale)."""
+    bias: bool = True
+    """Biases in linear layers and LayerNorms (GPT-2 and Pythia both use them)."""
+    norm_eps: float = 1e-5
+    """LayerNorm epsilon."""
+    rotary_pct: float = 0.25
+    """neox: fraction of each head's dimensions that get rotary embeddings (Pythia: 0.25)."""
+    rotary_base: float = 10000.0
+    """neox: rotary base frequency."""
+    parallel_residual: bool = True
+    """neox: x + attn(ln1(x)) + mlp(ln2(x)) instead of two sequential residual adds."""
+    tie_embeddings: bool | None = None
+    """Share the token embedding with the output projection; None = family default (gpt2 yes, neox no)."""
+    init_std: float = 0.02
+    """Std of the normal init; residual output projections get init_std / sqrt(2 * n_layer)."""
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("gpt2", "neox"):
+            raise ValueError(f"model.arch must be gpt2 or neox, got {self.arch!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
+        if not 0.0 <= self.rotary_pct <= 1.0:
+            raise ValueError(f"model.rotary_pct must be in [0, 1], got {self.rotary_pct}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.vocab_size < 0 or self.block_size < 1 or self.n_layer < 1:
+            raise ValueError("model.vocab_size >= 0, model.block_size >= 1 and model.n_layer >= 1 are required")
+
+    @property
+    def head_size(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def ffn_size(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def tied(self) -> bool:
+        return self.arch == "gpt2" if self.tie_embeddings is None else self.tie_embeddings
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_size * self.rotary_pct) if self.arch == "neox" else 0
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (n_layer, B, nh, max_len, hs).
+
+    ``length`` positions are filled (the same for every row; left padding keeps rows aligned);
+    ``key_mask`` (B, max_len) marks which filled positions are real tokens, not padding.
+    """
+
+    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype):
+        shape = (cfg.n_layer, batch, cfg.n_head, max_len, cfg.head_size)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_mask = torch.ones(batch, max_len, device=device, dtype=torch.bool)
+        self.length = 0
+        self.max_len = max_len
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Select/reorder batch rows (beam search keeps the beams' parents)."""
+        self.k = self.k.index_select(1, index)
+        self.v = self.v.index_select(1, index)
+        self.key_mask = self.key_mask.index_select(0, index)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (Su et al. 2021), GPT-NeoX rotate-half layout."""
+
+    def __init__(self, dim: int, base: float):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.dim = dim
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # q, k: (B, nh, T, hs); positions: (B, T)
+        freqs = positions[:, None, :, None].float() * self.inv_freq  # (B, 1, T, dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
+        d = self.dim
+        q_rot = q[..., :d] * cos + rotate_half(q[..., :d]) * sin
+        k_rot = k[..., :d] * cos + rotate_half(k[..., :d]) * sin
+        return torch.cat((q_rot, q[..., d:]), dim=-1), torch.cat((k_rot, k[..., d:]), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base) if cfg.rotary_dim > 0 else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None,
+        layer: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        nh, hs = self.cfg.n_head, self.cfg.head_size
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, nh, hs).transpose(1, 2)
+        v = v.view(B, T, nh, hs).transpose(1, 2)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, positions)
+        if cache is not None:
+            start = cache.length
+            cache.k[layer, :, :, start : start + T] = k
+            cache.v[layer, :, :, start : start + T] = v
+            k = cache.k[layer, :, :, : start + T]  # (B, nh, S, hs), S = filled length
+            v = cache.v[layer, :, :, : start + T]
+        drop = self.dropout if self.training else 0.0
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_drop(self.proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.ffn_size, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.ffn_size, cfg.d_model, bias=cfg.bias)
+        self.drop = nn.Dropout(cfg.dropout)
+        # GPT-2 used the tanh approximation ("gelu_new"); GPT-NeoX uses exact GELU.
+        self.approximate = "tanh" if cfg.arch == "gpt2" else "none"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.attn = Attention(cfg)
+        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.mlp = MLP(cfg)
+        self.parallel = cfg.arch == "neox" and cfg.parallel_residual
+
+    def forward(self, x, positions, cache, layer, mask):
+        if self.parallel:
+            return x + self.attn(self.ln1(x), positions, cache, layer, mask) + self.mlp(self.ln2(x))
+        x = x + self.attn(self.ln1(x), positions, cache, layer, mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (> 0) before building the model")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.arch == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tied:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("attn.proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=cfg.init_std / math.sqrt(2 * cfg.n_layer))
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=self.cfg.init_std)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; non_embedding drops position (and, when untied, input) embeddings,
+        the count used in scaling-law and MFU formulas."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            if self.wpe is not None:
+                n -= self.wpe.weight.numel()
+            if not self.cfg.tied:
+                n -= self.wte.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6N + 12 * L * T * C (PaLM paper, appendix B)."""
+        T = seq_len or self.cfg.block_size
+        return 6 * self.num_params() + 12 * self.cfg.n_layer * T * self.cfg.d_model
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, V) or (B, 1, V) if last_only, mean loss or None).
+
+        targets (B, T) with -100 for ignored positions. With ``cache``, the T new tokens are
+        appended after ``cache.length`` filled positions and attend to them, honouring
+        ``cache.key_mask`` (left padding); ``positions`` (B, T) default to consecutive ones.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0).expand(B, T)
+        if self.wpe is not None and int(positions.max()) >= self.cfg.block_size:
+            raise ValueError(f"sequence position {int(positions.max())} exceeds block_size {self.cfg.block_size}")
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        x = self.drop(x)
+        mask = None
+        if cache is not None:
+            if start + T > cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} needed")
+            S = start + T
+            causal = torch.ones(T, S, dtype=torch.bool, device=idx.device).tril(diagonal=start)  # (T, S)
+            mask = causal[None, None] & cache.key_mask[:, None, None, :S]  # (B, 1, T, S)
+            # A padding query whose keys are all padding would give NaN; let it see itself.
+            diag = torch.arange(T, device=idx.device)[:, None] + start == torch.arange(S, device=idx.device)
+            mask = mask | diag[None, None]
+        for i, block in enumerate(self.blocks):
+            x = block(x, positions, cache, i, mask)
+        if cache is not None:
+            cache.length += T
+        x = self.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
