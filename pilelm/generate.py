@@ -1,0 +1,587 @@
+"""Text generation: sampling strategies and beam search over a preallocated KV cache.
+
+Library API (the server and ``pilelm eval``'s BLEU use it):
+
+- ``SamplingParams``: greedy (temperature 0), temperature, top-k, top-p, repetition penalty,
+  stop strings, max new tokens, seed.
+- ``stream_batch(model, prompts, params, eos_id)``: left-pads token prompts into one KV-cached
+  batch and yields, after every decode step, the new token of every row (``None`` once a row
+  is done). Rows that finish are dropped from the cache, so a long row does not pay for short
+  ones. Each row samples with its own seeded ``torch.Generator``: a row's tokens depend on its
+  prompt, params and seed, not on what else is in the batch.
+- ``generate(model, tokenizer, prompts, params)``: prompts in, clean completions out.
+- ``beam_search(model, prompt, num_beams, max_new_tokens, eos_id)``.
+- ``IncrementalDecoder``: token ids in, text deltas out, never splitting a UTF-8 character.
+
+The logits processors follow the order and formulas of Hugging Face ``generate``
+(repetition penalty, temperature, top-k, top-p), so greedy decoding gives the same tokens.
+``run_generate`` is the ``pilelm generate`` stage: it streams the text to the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pilelm.manifest import atomic_write_text
+from pilelm.models.gpt import KVCache
+
+log = logging.getLogger(__name__)
+
+
+class TextTokenizer(Protocol):
+    """What generation needs from a tokenizer (``pilelm.tokenizer.PileTokenizer`` has it)."""
+
+    eod_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    """Most tokens to generate per prompt."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_k: int = 0
+    """Sample only among the k most likely tokens; 0 = no limit."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p (1 = off)."""
+    repetition_penalty: float = 1.0
+    """CTRL penalty (Keskar et al. 2019) on tokens already in the prompt or output; 1 = off."""
+    stop: list[str] = field(default_factory=list)
+    """Stop at the first of these strings (which is cut from the text)."""
+    seed: int | None = None
+    """Seed of this request's sampler; None draws one from torch's global RNG."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+def fit_prompt(prompt: Sequence[int], max_new_tokens: int, block_size: int, eos_id: int | None) -> list[int]:
+    """The prompt the model can see: an empty prompt starts from ``eos_id`` (GPT-2's
+    <|endoftext|> convention), and a prompt too long for ``block_size`` together with the new
+    tokens keeps its most recent tokens."""
+    if max_new_tokens >= block_size:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) must be below the model's context ({block_size})")
+    ids = list(prompt)
+    if not ids:
+        if eos_id is None:
+            raise ValueError("an empty prompt needs an end-of-text token to start from; the tokenizer has none")
+        ids = [eos_id]
+    room = block_size - max_new_tokens
+    if len(ids) > room:
+        log.warning("prompt of %d tokens cut to its last %d to fit the context of %d", len(ids), room, block_size)
+        ids = ids[-room:]
+    return ids
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters())
+    return p.device, p.dtype
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator:
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL (Keskar et al. 2019, eq. in sec. 4.1), as Hugging Face applies it: a seen token's
+    positive logit is divided by the penalty, a negative one multiplied. logits (b, V) float;
+    seen (b, V) bool; penalty (b,)."""
+    pen = penalty[:, None]
+    return torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row top-k then top-p (Holtzman et al. 2019) filtering of tempered logits (b, V).
+
+    Returns (filtered logits sorted descending, their token ids); removed tokens are -inf.
+    The most likely token always survives.
+    """
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)  # (b, V)
+    ranks = torch.arange(logits.size(-1), device=logits.device)
+    remove = (top_k[:, None] > 0) & (ranks[None, :] >= top_k[:, None])
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the tokens before it already reach top_p.
+    remove = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    remove[:, 0] = False
+    return sorted_logits.masked_fill(remove, float("-inf")), sorted_ids
+
+
+class _RowSampler:
+    """Per-row sampling settings of the rows still decoding, as tensors."""
+
+    def __init__(self, params: list[SamplingParams], device: torch.device, vocab: int):
+        self.params = params
+        self.temperature = torch.tensor([p.temperature for p in params], device=device)
+        self.top_k = torch.tensor([min(p.top_k, vocab) for p in params], device=device)
+        self.top_p = torch.tensor([p.top_p for p in params], device=device)
+        self.penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
+        self.generators = [_generator(p.seed, device) for p in params]
+        self.use_penalty = any(p.repetition_penalty != 1.0 for p in params)
+        self.sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]
+
+    def keep(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, device=self.temperature.device)
+        self.params = [self.params[i] for i in rows]
+        self.temperature = self.temperature[index]
+        self.top_k = self.top_k[index]
+        self.top_p = self.top_p[index]
+        self.penalty = self.penalty[index]
+        self.generators = [self.generators[i] for i in rows]
+        self.sampled_rows = [j for j, p in enumerate(self.params) if p.temperature > 0]
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """logits (b, V) float32 -> next tokens (b,)."""
+        if self.use_penalty and seen is not None:
+            logits = apply_repetition_penalty(logits, seen, self.penalty)
+        tokens = logits.argmax(dim=-1)
+        rows = self.sampled_rows
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            tempered = logits[index] / self.temperature[index, None]
+            filtered, ids = filter_top_k_top_p(tempered, self.top_k[index], self.top_p[index])
+            probs = filtered.softmax(dim=-1)
+            for j, row in enumerate(rows):
+                choice = torch.multinomial(probs[j], 1, generator=self.generators[row])
+                tokens[row] = ids[j, choice[0]]
+        return tokens
+
+
+@torch.inference_mode()
+def stream_batch(
+    model: nn.Module,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    eos_id: int | None,
+    device: str | torch.device = "cpu",
+) -> Iterator[list[int | None]]:
+    """Decode a batch of token prompts together; yield each step's new token per row.
+
+    A row yields its eos token (when it samples it) and ``None`` at every later step, as it
+    does once it has ``max_new_tokens``. The caller may stop iterating at any time, or finish
+    single rows early by ``send``-ing a collection of row indices (e.g. when a stop string
+    appeared): ``gen.send({2})`` ends row 2 and returns the next step.
+    """
+    if len(prompts) != len(params):
+        raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+    if not prompts:
+        return
+    cfg = model.cfg
+    device = torch.device(device)
+    _, dtype = _model_device_dtype(model)
+    B = len(prompts)
+    rows_ids = [fit_prompt(p, sp.max_new_tokens, cfg.block_size, eos_id) for p, sp in zip(prompts, params, strict=True)]
+    lengths = torch.tensor([len(r) for r in rows_ids], device=device)
+    L = int(lengths.max())
+    max_new = max(sp.max_new_tokens for sp in params)
+    pad = 0 if eos_id is None else eos_id
+    tokens = torch.full((B, L), pad, dtype=torch.long, device=device)
+    for i, r in enumerate(rows_ids):
+        tokens[i, L - len(r) :] = torch.tensor(r, dtype=torch.long)
+    n_pad = L - lengths  # (B,)
+    cache = KVCache(cfg, B, L + max_new, device, dtype)
+    cache.key_mask[:, :L] = torch.arange(L, device=device)[None, :] >= n_pad[:, None]
+    positions = (torch.arange(L, device=device)[None, :] - n_pad[:, None]).clamp(min=0)  # (B, L)
+    sampler = _RowSampler(params, device, cfg.vocab_size)
+    seen = None
+    if sampler.use_penalty:
+        seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
+        for i, r in enumerate(rows_ids):
+            seen[i, torch.tensor(r, device=device)] = True
+
+    logits, _ = model(tokens, cache=cache, positions=positions, last_only=True)  # (B, 1, V)
+    active = list(range(B))  # original row index of each cache row
+    budget = [sp.max_new_tokens for sp in params]
+    pos = lengths.clone()  # position of the next token per cache row
+    done_early: set[int] = set()
+    for step in range(max_new):
+        nxt = sampler(logits[:, -1].float(), seen)  # (b,)
+        nxt_list = nxt.tolist()
+        out: list[int | None] = [None] * B
+        keep = []
+        for j, row in enumerate(active):
+            out[row] = nxt_list[j]
+            finished = (eos_id is not None and nxt_list[j] == eos_id) or step + 1 >= budget[row]
+            if not finished:
+                keep.append(j)
+        requested = yield out
+        if requested:
+            done_early.update(int(r) for r in requested)
+            keep = [j for j in keep if active[j] not in done_early]
+        if not keep:
+            return
+        if len(keep) < len(active):
+            index = torch.tensor(keep, device=device)
+            cache.reorder(index)
+            sampler.keep(keep)
+            nxt, pos = nxt[index], pos[index]
+            if seen is not None:
+                seen = seen[index]
+            active = [active[j] for j in keep]
+        if seen is not None:
+            seen.scatter_(1, nxt[:, None], True)
+        logits, _ = model(nxt[:, None], cache=cache, positions=pos[:, None], last_only=True)
+        pos = pos + 1
+
+
+def clean_text(text: str) -> str:
+    """Normalise generated text: one newline convention, no trailing whitespace, no dangling
+    replacement character from a UTF-8 sequence cut by the token limit."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text.rstrip("\ufffd").rstrip()
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """Cut ``text`` before the earliest stop string; (text, whether one was found)."""
+    cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class IncrementalDecoder:
+    """Token ids in, text deltas out, with special tokens dropped.
+
+    Decodes a short window of recent tokens (not the whole output) and holds text back while
+    it ends in U+FFFD, i.e. while a byte-level token sequence is in the middle of a UTF-8
+    character; the same windowing TGI and vLLM use for streaming.
+    """
+
+    def __init__(self, tokenizer: TextTokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
+        text = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
+        if len(text) > len(prefix) and not text.endswith("\ufffd"):
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+            return text[len(prefix) :]
+        return ""
+
+
+def generate(
+    model: nn.Module,
+    tokenizer: TextTokenizer,
+    prompts: list[str],
+    params: SamplingParams,
+    num_beams: int = 1,
+    on_text: Callable[[int, str], None] | None = None,
+    length_penalty: float = 1.0,
+) -> list[str]:
+    """Complete each prompt (batched); returns the clean completions, without the prompts.
+
+    ``on_text(row, delta)`` receives the text as it is generated (sampling only; beam search
+    knows its text when it ends). Rows with a seed use ``seed + row`` so that repeated
+    prompts give different samples.
+    """
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    device, _ = _model_device_dtype(model)
+    eos = tokenizer.eod_id
+    ids = [tokenizer.encode(p) for p in prompts]
+    if num_beams > 1:
+        outputs = [beam_search(model, p, num_beams, params.max_new_tokens, eos, length_penalty) for p in ids]
+        texts = [cut_at_stop(tokenizer.decode(o, skip_special_tokens=True), params.stop)[0] for o in outputs]
+        texts = [clean_text(t) for t in texts]
+        if on_text is not None:
+            for i, t in enumerate(texts):
+                on_text(i, t)
+        return texts
+
+    row_params = [_with_seed(params, None if params.seed is None else params.seed + i) for i in range(len(ids))]
+    generated: list[list[int]] = [[] for _ in ids]
+    decoders = [IncrementalDecoder(tokenizer) for _ in ids]
+    streamed = [""] * len(ids)
+    stopped: set[int] = set()
+    stream = stream_batch(model, ids, row_params, eos, device)
+    finish: set[int] = set()
+    try:
+        while True:
+            try:
+                step = stream.send(finish or None)
+            except StopIteration:
+                break
+            finish = set()
+            for row, tok in enumerate(step):
+                if tok is None or row in stopped or tok == eos:
+                    continue
+                generated[row].append(tok)
+                delta = decoders[row].push(tok)
+                if not delta:
+                    continue
+                if params.stop:
+                    # Only the tail can complete a stop string that the earlier text lacked.
+                    tail_from = max(0, len(streamed[row]) - max(len(s) for s in params.stop))
+                    text, hit = cut_at_stop(streamed[row][tail_from:] + delta, params.stop)
+                    if hit:
+                        delta = text[len(streamed[row]) - tail_from :]
+                        stopped.add(row)
+                        finish.add(row)
+                streamed[row] += delta
+                if on_text is not None and delta:
+                    on_text(row, delta)
+    finally:
+        stream.close()
+    texts = []
+    for toks in generated:
+        text, _ = cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), params.stop)
+        texts.append(clean_text(text))
+    return texts
+
+
+def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=params.max_new_tokens,
+        temperature=params.temperature,
+        top_k=params.top_k,
+        top_p=params.top_p,
+        repetition_penalty=params.repetition_penalty,
+        stop=list(params.stop),
+        seed=seed,
+    )
+
+
+@torch.inference_mode()
+def beam_search(
+    model: nn.Module,
+    prompt: list[int],
+    num_beams: int,
+    max_new_tokens: int,
+    eos_id: int | None,
+    length_penalty: float = 1.0,
+) -> list[int]:
+    """The most likely continuation found by beam search; returns the new tokens (no eos).
+
+    Each step expands every live beam and keeps the ``num_beams`` best continuations; a
+    continuation that ends in eos becomes a finished hypothesis scored by sum log p /
+    length ** length_penalty (Wu et al. 2016 without the +5 smoothing; Hugging Face's form).
+    Search stops once ``num_beams`` hypotheses are finished and no live beam can beat the
+    worst of them, or at ``max_new_tokens``.
+    """
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    cfg = model.cfg
+    device, dtype = _model_device_dtype(model)
+    prompt = fit_prompt(prompt, max_new_tokens, cfg.block_size, eos_id)
+    cache = KVCache(cfg, 1, len(prompt) + max_new_tokens, device, dtype)
+    logits, _ = model(torch.tensor([prompt], device=device), cache=cache, last_only=True)
+    scores = torch.zeros(1, device=device, dtype=torch.float64)  # sum log p of each live beam
+    beams: list[list[int]] = [[]]
+    finished: list[tuple[float, list[int]]] = []
+    V = logits.size(-1)
+
+    def normed(score: float, length: int) -> float:
+        return score / (length**length_penalty)
+
+    for t in range(max_new_tokens):
+        logprobs = F.log_softmax(logits[:, -1].float(), dim=-1).double()  # (b, V)
+        cand = (scores[:, None] + logprobs).view(-1)
+        k = min(2 * num_beams, cand.numel())
+        top_scores, top_idx = cand.topk(k)
+        parents, next_tokens, next_scores = [], [], []
+        for rank, (s, i) in enumerate(zip(top_scores.tolist(), top_idx.tolist(), strict=True)):
+            beam, tok = divmod(i, V)
+            if tok == eos_id:
+                if rank < num_beams:  # an eos outside the best num_beams does not count
+                    finished.append((normed(s, t + 1), beams[beam]))
+                continue
+            parents.append(beam)
+            next_tokens.append(tok)
+            next_scores.append(s)
+            if len(parents) == num_beams:
+                break
+        finished.sort(key=lambda h: h[0], reverse=True)
+        del finished[num_beams:]
+        if not parents:  # every continuation ended: no live beam is left
+            beams = []
+            break
+        beams = [beams[b] + [tok] for b, tok in zip(parents, next_tokens, strict=True)]
+        scores = torch.tensor(next_scores, device=device, dtype=torch.float64)
+        if len(finished) >= num_beams and finished[-1][0] >= normed(next_scores[0], t + 1):
+            beams = []  # no live beam can beat the finished ones (HF's early_stopping=False rule)
+            break
+        if t + 1 == max_new_tokens:
+            break
+        cache.reorder(torch.tensor(parents, device=device))
+        logits, _ = model(torch.tensor(next_tokens, device=device)[:, None], cache=cache, last_only=True)
+    for s, b in zip(scores.tolist(), beams, strict=False):
+        finished.append((normed(s, len(b)), b))
+    if not finished:
+        return []
+    return max(finished, key=lambda h: h[0])[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The `pilelm generate` stage
+
+
+@dataclass
+class GenerateConfig:
+    run: str = ""
+    """Run directory (pilelm train or pilelm import output)."""
+    prompt: list[str] = field(default_factory=list)
+    """Prompt text; repeat --prompt for a batch. None given: one unconditional sample."""
+    prompt_file: str = ""
+    """A text file with one prompt per line (added after the --prompt ones)."""
+    max_new_tokens: int = 128
+    """Most tokens to generate per sample."""
+    temperature: float = 0.8
+    """Softmax temperature; 0 = greedy decoding."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only; 0 = no limit."""
+    top_p: float = 0.95
+    """Nucleus sampling mass (1 = off)."""
+    repetition_penalty: float = 1.0
+    """CTRL repetition penalty (> 1 discourages repeats; 1 = off)."""
+    num_beams: int = 1
+    """Beam search with this many beams (> 1 ignores temperature/top-k/top-p)."""
+    length_penalty: float = 1.0
+    """Beam search: a hypothesis scores sum log p / length ** length_penalty."""
+    stop: list[str] = field(default_factory=list)
+    """Stop a sample at the first of these strings (repeatable)."""
+    num_samples: int = 1
+    """Samples per prompt."""
+    seed: int | None = None
+    """Seed for reproducible samples (sample i of the batch uses seed + i); None = random."""
+    step: int | None = None
+    """Checkpoint step to load; None = the latest."""
+    device: str = "cpu"
+    """Torch device (cpu, cuda, cuda:1, mps)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Weights and KV-cache dtype (bfloat16 is several times faster on CPUs with AMX)."""
+    output: str = ""
+    """Also write the samples to this JSONL file ({prompt, completion}); empty = terminal only."""
+
+    def __post_init__(self) -> None:
+        if self.num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        self.sampling()  # validates the sampling keys
+
+    def sampling(self) -> SamplingParams:
+        return SamplingParams(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            stop=list(self.stop),
+            seed=self.seed,
+        )
+
+
+def _read_prompts(cfg: GenerateConfig) -> list[str]:
+    prompts = list(cfg.prompt)
+    if cfg.prompt_file:
+        path = Path(cfg.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt_file {path} does not exist")
+        prompts += [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return prompts or [""]
+
+
+class _OrderedStream:
+    """Prints batched samples in order, streaming the one on screen; later ones catch up
+    from their buffers when their turn comes."""
+
+    def __init__(self, headers: list[str], write: Callable[[str], Any]):
+        self.headers = headers
+        self.buffers = [""] * len(headers)
+        self.done = [False] * len(headers)
+        self.write = write
+        self.shown = 0
+        self.printed = 0
+        write(headers[0])
+
+    def text(self, row: int, delta: str) -> None:
+        self.buffers[row] += delta
+        self._flush()
+
+    def finish(self, row: int) -> None:
+        self.done[row] = True
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.shown < len(self.headers):
+            buf = self.buffers[self.shown]
+            if len(buf) > self.printed:
+                self.write(buf[self.printed :])
+                self.printed = len(buf)
+            if not self.done[self.shown]:
+                return
+            self.write("\n")
+            self.shown += 1
+            self.printed = 0
+            if self.shown < len(self.headers):
+                self.write(self.headers[self.shown])
+
+
+def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None) -> Path | None:
+    """Generate from a run, streaming each sample to ``write`` (default: stdout) as it comes.
+
+    Returns the JSONL output path when ``cfg.output`` is set, else None.
+    """
+    from pilelm.checkpoint import load_for_inference
+    from pilelm.tokenizer import load_tokenizer
+
+    if not cfg.run:
+        raise ValueError("generate needs a run directory: pilelm generate RUN_DIR --prompt ...")
+    if write is None:
+
+        def write(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    model, _, tok_dir = load_for_inference(cfg.run, cfg.step, cfg.device)
+    model = model.to(getattr(torch, cfg.dtype))
+    tokenizer = load_tokenizer(tok_dir)
+    prompts = [p for p in _read_prompts(cfg) for _ in range(cfg.num_samples)]
+    many = len(prompts) > 1
+    headers = [(f"--- sample {i} ---\n" if many else "") + p for i, p in enumerate(prompts)]
+    screen = _OrderedStream(headers, write)
+    completions = generate(
+        model, tokenizer, prompts, cfg.sampling(), cfg.num_beams, on_text=screen.text,
+        length_penalty=cfg.length_penalty,
+    )
+    for row in range(len(prompts)):
+        screen.finish(row)
+    if not cfg.output:
+        return None
+    out = Path(cfg.output)
+    lines = [json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) for p, c in zip(prompts, completions, strict=True)]
+    atomic_write_text(out, "\n".join(lines) + "\n")
+    log.info("wrote %d samples to %s", len(lines), out)
+    return out

@@ -1,0 +1,164 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pilelm.generate import (
+    SamplingParams,
+    apply_repetition_penalty,
+    beam_search,
+    clean_text,
+    cut_at_stop,
+    filter_top_k_top_p,
+    stream_batch,
+)
+from pilelm.models.gpt import GPT, GPTConfig
+
+
+def tiny(arch: str, vocab: int = 97, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    # Untied so that a random gpt2 does not just repeat its input token.
+    cfg = GPTConfig(arch=arch, vocab_size=vocab, block_size=48, n_layer=2, n_head=4, d_model=64, tie_embeddings=False)
+    return GPT(cfg).eval()
+
+
+class BigramLM(nn.Module):
+    """A model with known probabilities: the next-token logits are a row of ``table``
+    chosen by the current token. Speaks the GPT calling convention."""
+
+    def __init__(self, table: torch.Tensor, block_size: int = 64):
+        super().__init__()
+        self.cfg = GPTConfig(vocab_size=table.size(0), block_size=block_size, n_layer=1, n_head=1, d_model=4)
+        self.table = nn.Parameter(table.float())
+
+    def forward(self, idx, targets=None, *, cache=None, positions=None, last_only=False):
+        if cache is not None:
+            cache.length += idx.size(1)
+        logits = self.table[idx]  # (B, T, V)
+        if last_only:
+            logits = logits[:, -1:]
+        return logits, None
+
+
+def greedy_reference(model: GPT, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding by full forward passes, no cache."""
+    ids = list(prompt)
+    for _ in range(n):
+        logits, _ = model(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt) :]
+
+
+def rows_of(steps: list[list[int | None]], n_rows: int) -> list[list[int]]:
+    return [[s[i] for s in steps if s[i] is not None] for i in range(n_rows)]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+def test_batched_greedy_equals_unbatched_full_forward(arch):
+    model = tiny(arch)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14]]
+    budgets = [10, 4, 7]
+    params = [SamplingParams(max_new_tokens=n, temperature=0.0) for n in budgets]
+    steps = list(stream_batch(model, prompts, params, eos_id=None))
+    assert len(steps) == max(budgets)
+    got = rows_of(steps, 3)
+    for prompt, n, row in zip(prompts, budgets, got, strict=True):
+        assert row == greedy_reference(model, prompt, n)
+
+
+def test_seeded_sampling_is_deterministic_and_independent_of_the_batch():
+    model = tiny("neox")
+    p = SamplingParams(max_new_tokens=12, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    alone = rows_of(list(stream_batch(model, [[3, 4, 5]], [p], None)), 1)[0]
+    again = rows_of(list(stream_batch(model, [[3, 4, 5]], [p], None)), 1)[0]
+    other = SamplingParams(max_new_tokens=3, temperature=0.7, seed=1)
+    batched = rows_of(list(stream_batch(model, [[9, 9, 9, 9, 9, 9], [3, 4, 5]], [other, p], None)), 2)[1]
+    assert alone == again == batched
+    different = rows_of(list(stream_batch(model, [[3, 4, 5]], [SamplingParams(12, 1.0, seed=8)], None)), 1)[0]
+    assert different != alone
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy():
+    model = tiny("neox")
+    greedy = rows_of(list(stream_batch(model, [[1, 2]], [SamplingParams(8, 0.0)], None)), 1)[0]
+    for p in (SamplingParams(8, 1.5, top_k=1, seed=3), SamplingParams(8, 1.5, top_p=1e-6, seed=3)):
+        assert rows_of(list(stream_batch(model, [[1, 2]], [p], None)), 1)[0] == greedy
+
+
+def test_filter_top_k_top_p_keeps_the_documented_sets():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+    # Row 0: top-p 0.8 keeps 0.5 and 0.3 (0.5 < 0.8, 0.5 + 0.3 reaches it). Row 1: top-k 3.
+    filt, ids = filter_top_k_top_p(logits, torch.tensor([0, 3]), torch.tensor([0.8, 1.0]))
+    kept = [set(ids[r][torch.isfinite(filt[r])].tolist()) for r in range(2)]
+    assert kept == [{0, 1}, {3, 2, 1}]
+
+
+def test_repetition_penalty_follows_ctrl():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    out = apply_repetition_penalty(logits, seen, torch.tensor([2.0]))
+    assert out.tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_eos_ends_a_row_and_later_steps_yield_none():
+    V, eos = 6, 5
+    table = torch.full((V, V), -10.0)
+    for t in range(V):
+        table[t, (t + 1) % V] = 10.0  # deterministic chain 1 -> 2 -> 3 -> 4 -> 5 (eos)
+    model = BigramLM(table)
+    steps = list(stream_batch(model, [[3], [0]], [SamplingParams(10, 0.0)] * 2, eos_id=eos))
+    assert [s[0] for s in steps] == [4, 5] + [None] * 3
+    assert [s[1] for s in steps] == [1, 2, 3, 4, 5]
+
+
+def test_send_finishes_a_row_early_and_close_stops():
+    model = tiny("neox")
+    stream = stream_batch(model, [[1], [2]], [SamplingParams(20, 0.0)] * 2, None)
+    first = next(stream)
+    assert None not in first
+    after = stream.send({0})
+    assert after[0] is None and after[1] is not None
+    assert all(s[0] is None for s in itertools.islice(stream, 5))
+    stream.close()
+
+
+def test_long_prompt_keeps_its_tail():
+    model = tiny("gpt2")  # learned positions: 48 is a hard limit
+    prompt = list(range(1, 60))
+    steps = list(stream_batch(model, [prompt], [SamplingParams(8, 0.0)], None))
+    assert rows_of(steps, 1)[0] == greedy_reference(model, prompt[-40:], 8)
+
+
+def test_beam_search_with_enough_beams_is_exhaustive():
+    model = tiny("neox", vocab=8, seed=3)
+    prompt, n = [1, 2], 3
+    # 8**2 beams keep every prefix, so the search must find the best of all 8**3 sequences.
+    found = beam_search(model, prompt, num_beams=64, max_new_tokens=n, eos_id=None)
+    conts = torch.tensor(list(itertools.product(range(8), repeat=n)))  # (512, n)
+    ids = torch.cat([torch.tensor(prompt).expand(len(conts), -1), conts], dim=1)
+    with torch.no_grad():
+        logp = F.log_softmax(model(ids)[0][:, len(prompt) - 1 : -1].double(), -1)  # (512, n, V)
+    total = logp.gather(2, conts[:, :, None]).sum(dim=(1, 2))
+    assert found == conts[total.argmax()].tolist()
+    assert beam_search(model, prompt, 1, n, None) == greedy_reference(model, prompt, n)
+
+
+def test_beam_search_prefers_a_finished_likely_hypothesis():
+    eos = 3
+    # From 0: eos (p=0.6) or 1 (0.4); then 2 repeats with p=0.99.
+    table = torch.log(torch.tensor([[1e-9, 0.4, 1e-9, 0.6], [1e-9, 1e-9, 0.99, 0.01],
+                                    [1e-9, 1e-9, 0.99, 0.01], [0.25, 0.25, 0.25, 0.25]]))
+    model = BigramLM(table)
+    # Raw log-probability: stopping at once (log 0.6) beats log 0.4 + 4 log 0.99.
+    assert beam_search(model, [0], 2, 5, eos, length_penalty=0.0) == []
+    # Per-token normalised (-0.51 / 1 vs -0.96 / 5), the long hypothesis wins.
+    assert beam_search(model, [0], 2, 5, eos, length_penalty=1.0) == [1, 2, 2, 2, 2]
+    assert beam_search(model, [1], num_beams=2, max_new_tokens=3, eos_id=eos) == [2, 2, 2]
+
+
+def test_text_helpers():
+    assert cut_at_stop("abc\nQ: more", ["\nQ:", "zz"]) == ("abc", True)
+    assert cut_at_stop("abc", ["\n"]) == ("abc", False)
+    assert clean_text("line\r\nnext  \n\n\ufffd") == "line\nnext"
