@@ -35,3 +35,91 @@ def minipile() -> Path:
     if not (MINIPILE / "val.jsonl.zst").is_file():
         pytest.skip("../shared/minipile is not present")
     return MINIPILE
+
+
+# --- A tiny trained run directory (serve, generate, demo and eval tests can share it) ---------
+
+TINY_TEXTS = [
+    "the quick brown fox jumps over the lazy dog.",
+    "pack my box with five dozen liquor jugs.",
+    "a café in Zürich serves crème brûlée to naïve visitors.",
+    "世界 你好 — 日本語のテキスト と 한국어 텍스트",
+    "emoji 🎉 rocket 🚀 sparkles ✨ and more text",
+]
+
+
+def make_tiny_run(
+    run_dir: Path,
+    *,
+    arch: str = "gpt2",
+    n_layer: int = 2,
+    n_head: int = 2,
+    d_model: int = 64,
+    block_size: int = 128,
+    vocab_size: int = 320,
+    train_steps: int = 0,
+    seed: int = 0,
+) -> Path:
+    """Build a run directory (``pilelm train`` layout) holding a tiny GPT and a byte-level BPE
+    tokenizer trained on ``TINY_TEXTS``. ``train_steps`` > 0 fits the model to those texts
+    with AdamW so greedy decoding reproduces them (``"the quick" -> " brown fox ..."``)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from pilelm import checkpoint, manifest
+    from pilelm.models.gpt import GPT, GPTConfig
+
+    run_dir = Path(run_dir)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TINY_TEXTS * 4, trainer=trainer)
+    (run_dir / "tokenizer").mkdir(parents=True, exist_ok=True)
+    tok.save(str(run_dir / "tokenizer" / "tokenizer.json"))
+
+    torch.manual_seed(seed)
+    cfg = GPTConfig(arch=arch, vocab_size=tok.get_vocab_size(), n_layer=n_layer, n_head=n_head,
+                    d_model=d_model, block_size=block_size)
+    model = GPT(cfg)
+    if train_steps:
+        eod = tok.token_to_id("<|endoftext|>")
+        stream: list[int] = []
+        for text in TINY_TEXTS:
+            stream += tok.encode(text).ids + [eod]
+        data = torch.tensor(stream * (2 * block_size // len(stream) + 2))
+        opt = torch.optim.AdamW(model.parameters(), lr=5e-3)
+        T = min(block_size, 64)
+        gen = torch.Generator().manual_seed(seed)
+        # One intra-op thread: a model this small gains nothing from more, and two threads on a
+        # busy 2-core machine spin-wait each other (10x slower measured here).
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for _ in range(train_steps):
+                starts = torch.randint(0, len(data) - T - 1, (16,), generator=gen)
+                x = torch.stack([data[s : s + T] for s in starts])
+                y = torch.stack([data[s + 1 : s + T + 1] for s in starts])
+                _, loss = model(x, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        finally:
+            torch.set_num_threads(threads)
+    model.eval()
+    ckpt = run_dir / "checkpoints" / checkpoint.step_dir_name(max(train_steps, 1))
+    checkpoint.save_model(ckpt, model, cfg)
+    checkpoint.mark_complete(ckpt)
+    manifest.write_manifest(run_dir, "train", {"model": {"arch": arch}}, counts={"steps": train_steps})
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A tiny GPT-2 run fitted to ``TINY_TEXTS`` (about a second to build, once per session)."""
+    return make_tiny_run(tmp_path_factory.mktemp("tiny_run") / "run", train_steps=100)
