@@ -1,0 +1,168 @@
+"""Request validation and OpenAI-style errors for the completions API.
+
+The request fields and their ranges follow the OpenAI legacy completions API
+(https://platform.openai.com/docs/api-reference/completions/create); ``top_k`` and
+``repetition_penalty`` are extensions (as in vLLM). Types are strict: ``"5"`` is not an
+integer and ``true`` is not a number. Fields that clients often send with their neutral value
+(``logprobs: null``, ``presence_penalty: 0``, ``best_of: 1`` ...) are accepted at that value
+and refused otherwise with a message saying so; any other unknown field is an error, as it is
+with OpenAI ("Unrecognized request argument supplied").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# torch.Generator.manual_seed takes a 64-bit seed; the choices of a request use seed + i.
+MAX_SEED = 2**63 - 1
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+MAX_STOP_CHARS = 256
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool = False
+    """Send a last chunk with the request's token usage."""
+    continuous_usage_stats: bool = False
+    """Put the usage so far in every chunk (a vLLM extension; the playground's tokens/s)."""
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    n: int = Field(default=1, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    echo: bool = False
+    # Accepted only at their neutral values (clients such as LangChain always send them).
+    logprobs: int | None = None
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+    user: str | None = None
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts as a list of strings or a list of token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and isinstance(p[0], int):
+            return [p]  # type: ignore[list-item]
+        return p  # type: ignore[return-value]
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def check_supported(self) -> None:
+        """Refuse features this server does not implement, naming the field."""
+        unsupported = {
+            "logprobs": self.logprobs is not None,
+            "best_of": self.best_of not in (None, self.n),
+            "presence_penalty": self.presence_penalty != 0,
+            "frequency_penalty": self.frequency_penalty != 0,
+            "logit_bias": bool(self.logit_bias),
+            "suffix": self.suffix is not None,
+        }
+        for name, bad in unsupported.items():
+            if bad:
+                hint = " (use repetition_penalty)" if name.endswith("_penalty") else ""
+                raise APIError(400, f"{name} is not supported by this server{hint}", param=name)
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise APIError(400, "prompt must not be an empty list", param="prompt")
+        stop = self.stop_strings()
+        if len(stop) > MAX_STOP_STRINGS:
+            raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
+        if any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+            raise APIError(400, f"stop strings must be 1 to {MAX_STOP_CHARS} characters long", param="stop")
+
+
+# How a wrongly typed union field is described (pydantic lists one error per union member).
+_SHAPES = {
+    "prompt": "a string, a list of strings, a list of token ids or a list of token-id lists",
+    "stop": "a string, a list of strings or null",
+}
+
+
+def parse_json_body(raw: bytes) -> Any:
+    """JSON per RFC 8259: NaN and Infinity (which Python's json accepts) are refused."""
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(raw, parse_constant=no_constants)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}") from None
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        req = CompletionRequest.model_validate(body)
+    except ValidationError as e:
+        raise _api_error(e, body) from None
+    req.check_supported()
+    return req
+
+
+def _api_error(e: ValidationError, body: dict[str, Any]) -> APIError:
+    err = e.errors(include_url=False)[0]
+    loc = [str(p) for p in err["loc"]]
+    field = loc[0] if loc else None
+    if err["type"] == "extra_forbidden":
+        return APIError(400, f"Unrecognized request argument supplied: {field}", param=field)
+    if err["type"] == "missing":
+        return APIError(400, f"{field} is required", param=field)
+    if field in _SHAPES and len(loc) > 1 and not loc[1].isdigit():
+        return APIError(400, f"{field} must be {_SHAPES[field]}; got {_short(body.get(field))}", param=field)
+    where = ".".join(loc)
+    value = err.get("input")
+    return APIError(400, f"{where}: {err['msg']} (got {_short(value)})", param=field)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
