@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -363,6 +368,38 @@ def test_config_validation_and_cli_help(capsys, tmp_path):
         assert key in out
     assert cli_main(["serve", str(tmp_path / "no-such-run")]) == 1
     assert "pilelm train" in capsys.readouterr().err
+
+
+def test_pilelm_serve_command_serves_until_interrupted(tiny_run):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PILELM_API_KEY": KEY}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pilelm", "serve", str(tiny_run), "--port", str(port), "--max-tokens", "32",
+         "--log-level", "warning"],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def up() -> bool:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                return httpx.get(f"{url}/health").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(up, "pilelm serve to start", timeout=60)
+        health = httpx.get(f"{url}/health").json()
+        assert health["model"] == tiny_run.name and health["auth"] and health["limits"]["max_tokens"] == 32
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "the quick", "max_tokens": 4, "temperature": 0},
+                       headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith(" brown")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
 
 
 def test_playground_is_served_without_external_resources(server):

@@ -186,6 +186,9 @@ def run_serve(cfg: ServeConfig) -> None:
     log.info("serving %s at http://%s:%d/ (playground) and /v1/completions", cfg.run, cfg.host, cfg.port)
     engine.start()
     try:
+        # uvicorn shuts down gracefully on Ctrl-C, then re-raises it.
         uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+    except KeyboardInterrupt:
+        log.info("stopped")
     finally:
         engine.stop()
