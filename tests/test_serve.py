@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -351,6 +352,29 @@ def test_a_failing_batch_answers_500_and_the_server_recovers(tiny_run):
             assert engine.snapshot()["errors"] == 2
     finally:
         engine.stop()
+
+
+def test_stopping_the_engine_ends_running_and_waiting_requests_with_an_error(tiny_run):
+    cfg = ServeConfig(run=str(tiny_run), max_batch=1)
+    engine = load_engine(cfg)
+    forward = engine.model.forward
+    engine.model.forward = lambda *a, **k: (time.sleep(0.02), forward(*a, **k))[1]
+    engine.start()
+    with BackgroundServer(create_app(engine, cfg)) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+        body = {"prompt": "the", "max_tokens": 120, "temperature": 1.0, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as running:
+            lines = running.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            waiting = client.build_request("POST", "/v1/completions", json={"prompt": "a", "max_tokens": 3})
+            with ThreadPoolExecutor(1) as pool:
+                queued = pool.submit(client.send, waiting)
+                wait_until(lambda: engine.snapshot()["queued"] == 1, "the second request to queue")
+                engine.stop()
+                assert queued.result().status_code == 500
+            rest = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+        assert "shutting down" in rest[-1]["error"]["message"]
+        assert queued.result().json()["error"]["message"] == "the server is shutting down"
+        assert engine.snapshot()["errors"] == 0  # a shutdown is not a generation error
 
 
 # --- config, CLI, playground ----------------------------------------------------------------

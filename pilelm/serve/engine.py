@@ -138,7 +138,7 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the running batch, fail the waiting rows, and join the worker."""
+        """End the running batch and the waiting rows (their requests get an error), join the worker."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -224,6 +224,8 @@ class Engine:
                     break
                 st.decode_steps += 1
                 finish = set()
+                if self._stopping:
+                    raise RuntimeError("the server is shutting down")
                 for i, token in enumerate(step):
                     if done[i]:
                         continue
@@ -253,10 +255,14 @@ class Engine:
                 if not done[i] and not rows[i].job.cancelled:
                     end(i, "length")
         except Exception as e:  # a bad batch must not take the server down
-            log.exception("generation failed for a batch of %d rows", len(rows))
-            st.errors += 1
+            if self._stopping:
+                message = "the server is shutting down"
+            else:
+                log.exception("generation failed for a batch of %d rows", len(rows))
+                st.errors += 1
+                message = f"generation failed: {type(e).__name__}: {e}"
             for job in {id(rows[i].job): rows[i].job for i in range(len(rows)) if not done[i]}.values():
-                _safe_emit(job, Failed(f"generation failed: {type(e).__name__}: {e}"))
+                _safe_emit(job, Failed(message))
         finally:
             stream.close()
             st.running = 0

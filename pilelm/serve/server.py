@@ -187,7 +187,7 @@ def run_serve(cfg: ServeConfig) -> None:
     engine.start()
     try:
         # uvicorn shuts down gracefully on Ctrl-C, then re-raises it.
-        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level)
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, timeout_graceful_shutdown=5)
     except KeyboardInterrupt:
         log.info("stopped")
     finally:
