@@ -1,0 +1,1 @@
+"""Data preparation: readers, filters, dedup, PII, decontamination, executors (``pilelm prepare``)."""
