@@ -8,7 +8,8 @@ Architectures (ours -> transformers class):
 - GPT ``arch=neox`` -> ``GPTNeoXForCausalLM``. HF's fused ``query_key_value`` output is laid
   out per head as (nh, 3, hs), ours as (3, nh, hs): the rows are permuted. ``rotary_pct`` ->
   ``partial_rotary_factor``, ``rotary_base`` -> ``rope_theta``.
-- BERT -> ``BertForPreTraining`` (MLM + NSP heads), loadable by ``AutoModelForMaskedLM``.
+- BERT -> ``BertForMaskedLM``, or ``BertForPreTraining`` with the NSP head (``AutoModelForMaskedLM``
+  loads both). Our fused qkv is HF's query, key and value stacked.
 
 A model without biases (``bias=False``) exports exactly with zero biases, since transformers'
 GPT-2 always has them; import always builds ``bias=True``. Export writes ``config.json``,
@@ -36,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from pilelm.checkpoint import load_for_inference, mark_complete, save_model, step_dir_name
 from pilelm.config import dump_yaml, to_dict
 from pilelm.manifest import Timer, atomic_path, atomic_write_text, write_manifest
+from pilelm.models import build_model
 from pilelm.models.gpt import GPTConfig
 
 log = logging.getLogger(__name__)
@@ -211,6 +213,11 @@ def gpt_hf_config(cfg: GPTConfig, bos_id: int | None, eos_id: int | None, dtype:
     return hf
 
 
+def _ffn(width: int | None, d_model: int) -> int:
+    """Our d_ff: 0 stands for the default 4 * d_model."""
+    return 0 if not width or width == 4 * d_model else int(width)
+
+
 def gpt_config_from_hf(hf: dict[str, Any], source: str = "") -> GPTConfig:
     """Our GPT config of a transformers config dict (``config.to_dict()``)."""
     kind = hf.get("model_type")
@@ -224,7 +231,7 @@ def gpt_config_from_hf(hf: dict[str, Any], source: str = "") -> GPTConfig:
             raise ValueError(f"{source}: GPT-2 with cross-attention is not supported")
         return GPTConfig(
             arch="gpt2", vocab_size=hf["vocab_size"], block_size=hf["n_positions"], n_layer=hf["n_layer"],
-            n_head=hf["n_head"], d_model=hf["n_embd"], d_ff=hf.get("n_inner") or 0,
+            n_head=hf["n_head"], d_model=hf["n_embd"], d_ff=_ffn(hf.get("n_inner"), hf["n_embd"]),
             dropout=float(hf.get("resid_pdrop", 0.0)), bias=True, norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             tie_embeddings=hf.get("tie_word_embeddings", True), init_std=hf.get("initializer_range", 0.02),
         )
@@ -237,7 +244,8 @@ def gpt_config_from_hf(hf: dict[str, Any], source: str = "") -> GPTConfig:
         return GPTConfig(
             arch="neox", vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"],
             n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"], d_model=hf["hidden_size"],
-            d_ff=hf["intermediate_size"], dropout=float(hf.get("hidden_dropout", 0.0)), bias=True,
+            d_ff=_ffn(hf["intermediate_size"], hf["hidden_size"]), dropout=float(hf.get("hidden_dropout", 0.0)),
+            bias=True,
             norm_eps=hf.get("layer_norm_eps", 1e-5),
             rotary_pct=rope.get("partial_rotary_factor", hf.get("rotary_pct", 0.25)),
             rotary_base=rope.get("rope_theta", hf.get("rotary_emb_base", 10000.0)),
@@ -279,44 +287,154 @@ def _load_torch_bin(path: Path) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Family dispatch: each family has (to_hf_state, from_hf_state, hf_config, config_from_hf).
+# BERT (pilelm.models.bert) <-> BertForPreTraining / BertForMaskedLM
+
+
+def _bert_map(cfg: Any) -> list[tuple[str, str, str]]:
+    m = [
+        ("wte.weight", "bert.embeddings.word_embeddings.weight", ""),
+        ("wpe.weight", "bert.embeddings.position_embeddings.weight", ""),
+        ("wtt.weight", "bert.embeddings.token_type_embeddings.weight", ""),
+        ("ln_emb.weight", "bert.embeddings.LayerNorm.weight", ""),
+        ("ln_emb.bias", "bert.embeddings.LayerNorm.bias", ""),
+    ]
+    for i in range(cfg.n_layer):
+        p, h = f"blocks.{i}.", f"bert.encoder.layer.{i}."
+        # Our fused qkv rows are (3, nh, hs): query, key and value are its three row blocks.
+        for j, name in enumerate(("query", "key", "value")):
+            m += [(p + "qkv.weight", h + f"attention.self.{name}.weight", f"part{j}"),
+                  (p + "qkv.bias", h + f"attention.self.{name}.bias", f"part{j}")]
+        m += [
+            (p + "proj.weight", h + "attention.output.dense.weight", ""),
+            (p + "proj.bias", h + "attention.output.dense.bias", ""),
+            (p + "ln1.weight", h + "attention.output.LayerNorm.weight", ""),
+            (p + "ln1.bias", h + "attention.output.LayerNorm.bias", ""),
+            (p + "fc.weight", h + "intermediate.dense.weight", ""),
+            (p + "fc.bias", h + "intermediate.dense.bias", ""),
+            (p + "fc_out.weight", h + "output.dense.weight", ""),
+            (p + "fc_out.bias", h + "output.dense.bias", ""),
+            (p + "ln2.weight", h + "output.LayerNorm.weight", ""),
+            (p + "ln2.bias", h + "output.LayerNorm.bias", ""),
+        ]
+    m += [
+        ("mlm_dense.weight", "cls.predictions.transform.dense.weight", ""),
+        ("mlm_dense.bias", "cls.predictions.transform.dense.bias", ""),
+        ("mlm_ln.weight", "cls.predictions.transform.LayerNorm.weight", ""),
+        ("mlm_ln.bias", "cls.predictions.transform.LayerNorm.bias", ""),
+        ("mlm_bias", "cls.predictions.bias", ""),
+    ]
+    if cfg.nsp:
+        m += [
+            ("pooler.weight", "bert.pooler.dense.weight", ""),
+            ("pooler.bias", "bert.pooler.dense.bias", ""),
+            ("nsp_head.weight", "cls.seq_relationship.weight", ""),
+            ("nsp_head.bias", "cls.seq_relationship.bias", ""),
+        ]
+    return m
+
+
+def bert_to_hf(cfg: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for ours, theirs, how in _bert_map(cfg):
+        t = state[ours]
+        if how.startswith("part"):
+            t = t.chunk(3, dim=0)[int(how[4:])]
+        out[theirs] = t.contiguous()
+    return out
+
+
+def bert_from_hf(cfg: Any, hf_state: dict[str, torch.Tensor], source: str = "") -> dict[str, torch.Tensor]:
+    hf_state = {k: v for k, v in hf_state.items() if not k.endswith("position_ids")}  # old buffer
+    if "cls.predictions.bias" not in hf_state and "cls.predictions.decoder.bias" in hf_state:
+        hf_state["cls.predictions.bias"] = hf_state["cls.predictions.decoder.bias"]
+    out: dict[str, torch.Tensor] = {}
+    parts: dict[str, list[torch.Tensor | None]] = {}
+    used = set()
+    for ours, theirs, how in _bert_map(cfg):
+        if theirs not in hf_state:
+            raise ValueError(f"{source}: the checkpoint has no weight {theirs!r}")
+        used.add(theirs)
+        if how.startswith("part"):
+            parts.setdefault(ours, [None, None, None])[int(how[4:])] = hf_state[theirs]
+        else:
+            out[ours] = hf_state[theirs].contiguous()
+    for ours, (q, k, v) in parts.items():
+        out[ours] = torch.cat([q, k, v], dim=0)
+    # Tied or unused by a masked LM: the decoder copies of the embedding / bias, and a pooler
+    # without an NSP head (BertForMaskedLM drops it).
+    ignorable = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+    if not cfg.nsp:
+        ignorable |= {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    extra = sorted(set(hf_state) - used - ignorable)
+    if extra:
+        raise ValueError(f"{source}: weights with no place in a pilelm bert model: {extra[:8]}")
+    return out
+
+
+def bert_hf_config(cfg: Any, bos_id: int | None, eos_id: int | None, dtype: str) -> Any:
+    import transformers
+
+    hf = transformers.BertConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head, intermediate_size=cfg.ffn_size, hidden_act="gelu",
+        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+        max_position_embeddings=cfg.block_size, type_vocab_size=cfg.type_vocab_size,
+        initializer_range=cfg.init_std, layer_norm_eps=cfg.norm_eps, tie_word_embeddings=True,
+    )
+    hf.architectures = ["BertForPreTraining" if cfg.nsp else "BertForMaskedLM"]
+    hf.dtype = dtype
+    return hf
+
+
+def bert_config_from_hf(hf: dict[str, Any], source: str = "", has_nsp: bool = False) -> Any:
+    from pilelm.models.bert import BertConfig
+
+    if hf.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{source}: BERT activation {hf.get('hidden_act')!r} is not supported (exact gelu only)")
+    if hf.get("position_embedding_type", "absolute") != "absolute" or hf.get("is_decoder"):
+        raise ValueError(f"{source}: only encoder BERT with absolute positions is supported")
+    return BertConfig(
+        vocab_size=hf["vocab_size"], block_size=hf["max_position_embeddings"], n_layer=hf["num_hidden_layers"],
+        n_head=hf["num_attention_heads"], d_model=hf["hidden_size"],
+        d_ff=_ffn(hf["intermediate_size"], hf["hidden_size"]), dropout=float(hf.get("hidden_dropout_prob", 0.1)), type_vocab_size=hf.get("type_vocab_size", 2),
+        norm_eps=hf.get("layer_norm_eps", 1e-12), nsp=has_nsp, init_std=hf.get("initializer_range", 0.02),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Family dispatch
 
 
 @dataclass(frozen=True)
 class HFAdapter:
+    """How one pilelm model family maps to transformers."""
+
     to_hf: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
     from_hf: Callable[[Any, dict[str, torch.Tensor], str], dict[str, torch.Tensor]]
     hf_config: Callable[[Any, int | None, int | None, str], Any]
-    config_from_hf: Callable[[dict[str, Any], str], Any]
     model_types: tuple[str, ...]
 
 
 ADAPTERS: dict[str, HFAdapter] = {
-    "gpt": HFAdapter(gpt_to_hf, gpt_from_hf, gpt_hf_config, gpt_config_from_hf, ("gpt2", "gpt_neox")),
+    "gpt": HFAdapter(gpt_to_hf, gpt_from_hf, gpt_hf_config, ("gpt2", "gpt_neox")),
+    "bert": HFAdapter(bert_to_hf, bert_from_hf, bert_hf_config, ("bert",)),
 }
 
 
-def _adapter_for_model_type(model_type: str, source: str) -> HFAdapter:
-    if model_type == "bert":
-        _load_bert_adapter()
-    for adapter in ADAPTERS.values():
-        if model_type in adapter.model_types:
-            return adapter
-    raise ValueError(f"{source}: model_type {model_type!r} is not supported; pilelm imports gpt2, gpt_neox and bert")
+def config_from_hf(hf: dict[str, Any], weights: dict[str, torch.Tensor], source: str = "") -> Any:
+    """Our model config of an HF config dict (and, for BERT, whether the weights have NSP)."""
+    if hf.get("model_type") == "bert":
+        return bert_config_from_hf(hf, source, has_nsp="cls.seq_relationship.weight" in weights)
+    return gpt_config_from_hf(hf, source)
 
 
-def _load_bert_adapter() -> None:
-    if "bert" not in ADAPTERS:
-        try:
-            import pilelm.hf_bert  # noqa: F401  (registers itself)
-        except ImportError:
-            pass
-
-
-def _family(cfg: Any) -> str:
+def adapter_of(cfg: Any) -> HFAdapter:
     from pilelm.models import family_of
 
-    return family_of(cfg)
+    family = family_of(cfg)
+    if family not in ADAPTERS:
+        raise ValueError(f"no Hugging Face mapping for model family {family!r}")
+    return ADAPTERS[family]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -399,16 +517,10 @@ class ImportConfig:
     """Dtype of the imported weights (float32 to continue training)."""
 
 
-def export_state(model: torch.nn.Module, cfg: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+def export_state(model: torch.nn.Module, cfg: Any) -> tuple[HFAdapter, dict[str, torch.Tensor]]:
     """(HF adapter, HF state dict) of a pilelm model."""
-    adapter = ADAPTERS.get(_family(cfg))
-    if adapter is None:
-        _load_bert_adapter()
-        adapter = ADAPTERS.get(_family(cfg))
-    if adapter is None:
-        raise ValueError(f"no Hugging Face mapping for model family {_family(cfg)!r}")
-    state = {k: v for k, v in model.state_dict().items()}
-    return adapter, adapter.to_hf(cfg, state)
+    adapter = adapter_of(cfg)
+    return adapter, adapter.to_hf(cfg, dict(model.state_dict()))
 
 
 def run_export(cfg: ExportConfig) -> Path:
@@ -427,7 +539,7 @@ def run_export(cfg: ExportConfig) -> Path:
         with atomic_path(out / "model.safetensors") as tmp:
             save_file(hf_state, str(tmp), metadata={"format": "pt"})
         atomic_write_text(out / "config.json", hf_cfg.to_json_string())
-        if getattr(model_cfg, "arch", None) in ("gpt2", "neox"):
+        if isinstance(model_cfg, GPTConfig):
             from transformers import GenerationConfig
 
             gen = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
@@ -447,13 +559,10 @@ def run_import(cfg: ImportConfig) -> Path:
         raise FileNotFoundError(f"{source} has no config.json: not a Hugging Face model folder")
     timer = Timer()
     with timer("import"):
-        hf_dict = json.loads((source / "config.json").read_text())
-        adapter = _adapter_for_model_type(hf_dict.get("model_type", ""), str(source))
         hf_dict = _normalised_hf_config(source)
-        model_cfg = adapter.config_from_hf(hf_dict, str(source))
-        state = adapter.from_hf(model_cfg, read_hf_weights(source), str(source))
-        from pilelm.models import build_model
-
+        weights = read_hf_weights(source)
+        model_cfg = config_from_hf(hf_dict, weights, str(source))
+        state = adapter_of(model_cfg).from_hf(model_cfg, weights, str(source))
         model = build_model(model_cfg)
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not (k == "lm_head.weight" and getattr(model_cfg, "tied", False))]
