@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default when max_tokens is omitted
-DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
+DISCONNECT_POLL_S = 0.25
+# Prompts longer than this are tokenized in a worker thread so the event loop stays responsive.
+INLINE_TOKENIZE_CHARS = 4096  # how often a non-streaming request checks that its client is still there
 
 
 class _Slots:
@@ -175,7 +177,10 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None) 
         if req.model is not None and req.model != name:
             raise APIError(404, f"The model {req.model!r} does not exist; this server serves {name!r}",
                            param="model", code="model_not_found")
-        prompts = await run_in_threadpool(_prompt_ids, req, engine)
+        if _prompt_chars(req) > INLINE_TOKENIZE_CHARS:
+            prompts = await run_in_threadpool(_prompt_ids, req, engine)
+        else:
+            prompts = _prompt_ids(req, engine)
         for ids in prompts:
             if len(ids) > max_prompt:
                 raise APIError(400, f"the prompt is {len(ids)} tokens; this server accepts at most {max_prompt}",
@@ -275,6 +280,10 @@ def _prompt_ids(req: CompletionRequest, engine: Engine) -> list[list[int]]:
         raise APIError(400, "an empty prompt needs an end-of-text token, which this tokenizer lacks",
                        param="prompt")
     return ids
+
+
+def _prompt_chars(req: CompletionRequest) -> int:
+    return sum(len(p) for p in req.prompts())
 
 
 def _echo_text(req: CompletionRequest, engine: Engine, index: int) -> str:

@@ -1,8 +1,9 @@
 """The batching scheduler: concurrent requests share forward passes.
 
 One worker thread owns the model. Requests put their rows (one per prompt and choice) on a
-queue; the worker waits up to ``batch_window_s`` after the oldest waiting row for others to
-join, takes up to ``max_batch`` rows and decodes them together with
+queue; the worker starts a batch once no row has arrived for ``batch_window_s`` (so a burst
+of requests lands in one batch), the oldest row has waited ``BURST_WINDOWS`` windows, or
+``max_batch`` rows wait. It decodes up to ``max_batch`` rows together with
 ``generate.stream_batch`` (one left-padded, KV-cached batch). Every step's tokens are turned
 into text per row (whole characters only, stop strings held back and cut) and handed to the
 request's ``emit`` callback, which the HTTP layer points at an asyncio queue.
@@ -31,6 +32,8 @@ from pilelm.serve.textstream import CompletionText
 log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
+# A batch waits at most this many batch windows for a burst of requests to finish arriving.
+BURST_WINDOWS = 10
 
 
 @dataclass
@@ -124,6 +127,7 @@ class Engine:
         self.vocab_size: int = model.cfg.vocab_size
         self.stats = EngineStats()
         self._pending: deque[_Row] = deque()
+        self._last_arrival = 0.0
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -160,6 +164,7 @@ class Engine:
             if self._stopping:
                 raise RuntimeError("the engine is stopped")
             self._pending.extend(_Row(job, spec, now) for spec in job.rows)
+            self._last_arrival = now
             self.stats.rows_submitted += len(job.rows)
             self._cond.notify()
 
@@ -182,7 +187,10 @@ class Engine:
                 if not self._pending:
                     self._cond.wait()
                     continue
-                wait = self._pending[0].arrival + self.batch_window_s - time.monotonic()
+                # Debounce: a burst keeps the batch open while rows keep coming, up to a cap.
+                due = min(self._last_arrival + self.batch_window_s,
+                          self._pending[0].arrival + BURST_WINDOWS * self.batch_window_s)
+                wait = due - time.monotonic()
                 if len(self._pending) >= self.max_batch or wait <= 0:
                     break
                 self._cond.wait(wait)

@@ -53,8 +53,8 @@ class ServeConfig:
     """Requests in flight at once (streaming or not); more are refused with 429 until one ends."""
     max_batch: int = 64
     """Most completions decoded together in one forward pass (also the most one request may ask for)."""
-    batch_window_ms: float = 5.0
-    """How long the first waiting request waits for others to share its batch."""
+    batch_window_ms: float = 20.0
+    """A batch starts once no request has arrived for this long (or after 10 windows, or at max_batch rows), so requests arriving together share forward passes."""
     max_request_bytes: int = 1_000_000
     """Largest request body accepted (413 above)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -1,0 +1,185 @@
+"""Serving under load: 64 concurrent streaming requests vs the same requests one at a time.
+
+Starts ``pilelm serve`` as a subprocess on 127.0.0.1 (a free port) for a run directory
+(``--run``; default: a randomly initialised 4-layer GPT-2 with the tests' tiny tokenizer, built
+in a temporary directory), sends ``--requests`` streaming completions at once, then the same
+requests one after another, and prints latency percentiles and aggregate tokens/s for both and
+their ratio. Each request has its own seed, so both passes generate the same tokens.
+Everything is bounded: ``--timeout`` seconds per pass, loopback only.
+
+    .venv/bin/python benchmarks/serve_load.py [--run RUN_DIR] [--requests 64] [--max-tokens 64]
+
+Exit status 1 if any request failed or did not complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = [
+    "The history of", "In mathematics, a", "The following code", "Once upon a time",
+    "The court held that", "Abstract: We study", "def main():", "The patient was",
+]
+
+
+@dataclass
+class Result:
+    ok: bool
+    tokens: int = 0
+    latency: float = 0.0
+    first_token: float = 0.0
+    error: str = ""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def default_run(tmp: Path) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import make_tiny_run  # the tests' tiny tokenizer + a model of the size asked
+
+    return make_tiny_run(tmp / "run", n_layer=4, n_head=4, d_model=256, block_size=256)
+
+
+async def one(client: httpx.AsyncClient, body: dict) -> Result:
+    t0 = time.perf_counter()
+    first = 0.0
+    tokens = 0
+    try:
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                return Result(False, error=f"HTTP {r.status_code}: {(await r.aread())[:200]!r}")
+            done = False
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    done = True
+                    break
+                msg = json.loads(data)
+                if "error" in msg:
+                    return Result(False, error=msg["error"]["message"])
+                if msg["choices"] and msg["choices"][0]["text"] and not first:
+                    first = time.perf_counter() - t0
+                if msg.get("usage"):
+                    tokens = msg["usage"]["completion_tokens"]
+            if not done:
+                return Result(False, error="stream ended without [DONE]")
+    except httpx.HTTPError as e:
+        return Result(False, error=f"{type(e).__name__}: {e}")
+    return Result(True, tokens, time.perf_counter() - t0, first)
+
+
+async def run_pass(url: str, bodies: list[dict], concurrent: bool, timeout: float) -> tuple[list[Result], float]:
+    limits = httpx.Limits(max_connections=len(bodies), max_keepalive_connections=len(bodies))
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+        t0 = time.perf_counter()
+        if concurrent:
+            results = await asyncio.wait_for(asyncio.gather(*(one(client, b) for b in bodies)), timeout)
+        else:
+            results = []
+            async with asyncio.timeout(timeout):
+                for b in bodies:
+                    results.append(await one(client, b))
+        return results, time.perf_counter() - t0
+
+
+def pct(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def report(name: str, results: list[Result], wall: float) -> float:
+    ok = [r for r in results if r.ok]
+    tokens = sum(r.tokens for r in ok)
+    rate = tokens / wall
+    lat = [r.latency for r in ok] or [0.0]
+    ttft = [r.first_token for r in ok] or [0.0]
+    print(f"| {name:<10} | {len(ok):>3}/{len(results):<3} | {tokens:>6} | {wall:>7.2f} | {rate:>8.1f} | "
+          f"{pct(lat, 50):>6.2f} | {pct(lat, 90):>6.2f} | {pct(lat, 99):>6.2f} | {pct(ttft, 50):>6.2f} |")
+    return rate
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", help="run directory to serve (default: a random 4-layer d=256 GPT-2)")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--batch-window-ms", type=float, default=20.0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per pass")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(args.run) if args.run else default_run(Path(tmp))
+        port = free_port()
+        cmd = [sys.executable, "-m", "pilelm", "serve", str(run), "--host", "127.0.0.1", "--port", str(port),
+               "--max-batch", str(args.max_batch), "--batch-window-ms", str(args.batch_window_ms),
+               "--max-concurrent", str(max(args.requests, 1)),
+               "--device", args.device, "--dtype", args.dtype, "--log-level", "warning"]
+        env = {k: v for k, v in os.environ.items() if k != "PILELM_API_KEY"}
+        server = subprocess.Popen(cmd, cwd=ROOT, env=env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    health = httpx.get(f"{url}/health", timeout=2).json()
+                    break
+                except httpx.HTTPError:
+                    if server.poll() is not None or time.monotonic() > deadline:
+                        print("the server did not start", file=sys.stderr)
+                        return 1
+                    time.sleep(0.2)
+            bodies = [
+                {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": args.max_tokens, "temperature": args.temperature,
+                 "seed": i, "stream": True, "stream_options": {"include_usage": True}}
+                for i in range(args.requests)
+            ]
+            asyncio.run(run_pass(url, bodies[:2], concurrent=False, timeout=args.timeout))  # warm-up
+            conc, conc_wall = asyncio.run(run_pass(url, bodies, concurrent=True, timeout=args.timeout))
+            seq, seq_wall = asyncio.run(run_pass(url, bodies, concurrent=False, timeout=args.timeout))
+            engine = httpx.get(f"{url}/health", timeout=5).json()["engine"]
+        finally:
+            server.terminate()
+            server.wait(30)
+
+    print(f"model {health['model']} (context {health['limits']['context']}), device {args.device}, {args.dtype}; "
+          f"{args.requests} streaming requests x {args.max_tokens} max tokens, max_batch {args.max_batch}")
+    print("| mode       | ok      | tokens | wall s  | tok/s    | p50 s  | p90 s  | p99 s  | TTFT50 |")
+    print("|------------|---------|--------|---------|----------|--------|--------|--------|--------|")
+    rate_c = report("concurrent", conc, conc_wall)
+    rate_s = report("sequential", seq, seq_wall)
+    print(f"aggregate tokens/s, concurrent / sequential: {rate_c / rate_s:.1f}x (issue #6 asks >= 3x); "
+          f"engine: {engine['batches']} batches, largest {engine['largest_batch']} rows")
+    failed = [r for r in conc + seq if not r.ok]
+    for r in failed[:5]:
+        print("failed:", r.error, file=sys.stderr)
+    same = sorted(r.tokens for r in conc) == sorted(r.tokens for r in seq)
+    if not same:
+        print("note: the two passes generated different token counts", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
