@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pilelm.models.fused_ce import linear_cross_entropy
+
 
 @dataclass
 class GPTConfig:
@@ -254,19 +256,25 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         last_only: bool = False,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return_logits: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V) or (B, 1, V) if last_only, mean loss or None).
 
         targets (B, T) with -100 for ignored positions. With ``cache``, the T new tokens are
         appended after ``cache.length`` filled positions and attend to them, honouring
         ``cache.key_mask`` (left padding); ``positions`` (B, T) default to consecutive ones.
+        ``return_logits=False`` with targets computes the loss chunk by chunk without the
+        (B, T, V) logits (``models/fused_ce.py``; training) and returns None for them.
         """
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0).expand(B, T)
-        if self.wpe is not None and int(positions.max()) >= self.cfg.block_size:
-            raise ValueError(f"sequence position {int(positions.max())} exceeds block_size {self.cfg.block_size}")
+            last_position = start + T - 1  # known without reading the device (no host sync)
+        else:
+            last_position = int(positions.max())
+        if self.wpe is not None and last_position >= self.cfg.block_size:
+            raise ValueError(f"sequence position {last_position} exceeds block_size {self.cfg.block_size}")
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(positions)
@@ -286,6 +294,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += T
         x = self.ln_f(x)
+        if targets is not None and not return_logits and not last_only:
+            return None, linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(x)  # (B, T, V)

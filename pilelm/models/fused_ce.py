@@ -1,0 +1,89 @@
+"""Output projection + cross-entropy in row chunks, never materialising the (N, V) logits.
+
+For a language model the last matmul and its softmax dominate memory traffic: at N = 4096
+tokens and V = 8192 the fp32 logits, their log-softmax and its gradient are three 134 MB
+tensors. Here the rows are processed in chunks; in a training forward pass each chunk's
+gradient ``(softmax - onehot) / n_valid`` is formed at once and multiplied out into
+``dx`` and ``dW``, so the backward pass only rescales stored gradients (the approach of
+Liger-Kernel's fused linear cross-entropy, Hsu et al. 2024, arXiv:2410.10989, sec. 3.3).
+The three matmuls (logits, dx, dW) are the same as the unfused path's.
+
+The result equals ``F.cross_entropy(x @ W.T, targets, ignore_index=-100)`` (mean over
+non-ignored targets); matmuls run in the autocast dtype when autocast is on, softmax in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _chunked(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, with_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(mean loss, d loss/dx, d loss/dW); the gradients only ``with_grad``."""
+    dt = _compute_dtype(x)
+    acc = torch.promote_types(dt, torch.float32)  # softmax precision: at least fp32
+    with torch.autocast(x.device.type, enabled=False):
+        xc, wc = x.to(dt), weight.to(dt)
+        valid = targets != IGNORE_INDEX
+        n_valid = valid.sum().clamp(min=1)
+        total = torch.zeros((), device=x.device, dtype=acc)
+        dx = torch.empty_like(xc) if with_grad else None
+        dw = torch.zeros(weight.shape, device=x.device, dtype=acc) if with_grad else None
+        for s in range(0, x.size(0), chunk):
+            rows = slice(s, s + chunk)
+            logits = (xc[rows] @ wc.T).to(acc)  # (n, V)
+            ok = valid[rows]
+            t = torch.where(ok, targets[rows], 0)
+            lse = torch.logsumexp(logits, dim=-1)  # (n,)
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            total += ((lse - picked) * ok).sum()
+            if with_grad:
+                # d loss / d logits = (softmax - onehot) / n_valid on valid rows, 0 elsewhere.
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))
+                grad.mul_((ok.to(acc) / n_valid)[:, None])
+                g = grad.to(dt)
+                dx[rows] = g @ wc
+                dw.add_(g.T @ xc[rows])
+    return total / n_valid, dx, dw
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        loss, dx, dw = _chunked(x, weight, targets, chunk, with_grad=True)
+        ctx.save_for_backward(dx, dw)
+        ctx.dtypes = (x.dtype, weight.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        dx, dw = ctx.saved_tensors
+        x_dtype, w_dtype = ctx.dtypes
+        return (dx * grad_out).to(x_dtype), (dw * grad_out).to(w_dtype), None, None
+
+
+def linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
+    """Mean cross-entropy of ``x (N, C) @ weight (V, C).T`` against ``targets (N,)``
+    (``-100`` ignored), computed ``chunk`` rows at a time."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad):
+        return _chunked(x, weight, targets, chunk, with_grad=False)[0]
+    return _LinearCrossEntropy.apply(x, weight, targets, chunk)
+
+
+def reference_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The unfused computation the chunked one must equal (tests)."""
+    return F.cross_entropy((x @ weight.T).float(), targets, ignore_index=IGNORE_INDEX)
