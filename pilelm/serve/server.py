@@ -34,7 +34,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     """Address to bind. The default is reachable from this machine only; 0.0.0.0 exposes the server."""
     port: int = 8000
-    """TCP port (0 = any free port)."""
+    """TCP port."""
     api_key: str | None = None
     """Require 'Authorization: Bearer KEY' on /v1/*; None = the PILELM_API_KEY environment variable, or no key when that is unset too."""
     model_name: str = ""
@@ -61,8 +61,8 @@ class ServeConfig:
     """uvicorn's log level (access log at info)."""
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"port must be in [1, 65535], got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty; omit it to serve without a key")
         for key in ("max_tokens", "max_concurrent", "max_batch", "max_request_bytes"):
