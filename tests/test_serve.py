@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -295,72 +296,67 @@ def test_too_many_concurrent_requests_get_429_until_a_slot_frees(tiny_run):
         engine.stop()
 
 
-def test_client_that_disconnects_mid_stream_frees_its_slot_and_row(tiny_run):
-    cfg = ServeConfig(run=str(tiny_run), max_concurrent=1)
+@contextlib.contextmanager
+def own_server(tiny_run: Path, wrap_forward=None, **config):
+    """A server with an engine of its own; ``wrap_forward`` wraps the model's forward (to slow
+    decoding down or make it fail). Yields (engine, client)."""
+    cfg = ServeConfig(run=str(tiny_run), **config)
     engine = load_engine(cfg)
-    forward = engine.model.forward
-
-    def slow_forward(*args, **kwargs):  # slow decoding so the stream is still running when we leave
-        time.sleep(0.02)
-        return forward(*args, **kwargs)
-
-    engine.model.forward = slow_forward
+    if wrap_forward is not None:
+        engine.model.forward = wrap_forward(engine.model.forward)
     engine.start()
     try:
         with BackgroundServer(create_app(engine, cfg)) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
-            body = {"prompt": "the", "max_tokens": 120, "temperature": 1.0, "seed": 0, "stream": True}
-            with client.stream("POST", "/v1/completions", json=body) as r:
-                lines = r.iter_lines()
-                assert next(line for line in lines if line.startswith("data: "))  # one chunk, then leave
-            wait_until(lambda: client.get("/health").json()["active_requests"] == 0, "the slot to be freed")
-            wait_until(lambda: engine.snapshot()["rows_cancelled"] == 1, "the engine to drop the row")
-            stats = engine.snapshot()
-            assert stats["tokens_generated"] < 120 and stats["rows_finished"] == 0
-            engine.model.forward = forward
-            r = client.post("/v1/completions", json={"prompt": "the quick", "max_tokens": 3})
-            assert r.status_code == 200
+            yield engine, client
     finally:
         engine.stop()
+
+
+def slowed(forward):
+    """20 ms per forward: the stream is still running when the test acts."""
+    return lambda *args, **kwargs: (time.sleep(0.02), forward(*args, **kwargs))[1]
+
+
+def test_client_that_disconnects_mid_stream_frees_its_slot_and_row(tiny_run):
+    with own_server(tiny_run, slowed, max_concurrent=1) as (engine, client):
+        body = {"prompt": "the", "max_tokens": 120, "temperature": 1.0, "seed": 0, "stream": True}
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # one chunk, then leave
+        wait_until(lambda: client.get("/health").json()["active_requests"] == 0, "the slot to be freed")
+        wait_until(lambda: engine.snapshot()["rows_cancelled"] == 1, "the engine to drop the row")
+        stats = engine.snapshot()
+        assert stats["tokens_generated"] < 120 and stats["rows_finished"] == 0
+        assert client.post("/v1/completions", json={"prompt": "the quick", "max_tokens": 3}).status_code == 200
 
 
 def test_a_failing_batch_answers_500_and_the_server_recovers(tiny_run):
-    cfg = ServeConfig(run=str(tiny_run))
-    engine = load_engine(cfg)
-    forward = engine.model.forward
     fail = {"next": False}
 
-    def flaky_forward(*args, **kwargs):
-        if fail["next"]:
-            fail["next"] = False
-            raise RuntimeError("simulated device error")
-        return forward(*args, **kwargs)
+    def flaky(forward):
+        def flaky_forward(*args, **kwargs):
+            if fail["next"]:
+                fail["next"] = False
+                raise RuntimeError("simulated device error")
+            return forward(*args, **kwargs)
+        return flaky_forward
 
-    engine.model.forward = flaky_forward
-    engine.start()
-    try:
-        with BackgroundServer(create_app(engine, cfg)) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
-            fail["next"] = True
-            r = client.post("/v1/completions", json={"prompt": "the quick", "max_tokens": 5})
-            assert r.status_code == 500 and "simulated device error" in r.json()["error"]["message"]
-            assert r.json()["error"]["type"] == "server_error"
-            fail["next"] = True
-            with client.stream("POST", "/v1/completions", json={"prompt": "a", "max_tokens": 5, "stream": True}) as s:
-                events = sse_events(s)
-            assert "simulated device error" in events[-1]["error"]["message"] and "[DONE]" not in events
-            r = client.post("/v1/completions", json={"prompt": "the quick", "max_tokens": 5, "temperature": 0})
-            assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith(" brown")
-            assert engine.snapshot()["errors"] == 2
-    finally:
-        engine.stop()
+    with own_server(tiny_run, flaky) as (engine, client):
+        fail["next"] = True
+        r = client.post("/v1/completions", json={"prompt": "the quick", "max_tokens": 5})
+        assert r.status_code == 500 and "simulated device error" in r.json()["error"]["message"]
+        assert r.json()["error"]["type"] == "server_error"
+        fail["next"] = True
+        with client.stream("POST", "/v1/completions", json={"prompt": "a", "max_tokens": 5, "stream": True}) as s:
+            events = sse_events(s)
+        assert "simulated device error" in events[-1]["error"]["message"] and "[DONE]" not in events
+        r = client.post("/v1/completions", json={"prompt": "the quick", "max_tokens": 5, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith(" brown")
+        assert engine.snapshot()["errors"] == 2
 
 
 def test_stopping_the_engine_ends_running_and_waiting_requests_with_an_error(tiny_run):
-    cfg = ServeConfig(run=str(tiny_run), max_batch=1)
-    engine = load_engine(cfg)
-    forward = engine.model.forward
-    engine.model.forward = lambda *a, **k: (time.sleep(0.02), forward(*a, **k))[1]
-    engine.start()
-    with BackgroundServer(create_app(engine, cfg)) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+    with own_server(tiny_run, slowed, max_batch=1) as (engine, client):
         body = {"prompt": "the", "max_tokens": 120, "temperature": 1.0, "stream": True}
         with client.stream("POST", "/v1/completions", json=body) as running:
             lines = running.iter_lines()
