@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pilelm.data.document import Document
-from pilelm.data.words import Words, ngrams, tokenize
+from pilelm.data.words import Words, mix64, tokenize
 
 DropFn = Callable[[Document, str, str], None]
 """``drop(doc, reason, detail)``: record a dropped document."""
@@ -43,9 +43,10 @@ EditFn = Callable[[Document, str, int], None]
 
 _CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
 _STOP_WORDS = re.compile(r"\b(?:the|be|to|of|and|that|have|with)\b", re.IGNORECASE)
-_NON_ALPHA_TOKEN = re.compile(r"(?<!\S)(?:[^\w\s]|[\d_])+(?!\S)")
-_BULLET_LINE = re.compile(r"^[ \t]*[\u2022\u2023\u25cf\u25aa\u25e6\u2043*-]", re.MULTILINE)
-_ELLIPSIS_LINE = re.compile(r"(?:\.\.\.|\u2026)[ \t]*$", re.MULTILINE)
+_BULLETS = "[\u2022\u2023\u25cf\u25aa\u25e6\u2043*-]"
+_BULLET_LINE = re.compile(rf"\n[ \t]*{_BULLETS}")  # starts with a literal: fast scan
+_BULLET_START = re.compile(rf"[ \t]*{_BULLETS}")
+_ELLIPSIS_LINE = re.compile(r"(?:\.\.\.|\u2026)[ \t]*(?:\n|$)")
 _CITATION = re.compile(r"\[\d*\]|\[edit\]|\[citation needed\]", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"[.!?]+(?:[\"')\]]*)(?=\s|$)")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
@@ -160,15 +161,47 @@ def normalize_text(text: str, nfc: bool = True, control: bool = True, fix: Calla
 # ---------------------------------------------------------------- Gopher quality
 
 
-def gopher_quality(text: str, cfg: FilterConfig) -> str | None:
-    """The reason the document fails the Gopher quality rules, or None."""
-    words = text.split()
-    n = len(words)
+_SPACE = np.zeros(256, dtype=bool)
+_SPACE[[9, 10, 11, 12, 13, 32]] = True
+_LETTER = np.zeros(256, dtype=bool)
+_LETTER[65:91] = _LETTER[97:123] = True
+_LETTER[0xC2:0xF5] = True  # lead byte of a non-ASCII character: counted as a letter
+
+
+def token_stats(docs: list[bytes]) -> np.ndarray:
+    """(D, 3) int64 per document: whitespace-separated tokens, their characters, and tokens
+    containing a letter (a non-ASCII character counts as one); numpy over the whole batch."""
+    out = np.zeros((len(docs), 3), dtype=np.int64)
+    if not docs:
+        return out
+    buf = np.frombuffer(b"\n".join(docs) + b"\n", dtype=np.uint8)
+    lens = np.fromiter((len(d) + 1 for d in docs), dtype=np.int64, count=len(docs))
+    doc_start = np.concatenate(([0], np.cumsum(lens)[:-1]))
+    space = _SPACE[buf]
+    tok_start = ~space
+    tok_start[1:] &= space[:-1]
+    out[:, 0] = np.add.reduceat(tok_start, doc_start, dtype=np.int64)
+    out[:, 1] = np.add.reduceat(~space & ((buf & 0xC0) != 0x80), doc_start, dtype=np.int64)
+    letters = np.flatnonzero(_LETTER[buf])
+    if letters.size:
+        tid = np.cumsum(tok_start)[letters]
+        first = np.zeros(buf.size, dtype=bool)
+        first[letters[np.concatenate(([True], tid[1:] != tid[:-1]))]] = True
+        out[:, 2] = np.add.reduceat(first, doc_start, dtype=np.int64)
+    return out
+
+
+def gopher_quality(text: str, cfg: FilterConfig, stats: np.ndarray | None = None) -> str | None:
+    """The reason the document fails the Gopher quality rules, or None. ``stats`` is the
+    document's row of ``token_stats`` (computed here when not given)."""
+    if stats is None:
+        stats = token_stats([text.encode("utf-8")])[0]
+    n, chars, alpha = (int(x) for x in stats)
     if n < cfg.min_words:
         return "gopher_too_few_words"
     if n > cfg.max_words:
         return "gopher_too_many_words"
-    mean = sum(map(len, words)) / n
+    mean = chars / n
     if mean < cfg.min_mean_word_length:
         return "gopher_short_words"
     if mean > cfg.max_mean_word_length:
@@ -177,11 +210,12 @@ def gopher_quality(text: str, cfg: FilterConfig) -> str | None:
     if symbols / n > cfg.max_symbol_word_ratio:
         return "gopher_symbol_ratio"
     n_lines = text.count("\n") + 1
-    if len(_BULLET_LINE.findall(text)) / n_lines > cfg.max_bullet_lines:
+    bullets = len(_BULLET_LINE.findall(text)) + bool(_BULLET_START.match(text))
+    if bullets / n_lines > cfg.max_bullet_lines:
         return "gopher_bullet_lines"
     if len(_ELLIPSIS_LINE.findall(text)) / n_lines > cfg.max_ellipsis_lines:
         return "gopher_ellipsis_lines"
-    if 1 - len(_NON_ALPHA_TOKEN.findall(text)) / n < cfg.min_alpha_words:
+    if alpha / n < cfg.min_alpha_words:
         return "gopher_non_alpha_words"
     if cfg.min_stop_words > 0:
         found = 0
@@ -215,45 +249,64 @@ def _dup_fraction(parts: list[str]) -> tuple[float, float]:
 
 
 def ngram_char_fractions(words: Words) -> tuple[np.ndarray, np.ndarray]:
-    """Per document: (D, 3) character fraction of the most frequent 2/3/4-gram and (D, 6)
-    character fraction covered by repeated 5..10-grams (repeats after the first occurrence).
-    Characters are word bytes; a document without words gets zeros."""
+    """Per document: (D, 3) character fraction of the most frequent 2/3/4-gram (counting
+    only n-grams that occur more than once) and (D, 6) character fraction covered by
+    repeats of 5..10-grams (occurrences after the first). Characters are word bytes.
+
+    One sort per n over packed ``(hash, position)`` keys; an (n+1)-gram can only repeat
+    where its n-gram prefix repeats, so each n after 2 sorts only those positions: for
+    ordinary text a few percent of the words.
+    """
     n_docs = len(words.bounds) - 1
+    top = np.zeros((n_docs, 3))
+    dup = np.zeros((n_docs, 6))
+    h = words.hashes
+    w = h.size
+    if w < 2:
+        return top, dup
     wl = (words.ends - words.starts).astype(np.int64)
     counts = np.diff(words.bounds)
     doc_of_word = np.repeat(np.arange(n_docs), counts)
-    total = np.bincount(doc_of_word, weights=wl, minlength=n_docs)
-    denom = np.maximum(total, 1)
+    doc_end = words.bounds[1:][doc_of_word]
+    denom = np.maximum(np.bincount(doc_of_word, weights=wl, minlength=n_docs), 1)
     cw = np.concatenate(([0], np.cumsum(wl)))
-    top = np.zeros((n_docs, 3))
-    dup = np.zeros((n_docs, 6))
-    for col, n in enumerate(range(2, 11)):
-        h, d, f = ngrams(words, n, short=False)
-        if h.size == 0:
-            continue
-        key = h ^ (d.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-        order = np.argsort(key)
-        k = key[order]
-        new = np.concatenate(([True], k[1:] != k[:-1]))
-        starts = np.flatnonzero(new)
-        run_len = np.diff(np.append(starts, k.size))
-        if n <= 4:
-            first = order[starts]
-            chars = (cw[f[first] + n] - cw[f[first]]) * run_len
-            chars = np.where(run_len > 1, chars, 0)
-            best = np.zeros(n_docs)
-            np.maximum.at(best, d[first], chars)
-            top[:, col] = best / denom
-        else:
-            pos = f[order]
-            run_first = np.minimum.reduceat(pos, starts)
-            is_dup = pos != np.repeat(run_first, run_len)
-            dup_first = pos[is_dup]
-            delta = np.zeros(cw.size, dtype=np.int64)
-            np.add.at(delta, dup_first, 1)
-            np.add.at(delta, dup_first + n, -1)
-            covered = np.cumsum(delta[:-1]) > 0
-            dup[:, col - 3] = np.bincount(doc_of_word[covered], weights=wl[covered], minlength=n_docs) / denom
+    pos_bits = int(w).bit_length()
+    pos_mask = np.uint64((1 << pos_bits) - 1)
+    cand = np.arange(w, dtype=np.int64)
+    with np.errstate(over="ignore"):
+        acc = h ^ mix64(doc_of_word.astype(np.uint64) + np.uint64(1))
+        acc_at = np.empty(w, dtype=np.uint64)
+        for n in range(2, 11):
+            ok = cand + n <= doc_end[cand]
+            cand, acc = cand[ok], acc[ok]
+            if cand.size < 2:
+                break
+            acc = acc * np.uint64(0x9E3779B97F4A7C15) + h[cand + n - 1]
+            key = np.sort((mix64(acc) & ~pos_mask) | cand.astype(np.uint64))
+            hk = key & ~pos_mask
+            pos = (key & pos_mask).astype(np.int64)
+            new = np.concatenate(([True], hk[1:] != hk[:-1]))
+            run = np.cumsum(new) - 1
+            run_len = np.bincount(run)
+            repeated = run_len[run] > 1
+            if n <= 4:
+                firsts = pos[new & repeated]
+                if firsts.size:
+                    chars = (cw[firsts + n] - cw[firsts]) * run_len[run[new & repeated]]
+                    best = np.zeros(n_docs)
+                    np.maximum.at(best, doc_of_word[firsts], chars)
+                    top[:, n - 2] = best / denom
+            else:
+                later = pos[~new]
+                if later.size:
+                    delta = np.zeros(w + 1, dtype=np.int64)
+                    np.add.at(delta, later, 1)
+                    np.add.at(delta, later + n, -1)
+                    covered = np.cumsum(delta[:-1]) > 0
+                    dup[:, n - 5] = np.bincount(doc_of_word[covered], weights=wl[covered], minlength=n_docs) / denom
+            acc_at[cand] = acc
+            cand = np.sort(pos[repeated])
+            acc = acc_at[cand]
     return top, dup
 
 
@@ -350,10 +403,23 @@ class Cleaner:
                 drop(doc, "too_short", f"{n} chars < filters.min_chars={cfg.min_chars}")
             elif cfg.max_chars is not None and n > cfg.max_chars:
                 drop(doc, "too_long", f"{n} chars > filters.max_chars={cfg.max_chars}")
-            elif cfg.applies("gopher_quality", doc.component) and (r := gopher_quality(text, cfg)):
-                drop(doc, r, "")
             else:
                 kept.append(doc)
+        quality = [d for d in kept if cfg.applies("gopher_quality", d.component)]
+        if quality:
+            stats = token_stats([d.text.encode() for d in quality])
+            failed = {}
+            for d, row in zip(quality, stats, strict=True):
+                if r := gopher_quality(d.text, cfg, row):
+                    failed[id(d)] = r
+            if failed:
+                survivors = []
+                for d in kept:
+                    if id(d) in failed:
+                        drop(d, failed[id(d)], "")
+                    else:
+                        survivors.append(d)
+                kept = survivors
         rep = [d for d in kept if cfg.applies("gopher_repetition", d.component)]
         if rep:
             top, dup = ngram_char_fractions(tokenize([d.text.encode() for d in rep]))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 PLACEHOLDERS = {
@@ -22,30 +21,38 @@ PLACEHOLDERS = {
     "secret": "<SECRET_KEY>",
 }
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}(?![\w-])")
-_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
-_IPV4 = re.compile(rf"(?<![\w.]){_OCTET}(?:\.{_OCTET}){{3}}(?!\.?\d)(?!\w)")
-_IPV6 = re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){7}[0-9A-Fa-f]{1,4}(?![\w:])"
-                   r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,6}:(?:[0-9A-Fa-f]{1,4}:){0,5}[0-9A-Fa-f]{1,4}(?![\w:])")
+# Every scanning pattern starts with a literal or a small character class, so the regex
+# engine's fast prefix scan skips most text; boundaries are checked in Python on the rare
+# candidates (a look-behind at the start would force a full match attempt at every position).
+_EMAIL_DOMAIN = re.compile(r"@(?:[A-Za-z0-9-]{1,63}\.)+[A-Za-z]{2,24}(?![\w-])")
+_EMAIL_LOCAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._%+-]{0,63}$")
+_DIGITS = re.compile(r"\d[\d .()/-]{5,}\d")
+_IPV4 = re.compile(r"(?<![\d.])(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)){3}(?!\.?\d)")
+_CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
+_CARD_PREFIX = re.compile(r"^(?:4|5[1-5]|2[2-7]|3[47]|6011|65|35)")
 # North American style with separators, or international with a leading +.
 _PHONE = re.compile(
-    r"(?<![\w+])(?:\+1[ .-]?)?(?:\(\d{3}\)[ .-]?|\d{3}[.-])\d{3}[.-]\d{4}(?![\w-])"
-    r"|(?<![\w+])\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}(?![\w-])"
+    r"(?<![\d+])(?:\(\d{3}\)[ .-]?\d{3}[.-]|\d{3}([.-])\d{3}\1)\d{4}(?![\d-])"
+    r"|(?<![\d+])\+\d{1,3}(?:[ .-]\(?\d{1,4}\)?){2,5}(?![\d-])"
 )
-_CARD = re.compile(r"(?<![\d-])(?:\d[ -]?){12,18}\d(?![\d-])")
-_CARD_PREFIX = re.compile(r"^(?:4|5[1-5]|2[2-7]|3[47]|6011|65|35)")
-# Key shapes with a fixed prefix (the formats their issuers document).
-_SECRET = re.compile(
-    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"  # AWS access key id
-    r"|\bgh[pousr]_[A-Za-z0-9]{36,255}\b"  # GitHub tokens
-    r"|\bgithub_pat_[A-Za-z0-9_]{60,255}\b"
-    r"|\bxox[abposr]-[A-Za-z0-9-]{10,}"  # Slack
-    r"|\bAIza[0-9A-Za-z_-]{35}"  # Google API key
-    r"|\b[sr]k_(?:live|test)_[0-9A-Za-z]{16,}\b"  # Stripe
-    r"|\bsk-(?:proj-)?[A-Za-z0-9_-]{32,}"  # OpenAI-style
-    r"|\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"  # JWT
-    r"|-----BEGIN (?:[A-Z]+ )*PRIVATE KEY-----[\s\S]{0,8000}?-----END (?:[A-Z]+ )*PRIVATE KEY-----"
-)
+_IPV6_SEED = re.compile(r"::|:[0-9A-Fa-f]{1,4}:")
+_HEXCOLON = re.compile(r"[0-9A-Fa-f:]*")
+# Key shapes with a fixed prefix (the formats their issuers document): literal -> pattern.
+_SECRETS = {
+    "AKIA": r"AKIA[0-9A-Z]{16}", "ASIA": r"ASIA[0-9A-Z]{16}",  # AWS access key ids
+    "ghp_": r"ghp_[A-Za-z0-9]{36,255}", "gho_": r"gho_[A-Za-z0-9]{36,255}",  # GitHub tokens
+    "ghu_": r"ghu_[A-Za-z0-9]{36,255}", "ghs_": r"ghs_[A-Za-z0-9]{36,255}",
+    "ghr_": r"ghr_[A-Za-z0-9]{36,255}", "github_pat_": r"github_pat_[A-Za-z0-9_]{60,255}",
+    "xox": r"xox[abposr]-[A-Za-z0-9-]{10,}",  # Slack
+    "AIza": r"AIza[0-9A-Za-z_-]{35}",  # Google API keys
+    "k_live_": r"[sr]k_live_[0-9A-Za-z]{16,}", "k_test_": r"[sr]k_test_[0-9A-Za-z]{16,}",  # Stripe
+    "sk-": r"sk-(?:proj-)?[A-Za-z0-9_-]{32,}",  # OpenAI-style
+    "eyJ": r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",  # JWT
+    "PRIVATE KEY-----": r"-----BEGIN (?:[A-Z]+ )*PRIVATE KEY-----[\s\S]{0,8000}?-----END (?:[A-Z]+ )*PRIVATE KEY-----",
+}
+_SECRET_RE = {k: re.compile(v) for k, v in _SECRETS.items()}
+_WORDISH = re.compile(r"[A-Za-z0-9_]")
+_VERSION_BEFORE = re.compile(r"(?:version|release|v)\s*$", re.IGNORECASE)
 
 
 @dataclass
@@ -80,46 +87,120 @@ def _is_public_ip(text: str) -> bool:
         return False
 
 
-def _card(m: re.Match[str]) -> bool:
-    digits = re.sub(r"[ -]", "", m.group())
+def _is_card(digits_and_seps: str) -> bool:
+    digits = digits_and_seps.replace(" ", "").replace("-", "")
     return 13 <= len(digits) <= 19 and bool(_CARD_PREFIX.match(digits)) and _luhn_ok(digits)
 
 
-# kind -> (quick test that must hold for a match to be possible, pattern, extra check)
-_RULES: dict[str, tuple[Callable[[str], bool], re.Pattern[str], Callable[[re.Match[str]], bool] | None]] = {
-    "secret": (lambda t: True, _SECRET, None),
-    "email": (lambda t: "@" in t, _EMAIL, None),
-    "ip_address": (lambda t: "." in t or ":" in t, _IPV4, lambda m: _is_public_ip(m.group())),
-    "ipv6": (lambda t: "::" in t or t.count(":") >= 7, _IPV6, lambda m: _is_public_ip(m.group())),
-    "credit_card": (lambda t: True, _CARD, _card),
-    "phone": (lambda t: True, _PHONE, None),
-}
+Span = tuple[int, int, str]
+
+
+def _secret_spans(text: str) -> list[Span]:
+    spans = []
+    for lit, pattern in _SECRET_RE.items():
+        if lit not in text:
+            continue
+        for m in pattern.finditer(text):
+            a, b = m.span()
+            if a and _WORDISH.match(text, a - 1) and not lit.startswith("PRIVATE"):
+                continue  # inside a longer identifier
+            spans.append((a, b, "secret"))
+    return spans
+
+
+def _email_spans(text: str) -> list[Span]:
+    spans = []
+    for m in _EMAIL_DOMAIN.finditer(text):
+        at = m.start()
+        local = _EMAIL_LOCAL.search(text, max(0, at - 64), at)
+        if local is None:
+            continue
+        a = local.start()
+        if a and text[a - 1] in "._%+-" or (a and text[a - 1].isalnum()):
+            continue
+        spans.append((a, m.end(), "email"))
+    return spans
+
+
+def _digit_spans(text: str, kinds: set[str]) -> list[Span]:
+    """IPv4 addresses, card and phone numbers inside runs of digits and separators."""
+    spans = []
+    for m in _DIGITS.finditer(text):
+        a, b = m.span()
+        if a and text[a - 1] == "+" and "phone" in kinds and not (a > 1 and (text[a - 2].isalnum() or text[a - 2] == "+")):
+            a -= 1  # international prefix (but not C++14)
+        if a and (text[a - 1].isalpha() or text[a - 1] == "_"):
+            continue
+        if b < len(text) and (text[b].isalpha() or text[b] == "_"):
+            continue
+        chunk = text[a:b]
+        found: list[Span] = []
+        if "ip_address" in kinds and "." in chunk:
+            found += [(a + x.start(), a + x.end(), "ip_address") for x in _IPV4.finditer(chunk)
+                      if _is_public_ip(x.group())
+                      and not _VERSION_BEFORE.search(text, max(0, a + x.start() - 10), a + x.start())]
+        if "credit_card" in kinds:
+            found += [(a + x.start(), a + x.end(), "credit_card") for x in _CARD.finditer(chunk)
+                      if _is_card(x.group())]
+        if "phone" in kinds:
+            found += [(a + x.start(), a + x.end(), "phone") for x in _PHONE.finditer(chunk)]
+        spans += found
+    return spans
+
+
+def _ipv6_spans(text: str) -> list[Span]:
+    spans: list[Span] = []
+    end = -1
+    for m in _IPV6_SEED.finditer(text):
+        if m.start() < end:
+            continue
+        a = m.start()
+        while a > 0 and (text[a - 1] in ":" or text[a - 1] in "0123456789abcdefABCDEF"):
+            a -= 1
+        b = _HEXCOLON.match(text, a).end()
+        end = b
+        cand = text[a:b].strip(":") if text[a:b].count("::") == 0 else text[a:b]
+        if sum(1 for g in cand.split(":") if g) < 3 or (a and _WORDISH.match(text, a - 1)) or (b < len(text) and _WORDISH.match(text, b)):
+            continue
+        if _is_public_ip(cand):
+            spans.append((a, b, "ip_address"))
+    return spans
 
 
 class PiiScrubber:
-    """``scrub(text) -> (text, {kind: count})``; rules run in a fixed order (secrets first,
-    so a key containing digits is not half-replaced as a phone number)."""
+    """``scrub(text) -> (text, {kind: count})``. Overlapping finds keep the earliest, then
+    the longest (so a key that contains digits is replaced whole, as a secret)."""
 
     def __init__(self, cfg: PiiConfig) -> None:
-        self.kinds = [k for k in _RULES if (k if k != "ipv6" else "ip_address") in cfg.types]
+        self.kinds = set(cfg.types)
+
+    def find(self, text: str) -> list[Span]:
+        spans: list[Span] = []
+        if "secret" in self.kinds:
+            spans += _secret_spans(text)
+        if "email" in self.kinds and "@" in text:
+            spans += _email_spans(text)
+        if self.kinds & {"ip_address", "credit_card", "phone"}:
+            spans += _digit_spans(text, self.kinds)
+        if "ip_address" in self.kinds and ":" in text:
+            spans += _ipv6_spans(text)
+        spans.sort(key=lambda s: (s[0], s[0] - s[1]))
+        out: list[Span] = []
+        for s in spans:
+            if not out or s[0] >= out[-1][1]:
+                out.append(s)
+        return out
 
     def scrub(self, text: str) -> tuple[str, dict[str, int]]:
+        spans = self.find(text)
+        if not spans:
+            return text, {}
         counts: dict[str, int] = {}
-        for kind in self.kinds:
-            quick, pattern, check = _RULES[kind]
-            if not quick(text):
-                continue
-            name = "ip_address" if kind == "ipv6" else kind
-            n = 0
-
-            def repl(m: re.Match[str], check=check, name=name) -> str:
-                nonlocal n
-                if check is not None and not check(m):
-                    return m.group()
-                n += 1
-                return PLACEHOLDERS[name]
-
-            text = pattern.sub(repl, text)
-            if n:
-                counts[name] = counts.get(name, 0) + n
-        return text, counts
+        parts, pos = [], 0
+        for a, b, kind in spans:
+            parts.append(text[pos:a])
+            parts.append(PLACEHOLDERS[kind])
+            counts[kind] = counts.get(kind, 0) + 1
+            pos = b
+        parts.append(text[pos:])
+        return "".join(parts), counts
