@@ -381,7 +381,7 @@ class Cleaner:
                 from py3langid.langid import MODEL_FILE, LanguageIdentifier
             except ImportError as e:
                 raise ValueError("filters.language needs `pip install py3langid`") from e
-            self._langid = LanguageIdentifier.from_pickled_model(MODEL_FILE, norm_probs=True)
+            self._langid = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
 
     def language_of(self, text: str) -> tuple[str, float]:
         assert self._langid is not None

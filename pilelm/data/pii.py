@@ -127,8 +127,8 @@ def _digit_spans(text: str, kinds: set[str]) -> list[Span]:
     spans = []
     for m in _DIGITS.finditer(text):
         a, b = m.span()
-        if a and text[a - 1] == "+" and "phone" in kinds and not (a > 1 and (text[a - 2].isalnum() or text[a - 2] == "+")):
-            a -= 1  # international prefix (but not C++14)
+        if a and text[a - 1] in "+(" and "phone" in kinds and not (a > 1 and (text[a - 2].isalnum() or text[a - 2] == "+")):
+            a -= 1  # international prefix or area code in brackets (but not C++14)
         if a and (text[a - 1].isalpha() or text[a - 1] == "_"):
             continue
         if b < len(text) and (text[b].isalpha() or text[b] == "_"):
