@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -441,46 +440,23 @@ def adapter_of(cfg: Any) -> HFAdapter:
 # Tokenizer files
 
 
-def _write_hf_tokenizer(tok_dir: Path, out_dir: Path, max_length: int) -> tuple[int | None, int | None]:
-    """Write the run's tokenizer as an HF tokenizer folder into ``out_dir``; (bos, eos) ids."""
-    from transformers import PreTrainedTokenizerFast
-
+def _export_tokenizer(tok_dir: Path, out_dir: Path) -> tuple[int | None, int | None]:
+    """Write the run's tokenizer into the HF folder (tokenizer.json + the files AutoTokenizer
+    reads); returns its (bos, eos) ids for the model config."""
     from pilelm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
-    names = {}
-    vocab_json = json.loads((tok_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    by_id = {t["id"]: t["content"] for t in vocab_json.get("added_tokens", [])}
-    for name, tid in (("eos_token", tok.eod_id), ("pad_token", tok.pad_id), ("mask_token", tok.mask_id),
-                      ("cls_token", tok.cls_id), ("sep_token", tok.sep_id)):
-        if tid is not None and tid in by_id:
-            names[name] = by_id[tid]
-    if tok.kind == "bpe" and "eos_token" in names:
-        names.setdefault("bos_token", names["eos_token"])  # GPT-2 convention
-    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"), model_max_length=max_length, **names)
-    tmp = out_dir / ".tokenizer.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf_tok.save_pretrained(str(tmp))
-    for f in tmp.iterdir():
-        f.replace(out_dir / f.name)
-    tmp.rmdir()
-    bos = hf_tok.convert_tokens_to_ids(names["bos_token"]) if "bos_token" in names else None
+    tok.save(out_dir)
+    bos = tok.eod_id if tok.kind == "bpe" else tok.cls_id  # GPT-2/NeoX: bos = eos = <|endoftext|>
     return bos, tok.eod_id
 
 
 def _import_tokenizer(source: Path, out_dir: Path) -> None:
-    """Copy an HF folder's tokenizer as the run's tokenizer (tokenizer.json + side files)."""
-    from transformers import AutoTokenizer
+    """The HF folder's tokenizer (tokenizer.json, or a slow format transformers converts)
+    saved as a pilelm tokenizer dir."""
+    from pilelm.tokenizer import load_tokenizer
 
-    hf_tok = AutoTokenizer.from_pretrained(str(source))
-    if not getattr(hf_tok, "is_fast", False):
-        raise ValueError(f"{source}: the tokenizer has no fast (tokenizer.json) form; pilelm needs one")
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    hf_tok.save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.replace(out_dir)
+    load_tokenizer(source).save(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -534,7 +510,7 @@ def run_export(cfg: ExportConfig) -> Path:
         dtype = DTYPES[cfg.dtype]
         hf_state = {k: v.detach().to(dtype).contiguous() for k, v in hf_state.items()}
         out.mkdir(parents=True, exist_ok=True)
-        bos, eos = _write_hf_tokenizer(Path(tok_dir), out, getattr(model_cfg, "block_size", 512))
+        bos, eos = _export_tokenizer(Path(tok_dir), out)
         hf_cfg = adapter.hf_config(model_cfg, bos, eos, cfg.dtype)
         with atomic_path(out / "model.safetensors") as tmp:
             save_file(hf_state, str(tmp), metadata={"format": "pt"})
