@@ -186,6 +186,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (json.dumps({"prompt": "x", "top_p": 0}), 400),
         (json.dumps({"prompt": "x", "n": 0}), 400),
         (json.dumps({"prompt": "x", "n": 10**6}), 400),
+        (json.dumps({"prompt": "x", "n": 17}), 400),  # more completions than max_batch (16)
+        (json.dumps({"prompt": ["x"] * 1000}), 400),
         (json.dumps({"prompt": "x", "seed": -1}), 400),
         (json.dumps({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 400),
         (json.dumps({"prompt": "x", "stop": [""]}), 400),

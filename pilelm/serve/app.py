@@ -34,7 +34,13 @@ from starlette.types import Receive, Scope, Send
 
 from pilelm.generate import SamplingParams
 from pilelm.serve.engine import Engine, Event, Failed, Finished, Job, RowSpec, TextDelta
-from pilelm.serve.schemas import APIError, CompletionRequest, parse_completion_request, parse_json_body
+from pilelm.serve.schemas import (
+    APIError,
+    CompletionRequest,
+    StreamOptions,
+    parse_completion_request,
+    parse_json_body,
+)
 
 if TYPE_CHECKING:
     from pilelm.serve.server import ServeConfig
@@ -162,67 +168,56 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None) 
         check_key(request)
         return {"object": "list", "data": [model_card()]}
 
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
-        check_key(request)
-        if model_id != name:
+    def check_model(model_id: str | None) -> None:
+        if model_id is not None and model_id != name:
             raise APIError(404, f"The model {model_id!r} does not exist; this server serves {name!r}",
                            param="model", code="model_not_found")
-        return model_card()
 
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        check_key(request)
-        req = parse_completion_request(parse_json_body(await _read_body(request, cfg.max_request_bytes)))
-        if req.model is not None and req.model != name:
-            raise APIError(404, f"The model {req.model!r} does not exist; this server serves {name!r}",
-                           param="model", code="model_not_found")
-        if _prompt_chars(req) > INLINE_TOKENIZE_CHARS:
-            prompts = await run_in_threadpool(_prompt_ids, req, engine)
-        else:
-            prompts = _prompt_ids(req, engine)
+    def completion_budget(req: CompletionRequest, prompts: list[list[int]]) -> int:
+        """max_new_tokens for the request's rows, or an error if it breaks a limit."""
         for ids in prompts:
             if len(ids) > max_prompt:
                 raise APIError(400, f"the prompt is {len(ids)} tokens; this server accepts at most {max_prompt}",
                                param="prompt", code="context_length_exceeded")
         longest = max(max(len(ids), 1) for ids in prompts)  # an empty prompt starts from eos
         if req.max_tokens is None:
-            new_tokens = min(DEFAULT_MAX_TOKENS, max_tokens, max_context - longest)
-        else:
-            if req.max_tokens > max_tokens:
-                raise APIError(400, f"max_tokens is {req.max_tokens}; this server allows at most {max_tokens}",
-                               param="max_tokens")
-            new_tokens = req.max_tokens
-        if longest + new_tokens > max_context:
+            return min(DEFAULT_MAX_TOKENS, max_tokens, max_context - longest)
+        if req.max_tokens > max_tokens:
+            raise APIError(400, f"max_tokens is {req.max_tokens}; this server allows at most {max_tokens}",
+                           param="max_tokens")
+        if longest + req.max_tokens > max_context:
             raise APIError(
                 400,
                 f"This model's maximum context length is {max_context} tokens, however you requested "
-                f"{longest + new_tokens} tokens ({longest} in your prompt; {new_tokens} for the "
+                f"{longest + req.max_tokens} tokens ({longest} in your prompt; {req.max_tokens} for the "
                 "completion). Please reduce your prompt or completion length.",
                 param="max_tokens", code="context_length_exceeded",
             )
-        n_rows = len(prompts) * req.n
-        if n_rows > engine.max_batch:
-            raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} asks for {n_rows} completions; "
-                                f"this server makes at most {engine.max_batch} per request", param="n")
+        return req.max_tokens
 
-        stop = req.stop_strings()
-        rows = [
-            RowSpec(
-                index=p * req.n + j,
-                prompt=ids,
-                params=SamplingParams(
-                    max_new_tokens=new_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                    repetition_penalty=req.repetition_penalty, stop=stop,
-                    seed=None if req.seed is None else req.seed + p * req.n + j,
-                ),
-            )
-            for p, ids in enumerate(prompts)
-            for j in range(req.n)
-        ]
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str, request: Request) -> dict[str, Any]:
+        check_key(request)
+        check_model(model_id)
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        check_key(request)
+        req = parse_completion_request(parse_json_body(await _read_body(request, cfg.max_request_bytes)))
+        check_model(req.model)
+        n_prompts = len(req.prompts())
+        if n_prompts * req.n > engine.max_batch:  # checked before any work is done for the rows
+            raise APIError(400, f"{n_prompts} prompt(s) x n={req.n} asks for {n_prompts * req.n} completions; "
+                                f"this server makes at most {engine.max_batch} per request", param="n")
+        if _prompt_chars(req) > INLINE_TOKENIZE_CHARS:
+            prompts = await run_in_threadpool(_prompt_ids, req, engine)
+        else:
+            prompts = _prompt_ids(req, engine)
+        rows = _rows(req, prompts, completion_budget(req, prompts))
         echo = [_echo_text(req, engine, p) for p in range(len(prompts))] if req.echo else None
         completion = _Completion(
-            rid=f"cmpl-{uuid.uuid4().hex}", model=name, n=req.n, n_rows=n_rows,
+            rid=f"cmpl-{uuid.uuid4().hex}", model=name, n=req.n, n_rows=len(rows),
             prompt_tokens=sum(len(ids) for ids in prompts), echo=echo,
         )
         slots.acquire()
@@ -240,12 +235,9 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None) 
             close()
             raise APIError(503, str(e), type="server_error") from None
         if req.stream:
-            opts = req.stream_options
-            return _EventStream(
-                completion.sse(queue, opts is not None and opts.include_usage,
-                               opts is not None and opts.continuous_usage_stats),
-                on_close=close,
-            )
+            opts = req.stream_options or StreamOptions()
+            return _EventStream(completion.sse(queue, opts.include_usage, opts.continuous_usage_stats),
+                                on_close=close)
         try:
             return JSONResponse(await completion.collect(queue, request))
         finally:
@@ -280,6 +272,25 @@ def _prompt_ids(req: CompletionRequest, engine: Engine) -> list[list[int]]:
         raise APIError(400, "an empty prompt needs an end-of-text token, which this tokenizer lacks",
                        param="prompt")
     return ids
+
+
+def _rows(req: CompletionRequest, prompts: list[list[int]], max_new_tokens: int) -> list[RowSpec]:
+    """One row per prompt and choice, in the response's order; choice i of a seeded request
+    samples with seed + i so the choices differ."""
+    stop = req.stop_strings()
+    return [
+        RowSpec(
+            index=p * req.n + j,
+            prompt=ids,
+            params=SamplingParams(
+                max_new_tokens=max_new_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                repetition_penalty=req.repetition_penalty, stop=stop,
+                seed=None if req.seed is None else req.seed + p * req.n + j,
+            ),
+        )
+        for p, ids in enumerate(prompts)
+        for j in range(req.n)
+    ]
 
 
 def _prompt_chars(req: CompletionRequest) -> int:

@@ -93,7 +93,8 @@ class _Row:
 
 @dataclass
 class EngineStats:
-    """Counters for /health and the tests (written by the worker thread only)."""
+    """Counters for /health and the tests (rows_submitted is written under the queue lock, the
+    rest by the worker thread only)."""
 
     rows_submitted: int = 0
     rows_finished: int = 0
