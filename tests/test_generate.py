@@ -6,12 +6,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pilelm.generate import (
+    IncrementalDecoder,
     SamplingParams,
     apply_repetition_penalty,
     beam_search,
     clean_text,
     cut_at_stop,
     filter_top_k_top_p,
+    generate,
     stream_batch,
 )
 from pilelm.models.gpt import GPT, GPTConfig
@@ -162,3 +164,84 @@ def test_text_helpers():
     assert cut_at_stop("abc\nQ: more", ["\nQ:", "zz"]) == ("abc", True)
     assert cut_at_stop("abc", ["\n"]) == ("abc", False)
     assert clean_text("line\r\nnext  \n\n\ufffd") == "line\nnext"
+
+
+# --- text level: tokenizer, stop strings, streaming, the CLI ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fitted(tiny_run):
+    from pilelm.checkpoint import load_for_inference
+    from pilelm.tokenizer import load_tokenizer
+
+    model, _, tok_dir = load_for_inference(tiny_run)
+    return model, load_tokenizer(tok_dir)
+
+
+def test_generate_text_equals_decoded_tokens_and_streams_the_same_text(fitted):
+    model, tok = fitted
+    prompts = ["the quick", "pack my box", "a café in"]
+    params = SamplingParams(max_new_tokens=20, temperature=0.0)
+    streamed = {i: "" for i in range(len(prompts))}
+    texts = generate(model, tok, prompts, params, on_text=lambda i, d: streamed.__setitem__(i, streamed[i] + d))
+    for i, p in enumerate(prompts):
+        toks = rows_of(list(stream_batch(model, [tok.encode(p)], [params], tok.eod_id)), 1)[0]
+        toks = toks[: toks.index(tok.eod_id)] if tok.eod_id in toks else toks
+        assert texts[i] == clean_text(tok.decode(toks))
+        assert clean_text(streamed[i]) == texts[i]
+        assert "<|endoftext|>" not in texts[i]
+    assert texts[0].startswith(" brown fox")  # the tiny run was fitted to these sentences
+
+
+def test_stop_strings_cut_the_text_and_end_the_row(fitted):
+    model, tok = fitted
+    free = generate(model, tok, ["the quick"], SamplingParams(20, temperature=0.0))[0]
+    assert " fox" in free
+    cut = generate(model, tok, ["the quick"], SamplingParams(20, temperature=0.0, stop=[" fox", "zzz"]))[0]
+    assert cut == clean_text(free[: free.index(" fox")])
+
+
+def test_incremental_decoder_never_splits_a_character(fitted):
+    _, tok = fitted
+    text = "emoji 🎉 rocket 🚀 sparkles ✨ 世界 你好"
+    ids = tok.encode(text)
+    assert len(ids) > len(text.split())  # some characters span several byte-level tokens
+    dec = IncrementalDecoder(tok)
+    deltas = [dec.push(i) for i in ids]
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_beam_search_through_generate(fitted):
+    model, tok = fitted
+    text = generate(model, tok, ["pack my"], SamplingParams(12, temperature=0.0), num_beams=3)[0]
+    best = beam_search(model, tok.encode("pack my"), 3, 12, tok.eod_id)
+    assert text == clean_text(tok.decode(best)) and text
+
+
+def test_pilelm_generate_cli_streams_and_writes_jsonl(tiny_run, fitted, tmp_path, capsys):
+    import json
+
+    from pilelm.cli import main
+
+    model, tok = fitted
+    out = tmp_path / "samples.jsonl"
+    args = ["generate", str(tiny_run), "--prompt", "the quick", "--prompt", "pack my, box", "--temperature", "0",
+            "--max-new-tokens", "12", "--output", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["the quick", "pack my, box"]
+    expected = generate(model, tok, ["the quick", "pack my, box"], SamplingParams(12, temperature=0.0))
+    assert [r["completion"] for r in rows] == expected
+    for r in rows:
+        assert r["prompt"] + r["completion"] in printed
+    # Seeded sampling is reproducible run to run; another seed gives other samples.
+    sampled = []
+    for seed in (5, 5, 6):
+        path = tmp_path / f"s{len(sampled)}.jsonl"
+        assert main(["generate", str(tiny_run), "--temperature", "1.5", "--num-samples", "3", "--seed", str(seed),
+                     "--max-new-tokens", "10", "-o", str(path)]) == 0
+        sampled.append([json.loads(line)["completion"] for line in path.read_text().splitlines()])
+    assert sampled[0] == sampled[1] != sampled[2]
+    assert len(set(sampled[0])) > 1  # the samples of one batch differ from each other
