@@ -24,8 +24,8 @@ from pilelm.checkpoint import load_for_inference
 from pilelm.cli import main as cli_main
 from pilelm.generate import SamplingParams, generate
 from pilelm.serve import BackgroundServer, ServeConfig, create_app, load_engine
-from pilelm.serve.server import load_tokenizer
 from pilelm.serve.textstream import CompletionText, stop_prefix_length
+from pilelm.tokenizer import load_tokenizer
 
 KEY = "sk-test-0123"
 MODEL = "tiny"

@@ -8,16 +8,14 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from pilelm.checkpoint import load_for_inference
-from pilelm.generate import TextTokenizer
 from pilelm.serve.engine import Engine
+from pilelm.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -88,35 +86,6 @@ def load_engine(cfg: ServeConfig) -> Engine:
     model, _, tok_dir = load_for_inference(cfg.run, cfg.step, cfg.device)
     model = model.to(DTYPES[cfg.dtype])
     return Engine(model, load_tokenizer(tok_dir), max_batch=cfg.max_batch, batch_window_s=cfg.batch_window_ms / 1000)
-
-
-def load_tokenizer(tok_dir: Path) -> TextTokenizer:
-    """``pilelm.tokenizer.load_tokenizer`` (or a stand-in reading tokenizer.json until it lands)."""
-    try:
-        from pilelm.tokenizer import load_tokenizer as load_pile_tokenizer
-    except ImportError:  # TODO(serve): drop once pilelm.tokenizer lands
-        return _HFTokenizer(tok_dir)
-    return load_pile_tokenizer(tok_dir)
-
-
-class _HFTokenizer:
-    """Stand-in for ``pilelm.tokenizer.PileTokenizer`` until it lands: tokenizer.json only."""
-
-    def __init__(self, tok_dir: Path):
-        from tokenizers import Tokenizer
-
-        path = Path(tok_dir) / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} does not exist; the run has no tokenizer")
-        self.tok = Tokenizer.from_file(str(path))
-        self.vocab_size = self.tok.get_vocab_size()
-        self.eod_id = next((i for t in ("<|endoftext|>", "</s>", "[SEP]") if (i := self.tok.token_to_id(t)) is not None), None)
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
 
 def _is_loopback(host: str) -> bool:
