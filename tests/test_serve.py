@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -20,9 +21,11 @@ import openai
 import pytest
 import torch
 
+from pilelm import checkpoint
 from pilelm.checkpoint import load_for_inference
 from pilelm.cli import main as cli_main
 from pilelm.generate import SamplingParams, generate
+from pilelm.manifest import write_manifest
 from pilelm.serve import BackgroundServer, ServeConfig, create_app, load_engine
 from pilelm.serve.textstream import CompletionText, stop_prefix_length
 from pilelm.tokenizer import load_tokenizer
@@ -390,6 +393,20 @@ def test_config_validation_and_cli_help(capsys, tmp_path):
         assert key in out
     assert cli_main(["serve", str(tmp_path / "no-such-run")]) == 1
     assert "pilelm train" in capsys.readouterr().err
+
+
+def test_an_encoder_run_is_refused(tiny_run, tmp_path):
+    from pilelm.models.bert import Bert, BertConfig
+
+    run = tmp_path / "bert_run"
+    shutil.copytree(tiny_run / "tokenizer", run / "tokenizer")
+    bert_cfg = BertConfig(vocab_size=320, n_layer=1, n_head=2, d_model=32, block_size=16)
+    ckpt = run / "checkpoints" / "step_00000001"
+    checkpoint.save_model(ckpt, Bert(bert_cfg), bert_cfg)
+    checkpoint.mark_complete(ckpt)
+    write_manifest(run, "train", {})
+    with pytest.raises(ValueError, match="causal"):
+        load_engine(ServeConfig(run=str(run)))
 
 
 def test_pilelm_serve_command_serves_until_interrupted(tiny_run):

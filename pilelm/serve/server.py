@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 
 from pilelm.checkpoint import load_for_inference
+from pilelm.models.gpt import GPT
 from pilelm.serve.engine import Engine
 from pilelm.tokenizer import load_tokenizer
 
@@ -84,6 +85,9 @@ def load_engine(cfg: ServeConfig) -> Engine:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model, _, tok_dir = load_for_inference(cfg.run, cfg.step, cfg.device)
+    if not isinstance(model, GPT):
+        raise ValueError(f"{cfg.run} holds a {type(model).__name__} model; serve generates text with "
+                         "causal language models (gpt2 or neox)")
     model = model.to(DTYPES[cfg.dtype])
     return Engine(model, load_tokenizer(tok_dir), max_batch=cfg.max_batch, batch_window_s=cfg.batch_window_ms / 1000)
 
