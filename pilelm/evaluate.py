@@ -350,7 +350,7 @@ def _read_prepared(prep: Path, split: str, limit: int) -> Iterator[tuple[str, st
     for i, doc in enumerate(read_documents(files)):
         if limit and i >= limit:
             return
-        yield doc.text, str(doc.meta.get("pile_set_name", "unknown"))
+        yield doc.text, doc.component or "unknown"
 
 
 def open_eval_data(path: str | Path, split: str, max_documents: int) -> EvalData:

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -108,3 +109,128 @@ def test_bleu_and_chrf(tmp_path):
     path.write_text('{"prompt": "a", "reference": "b"}\n{"prompt": "c"}\n')
     with pytest.raises(ValueError, match=r"pairs.jsonl:2"):
         read_pairs(path)
+
+
+# --- the eval stage ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def eval_inputs(tmp_path_factory, tiny_run):
+    """A prepared dir (two components; the test split holds the tiny run's training sentences
+    and a document longer than its 128-token context) and its shard dir."""
+    from conftest import TINY_TEXTS, make_tiny_run, write_pile_shard
+
+    from pilelm.manifest import write_manifest
+    from pilelm.tokenize import TokenizeConfig, run_tokenize
+
+    root = tmp_path_factory.mktemp("eval_inputs")
+    prep = root / "prep"
+
+    def rec(text, comp):
+        return {"text": text, "meta": {"pile_set_name": comp}}
+
+    long_doc = " ".join(TINY_TEXTS[:2] * 12)
+    test_docs = [rec(t, "Pile-CC" if i % 2 else "Github") for i, t in enumerate(TINY_TEXTS)]
+    test_docs.append(rec(long_doc, "Github"))
+    write_pile_shard(prep / "test" / "00.jsonl.zst", test_docs)
+    write_pile_shard(prep / "train" / "00.jsonl.zst", [rec(t, "Github") for t in TINY_TEXTS * 3])
+    write_manifest(prep, "prepare", {})
+    shards = run_tokenize(TokenizeConfig(data=prep, tokenizer=tiny_run / "tokenizer", output=root / "shards",
+                                         workers=1))
+    untrained = make_tiny_run(root / "untrained", train_steps=0)
+    return prep, shards, untrained
+
+
+def test_eval_stage_writes_results_markdown_and_plot(eval_inputs, tiny_run, tmp_path):
+    from pilelm.cli import main
+    from pilelm.manifest import read_manifest
+
+    prep, shards, untrained = eval_inputs
+    out = tmp_path / "eval"
+    assert main(["eval", str(tiny_run), str(untrained), "--data", str(shards), "-o", str(out), "--stride", "32"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["runs"]) == {"run", "untrained"}
+    unigram = res["baselines"]["unigram"]
+    for entry in [*res["runs"].values(), unigram]:
+        assert set(entry["components"]) == {"Github", "Pile-CC"}
+        o = entry["overall"]
+        assert o["documents"] == 6 and o["bytes"] == sum(len(t.encode()) for t in _test_texts(prep))
+        assert o["bpb"] == pytest.approx(o["nll"] * o["tokens"] / math.log(2) / o["bytes"])
+        parts = entry["components"].values()
+        assert sum(c["tokens"] for c in parts) == o["tokens"] and sum(c["bytes"] for c in parts) == o["bytes"]
+    fitted, random = res["runs"]["run"]["overall"]["bpb"], res["runs"]["untrained"]["overall"]["bpb"]
+    # The fitted run saw these sentences; the untrained one is near uniform over 320 tokens.
+    assert fitted < unigram["overall"]["bpb"] < random
+    md = (out / "results.md").read_text()
+    assert "| **overall** |" in md and "untrained" in md and "unigram" in md
+    assert (out / "bpb.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert read_manifest(out)["stage"] == "eval"
+
+
+def _test_texts(prep):
+    from conftest import read_pile_shard
+
+    return [r["text"] for r in read_pile_shard(prep / "test" / "00.jsonl.zst")]
+
+
+def test_prepared_dir_gives_the_same_numbers_as_the_shards(eval_inputs, tiny_run, tmp_path):
+    from pilelm.evaluate import EvalConfig, run_eval
+
+    prep, shards, _ = eval_inputs
+    a = run_eval(EvalConfig(runs=[str(tiny_run)], data=str(shards), output=str(tmp_path / "a"), stride=48))
+    b = run_eval(EvalConfig(runs=[str(tiny_run)], data=str(prep), output=str(tmp_path / "b"), stride=48))
+    ra, rb = (json.loads((p / "results.json").read_text()) for p in (a, b))
+    assert ra["runs"]["run"]["overall"]["tokens"] > 128  # the long document needed several windows
+    for key in ("runs", "baselines"):
+        for name in ra[key]:
+            for comp, m in ra[key][name]["components"].items():
+                m2 = rb[key][name]["components"][comp]
+                assert m2["bpb"] == pytest.approx(m["bpb"], rel=1e-6) and m2["tokens"] == m["tokens"]
+
+
+def test_a_run_with_another_tokenizer_needs_the_prepared_dir(eval_inputs, tmp_path):
+    from conftest import make_tiny_run
+
+    from pilelm.evaluate import EvalConfig, run_eval
+
+    prep, shards, _ = eval_inputs
+    other = make_tiny_run(tmp_path / "other", vocab_size=300)
+    with pytest.raises(ValueError, match="different tokenizer"):
+        run_eval(EvalConfig(runs=[str(other)], data=str(shards), output=str(tmp_path / "x")))
+    out = run_eval(EvalConfig(runs=[str(other)], data=str(prep), output=str(tmp_path / "y"), unigram=False))
+    assert json.loads((out / "results.json").read_text())["runs"]["other"]["overall"]["documents"] == 6
+
+
+def test_bleu_chrf_of_conditional_generation_and_checkpoints_side_by_side(tiny_run, tmp_path):
+    import shutil
+
+    from conftest import TINY_TEXTS
+
+    from pilelm.checkpoint import load_for_inference
+    from pilelm.evaluate import EvalConfig, run_eval
+    from pilelm.generate import SamplingParams, generate
+    from pilelm.tokenizer import load_tokenizer
+
+    pairs = tmp_path / "pairs.jsonl"
+    half = [len(t) // 2 for t in TINY_TEXTS[:3]]
+    records = [{"prompt": t[:h], "reference": t[h:].strip()} for t, h in zip(TINY_TEXTS, half, strict=False)]
+    pairs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (ckpt,) = (run / "checkpoints").iterdir()
+    shutil.copytree(ckpt, ckpt.parent / "step_00000001")  # a second (older) checkpoint
+    out = run_eval(EvalConfig(runs=[str(run)], output=str(tmp_path / "eval"), bleu_data=str(pairs),
+                              all_checkpoints=True, bleu_max_new_tokens=24))
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["runs"]) == ["run@1", "run@100"]
+    gen = res["runs"]["run@100"]["generation"]
+    model, _, tok_dir = load_for_inference(run)
+    hyps = generate(model, load_tokenizer(tok_dir), [r["prompt"] for r in records],
+                    SamplingParams(24, temperature=0.0, stop=["\n"]))
+    import sacrebleu
+
+    refs = [[r["reference"] for r in records]]
+    assert gen["bleu"] == pytest.approx(sacrebleu.corpus_bleu([h.strip() for h in hyps], refs).score)
+    assert gen["chrf"] == pytest.approx(sacrebleu.corpus_chrf([h.strip() for h in hyps], refs).score)
+    assert gen["bleu"] > 50  # the run was fitted to these sentences
+    assert "BLEU" in (out / "results.md").read_text()
