@@ -6,7 +6,7 @@ over its word n-gram shingles (Broder 1997), cut into ``bands`` x ``rows`` band 
 LSH banding of Leskovec, Rajaraman & Ullman, *Mining of Massive Datasets*, ch. 3.4). These
 are written next to the task's documents.
 
-Stage 2 (``find_duplicates``, per split): documents with equal exact keys, or equal keys in
+Stage 2 (``find_duplicates``, per split; train-vs-eval overlap is decontamination's job): documents with equal exact keys, or equal keys in
 any band, are linked; the connected components are clusters and all but the first document
 (in canonical order) of each cluster are dropped. Links are merged band by band into a
 vectorised union-find, so memory is one integer per document plus one band column at a time.
@@ -53,9 +53,6 @@ class DedupConfig:
     """MinHash values per band (bands * rows permutations in all)."""
     seed: int = 1
     """Seed of the MinHash permutations."""
-    scope: str = "split"
-    """Documents are compared within each split (train, val, test); train-vs-eval overlap is
-    decontamination's job."""
     max_memory_mb: int = 1024
     """Memory for one band column in the cluster stage; more documents are done in passes."""
 
@@ -64,8 +61,6 @@ class DedupConfig:
             raise ValueError("dedup.ngram must be >= 1")
         if self.bands < 1 or self.rows < 1:
             raise ValueError("dedup.bands and dedup.rows must be >= 1")
-        if self.scope != "split":
-            raise ValueError("dedup.scope: only `split` is supported")
         if self.max_memory_mb < 16:
             raise ValueError("dedup.max_memory_mb must be >= 16")
 
