@@ -197,3 +197,30 @@ def test_huge_single_line_is_read_or_skipped_with_bounded_memory(tmp_path: Path)
     assert [d.text for d in docs] == ["small", "after"]
     assert [(r.reason, r.source.rsplit(":", 1)[1]) for r in rejects] == [("line_too_long", "2")]
     assert rejects[0].nbytes > 50_000_000
+
+
+def test_hugging_face_dataset_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load(name, config, split, streaming):  # the network is not available in tests
+        calls.append((name, config, split, streaming))
+        return iter([{"text": "first", "title": "A"}, {"text": 3}, {"text": "second", "title": "B"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    (src,) = expand_inputs(["hf:org/wiki#20220301.en@validation"])
+    assert (src.split, src.component) == ("val", "wiki")
+    items = list(iter_source(src))
+    assert calls == [("org/wiki", "20220301.en", "validation", True)]
+    assert [(d.text, d.meta["title"]) for d in items if isinstance(d, Document)] == [("first", "A"), ("second", "B")]
+    assert [(r.reason, r.source) for r in items if isinstance(r, Rejected)] == [
+        ("text_not_string", "hf:org/wiki#20220301.en@validation:2")]
+
+
+def test_parquet_row_group_ranges(tmp_path: Path) -> None:
+    recs = _docs(10)
+    pq.write_table(pa.Table.from_pylist(recs), tmp_path / "a.parquet", row_group_size=3)
+    (src,) = expand_inputs([str(tmp_path / "a.parquet")])
+    parts = [d for a, b in ((0, 2), (2, None)) for d in iter_source(src, None, a, b)]
+    assert [d.meta["n"] for d in parts] == list(range(10))
+    assert parts[7].id.endswith("a.parquet:8")
