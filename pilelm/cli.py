@@ -23,7 +23,6 @@ from pilelm.config import ConfigError, _strip_optional, describe_config, load_co
 from pilelm.stages import COMMANDS, CONFIG_DIR, Command, resolve_config_path
 
 
-
 def _field_type(cls: type, dotted: str) -> Any:
     """The annotated type of a dotted key, or None if there is no such key."""
     tp: Any = cls
