@@ -196,9 +196,13 @@ def score_documents(
             inputs = np.zeros((len(batch), width), dtype=np.int64)
             targets = np.full((len(batch), width), -100, dtype=np.int64)
             for r, (length, d, a, b, s) in enumerate(batch):
-                x = np.concatenate(([docs.eod_id], docs.tokens[d][: b]))  # x[0..b]
-                inputs[r, :length] = x[a:b]
-                targets[r, s - a : length] = x[s + 1 : b + 1]
+                toks = docs.tokens[d]  # x = [EOD] + toks, so x[i] = toks[i - 1]
+                if a == 0:
+                    inputs[r, 0] = docs.eod_id
+                    inputs[r, 1:length] = toks[: b - 1]
+                else:
+                    inputs[r, :length] = toks[a - 1 : b - 1]
+                targets[r, s - a : length] = toks[s:b]
             inp = torch.from_numpy(inputs).to(device)
             tgt = torch.from_numpy(targets).to(device)
             logits, _ = model(inp)
