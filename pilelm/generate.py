@@ -25,7 +25,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -34,7 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pilelm.manifest import atomic_write_text
-from pilelm.models.gpt import KVCache
+from pilelm.models.gpt import GPTConfig, KVCache
 
 log = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def generate(
                 on_text(i, t)
         return texts
 
-    row_params = [_with_seed(params, None if params.seed is None else params.seed + i) for i in range(len(ids))]
+    row_params = [replace(params, seed=None if params.seed is None else params.seed + i) for i in range(len(ids))]
     generated: list[list[int]] = [[] for _ in ids]
     decoders = [IncrementalDecoder(tokenizer) for _ in ids]
     streamed = [""] * len(ids)
@@ -359,18 +359,6 @@ def generate(
         text, _ = cut_at_stop(tokenizer.decode(toks, skip_special_tokens=True), params.stop)
         texts.append(clean_text(text))
     return texts
-
-
-def _with_seed(params: SamplingParams, seed: int | None) -> SamplingParams:
-    return SamplingParams(
-        max_new_tokens=params.max_new_tokens,
-        temperature=params.temperature,
-        top_k=params.top_k,
-        top_p=params.top_p,
-        repetition_penalty=params.repetition_penalty,
-        stop=list(params.stop),
-        seed=seed,
-    )
 
 
 @torch.inference_mode()
@@ -565,7 +553,9 @@ def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None)
             sys.stdout.write(text)
             sys.stdout.flush()
 
-    model, _, tok_dir = load_for_inference(cfg.run, cfg.step, cfg.device)
+    model, model_cfg, tok_dir = load_for_inference(cfg.run, cfg.step, cfg.device)
+    if not isinstance(model_cfg, GPTConfig):
+        raise ValueError(f"run {cfg.run} holds a {type(model_cfg).__name__} model; generate needs a causal LM (gpt)")
     model = model.to(getattr(torch, cfg.dtype))
     tokenizer = load_tokenizer(tok_dir)
     prompts = [p for p in _read_prompts(cfg) for _ in range(cfg.num_samples)]
