@@ -29,6 +29,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -172,7 +173,21 @@ def _init_worker(tokenizer_path: str, fast: bool) -> None:
     global _WORKER_TOKENIZER
     # One process per core already: keep tokenizers' own thread pool out of the way.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_TOKENIZER = load_tokenizer(tokenizer_path, fast=fast)
+    if _WORKER_TOKENIZER is None:  # spawned (a forked worker inherits the parent's)
+        _WORKER_TOKENIZER = load_tokenizer(tokenizer_path, fast=fast)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """fork when this process runs no other thread (a forked worker starts in milliseconds
+    with the tokenizer already loaded); else spawn, a clean interpreter per worker (forking
+    a threaded process can copy a lock some thread holds)."""
+    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    return multiprocessing.get_context("spawn")
+
+
+def _ping() -> int:
+    return os.getpid()
 
 
 def _encode_in_worker(lines: list[bytes], numbers: list[int], source: str, eod_id: int, dtype: str) -> EncodedBatch:
@@ -337,11 +352,15 @@ class _Encoder:
         self.workers = workers
         self.pool: ProcessPoolExecutor | None = None
         if workers > 1:
-            # spawn: a clean interpreter per worker (no inherited threads or locks); each loads
-            # the tokenizer once.
-            ctx = multiprocessing.get_context("spawn")
+            global _WORKER_TOKENIZER
+            ctx = _worker_context()
+            _WORKER_TOKENIZER = tok if ctx.get_start_method() == "fork" else None
             self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                             initargs=(str(tokenizer_path), fast))
+            # Start the workers now, before this process starts any thread (progress bars).
+            for f in [self.pool.submit(_ping) for _ in range(workers)]:
+                f.result()
+            _WORKER_TOKENIZER = None
 
     def map(self, batches: Iterator[LineBatch], files: list[Path], eod_id: int, dtype: np.dtype
             ) -> Iterator[tuple[LineBatch, EncodedBatch]]:

@@ -122,7 +122,7 @@ class PileTokenizer:
     """
 
     def __init__(self, tokenizer: Tokenizer, kind: str, specials: dict[str, str] | None = None,
-                 fast: bool = True, source: str = ""):
+                 fast: bool = True, source: str = "", spec: dict[str, Any] | None = None):
         self.hf = tokenizer
         self.kind = kind
         self.source = source
@@ -139,7 +139,7 @@ class PileTokenizer:
         self.specials = {role: tok for role, tok in specials.items() if tok in vocab}
         self._fast: _FastBPE | None = None
         if fast:
-            self._fast = _fast_bpe(tokenizer)
+            self._fast = _fast_bpe(tokenizer, spec)
 
     # ids of the roles; None when the tokenizer has no such token
     def _id(self, role: str) -> int | None:
@@ -270,14 +270,16 @@ def _tiktoken_split_pattern(pre: dict[str, Any] | None) -> str | None:
     return None
 
 
-def _fast_bpe(tok: Tokenizer) -> _FastBPE | None:
-    """A tiktoken encoder equivalent to ``tok``, or None when ``tok`` is not a byte-level BPE
-    that tiktoken can express (then ``tokenizers`` encodes)."""
+def _fast_bpe(tok: Tokenizer, spec: dict[str, Any] | None = None) -> _FastBPE | None:
+    """A tiktoken encoder equivalent to ``tok`` (``spec``: its parsed JSON, if at hand), or
+    None when ``tok`` is not a byte-level BPE that tiktoken can express (then ``tokenizers``
+    encodes)."""
     try:
         import tiktoken
     except ImportError:
         return None
-    spec = json.loads(tok.to_str())
+    if spec is None:
+        spec = json.loads(tok.to_str())
     model = spec.get("model", {})
     if model.get("type") != "BPE" or model.get("dropout") or model.get("byte_fallback"):
         return None
@@ -372,18 +374,16 @@ def load_tokenizer(path: str | Path, fast: bool = True) -> PileTokenizer:
             config = json.loads(cfg_path.read_text())
         rank_files = sorted(path.glob("*.tiktoken"))
         if (path / "tokenizer.json").is_file():
-            tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+            tok, spec = _read_tokenizer_json(path / "tokenizer.json")
         elif rank_files:
             return _load_tiktoken_file(rank_files[0], fast)
         else:
             tok = _from_transformers(path)
+            spec = json.loads(tok.to_str())
     else:
-        try:
-            tok = Tokenizer.from_file(str(path))
-        except Exception as e:  # tokenizers raises a bare Exception on a bad file
-            raise ValueError(f"{path}: not a tokenizers tokenizer.json ({e})") from e
+        tok, spec = _read_tokenizer_json(path)
     ours = config.get("pilelm", {})
-    kind = ours.get("kind") or _kind_of(tok)
+    kind = ours.get("kind") or _kind_of(spec)
     specials = dict(ours.get("specials") or {})
     if not specials:
         names = {"eod": "eos_token", "pad": "pad_token", "unk": "unk_token", "mask": "mask_token",
@@ -394,11 +394,19 @@ def load_tokenizer(path: str | Path, fast: bool = True) -> PileTokenizer:
                 value = value.get("content")
             if isinstance(value, str) and value:
                 specials[role] = value
-    return PileTokenizer(tok, kind, specials, fast=fast, source=str(path))
+    return PileTokenizer(tok, kind, specials, fast=fast, source=str(path), spec=spec)
 
 
-def _kind_of(tok: Tokenizer) -> str:
-    model = json.loads(tok.to_str()).get("model", {}).get("type", "")
+def _read_tokenizer_json(path: Path) -> tuple[Tokenizer, dict[str, Any]]:
+    text = path.read_text(encoding="utf-8")
+    try:
+        return Tokenizer.from_str(text), json.loads(text)
+    except Exception as e:  # tokenizers raises a bare Exception on a bad file
+        raise ValueError(f"{path}: not a tokenizers tokenizer.json ({e})") from e
+
+
+def _kind_of(spec: dict[str, Any]) -> str:
+    model = spec.get("model", {}).get("type", "")
     return {"BPE": "bpe", "WordPiece": "wordpiece", "Unigram": "unigram"}.get(model, model.lower() or "unknown")
 
 
@@ -492,6 +500,13 @@ def tokenizer_from_ranks(ranks: dict[bytes, int], pattern: str, special: dict[st
     token's merge is the pair BPE over the lower ranks leaves it as (what transformers'
     tiktoken converter does)."""
     vocab = {_bytes_to_symbols(b): r for b, r in ranks.items()}
+    taken = set(vocab.values())
+    clash = [s for s, i in special.items() if i in taken]
+    if clash:
+        raise ValueError(f"special tokens {clash} reuse ids of ranked tokens")
+    # Specials go into the model's vocabulary at their own ids (tokenizers would otherwise
+    # number added tokens from len(vocab), which clashes when the ranks have gaps).
+    vocab.update(special)
     merges = []
     for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(token) < 2:
@@ -605,16 +620,14 @@ class StratifiedSample:
     def add(self, text: str, component: str, nbytes: int | None = None) -> None:
         nbytes = len(text.encode("utf-8")) if nbytes is None else nbytes
         priority = self._rng.random()
-        new = component not in self.seen
         self.seen[component] += nbytes
         self.seen_docs[component] += 1
         self._n += 1
-        if new or self._n % 256 == 0:
-            self._recompute_caps()
         heap = self._heaps.setdefault(component, [])
         heapq.heappush(heap, _Held(priority, self._n, text, nbytes))
         self.held_bytes[component] += nbytes
-        self._evict(component)
+        if self.held_bytes[component] > self._caps.get(component, 0.0):
+            self._recompute_caps()  # the caps moved with the bytes seen; evicts what is over
 
     def _recompute_caps(self) -> None:
         weights = {c: float(b) ** self.temperature for c, b in self.seen.items() if b > 0}

@@ -1,0 +1,166 @@
+"""Tokenization throughput on ../shared/minipile, side by side in one run on the same cores.
+
+    .venv/bin/python benchmarks/tokenize_throughput.py [--vocab-size 32768] [--repeats 3]
+
+Compares, on the same text and the same byte-level BPE (trained here by `pilelm tokenizer
+train` on minipile's train split; training time is not part of any figure):
+
+- pilelm tokenize, end to end: read the .jsonl.zst, parse, encode, write .bin/.idx + sidecars
+  (``--workers`` processes);
+- the floor, in memory (texts already decoded, nothing written): the faster of
+  ``tokenizers``' ``encode_batch`` and tiktoken built from the same ranks
+  (``encode_ordinary_batch`` with one thread per core);
+- the tutorial recipe: ``datasets.load_dataset("json")`` then ``.map(tokenizer, batched=True,
+  num_proc=2)`` writing Arrow (map alone, and load + map).
+
+Throughput is MB of UTF-8 text (10^6 bytes) per wall-clock second; each contender runs
+``--repeats`` times, interleaved, and its best run counts (the machine may be shared).
+It also checks that the shards hold exactly the ids ``tokenizers`` gives for every document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pilelm.manifest import write_manifest  # noqa: E402
+from pilelm.shards import open_split  # noqa: E402
+from pilelm.tokenize import TokenizeConfig, run_tokenize  # noqa: E402
+from pilelm.tokenizer import TokenizerTrainConfig, iter_split_texts, load_tokenizer, run_tokenizer_train  # noqa: E402
+
+
+def prepared_view(minipile: Path, work: Path) -> Path:
+    """minipile as a prepared dir (links, no copy): train/NN.jsonl.zst and val/val.jsonl.zst."""
+    prep = work / "prep"
+    (prep / "train").mkdir(parents=True)
+    (prep / "val").mkdir()
+    for f in sorted((minipile / "train").glob("*.jsonl.zst")):
+        (prep / "train" / f.name).symlink_to(f.resolve())
+    (prep / "val" / "val.jsonl.zst").symlink_to((minipile / "val.jsonl.zst").resolve())
+    write_manifest(prep, "prepare", {"note": "minipile as it is, for the benchmark"})
+    return prep
+
+
+def best_of(times: list[float]) -> float:
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "minipile")
+    ap.add_argument("--vocab-size", type=int, default=32768)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--skip-datasets", action="store_true", help="leave out the datasets recipe")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+    work = Path(tempfile.mkdtemp(prefix="pilelm_tokbench_"))
+    try:
+        prep = prepared_view(args.data, work)
+        t = time.perf_counter()
+        tok_dir = run_tokenizer_train(TokenizerTrainConfig(data=prep, output=work / "tok", kind="bpe",
+                                                           vocab_size=args.vocab_size))
+        print(f"trained byte-level BPE, vocab {args.vocab_size}, in {time.perf_counter() - t:.1f} s")
+        tok = load_tokenizer(tok_dir)
+        assert tok.backend == "tiktoken", "the fast path did not engage"
+        files = {s: sorted((prep / s).glob("*.jsonl.zst")) for s in ("train", "val")}
+        texts = [t for s in ("train", "val") for t, _ in iter_split_texts(files[s])]
+        mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
+        print(f"corpus: {len(texts)} documents, {mb:.2f} MB of text; {os.cpu_count()} CPUs; "
+              f"pilelm workers={args.workers}")
+
+        import tiktoken
+        from tokenizers import Tokenizer
+
+        hf = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        fast = tok._fast
+        assert fast is not None
+        enc = tiktoken.Encoding("bench", pat_str=fast.encoding._pat_str,
+                                mergeable_ranks=fast.encoding._mergeable_ranks,
+                                special_tokens=fast.encoding._special_tokens)
+
+        times: dict[str, list[float]] = {k: [] for k in
+                                         ("pilelm", "tiktoken", "tokenizers", "datasets_map", "datasets_all")}
+        for r in range(args.repeats):
+            out = work / f"shards{r}"
+            t = time.perf_counter()
+            run_tokenize(TokenizeConfig(data=prep, tokenizer=tok_dir, output=out, workers=args.workers))
+            times["pilelm"].append(time.perf_counter() - t)
+
+            t = time.perf_counter()
+            enc.encode_ordinary_batch(texts, num_threads=args.workers)
+            times["tiktoken"].append(time.perf_counter() - t)
+
+            t = time.perf_counter()
+            hf.encode_batch(texts, add_special_tokens=False)
+            times["tokenizers"].append(time.perf_counter() - t)
+
+            if not args.skip_datasets:
+                d_map, d_all = datasets_recipe(files, tok_dir, work / f"hf{r}")
+                times["datasets_map"].append(d_map)
+                times["datasets_all"].append(d_all)
+            if r:
+                shutil.rmtree(out)
+
+        # Correctness: every document of val and train, ids as tokenizers gives them.
+        for split in ("val", "train"):
+            ts = open_split(work / "shards0", split)
+            split_texts = [t for t, _ in iter_split_texts(files[split])]
+            ref = hf.encode_batch(split_texts, add_special_tokens=False)
+            bad = sum(not np.array_equal(ts.dataset[i][:-1], e.ids) for i, e in enumerate(ref))
+            print(f"{split}: {len(ref)} documents, {bad} differ from tokenizers' ids")
+
+        rate = {k: mb / best_of(v) for k, v in times.items() if v}
+        floor_name = max(("tiktoken", "tokenizers"), key=lambda k: rate[k])
+        print()
+        print(f"| contender (best of {args.repeats}) | MB/s | pilelm / it |")
+        print("|---|---:|---:|")
+        labels = {
+            "pilelm": f"pilelm tokenize, end to end ({args.workers} workers)",
+            "tiktoken": f"tiktoken encode_ordinary_batch, in memory ({args.workers} threads)",
+            "tokenizers": "tokenizers encode_batch, in memory",
+            "datasets_map": "datasets .map(num_proc=2) -> Arrow",
+            "datasets_all": "datasets load_dataset(json) + .map(num_proc=2)",
+        }
+        for k, v in rate.items():
+            print(f"| {labels[k]} | {v:.2f} | {rate['pilelm'] / v:.2f}x |")
+        print()
+        print(f"pilelm / floor ({floor_name}): {rate['pilelm'] / rate[floor_name]:.2f}x (target >= 0.85)")
+        if "datasets_map" in rate:
+            print(f"pilelm / datasets map: {rate['pilelm'] / rate['datasets_map']:.2f}x (target >= 3)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def datasets_recipe(files: dict[str, list[Path]], tok_dir: Path, cache: Path) -> tuple[float, float]:
+    """The Hugging Face tutorial recipe; returns (map seconds, load + map seconds)."""
+    import datasets
+    from transformers import PreTrainedTokenizerFast
+
+    datasets.disable_progress_bars()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"))
+    data_files = {s: [str(f) for f in fs] for s, fs in files.items()}
+    t0 = time.perf_counter()
+    ds = datasets.load_dataset("json", data_files=data_files, cache_dir=str(cache))
+    t1 = time.perf_counter()
+    ds.map(lambda batch: hf_tok(batch["text"]), batched=True, num_proc=2, remove_columns=["text", "meta"])
+    t2 = time.perf_counter()
+    shutil.rmtree(cache, ignore_errors=True)
+    return t2 - t1, t2 - t0
+
+
+if __name__ == "__main__":
+    main()
