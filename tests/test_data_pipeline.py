@@ -224,3 +224,19 @@ def test_cli_help_and_errors(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "pilelm", "prepare", str(tmp_path / "nope"), "-o", str(tmp_path / "o")],
                        capture_output=True, text=True, env=env)
     assert r.returncode == 1 and "does not exist" in r.stderr
+
+
+def test_extra_eval_files_decontaminate_train(tmp_path: Path) -> None:
+    rng = random.Random(5)
+    vocab = ["".join(rng.choice("abcdefghij") for _ in range(6)) for _ in range(300)]
+    quote = _prose(rng, vocab, 3)
+    docs = [{"text": _prose(rng, vocab, 12), "meta": {"pile_set_name": "Pile-CC"}} for _ in range(5)]
+    docs[2]["text"] = _prose(rng, vocab, 8) + "\n" + quote + "\n" + _prose(rng, vocab, 8)
+    write_pile_shard(tmp_path / "raw" / "00.jsonl.zst", docs)
+    (tmp_path / "bench.jsonl").write_text(json.dumps({"text": quote}) + "\n")
+    out = run_prepare(_cfg(tmp_path / "raw", tmp_path / "out", decontam={"eval_files": [str(tmp_path / "bench.jsonl")]}))
+    m = read_manifest(out)
+    assert m["extra"]["decontam_index_ngrams"] > 0
+    texts = [r["text"] for r in _docs(out, "train")]
+    assert all(quote.split("\n")[1] not in t for t in texts)
+    assert m["counts"]["decontam_cuts"] >= 1
