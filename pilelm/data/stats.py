@@ -215,11 +215,14 @@ def _plots(out_dir: Path, stats: TaskStats) -> list[str]:
         rows = (len(names) + cols - 1) // cols
         fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows), squeeze=False)
         edges = 10 ** (np.arange(HIST_BINS + 1) / 10)
+        used = np.flatnonzero(np.sum([c["hist_in"] for c in stats.components.values()], axis=0))
+        lo, hi = (edges[used[0]], edges[used[-1] + 1]) if used.size else (1, 10)
         for ax, name in zip(axes.flat, names, strict=False):
             c = stats.components[name]
             ax.stairs(c["hist_in"], edges, label="in", color="0.6", fill=True)
             ax.stairs(c["hist_out"], edges, label="out", color="C0")
             ax.set_xscale("log")
+            ax.set_xlim(lo, hi)
             ax.set_title(name, fontsize=9)
             ax.set_xlabel("characters per document", fontsize=8)
             ax.tick_params(labelsize=7)
