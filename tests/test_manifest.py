@@ -107,3 +107,20 @@ def test_require_stage_says_what_to_run_first(tmp_path):
     (tmp_path / "bad" / MANIFEST).write_text("{not json")
     with pytest.raises(StageInputError, match="cannot be read"):
         require_stage(tmp_path / "bad", "prepare")
+
+
+def test_big_files_get_a_sampled_hash_that_sees_truncation(tmp_path, monkeypatch):
+    import pilelm.manifest as manifest
+
+    monkeypatch.setattr(manifest, "FULL_HASH_LIMIT", 1000)
+    monkeypatch.setattr(manifest, "SAMPLE_BLOCK", 64)
+    p = tmp_path / "big.bin"
+    p.write_bytes(bytes(range(256)) * 20)
+    h = manifest.content_hash(p)
+    assert h.startswith("sampled-sha256:")
+    assert manifest.content_hash(p) == h
+    p.write_bytes(bytes(range(256)) * 19)
+    assert manifest.content_hash(p) != h
+    small = tmp_path / "small.bin"
+    small.write_bytes(b"x" * 10)
+    assert manifest.content_hash(small).startswith("sha256:")
