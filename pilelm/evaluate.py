@@ -16,7 +16,8 @@ BPB does not depend on the tokenizer, so runs with different tokenizers compare 
 final EOD is not scored (it has no bytes), as in lm-evaluation-harness's rolling loglikelihood.
 
 The unigram baseline scores the same documents with token frequencies of the train split
-(add-one smoothing): a floor every trained model must beat by a wide margin.
+(add-one smoothing; the first run's tokenizer when the runs' tokenizers differ): a floor every
+trained model must beat by a wide margin.
 
 Input: a shard dir (``pilelm tokenize`` output; its tokenizer must be the run's) or a prepared
 dir (``pilelm prepare`` output; each run's tokenizer encodes the text). Output (``-o EVAL``):
@@ -50,6 +51,7 @@ from pilelm.manifest import (
     require_stage,
     write_manifest,
 )
+from pilelm.models.gpt import GPTConfig
 
 log = logging.getLogger(__name__)
 
@@ -553,10 +555,11 @@ def run_eval(cfg: EvalConfig) -> Path:
     first_tok: Path | None = None
     for spec in runs:
         model, model_cfg, tok_dir = load_for_inference(spec.run_dir, spec.step, cfg.device)
-        if not hasattr(model_cfg, "block_size") or getattr(model_cfg, "arch", None) not in ("gpt2", "neox"):
+        if not isinstance(model_cfg, GPTConfig):
             raise ValueError(f"run {spec.run_dir} holds a {type(model_cfg).__name__} model; eval scores causal LMs")
         model = model.to(DTYPES[cfg.dtype])
-        entry: dict[str, Any] = {"run": str(spec.run_dir), "step": spec.step}
+        step = spec.step if spec.step is not None else list_checkpoints(spec.run_dir)[-1][0]
+        entry: dict[str, Any] = {"run": str(spec.run_dir), "step": step}
         if data is not None:
             context = cfg.context or model_cfg.block_size
             if context > model_cfg.block_size:
