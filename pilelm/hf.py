@@ -549,7 +549,10 @@ def run_import(cfg: ImportConfig) -> Path:
         ckpt = out / "checkpoints" / step_dir_name(0)
         save_model(ckpt, model, model_cfg)
         mark_complete(ckpt)
-        atomic_write_text(out / "config.yaml", dump_yaml({"model": to_dict(model_cfg)}))
+        # The model section of a `pilelm train` config (train.py: family + model or bert).
+        family = "gpt" if isinstance(model_cfg, GPTConfig) else "bert"
+        section = "model" if family == "gpt" else "bert"
+        atomic_write_text(out / "config.yaml", dump_yaml({"family": family, section: to_dict(model_cfg)}))
     n_params = sum(p.numel() for p in model.parameters())
     write_manifest(out, "import", cfg, inputs=[source], counts={"parameters": n_params}, timings=timer.timings,
                    extra={"model_type": hf_dict.get("model_type")})
