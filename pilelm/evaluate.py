@@ -92,7 +92,7 @@ class EvalConfig:
     bleu_num_beams: int = 1
     """BLEU: beam search with this many beams (1 = greedy)."""
     bleu_stop: list[str] = field(default_factory=lambda: ["\n"])
-    """BLEU: a completion ends at the first of these strings."""
+    """BLEU: a completion ends at the first of these strings (\\n, \\t, \\r are unescaped)."""
     bleu_batch_size: int = 16
     """BLEU: prompts generated together."""
 
@@ -451,12 +451,13 @@ def bleu_chrf(hypotheses: list[str], references: list[list[str]]) -> dict[str, f
 
 
 def run_bleu(model: nn.Module, tokenizer_dir: Path, cfg: EvalConfig) -> dict[str, Any]:
-    from pilelm.generate import SamplingParams, generate
+    from pilelm.generate import SamplingParams, generate, unescape
     from pilelm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
     prompts, refs = read_pairs(cfg.bleu_data)
-    params = SamplingParams(max_new_tokens=cfg.bleu_max_new_tokens, temperature=0.0, stop=list(cfg.bleu_stop))
+    stop = [unescape(s) for s in cfg.bleu_stop]
+    params = SamplingParams(max_new_tokens=cfg.bleu_max_new_tokens, temperature=0.0, stop=stop)
     hyps: list[str] = []
     for start in tqdm(range(0, len(prompts), cfg.bleu_batch_size), desc="bleu", disable=None, leave=False):
         hyps += generate(model, tok, prompts[start : start + cfg.bleu_batch_size], params, cfg.bleu_num_beams)

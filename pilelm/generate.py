@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -261,6 +262,14 @@ def clean_text(text: str) -> str:
     return text.rstrip("\ufffd").rstrip()
 
 
+_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\r": "\r", "\\\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``\\n``, ``\\t``, ``\\r`` and ``\\\\`` typed on a command line -> the characters."""
+    return re.sub(r"\\[ntr\\]", lambda m: _ESCAPES[m.group()], text)
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """Cut ``text`` before the earliest stop string; (text, whether one was found)."""
     cuts = [i for i in (text.find(s) for s in stop) if i >= 0]
@@ -458,7 +467,7 @@ class GenerateConfig:
     length_penalty: float = 1.0
     """Beam search: a hypothesis scores sum log p / length ** length_penalty."""
     stop: list[str] = field(default_factory=list)
-    """Stop a sample at the first of these strings (repeatable)."""
+    """Stop a sample at the first of these strings (repeatable; \\n, \\t, \\r are unescaped)."""
     num_samples: int = 1
     """Samples per prompt."""
     seed: int | None = None
@@ -486,7 +495,7 @@ class GenerateConfig:
             top_k=self.top_k,
             top_p=self.top_p,
             repetition_penalty=self.repetition_penalty,
-            stop=list(self.stop),
+            stop=[unescape(s) for s in self.stop],
             seed=self.seed,
         )
 

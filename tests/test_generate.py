@@ -15,6 +15,7 @@ from pilelm.generate import (
     filter_top_k_top_p,
     generate,
     stream_batch,
+    unescape,
 )
 from pilelm.models.gpt import GPT, GPTConfig
 
@@ -164,6 +165,7 @@ def test_text_helpers():
     assert cut_at_stop("abc\nQ: more", ["\nQ:", "zz"]) == ("abc", True)
     assert cut_at_stop("abc", ["\n"]) == ("abc", False)
     assert clean_text("line\r\nnext  \n\n\ufffd") == "line\nnext"
+    assert unescape(r"a\n\nb\tc\\n é") == "a\n\nb\tc\\n é"
 
 
 # --- text level: tokenizer, stop strings, streaming, the CLI ------------------------------------
