@@ -476,8 +476,8 @@ class GenerateConfig:
     """Checkpoint step to load; None = the latest."""
     device: str = "cpu"
     """Torch device (cpu, cuda, cuda:1, mps)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights and KV-cache dtype (bfloat16 is several times faster on CPUs with AMX)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and KV-cache dtype; auto = bfloat16 where bf16 matmuls are native (AMX / AVX512-BF16 CPUs, CUDA), else float32."""
     output: str = ""
     """Also write the samples to this JSONL file ({prompt, completion}); empty = terminal only."""
 
@@ -498,6 +498,15 @@ class GenerateConfig:
             stop=[unescape(s) for s in self.stop],
             seed=self.seed,
         )
+
+
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype called ``name``; ``auto`` picks bfloat16 where bf16 matmuls are native."""
+    if name == "auto":
+        from pilelm.precision import bf16_native
+
+        return torch.bfloat16 if bf16_native(device) else torch.float32
+    return getattr(torch, name)
 
 
 def _read_prompts(cfg: GenerateConfig) -> list[str]:
@@ -565,7 +574,7 @@ def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None)
     model, model_cfg, tok_dir = load_for_inference(cfg.run, cfg.step, cfg.device)
     if not isinstance(model_cfg, GPTConfig):
         raise ValueError(f"run {cfg.run} holds a {type(model_cfg).__name__} model; generate needs a causal LM (gpt)")
-    model = model.to(getattr(torch, cfg.dtype))
+    model = model.to(inference_dtype(cfg.dtype, next(model.parameters()).device))
     tokenizer = load_tokenizer(tok_dir)
     prompts = [p for p in _read_prompts(cfg) for _ in range(cfg.num_samples)]
     many = len(prompts) > 1

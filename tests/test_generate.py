@@ -229,7 +229,7 @@ def test_pilelm_generate_cli_streams_and_writes_jsonl(tiny_run, fitted, tmp_path
     model, tok = fitted
     out = tmp_path / "samples.jsonl"
     args = ["generate", str(tiny_run), "--prompt", "the quick", "--prompt", "pack my, box", "--temperature", "0",
-            "--max-new-tokens", "12", "--output", str(out)]
+            "--max-new-tokens", "12", "--dtype", "float32", "--output", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     rows = [json.loads(line) for line in out.read_text().splitlines()]
