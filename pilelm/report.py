@@ -189,21 +189,56 @@ def _stage_rows(work_dir: Path, results: list[StageResult]) -> list[str]:
         seconds = r.seconds
         if r.status == "skipped" and m:
             seconds = sum(v for v in m.get("timings", {}).values() if isinstance(v, int | float))
-        counts = _flatten(m.get("counts", {})) if m else {}
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(counts.items())[:8])
-        if len(counts) > 8:
-            shown += ", ..."
+        scalars = {k: v for k, v in (m or {}).get("counts", {}).items() if not isinstance(v, dict | list)}
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(scalars.items())[:6])
         status = "ran" if r.status == "ran" else "resumed (already done)"
         lines.append(f"| {i} | `{r.name}` | {status} | {seconds:.1f} | `{_rel(r.output, work_dir)}` | {shown} |")
     return lines
 
 
-def _counts_section(title: str, manifest: dict[str, Any] | None) -> list[str]:
-    if not manifest or not manifest.get("counts"):
+def _mb(n: Any) -> str:
+    return f"{n / 1e6:.2f}" if isinstance(n, int | float) else "-"
+
+
+def _prepare_section(path: Path, work_dir: Path) -> list[str]:
+    counts = (_manifest(path) or {}).get("counts", {})
+    if not counts:
         return []
-    lines = [f"### {title}", "", "| count | value |", "|---|---:|"]
-    lines += [f"| {k} | {_fmt(v)} |" for k, v in _flatten(manifest["counts"]).items()]
+    lines = [f"### Prepared data: `{_rel(path, work_dir)}`", "",
+             f"{_fmt(counts.get('documents_in'))} documents ({_mb(counts.get('bytes_in'))} MB) in, "
+             f"{_fmt(counts.get('documents_out'))} documents ({_mb(counts.get('bytes_out'))} MB) out."]
+    if (path / "stats.md").is_file():
+        lines[-1] += f" Details: `{_rel(path / 'stats.md', work_dir)}`."
+    comps = counts.get("components", {})
+    if comps:
+        lines += ["", "| component | docs in | docs out | MB in | MB out | main drop reasons |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for name, c in sorted(comps.items()):
+            drops = sorted(c.get("dropped", {}).items(), key=lambda kv: -kv[1])[:3]
+            reasons = ", ".join(f"{k} {v}" for k, v in drops)
+            lines.append(f"| {name} | {_fmt(c.get('documents_in'))} | {_fmt(c.get('documents_out'))} | "
+                         f"{_mb(c.get('bytes_in'))} | {_mb(c.get('bytes_out'))} | {reasons} |")
     return lines + [""]
+
+
+def _tokens_section(tok_dirs: list[Path], shard_dirs: list[Path], work_dir: Path) -> list[str]:
+    lines: list[str] = []
+    for p in tok_dirs:
+        cfg = (_manifest(p) or {}).get("config", {})
+        lines += [f"### Tokenizer: `{_rel(p, work_dir)}`", "",
+                  f"{cfg.get('kind', '?')}, vocabulary {_fmt(cfg.get('vocab_size'))}.", ""]
+    for p in shard_dirs:
+        splits = (_manifest(p) or {}).get("counts", {}).get("splits", {})
+        if not splits:
+            continue
+        lines += [f"### Token shards: `{_rel(p, work_dir)}`", "",
+                  "| split | documents | tokens | MB of text | bytes / token |", "|---|---:|---:|---:|---:|"]
+        for name, c in splits.items():
+            tokens, nbytes = c.get("tokens"), c.get("bytes")
+            bpt = f"{nbytes / tokens:.3f}" if tokens and nbytes else "-"
+            lines.append(f"| {name} | {_fmt(c.get('documents'))} | {_fmt(tokens)} | {_mb(nbytes)} | {bpt} |")
+        lines.append("")
+    return lines
 
 
 def _train_section(run_dir: Path, work_dir: Path, metrics: list[dict[str, Any]]) -> list[str]:
@@ -269,11 +304,8 @@ def write_report(work_dir: str | Path, results: list[StageResult], title: str = 
 
     data_lines: list[str] = []
     for p in by_name.get("prepare", []):
-        data_lines += _counts_section(f"Prepared data: `{_rel(p, work_dir)}`", _manifest(p))
-    for p in by_name.get("tokenizer train", []):
-        data_lines += _counts_section(f"Tokenizer: `{_rel(p, work_dir)}`", _manifest(p))
-    for p in by_name.get("tokenize", []):
-        data_lines += _counts_section(f"Token shards: `{_rel(p, work_dir)}`", _manifest(p))
+        data_lines += _prepare_section(p, work_dir)
+    data_lines += _tokens_section(by_name.get("tokenizer train", []), by_name.get("tokenize", []), work_dir)
     if data_lines:
         lines += ["## Data", "", *data_lines]
 

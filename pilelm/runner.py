@@ -16,7 +16,8 @@ exactly the keys ``pilelm NAME --help`` lists::
         config: tiny               # optional: a shipped or relative TrainConfig YAML as the base
         data: shards
         output: run
-        max_steps: 200
+        loop:
+          max_steps: 200
 
 Paths: the path-valued keys of a stage (its ``Path`` fields and the usual ``inputs``, ``data``,
 ``output``, ``tokenizer``, ``run``, ``runs`` ... keys) resolve against ``work_dir`` when
@@ -24,14 +25,15 @@ relative; ``{sample}`` is the bundled sample corpus (``pilelm/sample``) and ``{c
 directory pilelm was started in. A stage without ``output`` writes to a default name in
 ``work_dir`` (``DEFAULT_OUTPUT``).
 
-Overrides: ``pilelm run p.yaml train.max_steps=10 tokenizer.vocab_size=512`` sets a key of
+Overrides: ``pilelm run p.yaml train.loop.max_steps=10 tokenizer.vocab_size=512`` sets a key of
 every stage of that kind; the section names are ``prepare``, ``tokenizer`` (the ``tokenizer
 train`` stage), ``tokenize``, ``train``, ``eval``, ``generate`` and ``export``. Nested keys
 work as on the stage's own command line (``train.model.n_layer=2``).
 
 Resume: before running a stage the runner builds its full config; if the output directory
-already holds a manifest of that stage with the same resolved config and unchanged input
-hashes, the stage is skipped. Otherwise it runs again in the same directory (stages resume
+already holds a manifest of that stage made from the same config (the manifest's own, or the
+one the runner recorded in ``work_dir/pipeline_state.json`` when it ran the stage) and the
+inputs the manifest lists still have the same hashes, the stage is skipped. Otherwise it runs again in the same directory (stages resume
 their own unfinished work). Stages without a manifest (``generate``) always run. Every key
 of every stage is validated before the first one starts, so a typo fails in a second.
 """
@@ -49,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from pilelm.config import ConfigError, _merge, _strip_optional, load_config, load_yaml, to_dict
-from pilelm.manifest import MANIFEST, content_hash, read_manifest
+from pilelm.manifest import MANIFEST, atomic_write_json, content_hash, read_manifest
 from pilelm.report import StageResult, write_report
 from pilelm.stages import COMMANDS, Command, resolve_config_path
 
@@ -58,6 +60,9 @@ log = logging.getLogger(__name__)
 SAMPLE_DIR = Path(__file__).parent / "sample"
 PIPELINE_DIR = Path(__file__).parent / "configs" / "pipelines"
 DEMO_PIPELINE = PIPELINE_DIR / "demo.yaml"
+# In the work dir: for each stage output the runner made, the config it planned and the hash
+# of the manifest the stage wrote (see ``finished_output``).
+STATE_FILE = "pipeline_state.json"
 
 # Override section name -> stage command. `serve`, `run` and `demo` do not chain.
 SECTIONS = {
@@ -95,7 +100,7 @@ class StageOverrides:
     tokenize: dict[str, Any] = field(default_factory=dict)
     """Keys set on every `tokenize` stage."""
     train: dict[str, Any] = field(default_factory=dict)
-    """Keys set on every `train` stage, e.g. train.max_steps=100 or train.model.n_layer=2."""
+    """Keys set on every `train` stage, e.g. train.loop.max_steps=100 or train.model.n_layer=2."""
     eval: dict[str, Any] = field(default_factory=dict)
     """Keys set on every `eval` stage."""
     generate: dict[str, Any] = field(default_factory=dict)
@@ -259,8 +264,21 @@ def _normalised(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
 
 
-def finished_output(stage: PlannedStage) -> bool:
-    """True if the stage's output already holds its manifest for this exact config and inputs."""
+def _read_state(work_dir: Path) -> dict[str, Any]:
+    path = work_dir / STATE_FILE
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def finished_output(stage: PlannedStage, state: dict[str, Any] | None = None) -> bool:
+    """True if the stage's output already holds its manifest for this exact config and inputs.
+
+    The config matches when the manifest's equals the planned one, or when this runner made
+    that very manifest (same hash) from the planned config: stages may write a more resolved
+    config than they were given (train fills ``model.vocab_size=0`` from the shards).
+    """
     out = stage.output
     if out is None or not (out / MANIFEST).is_file():
         return False
@@ -270,7 +288,12 @@ def finished_output(stage: PlannedStage) -> bool:
         return False
     if manifest.get("stage") not in (stage.name, stage.name.split()[0]):
         return False
-    if _normalised(manifest.get("config")) != _normalised(to_dict(stage.config)):
+    planned = _normalised(to_dict(stage.config))
+    record = (state or {}).get(str(out), {})
+    same_config = _normalised(manifest.get("config")) == planned or (
+        record.get("config") == planned and record.get("manifest") == content_hash(out)
+    )
+    if not same_config:
         log.info("%s: config changed since %s was written; running it again", stage.name, out)
         return False
     for item in manifest.get("inputs", []):
@@ -283,12 +306,14 @@ def finished_output(stage: PlannedStage) -> bool:
 
 def execute(pipeline: Pipeline) -> list[StageResult]:
     """Run (or skip, when finished) every stage in order; return what happened to each."""
-    pipeline.work_dir.mkdir(parents=True, exist_ok=True)
+    work_dir = pipeline.work_dir
+    work_dir.mkdir(parents=True, exist_ok=True)
+    state = _read_state(work_dir)
     results = []
     n = len(pipeline.stages)
     for stage in pipeline.stages:
         label = f"[{stage.index}/{n}] {stage.name}"
-        if finished_output(stage):
+        if finished_output(stage, state):
             log.info("%s: already done in %s (same config and inputs); skipping", label, stage.output)
             results.append(StageResult(stage.name, stage.output, "skipped", 0.0))
             continue
@@ -300,6 +325,10 @@ def execute(pipeline: Pipeline) -> list[StageResult]:
         out = stage.output or (Path(returned) if isinstance(returned, str | Path) else None)
         log.info("%s: done in %.1f s", label, seconds)
         results.append(StageResult(stage.name, out, "ran", seconds))
+        if out is not None and (out / MANIFEST).is_file():
+            state[str(out)] = {"stage": stage.name, "config": _normalised(to_dict(stage.config)),
+                               "manifest": content_hash(out)}
+            atomic_write_json(work_dir / STATE_FILE, state)
     return results
 
 
@@ -323,6 +352,9 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     path = Path(cfg.pipeline)
     if not path.is_file() and path.suffix == "" and (PIPELINE_DIR / f"{path.name}.yaml").is_file():
         path = PIPELINE_DIR / f"{path.name}.yaml"  # a shipped pipeline by name: `pilelm run tiny`
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.stem for p in PIPELINE_DIR.glob("*.yaml")))
+        raise ConfigError(f"pipeline file {path} does not exist (shipped pipelines: {shipped})")
     return _run(path, cfg.output, cfg.overrides(), cfg.report, f"pilelm run {path.name}")
 
 

@@ -3,6 +3,7 @@ resolution, overrides, resume, and the report's tables and loss curve."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import types
@@ -53,6 +54,8 @@ class FakeTrainConfig:
     """Run dir."""
     max_steps: int = 4
     """Steps."""
+    vocab_size: int = 0
+    """0 = resolved from the data (the manifest records the resolved value)."""
     optim: Optim = field(default_factory=Optim)
     """Optimizer."""
 
@@ -69,7 +72,8 @@ def run_fake_train(cfg: FakeTrainConfig) -> Path:
     rows = [{"step": s, "loss": 5.0 / s, "tokens": 64 * s} for s in range(1, cfg.max_steps + 1)]
     rows[-1] |= {"val_loss": 1.5, "val_bpb": 1.1}
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    write_manifest(out, "train", cfg, inputs=[cfg.data], counts={"steps": cfg.max_steps})
+    resolved = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or 100)
+    write_manifest(out, "train", resolved, inputs=[cfg.data], counts={"steps": cfg.max_steps})
     return out
 
 
@@ -145,6 +149,8 @@ def test_resume_skips_finished_stages_and_reruns_changed_ones(fake_stages, tmp_p
     work = tmp_path / "work"
     statuses = [r.status for r in execute(load_pipeline(pfile, work))]
     assert statuses == ["ran", "ran"] and CALLS == ["prepare", "train"]
+    # train's manifest holds a more resolved config than planned (vocab_size 0 -> 100): the
+    # runner's own record of what it planned still lets it resume.
     assert [r.status for r in execute(load_pipeline(pfile, work))] == ["skipped", "skipped"]
     assert CALLS == ["prepare", "train"]
     # A changed key reruns that stage only ...
