@@ -30,32 +30,36 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _chunked(
     x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, with_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(mean loss, d loss/dx, d loss/dW); the gradients only ``with_grad``."""
+    """(mean loss, d loss/dx, d loss/dW); the gradients only ``with_grad``.
+
+    Per chunk of rows: logits (compute dtype) -> log-softmax in fp32 (one kernel) -> loss from
+    the target column; the gradient is exp(log p) - onehot, cast once to the compute dtype.
+    The 1/n_valid scale and the ignored rows' zeros are applied to the (n, C) sides of the
+    two gradient matmuls, not to the (n, V) gradient: fewer passes over the big tensor.
+    """
     dt = _compute_dtype(x)
     acc = torch.promote_types(dt, torch.float32)  # softmax precision: at least fp32
     with torch.autocast(x.device.type, enabled=False):
         xc, wc = x.to(dt), weight.to(dt)
         valid = targets != IGNORE_INDEX
         n_valid = valid.sum().clamp(min=1)
+        row_scale = (valid.to(acc) / n_valid).to(dt)[:, None]  # (N, 1)
         total = torch.zeros((), device=x.device, dtype=acc)
         dx = torch.empty_like(xc) if with_grad else None
         dw = torch.zeros(weight.shape, device=x.device, dtype=acc) if with_grad else None
         for s in range(0, x.size(0), chunk):
             rows = slice(s, s + chunk)
-            logits = (xc[rows] @ wc.T).to(acc)  # (n, V)
             ok = valid[rows]
-            t = torch.where(ok, targets[rows], 0)
-            lse = torch.logsumexp(logits, dim=-1)  # (n,)
-            picked = logits.gather(1, t[:, None]).squeeze(1)
-            total += ((lse - picked) * ok).sum()
+            t = torch.where(ok, targets[rows], 0)[:, None]  # (n, 1)
+            logp = torch.log_softmax(xc[rows] @ wc.T, dim=-1, dtype=acc)  # (n, V)
+            total -= (logp.gather(1, t).squeeze(1) * ok).sum()
             if with_grad:
                 # d loss / d logits = (softmax - onehot) / n_valid on valid rows, 0 elsewhere.
-                grad = logits.sub_(lse[:, None]).exp_()
-                grad.scatter_add_(1, t[:, None], torch.full_like(lse[:, None], -1.0))
-                grad.mul_((ok.to(acc) / n_valid)[:, None])
+                grad = logp.exp_().scatter_add_(1, t, torch.full(t.shape, -1.0, dtype=acc, device=x.device))
                 g = grad.to(dt)
-                dx[rows] = g @ wc
-                dw.add_(g.T @ xc[rows])
+                scale = row_scale[rows]
+                dx[rows] = (g @ wc).mul_(scale)
+                dw.add_(g.T @ (xc[rows] * scale))
     return total / n_valid, dx, dw
 
 
