@@ -90,11 +90,18 @@ PATH_KEYS = {"inputs", "input", "data", "output", "tokenizer", "run", "runs", "s
 
 
 @dataclass
-class StageOverrides:
-    """Per-stage overrides shared by ``pilelm run`` and ``pilelm demo``."""
+class PipelineConfig:
+    """``pilelm run PIPELINE.yaml [-o WORK_DIR] [section.key=value ...]``."""
 
+    pipeline: Path | None = None
+    """The pipeline YAML (work_dir + an ordered list of stages; see pilelm/runner.py), or the
+    name of a shipped one (demo, tiny)."""
+    output: Path | None = None
+    """Work directory; overrides the pipeline's work_dir."""
+    report: bool = True
+    """Write report.md (+ loss.png) into the work directory when the stages are done."""
     prepare: dict[str, Any] = field(default_factory=dict)
-    """Keys set on every `prepare` stage, e.g. prepare.min_chars=100."""
+    """Keys set on every `prepare` stage, e.g. prepare.filters.min_chars=100."""
     tokenizer: dict[str, Any] = field(default_factory=dict)
     """Keys set on every `tokenizer train` stage, e.g. tokenizer.vocab_size=4096."""
     tokenize: dict[str, Any] = field(default_factory=dict)
@@ -113,22 +120,12 @@ class StageOverrides:
 
 
 @dataclass
-class PipelineConfig(StageOverrides):
-    """``pilelm run PIPELINE.yaml [-o WORK_DIR] [section.key=value ...]``."""
-
-    pipeline: Path | None = None
-    """The pipeline YAML (work_dir + an ordered list of stages; see pilelm/runner.py)."""
-    output: Path | None = None
-    """Work directory; overrides the pipeline's work_dir."""
-    report: bool = True
-    """Write report.md (+ loss.png) into the work directory when the stages are done."""
-
-
-@dataclass
-class DemoConfig(StageOverrides):
+class DemoConfig(PipelineConfig):
     """``pilelm demo``: the shipped demo pipeline on the bundled sample corpus."""
 
-    output: Path = Path("runs/demo")
+    pipeline: Path | None = DEMO_PIPELINE
+    """The demo pipeline (pilelm/configs/pipelines/demo.yaml)."""
+    output: Path | None = Path("runs/demo")
     """Work directory of the demo (rerunning resumes finished stages)."""
 
 
@@ -332,20 +329,7 @@ def execute(pipeline: Pipeline) -> list[StageResult]:
     return results
 
 
-def _run(path: Path, work_dir: Path | None, overrides: dict[str, dict[str, Any]], report: bool,
-         title: str) -> Path:
-    pipeline = load_pipeline(path, work_dir, overrides)
-    t0 = time.perf_counter()
-    results = execute(pipeline)
-    log.info("%s finished in %.1f s (work dir %s)", title, time.perf_counter() - t0, pipeline.work_dir)
-    if not report:
-        return pipeline.work_dir
-    out = write_report(pipeline.work_dir, results, title=title)
-    log.info("report: %s", out)
-    return out
-
-
-def run_pipeline(cfg: PipelineConfig) -> Path:
+def run_pipeline(cfg: PipelineConfig, title: str = "") -> Path:
     """Run a pipeline file; return the report path (or the work directory with report=false)."""
     if cfg.pipeline is None:
         raise ConfigError("pilelm run needs a pipeline file: pilelm run PIPELINE.yaml")
@@ -355,10 +339,19 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     if not path.is_file():
         shipped = ", ".join(sorted(p.stem for p in PIPELINE_DIR.glob("*.yaml")))
         raise ConfigError(f"pipeline file {path} does not exist (shipped pipelines: {shipped})")
-    return _run(path, cfg.output, cfg.overrides(), cfg.report, f"pilelm run {path.name}")
+    title = title or f"pilelm run {path.name}"
+    pipeline = load_pipeline(path, cfg.output, cfg.overrides())
+    t0 = time.perf_counter()
+    results = execute(pipeline)
+    log.info("%s finished in %.1f s (work dir %s)", title, time.perf_counter() - t0, pipeline.work_dir)
+    if not cfg.report:
+        return pipeline.work_dir
+    report = write_report(pipeline.work_dir, results, title=title)
+    log.info("report: %s", report)
+    return report
 
 
 def run_demo(cfg: DemoConfig) -> Path:
     """The whole road on the bundled sample: prepare -> tokenizer -> tokenize -> train -> eval
     -> generate -> report. Returns the report path."""
-    return _run(DEMO_PIPELINE, cfg.output, cfg.overrides(), True, "pilelm demo")
+    return run_pipeline(cfg, title="pilelm demo")
