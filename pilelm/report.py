@@ -187,8 +187,9 @@ def _stage_rows(work_dir: Path, results: list[StageResult]) -> list[str]:
     for i, r in enumerate(results, 1):
         m = _manifest(r.output) if r.output and r.output.is_dir() else None
         seconds = r.seconds
-        if r.status == "skipped" and m:
-            seconds = sum(v for v in m.get("timings", {}).values() if isinstance(v, int | float))
+        if r.status == "skipped" and m:  # the time it took when it ran
+            timings = {k: v for k, v in m.get("timings", {}).items() if isinstance(v, int | float)}
+            seconds = timings.get("total", sum(timings.values()))
         scalars = {k: v for k, v in (m or {}).get("counts", {}).items() if not isinstance(v, dict | list)}
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(scalars.items())[:6])
         status = "ran" if r.status == "ran" else "resumed (already done)"
@@ -247,7 +248,10 @@ def _train_section(run_dir: Path, work_dir: Path, metrics: list[dict[str, Any]])
     lines = [f"### Training: `{_rel(run_dir, work_dir)}`", ""]
     model = cfg.get("model")
     if isinstance(model, dict):
-        lines.append("model: " + ", ".join(f"{k}={v}" for k, v in model.items() if not isinstance(v, dict)))
+        shape = ("arch", "n_layer", "n_head", "d_model", "block_size", "vocab_size")
+        params = m.get("counts", {}).get("parameters")
+        lines.append("model: " + ", ".join(f"{k}={model[k]}" for k in shape if k in model)
+                     + (f", {params / 1e6:.2f}M parameters" if isinstance(params, int | float) else ""))
         lines.append("")
     if metrics:
         last = metrics[-1]
