@@ -32,11 +32,11 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
-from pilelm.manifest import atomic_path, read_manifest, require_stage
+from pilelm.manifest import atomic_path, atomic_write_json, read_manifest, require_stage
 
 MMIDIDX_MAGIC = b"MMIDIDX\x00\x00"
 MMIDIDX_VERSION = 1
@@ -724,3 +724,156 @@ def save_docmeta(path: str | Path, component: np.ndarray, nbytes: np.ndarray) ->
         np.savez(f, component=np.asarray(component, dtype=np.int16), nbytes=np.asarray(nbytes, dtype=np.int64))
         f.flush()
         os.fsync(f.fileno())
+
+
+# ---------------------------------------------------------------- export / import as stages
+
+
+@dataclass
+class ShardExportConfig:
+    data: Path | None = None
+    """Shard directory (`pilelm tokenize` output)."""
+    split: str = "train"
+    """Split to export."""
+    format: Literal["nanogpt", "lmdb", "tfrecord"] = "nanogpt"
+    """nanogpt: flat uint16 .bin; lmdb: one record per document; tfrecord: one tf.train.Example
+    (int64 `input_ids`, `component`) per document."""
+    output: Path | None = None
+    """Output file (nanogpt, tfrecord) or LMDB directory."""
+
+    def __post_init__(self) -> None:
+        if self.format not in ("nanogpt", "lmdb", "tfrecord"):
+            raise ValueError(f"format must be nanogpt, lmdb or tfrecord, got {self.format!r}")
+
+
+def run_shard_export(cfg: ShardExportConfig) -> Path:
+    if cfg.data is None or cfg.output is None:
+        raise ValueError("give a shard dir and an output: SHARD_DIR --split train --format nanogpt -o OUT")
+    return export_split(cfg.data, cfg.split, cfg.format, cfg.output)
+
+
+@dataclass
+class ShardImportConfig:
+    source: Path | None = None
+    """Tokens made elsewhere: an MMIDIDX prefix or file (Pythia, Megatron, GPT-NeoX) or a
+    nanoGPT flat uint16 .bin."""
+    format: Literal["mmidx", "nanogpt"] = "mmidx"
+    """Format of `source`."""
+    tokenizer: Path | None = None
+    """The tokenizer the ids belong to (GPT-NeoX-20B's for Pythia, GPT-2's for nanoGPT)."""
+    output: Path | None = None
+    """Shard directory to write (or add a split to)."""
+    split: Literal["train", "val", "test"] = "train"
+    """Split the tokens become."""
+    component: str = "unknown"
+    """Component name of every document (these formats keep none)."""
+    eod_id: int | None = None
+    """Token that ends each document; None: the tokenizer's."""
+
+    def __post_init__(self) -> None:
+        if self.format not in ("mmidx", "nanogpt"):
+            raise ValueError(f"format must be mmidx or nanogpt, got {self.format!r}")
+
+
+def run_shard_import(cfg: ShardImportConfig, batch: int = 1024) -> Path:
+    """Make a shard dir (stage "tokenize", so `pilelm train` and `pilelm eval` take it) from
+    tokens written by others: one sequence per document ending with EOD, and each document's
+    text bytes found by decoding it (what bits per byte needs)."""
+    from pilelm.manifest import write_manifest
+    from pilelm.tokenizer import copy_tokenizer, load_tokenizer  # (tokenizer imports nothing from here)
+
+    if cfg.source is None or cfg.tokenizer is None or cfg.output is None:
+        raise ValueError("give the source tokens, their tokenizer and an output shard dir")
+    out = Path(cfg.output)
+    tok = load_tokenizer(cfg.tokenizer, fast=False)
+    eod = cfg.eod_id if cfg.eod_id is not None else tok.eod_id
+    if eod is None:
+        raise ValueError(f"eod_id: tokenizer {cfg.tokenizer} has no end-of-document token; give eod_id")
+    out.mkdir(parents=True, exist_ok=True)
+    previous = read_manifest(out) if (out / "manifest.json").is_file() else {}
+    (out / "manifest.json").unlink(missing_ok=True)
+    copy_tokenizer(cfg.tokenizer, out / "tokenizer")
+    if cfg.format == "nanogpt":
+        docs: Iterable[np.ndarray] = split_documents(read_nanogpt(cfg.source), int(eod))
+    else:
+        src = IndexedDataset(cfg.source)
+        docs = (src.document(d) for d in range(src.num_documents))
+    dtype = token_dtype(tok.vocab_size)
+    writer = IndexedDatasetWriter(out / cfg.split, dtype)
+    nbytes: list[int] = []
+    pending: list[np.ndarray] = []
+
+    def flush() -> None:
+        bodies = [p[:-1] if len(p) and p[-1] == eod else p for p in pending]
+        texts = tok.hf.decode_batch([b.tolist() for b in bodies], skip_special_tokens=False)
+        for body, text in zip(bodies, texts, strict=True):
+            writer.add_document(np.append(np.asarray(body, dtype=np.int64), eod))
+            nbytes.append(len(text.encode("utf-8")))
+        pending.clear()
+
+    try:
+        for d in docs:
+            pending.append(np.asarray(d))
+            if len(pending) >= batch:
+                flush()
+        flush()
+    except BaseException:
+        writer.abort()
+        raise
+    writer.finalize()
+    save_docmeta(out / f"{cfg.split}.docmeta.npz", np.zeros(len(nbytes), np.int16), np.array(nbytes, np.int64))
+    atomic_write_json(out / f"{cfg.split}.components.json", [cfg.component])
+    ds = IndexedDataset(out / cfg.split)
+    splits = dict(previous.get("counts", {}).get("splits", {}))
+    splits[cfg.split] = {"documents": len(ds), "tokens": ds.num_tokens, "bytes": int(sum(nbytes)),
+                         "imported_from": str(cfg.source)}
+    counts = {"documents": sum(s["documents"] for s in splits.values()),
+              "tokens": sum(s["tokens"] for s in splits.values()), "splits": splits}
+    extra = {"tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eod_id": int(eod),
+                           "pad_id": tok.pad_id, "source": str(cfg.tokenizer)}, "dtype": dtype.name}
+    write_manifest(out, "tokenize", cfg, inputs=[cfg.source if cfg.format == "nanogpt"
+                                                 else _prefix(cfg.source).with_suffix(".idx")],
+                   counts=counts, extra=extra)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pilelm.shards export|import ...``: see ``--help``."""
+    import argparse
+    import logging
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m pilelm.shards",
+                                 description="convert token shards to and from others' formats")
+    sub = ap.add_subparsers(dest="action", required=True)
+    ex = sub.add_parser("export", help="a split of a shard dir as nanoGPT .bin, LMDB or TFRecord")
+    ex.add_argument("data", type=Path, help="shard dir (pilelm tokenize output)")
+    ex.add_argument("--split", default="train")
+    ex.add_argument("--format", choices=["nanogpt", "lmdb", "tfrecord"], required=True)
+    ex.add_argument("-o", "--output", type=Path, required=True)
+    im = sub.add_parser("import", help="Pythia/Megatron MMIDIDX or nanoGPT .bin into a shard dir")
+    im.add_argument("source", type=Path, help="MMIDIDX prefix/.bin/.idx, or a nanoGPT .bin")
+    im.add_argument("--format", choices=["mmidx", "nanogpt"], default="mmidx")
+    im.add_argument("--tokenizer", type=Path, required=True, help="the ids' tokenizer (dir, tokenizer.json, .tiktoken)")
+    im.add_argument("--split", choices=["train", "val", "test"], default="train")
+    im.add_argument("--component", default="unknown")
+    im.add_argument("--eod-id", type=int, default=None)
+    im.add_argument("-o", "--output", type=Path, required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        if args.action == "export":
+            out = run_shard_export(ShardExportConfig(args.data, args.split, args.format, args.output))
+        else:
+            out = run_shard_import(ShardImportConfig(args.source, args.format, args.tokenizer, args.output,
+                                                     args.split, args.component, args.eod_id))
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"python -m pilelm.shards {args.action}: error: {e}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

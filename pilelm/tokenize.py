@@ -98,59 +98,109 @@ class TokenizeConfig:
 
 @dataclass
 class LineBatch:
+    """Whole lines of one file, as one blob: lines ``first_line .. first_line + count - 1``."""
+
     file_index: int
-    lines: list[bytes]
-    numbers: list[int]
-    """Line number (1-based) of each line in its file."""
+    first_line: int
+    count: int
+    data: bytes
+    """The lines, each ending with a newline (blank lines included; workers skip them)."""
     skipped: Counter[str] = field(default_factory=Counter)
-    """Lines the reader already dropped (too long), by reason."""
+    """Lines the reader dropped (too long), by reason."""
 
     @property
     def last_line(self) -> int:
-        return self.numbers[-1] if self.numbers else 0
+        return self.first_line + self.count - 1
 
 
 def iter_line_batches(files: list[Path], batch_bytes: int, start: tuple[int, int] = (0, 0),
                       max_line_bytes: int = 64 << 20) -> Iterator[LineBatch]:
-    """Batches of non-blank lines of ``files`` in order, never spanning two files, starting
-    after line ``start[1]`` of file ``start[0]``."""
+    """Batches of about ``batch_bytes`` of whole lines of ``files`` in order, never spanning
+    two files, starting after line ``start[1]`` of file ``start[0]``.
+
+    Lines are found with bytes.rfind/count on decompressed chunks (no per-line Python work in
+    this process, which shares the cores with the workers); a line over ``max_line_bytes`` is
+    dropped (counted) as it streams by, so memory stays bounded.
+    """
     import zstandard
 
-    from pilelm.data.readers import SourceFile, iter_lines, open_stream
+    from pilelm.data.readers import SourceFile, open_stream
 
+    read_size = max(1, min(batch_bytes, 8 << 20))
     first_file, skip_to = start
     for fi in range(first_file, len(files)):
         path = files[fi]
+        skip = skip_to if fi == first_file else 0
         src = SourceFile(str(path), path.name, "", "jsonl", "zst" if path.suffix == ".zst" else "",
                          path.stat().st_size, "")
         stream = open_stream(src)
-        batch = LineBatch(fi, [], [])
-        size = 0
-        number = 0
+        line = 1  # number of the line that starts the next block
+        parts: list[bytes] = []
+        part_lines = 0
+        part_bytes = 0
+        part_first = 1
+        skipped: Counter[str] = Counter()
+        carry = b""  # the unfinished line at the end of what was read
+        too_long = False  # inside a line over the limit: drop until its newline
         try:
-            for line in iter_lines(stream, 0, None, max_line_bytes):
-                number = line.number
-                if fi == first_file and line.number <= skip_to:
+            while True:
+                chunk = stream.read(read_size)
+                if not chunk:
+                    if carry and not too_long:
+                        chunk = b"\n"  # a last line without newline
+                    else:
+                        break
+                data = carry + chunk if carry else chunk
+                cut = data.rfind(b"\n")
+                if too_long:
+                    if cut < 0:
+                        continue
+                    data, too_long = data[data.find(b"\n") + 1 :], False
+                    line += 1
+                    cut = data.rfind(b"\n")
+                if cut < 0:
+                    carry = data
+                    if len(carry) > max_line_bytes:
+                        if line > skip:  # (a resumed run counted it already)
+                            skipped["line_too_long"] += 1
+                            log.warning("%s:%d: skipped, over %d bytes (the line limit)", path, line, max_line_bytes)
+                        carry, too_long = b"", True
                     continue
-                if line.data is None:
-                    batch.skipped["line_too_long"] += 1
-                    log.warning("%s:%d: skipped, %d bytes is over the line limit", path, line.number, line.length)
+                block, carry = data[: cut + 1], data[cut + 1 :]
+                n = block.count(b"\n")
+                if line + n - 1 <= skip:  # all before the resume point
+                    line += n
                     continue
-                if not line.data.strip():
-                    continue
-                batch.lines.append(line.data)
-                batch.numbers.append(line.number)
-                size += len(line.data)
-                if size >= batch_bytes:
-                    yield batch
-                    batch, size = LineBatch(fi, [], []), 0
+                if line <= skip:  # cut off the lines before the resume point
+                    off = -1
+                    for _ in range(skip - line + 1):
+                        off = block.find(b"\n", off + 1)
+                    block, n, line = block[off + 1 :], n - (skip - line + 1), skip + 1
+                if len(block) > max_line_bytes:  # it may hold a whole line over the limit
+                    pieces = block.split(b"\n")
+                    for i, piece in enumerate(pieces):
+                        if len(piece) > max_line_bytes:
+                            skipped["line_too_long"] += 1
+                            log.warning("%s:%d: skipped, over %d bytes (the line limit)", path, line + i,
+                                        max_line_bytes)
+                            pieces[i] = b""  # a blank line: the numbering stays true
+                    block = b"\n".join(pieces)
+                if not parts:
+                    part_first = line
+                parts.append(block)
+                part_lines += n
+                part_bytes += len(block)
+                line += n
+                if part_bytes >= batch_bytes:
+                    yield LineBatch(fi, part_first, part_lines, b"".join(parts), skipped)
+                    parts, part_lines, part_bytes, skipped = [], 0, 0, Counter()
         except (zstandard.ZstdError, OSError, EOFError) as e:
-            raise ValueError(f"{path}: corrupt compressed data after line {number} ({e}); "
+            raise ValueError(f"{path}: corrupt compressed data near line {line} ({e}); "
                              "rerun `pilelm prepare` to rewrite the prepared dir") from e
         finally:
             stream.close()
-        if batch.lines or batch.skipped:
-            yield batch
+        if parts or skipped:
+            yield LineBatch(fi, part_first if parts else line, part_lines, b"".join(parts), skipped)
 
 
 # ---------------------------------------------------------------- encoding (in workers)
@@ -178,10 +228,12 @@ def _init_worker(tokenizer_path: str, fast: bool) -> None:
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
-    """fork when this process runs no other thread (a forked worker starts in milliseconds
-    with the tokenizer already loaded); else spawn, a clean interpreter per worker (forking
-    a threaded process can copy a lock some thread holds)."""
-    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
+    """fork when this process runs no other thread but daemons (tqdm's monitor): a forked
+    worker starts in milliseconds with the tokenizer already loaded, and the workers touch
+    nothing a daemon could hold locked. Else spawn, a clean interpreter per worker (forking
+    beside a working thread can copy a lock it holds)."""
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if "fork" in multiprocessing.get_all_start_methods() and not others:
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
 
@@ -190,18 +242,22 @@ def _ping() -> int:
     return os.getpid()
 
 
-def _encode_in_worker(lines: list[bytes], numbers: list[int], source: str, eod_id: int, dtype: str) -> EncodedBatch:
+def _encode_in_worker(data: bytes, first_line: int, source: str, eod_id: int, dtype: str) -> EncodedBatch:
     assert _WORKER_TOKENIZER is not None, "worker was not initialised"
-    return encode_lines(_WORKER_TOKENIZER, lines, numbers, source, eod_id, np.dtype(dtype))
+    return encode_lines(_WORKER_TOKENIZER, data, first_line, source, eod_id, np.dtype(dtype))
 
 
-def encode_lines(tok: PileTokenizer, lines: list[bytes], numbers: list[int], source: str, eod_id: int,
+def encode_lines(tok: PileTokenizer, data: bytes, first_line: int, source: str, eod_id: int,
                  dtype: np.dtype) -> EncodedBatch:
-    """Parse Pile-format JSON lines and encode each document followed by ``eod_id``."""
+    """Parse Pile-format JSON lines (``data``, numbered from ``first_line``) and encode each
+    document followed by ``eod_id``."""
     texts: list[str] = []
     comps: list[str] = []
+    kept: list[int] = []
     skipped: Counter[str] = Counter()
-    for raw, number in zip(lines, numbers, strict=True):
+    for number, raw in enumerate(data.split(b"\n")[:-1], start=first_line):
+        if not raw.strip():
+            continue
         try:
             record = json.loads(raw)
             text = record["text"]
@@ -215,7 +271,21 @@ def encode_lines(tok: PileTokenizer, lines: list[bytes], numbers: list[int], sou
         meta = record.get("meta")
         comps.append(str(meta.get("pile_set_name", "")) if isinstance(meta, dict) else "")
         texts.append(text)
-    encoded = tok.encode_many(texts)
+        kept.append(number)
+    try:
+        encoded = tok.encode_many(texts)
+    except (UnicodeEncodeError, TypeError):
+        # Text that is not valid Unicode (JSON allows lone surrogates, no tokenizer does):
+        # find the culprits one by one, skip them with a reason.
+        encoded, good = [], []
+        for i, text in enumerate(texts):
+            try:
+                encoded.append(tok.encode_to_numpy(text))
+                good.append(i)
+            except (UnicodeEncodeError, TypeError) as e:
+                skipped["invalid_unicode"] += 1
+                log.warning("%s:%d: skipped (invalid_unicode: %s)", source, kept[i], e)
+        texts, comps = [texts[i] for i in good], [comps[i] for i in good]
     limit = np.iinfo(dtype).max
     parts: list[np.ndarray] = []
     eod = np.array([eod_id], dtype=np.int64)
@@ -366,14 +436,14 @@ class _Encoder:
             ) -> Iterator[tuple[LineBatch, EncodedBatch]]:
         if self.pool is None:
             for b in batches:
-                yield b, encode_lines(self.tok, b.lines, b.numbers, str(files[b.file_index]), eod_id, dtype)
+                yield b, encode_lines(self.tok, b.data, b.first_line, str(files[b.file_index]), eod_id, dtype)
             return
         pending: collections.deque[tuple[LineBatch, Future[EncodedBatch]]] = collections.deque()
         limit = 2 * self.workers + 1
         for b in batches:
-            pending.append((b, self.pool.submit(_encode_in_worker, b.lines, b.numbers,
+            pending.append((b, self.pool.submit(_encode_in_worker, b.data, b.first_line,
                                                 str(files[b.file_index]), eod_id, dtype.name)))
-            b.lines = []  # the worker has its copy; keep only the position here
+            b.data = b""  # the worker has its copy; keep only the position here
             while len(pending) >= limit:
                 done, fut = pending.popleft()
                 yield done, fut.result()
@@ -438,11 +508,13 @@ def run_tokenize(cfg: TokenizeConfig) -> Path:
         raise FileNotFoundError(f"{prep} has no documents for split(s) {', '.join(missing or SPLITS)} "
                                 f"(expected {prep}/<split>/*.jsonl.zst)")
     inputs = [prep, Path(cfg.tokenizer)]
-    config = to_dict(cfg)
     if (out / MANIFEST).is_file():
         old = read_manifest(out)
         same_inputs = [i.get("hash") for i in old.get("inputs", [])] == [content_hash(p) for p in inputs]
-        if old.get("stage") == "tokenize" and old.get("config") == config and same_inputs:
+        # workers, batch_bytes and checkpoint_seconds change how, not what, is written.
+        what = ("data", "tokenizer", "splits", "fast")
+        same_config = {k: old.get("config", {}).get(k) for k in what} == {k: to_dict(cfg)[k] for k in what}
+        if old.get("stage") == "tokenize" and same_config and same_inputs:
             log.info("%s is up to date with %s; nothing to do", out, prep)
             return out
         (out / MANIFEST).unlink()  # rewriting: the dir is unfinished until the new manifest

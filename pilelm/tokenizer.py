@@ -43,6 +43,7 @@ from typing import Any, Literal
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tqdm import tqdm
 
 from pilelm.manifest import Timer, atomic_write_json, atomic_write_text, require_stage, write_manifest
 
@@ -770,9 +771,10 @@ def run_tokenizer_train(cfg: TokenizerTrainConfig) -> Path:
         raise FileNotFoundError(f"{prep}/train holds no *.jsonl.zst; the tokenizer trains on the train split")
     timer = Timer()
     sample = StratifiedSample(cfg.sample_bytes, cfg.component_temperature, cfg.seed)
-    with timer("sample"):
+    with timer("sample"), tqdm(desc="sample", unit="B", unit_scale=True, disable=None) as bar:
         for text, comp in iter_split_texts(files, cfg.scan_bytes):
             sample.add(text, comp)
+            bar.update(len(text))
     texts = sample.texts()
     if not texts:
         raise ValueError(f"{prep}/train has no documents to train a tokenizer on")

@@ -263,7 +263,8 @@ def corpus(tmp_path_factory) -> tuple[Path, Path]:
     import zstandard
 
     data = zstandard.ZstdDecompressor().stream_reader(raw.read_bytes()).read()
-    raw.write_bytes(zstandard.ZstdCompressor().compress(data + b'{"text": broken\n{"meta": {}}\n'))
+    raw.write_bytes(zstandard.ZstdCompressor().compress(
+        data + b'{"text": broken\n{"meta": {}}\n{"text": "lone \\ud800 surrogate"}\n'))
     tok = run_tokenizer_train(TokenizerTrainConfig(data=prep, output=root / "tok", vocab_size=400))
     return prep, tok
 
@@ -297,7 +298,7 @@ def test_shard_dir_contract(corpus, shards):
         assert ts.dataset.num_tokens == m["counts"]["splits"][split]["tokens"]
         assert json.loads((shards / f"{split}.components.json").read_text()) == ts.component_names
     train = m["counts"]["splits"]["train"]
-    assert train["skipped"] == {"invalid_json": 1, "missing_text": 1}
+    assert train["skipped"] == {"invalid_json": 1, "missing_text": 1, "invalid_unicode": 1}
     assert train["components"]["Empty"] == {"documents": 1, "tokens": 0, "bytes": 0, "bytes_per_token": None}
     assert all(c["bytes_per_token"] > 1 for n, c in train["components"].items() if n != "Empty")
 
@@ -314,7 +315,7 @@ def _good_records(path: Path) -> list[dict]:
                 rec = json.loads(line)
             except ValueError:
                 continue
-            if isinstance(rec.get("text"), str):
+            if isinstance(rec.get("text"), str) and "\ud800" not in rec["text"]:
                 out.append(rec)
     return out
 
@@ -323,7 +324,7 @@ def _good_records(path: Path) -> list[dict]:
 def test_rerun_is_a_noop_and_workers_do_not_change_bytes(corpus, shards, tmp_path):
     prep, tok = corpus
     before = (shards / "manifest.json").read_bytes()
-    run_tokenize(TokenizeConfig(data=prep, tokenizer=tok, output=shards, workers=1, batch_bytes=20_000))
+    run_tokenize(TokenizeConfig(data=prep, tokenizer=tok, output=shards, workers=2, batch_bytes=5_000))
     assert (shards / "manifest.json").read_bytes() == before
     par = run_tokenize(TokenizeConfig(data=prep, tokenizer=tok, output=tmp_path / "p", workers=2,
                                       batch_bytes=7_000, splits=["train"]))
@@ -398,3 +399,56 @@ def test_resume_after_sigkill_gives_identical_output(tmp_path):
     for ext in (".bin", ".idx", ".docmeta.npz", ".components.json"):
         assert (out / f"train{ext}").read_bytes() == (ref / f"train{ext}").read_bytes(), ext
     assert read_manifest(out)["counts"] == read_manifest(ref)["counts"]
+
+
+def test_import_pythia_and_nanogpt_tokens_as_a_shard_dir(corpus, tmp_path):
+    from pilelm.shards import main
+
+    prep, tok_dir = corpus
+    tok = load_tokenizer(tok_dir)
+    texts = [r["text"][:400] for r in read_pile_shard(SAMPLE / "val.jsonl.zst")[:12]]
+    docs = [np.append(tok.encode(t), tok.eod_id) for t in texts]
+    _write_mmidx_by_hand(tmp_path / "pythia", docs, 8, "<u2")  # written as Pythia's files are
+    out = tmp_path / "imported"
+    assert main(["import", str(tmp_path / "pythia.bin"), "--tokenizer", str(tok_dir), "-o", str(out),
+                 "--component", "Pile"]) == 0
+    export_nanogpt(IndexedDataset(tmp_path / "pythia"), tmp_path / "val.bin")
+    assert main(["import", str(tmp_path / "val.bin"), "--format", "nanogpt", "--tokenizer", str(tok_dir),
+                 "--split", "val", "-o", str(out)]) == 0
+    for split in ("train", "val"):
+        ts = open_split(out, split)
+        assert [d.tolist() for d in ts.dataset] == [d.tolist() for d in docs]
+        assert ts.nbytes.tolist() == [len(t.encode("utf-8")) for t in texts]
+        assert ts.eod_id == tok.eod_id and ts.vocab_size == tok.vocab_size
+    assert open_split(out, "train").component_names == ["Pile"]
+    assert set(read_manifest(out)["counts"]["splits"]) == {"train", "val"}
+    # The CLI exporter, and its error for a missing split.
+    assert main(["export", str(out), "--split", "val", "--format", "tfrecord", "-o", str(tmp_path / "v.tfr")]) == 0
+    assert len(list(read_tfrecord(tmp_path / "v.tfr"))) == len(docs)
+    assert main(["export", str(out), "--split", "test", "--format", "lmdb", "-o", str(tmp_path / "db")]) == 1
+
+
+def test_line_batches_tile_the_files_and_resume_anywhere(tmp_path):
+    from pilelm.tokenize import iter_line_batches
+
+    lines = [b'{"text": "%d"}' % i + b"x" * (i * 7 % 50) for i in range(60)]
+    lines[17] = b""  # blank lines keep their numbers
+    lines[30] = b"L" * 300  # over the limit below: dropped and counted
+    import zstandard
+
+    a, b = tmp_path / "a.jsonl.zst", tmp_path / "b.jsonl.zst"
+    a.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines[:40]) + b"\n"))
+    b.write_bytes(zstandard.ZstdCompressor().compress(b"\n".join(lines[40:])))  # no final newline
+    # What workers see: every non-blank line under its own number (line 31 is dropped).
+    want = {(0, n + 1): ln for n, ln in enumerate(lines[:40]) if ln and n != 30}
+    want |= {(1, n + 1): ln for n, ln in enumerate(lines[40:])}
+    for batch_bytes in (1, 64, 1000, 1 << 20):
+        for start in [(0, 0), (0, 5), (0, 30), (0, 39), (0, 40), (1, 0), (1, 7)]:
+            got, skipped = {}, 0
+            for batch in iter_line_batches([a, b], batch_bytes, start, max_line_bytes=200):
+                got |= {(batch.file_index, batch.first_line + i): ln
+                        for i, ln in enumerate(batch.data.split(b"\n")[: batch.count]) if ln}
+                assert batch.data.count(b"\n") == batch.count
+                skipped += batch.skipped["line_too_long"]
+            assert got == {k: v for k, v in want.items() if k > start}, (batch_bytes, start)
+            assert skipped == (1 if start < (0, 31) else 0)
