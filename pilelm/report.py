@@ -103,6 +103,20 @@ def nats_per_token(entry: dict[str, Any]) -> float | None:
         return None
 
 
+def centered_mean(values: list[float] | tuple[float, ...], half_window: int) -> list[float]:
+    """Mean over [i - h, i + h] clipped to the ends: the trend under batch noise, without the
+    lag an exponential average has."""
+    n = len(values)
+    prefix = [0.0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    out = []
+    for i in range(n):
+        lo, hi = max(0, i - half_window), min(n, i + half_window + 1)
+        out.append((prefix[hi] - prefix[lo]) / (hi - lo))
+    return out
+
+
 def plot_loss(metrics: list[dict[str, Any]], out: Path, baseline_nats: float | None = None,
               title: str = "") -> Path | None:
     """Write the loss curve PNG; None when there is nothing to plot."""
@@ -119,11 +133,8 @@ def plot_loss(metrics: list[dict[str, Any]], out: Path, baseline_nats: float | N
     if train:
         steps, losses = zip(*train, strict=True)
         ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
-        smooth, ema = [], losses[0]
-        for x in losses:  # EMA with a window of ~1/10 of the run, for the trend under the noise
-            ema += (x - ema) * max(0.02, min(1.0, 10 / len(losses)))
-            smooth.append(ema)
-        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label="train loss (smoothed)")
+        ax.plot(steps, centered_mean(losses, max(1, len(losses) // 10)), color="tab:blue", linewidth=2,
+                label="train loss (smoothed)")
     if val:
         vs, vl = zip(*val, strict=True)
         ax.plot(vs, vl, "o-", color="tab:orange", linewidth=1.5, markersize=4, label="val loss")
