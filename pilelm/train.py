@@ -199,6 +199,9 @@ class Trainer:
         self.device = self.info.device
         if self.device.type == "cpu":
             keep_freed_memory_mapped()
+        else:
+            torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
+            torch.backends.cudnn.allow_tf32 = True
         self.out = Path(cfg.output)
         self.train_split = open_split(cfg.data, "train")
         self.val_split = open_split(cfg.data, "val") if (Path(cfg.data) / "val.idx").is_file() else None
@@ -343,7 +346,7 @@ class Trainer:
             for x, y, nbytes in eval_batches(val_tokens, self.seq_len, loop.micro_batch, loop.eval_windows,
                                              self.info.rank, self.info.world, counter):
                 with self.precision.autocast():
-                    _, loss = model(x.to(self.device), y.to(self.device))
+                    _, loss = model(x.to(self.device), y.to(self.device), return_logits=False)
                 nll += torch.tensor([float(loss) * y.numel(), y.numel(), nbytes], dtype=torch.float64,
                                     device=self.device)
         else:
@@ -460,6 +463,10 @@ class Trainer:
             raise ValueError(f"output {out} already holds checkpoints; give a new --output or resume=true")
         if found:
             self.load(found[1])
+            if self.step >= loop.max_steps and (out / "manifest.json").is_file():
+                log.info("%s already finished %d steps; nothing to do (raise loop.max_steps to train on)",
+                         out, self.step)
+                return out
             log.info("resumed from %s (step %d)", found[1], self.step)
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)

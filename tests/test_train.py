@@ -131,9 +131,13 @@ def test_run_dir_contract(shards, tmp_path):
 
 def test_rerunning_a_finished_run_changes_nothing(shards, tmp_path):
     run = run_train(tiny_config(shards, tmp_path / "run", **{"loop.max_steps": 4}))
-    before = (run / "metrics.jsonl").read_text()
+    before = [(run / name).read_text() for name in ("metrics.jsonl", "manifest.json")]
     run_train(tiny_config(shards, tmp_path / "run", **{"loop.max_steps": 4}))
-    assert (run / "metrics.jsonl").read_text() == before
+    assert [(run / name).read_text() for name in ("metrics.jsonl", "manifest.json")] == before
+    # Raising max_steps trains on from the last checkpoint.
+    run_train(tiny_config(shards, tmp_path / "run", **{"loop.max_steps": 6}))
+    assert [s for s, _ in losses(run)] == [1, 2, 3, 4, 5, 6]
+    assert read_manifest(run)["counts"]["steps"] == 6
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
