@@ -52,7 +52,7 @@ from pilelm.manifest import (
     require_stage,
     write_manifest,
 )
-from pilelm.shards import AppendFile, IndexedDatasetWriter, save_docmeta, token_dtype
+from pilelm.shards import AppendFile, IndexedDataset, IndexedDatasetWriter, save_docmeta, token_dtype
 from pilelm.tokenizer import PileTokenizer, copy_tokenizer, load_tokenizer, prepared_split_files
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class TokenizeConfig:
     """Splits to tokenize; empty: every split the prepared dir has."""
     workers: int = 0
     """Encoding processes; 0: one per CPU core; 1: encode in this process."""
-    batch_bytes: int = 2_000_000
+    batch_bytes: int = 500_000
     """Raw JSON bytes per batch handed to a worker."""
     checkpoint_seconds: float = 30.0
     """Make progress durable (fsync + position) this often; a killed run resumes from it."""
@@ -321,12 +321,10 @@ class SplitProgress:
         if not path.is_file():
             return None
         try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
+            saved = cls(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):  # unreadable or from another version: start over
             return None
-        if data.get("fingerprint") != fingerprint:
-            return None
-        return cls(**data)
+        return saved if saved.fingerprint == fingerprint else None
 
 
 class SplitWriter:
@@ -389,8 +387,6 @@ class SplitWriter:
 
 def split_stats(prefix: Path, component: np.ndarray, nbytes: np.ndarray, names: list[str]) -> dict[str, Any]:
     """Documents, tokens (without EOD), bytes and bytes per token, overall and per component."""
-    from pilelm.shards import IndexedDataset
-
     ds = IndexedDataset(prefix)
     n = len(ds)
     tok = np.bincount(component, weights=ds.sizes.astype(np.float64) - 1, minlength=len(names)) if n else np.zeros(len(names))
