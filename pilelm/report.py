@@ -279,21 +279,20 @@ def _train_section(run_dir: Path, work_dir: Path, metrics: list[dict[str, Any]])
                 facts["final val BPB"] = vals[-1]["val_bpb"]
         lines += ["| | |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in facts.items() if v is not None]
         lines.append("")
-    for k, v in _flatten(m.get("counts", {})).items():
-        lines.append(f"- {k}: {_fmt(v)}")
-    return lines + [""]
+    return lines
 
 
 def _samples_section(path: Path) -> list[str]:
-    lines = ["## Samples", "", f"From `{path.name}` (prompt in bold):", ""]
-    for line in path.read_text(encoding="utf-8").splitlines():
+    lines = ["## Samples", "", f"From `{path.name}`: each block is the prompt, then the model's completion.", ""]
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
         prompt, completion = rec.get("prompt", ""), rec.get("completion", "")
         text = (prompt + completion).replace("```", "'''")
-        lines += [f"**{prompt or '(no prompt)'}**", "", "```text", text.strip("\n"), "```", ""]
+        lines += [f"**Sample {i}**, prompt `{json.dumps(prompt, ensure_ascii=False)}`:", "",
+                  "```text", text.strip("\n"), "```", ""]
     return lines
 
 
@@ -330,7 +329,11 @@ def write_report(work_dir: str | Path, results: list[StageResult], title: str = 
     for i, run_dir in enumerate(runs):
         metrics = read_metrics(run_dir)
         png_name = LOSS_PNG if i == 0 else f"loss_{i}.png"
-        png = plot_loss(metrics, work_dir / png_name, baseline_nats, title=f"{run_dir.name}: training loss")
+        counts = (_manifest(run_dir) or {}).get("counts", {})
+        title = f"{run_dir.name}: training loss"
+        if isinstance(counts.get("parameters"), int) and isinstance(counts.get("tokens"), int):
+            title += f" ({counts['parameters'] / 1e6:.1f}M parameters, {counts['tokens'] / 1e6:.2f}M tokens)"
+        png = plot_loss(metrics, work_dir / png_name, baseline_nats, title=title)
         lines += _train_section(run_dir, work_dir, metrics)
         if png:
             lines += [f"![loss curve]({png_name})", ""]
