@@ -267,6 +267,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str = "cpu"
     """The optimizer of ``cfg`` over ``model``'s parameters; every group gets ``base_lr`` for
     ``set_lr``."""
     betas = (cfg.beta1, cfg.beta2)
+    sharded = any(type(p).__name__ == "DTensor" for p in model.parameters())
+    if sharded and cfg.name != "adamw":
+        # Both need whole-tensor quantities (LAMB's per-layer norms, Muon's orthogonalisation of
+        # the full matrix) that a per-rank shard does not have.
+        raise ValueError(f"optim.name={cfg.name} does not support FSDP-sharded parameters; use "
+                         "optim.name=adamw with loop.distributed=fsdp, or loop.distributed=ddp")
     if cfg.name == "muon":
         opt: torch.optim.Optimizer = Muon(
             _muon_groups(model, cfg.weight_decay), lr=cfg.lr, betas=betas, eps=cfg.eps,
@@ -277,10 +283,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str = "cpu"
     else:
         params = param_groups(model, cfg.weight_decay)
         # Fused AdamW exists for CPU and CUDA tensors; DTensor (FSDP2) shards take foreach.
-        is_dtensor = any(type(p).__name__ == "DTensor" for g in params for p in g["params"])
         impl = cfg.impl
         if impl == "auto":
-            impl = "foreach" if is_dtensor else "fused"
+            impl = "foreach" if sharded else "fused"
         opt = torch.optim.AdamW(
             params, lr=cfg.lr, betas=betas, eps=cfg.eps,
             fused=impl == "fused", foreach=impl == "foreach" if impl != "fused" else None,

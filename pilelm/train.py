@@ -82,8 +82,9 @@ class LoopConfig:
     device: str = "auto"
     """auto (cuda if available), cpu, cuda or cuda:N."""
     precision: Literal["auto", "fp32", "bf16-autocast", "bf16"] = "auto"
-    """fp32; bf16-autocast (fp32 weights, bf16 matmuls); bf16 (bf16 weights and activations,
-    fp32 master weights and optimizer state); auto = bf16 on CPUs with native bf16 and on CUDA."""
+    """fp32; bf16-autocast (fp32 weights, bf16 matmuls); bf16 (bf16 weights and activations, fp32
+    master weights and optimizer state: less memory, but a higher loss at equal steps); auto =
+    bf16-autocast where bf16 is native (CUDA, CPUs with AVX512-BF16/AMX), else fp32."""
     compile: bool = False
     """torch.compile the model (minutes of compilation; pays off on long runs)."""
     activation_checkpointing: bool = False
