@@ -16,7 +16,8 @@ train` on minipile's train split; training time is not part of any figure):
 Throughput is MB of UTF-8 text (10^6 bytes) per wall-clock second; each contender runs
 ``--repeats`` times (the slow ones ``--slow-repeats`` times), interleaved; the table gives each
 one's best run and, since the machine may be shared, the median over repeats of the ratio
-between runs made back to back.
+between runs made back to back; the last column is text per CPU-second of all the processes
+and threads a contender used (immune to other load, blind to parallel efficiency).
 It also checks that the shards hold exactly the ids ``tokenizers`` gives for every document.
 """
 
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -95,30 +97,31 @@ def main() -> None:
                                 mergeable_ranks=fast.encoding._mergeable_ranks,
                                 special_tokens=fast.encoding._special_tokens)
 
-        times: dict[str, list[float]] = {k: [] for k in
-                                         ("pilelm", "tiktoken", "tokenizers", "datasets_map", "datasets_all")}
+        names = ("pilelm", "tiktoken", "tokenizers", "datasets_map", "datasets_all")
+        times: dict[str, list[float]] = {k: [] for k in names}
+        cpu: dict[str, list[float]] = {k: [] for k in names}
+
+        def timed(name: str, fn) -> None:
+            t, c = time.perf_counter(), cpu_seconds()
+            fn()
+            times[name].append(time.perf_counter() - t)
+            cpu[name].append(cpu_seconds() - c)
+
         for r in range(args.repeats):
             out = work / f"shards{r}"
             if r > 1:
                 shutil.rmtree(work / f"shards{r - 1}")
-            t = time.perf_counter()
-            run_tokenize(TokenizeConfig(data=prep, tokenizer=tok_dir, output=out, workers=args.workers))
-            times["pilelm"].append(time.perf_counter() - t)
-
-            t = time.perf_counter()
-            enc.encode_ordinary_batch(texts, num_threads=args.workers)
-            times["tiktoken"].append(time.perf_counter() - t)
-
+            timed("pilelm", lambda: run_tokenize(TokenizeConfig(data=prep, tokenizer=tok_dir, output=out,  # noqa: B023
+                                                                workers=args.workers)))
+            timed("tiktoken", lambda: enc.encode_ordinary_batch(texts, num_threads=args.workers))
             if r >= args.slow_repeats:  # tokenizers and datasets take minutes; fewer runs
                 continue
-            t = time.perf_counter()
-            hf.encode_batch(texts, add_special_tokens=False)
-            times["tokenizers"].append(time.perf_counter() - t)
-
+            timed("tokenizers", lambda: hf.encode_batch(texts, add_special_tokens=False))
             if not args.skip_datasets:
-                d_map, d_all = datasets_recipe(files, tok_dir, work / f"hf{r}")
+                d_map, d_all, d_cpu = datasets_recipe(files, tok_dir, work / f"hf{r}")
                 times["datasets_map"].append(d_map)
                 times["datasets_all"].append(d_all)
+                cpu["datasets_map"].append(d_cpu)
 
         # Correctness: every document of val and train, ids as tokenizers gives them.
         for split in ("val", "train"):
@@ -137,8 +140,8 @@ def main() -> None:
         print()
         print(f"| contender (runs interleaved: {args.repeats} of pilelm and tiktoken, {args.slow_repeats} of "
               "the others) | best MB/s | pilelm / it, best | "
-              "pilelm / it, median of paired runs |")
-        print("|---|---:|---:|---:|")
+              "pilelm / it, median of paired runs | MB per CPU-second |")
+        print("|---|---:|---:|---:|---:|")
         labels = {
             "pilelm": f"pilelm tokenize, end to end ({args.workers} workers)",
             "tiktoken": f"tiktoken encode_ordinary_batch, in memory ({args.workers} threads)",
@@ -147,7 +150,8 @@ def main() -> None:
             "datasets_all": "datasets load_dataset(json) + .map(num_proc=2)",
         }
         for k, v in rate.items():
-            print(f"| {labels[k]} | {v:.2f} | {rate['pilelm'] / v:.2f}x | {paired[k]:.2f}x |")
+            per_cpu = f"{mb / min(cpu[k]):.2f}" if cpu[k] else "-"
+            print(f"| {labels[k]} | {v:.2f} | {rate['pilelm'] / v:.2f}x | {paired[k]:.2f}x | {per_cpu} |")
         print()
         print(f"pilelm / floor ({floor_name}): {rate['pilelm'] / rate[floor_name]:.2f}x best, "
               f"{paired[floor_name]:.2f}x median paired (target >= 0.85)")
@@ -159,8 +163,14 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def datasets_recipe(files: dict[str, list[Path]], tok_dir: Path, cache: Path) -> tuple[float, float]:
-    """The Hugging Face tutorial recipe; returns (map seconds, load + map seconds)."""
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its finished child processes."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def datasets_recipe(files: dict[str, list[Path]], tok_dir: Path, cache: Path) -> tuple[float, float, float]:
+    """The Hugging Face tutorial recipe; returns (map seconds, load + map seconds, map CPU seconds)."""
     import datasets
     from transformers import PreTrainedTokenizerFast
 
@@ -169,11 +179,11 @@ def datasets_recipe(files: dict[str, list[Path]], tok_dir: Path, cache: Path) ->
     data_files = {s: [str(f) for f in fs] for s, fs in files.items()}
     t0 = time.perf_counter()
     ds = datasets.load_dataset("json", data_files=data_files, cache_dir=str(cache))
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), cpu_seconds()
     ds.map(lambda batch: hf_tok(batch["text"]), batched=True, num_proc=2, remove_columns=["text", "meta"])
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), cpu_seconds()
     shutil.rmtree(cache, ignore_errors=True)
-    return t2 - t1, t2 - t0
+    return t2 - t1, t2 - t0, c2 - c1
 
 
 if __name__ == "__main__":
