@@ -238,12 +238,12 @@ def test_pilelm_generate_cli_streams_and_writes_jsonl(tiny_run, fitted, tmp_path
     assert [r["completion"] for r in rows] == expected
     for r in rows:
         assert r["prompt"] + r["completion"] in printed
-    # Seeded sampling is reproducible run to run; another seed gives other samples.
+    # Seeded sampling is reproducible run to run (other seeds: test_seeded_sampling_...).
     sampled = []
-    for seed in (5, 5, 6):
-        path = tmp_path / f"s{len(sampled)}.jsonl"
-        assert main(["generate", str(tiny_run), "--temperature", "1.5", "--num-samples", "3", "--seed", str(seed),
+    for i in range(2):
+        path = tmp_path / f"s{i}.jsonl"
+        assert main(["generate", str(tiny_run), "--temperature", "1.5", "--num-samples", "3", "--seed", "5",
                      "--max-new-tokens", "10", "-o", str(path)]) == 0
         sampled.append([json.loads(line)["completion"] for line in path.read_text().splitlines()])
-    assert sampled[0] == sampled[1] != sampled[2]
+    assert sampled[0] == sampled[1]
     assert len(set(sampled[0])) > 1  # the samples of one batch differ from each other
