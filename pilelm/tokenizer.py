@@ -755,7 +755,7 @@ def iter_split_texts(files: list[Path], budget: int = 0) -> Iterator[tuple[str, 
                 log.warning("skipped %s: %s %s", item.source, item.reason, item.detail)
                 continue
             yield item.text, item.component
-            taken += len(item.text)
+            taken += len(item.text.encode("utf-8")) if per_file else 0
             if per_file and taken >= per_file:
                 break
 
