@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import sys
 import typing
 from pathlib import Path
 from typing import Any
 
 from pilelm import __version__
-from pilelm.config import ConfigError, _strip_optional, describe_config, load_config
+from pilelm.config import ConfigError, _strip_optional, describe_config, iter_fields, load_config
 from pilelm.stages import COMMANDS, CONFIG_DIR, Command, resolve_config_path
 
 
@@ -35,6 +36,14 @@ def _field_type(cls: type, dotted: str) -> Any:
             return None
         tp = hints[part]
     return tp
+
+
+# `key=value` / `section.key=value` on the command line; anything else is a positional.
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
+
+
+def _valid_keys(cls: type) -> list[str]:
+    return [key for key, *_ in iter_fields(cls)]
 
 
 def _is_list(tp: Any) -> bool:
@@ -69,7 +78,9 @@ def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, li
                 i += 1
                 continue
             if tp is None:
-                raise ConfigError(f"unknown option {tok!r} for `pilelm {cmd.name}`; see `pilelm {cmd.name} --help`")
+                raise ConfigError(
+                    f"unknown option {tok!r} for `pilelm {cmd.name}`; valid keys: {', '.join(_valid_keys(cls))}"
+                )
             inner, _ = _strip_optional(tp)
             if value is None and inner is bool:
                 nxt = argv[i + 1] if i + 1 < len(argv) else None
@@ -87,10 +98,8 @@ def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, li
                 overrides.append(f"{name}={value}")
             i += 1
             continue
-        if "=" in tok and _field_type(cls, tok.split("=", 1)[0].replace("-", "_")) is not None:
-            overrides.append(tok)
-        elif "=" in tok and "." in tok.split("=", 1)[0]:
-            overrides.append(tok)  # let load_config report the unknown key with the valid ones
+        if "=" in tok and _KEY.match(tok.split("=", 1)[0]):
+            overrides.append(tok)  # load_config reports an unknown key with the valid ones
         else:
             bare.append(tok)
         i += 1

@@ -64,3 +64,11 @@ def test_config_file_then_cli_wins(tmp_path):
     y.write_text("vocab_size: 7\noptim:\n  lr: 0.25\n")
     cfg = parse(["--config", str(y), "--vocab-size", "9"])
     assert cfg.vocab_size == 9 and cfg.optim.lr == 0.25
+
+
+def test_unknown_undotted_key_and_option_list_the_valid_keys():
+    with pytest.raises(ConfigError, match="vocab_size") as e:
+        parse(["bogus=1"])
+    assert "'bogus'" in str(e.value) and "optim" in str(e.value)
+    with pytest.raises(ConfigError, match="valid keys: .*vocab_size"):
+        parse(["--bogus-key", "1"])
