@@ -23,12 +23,15 @@ The finished files are renamed into place, then the manifest is written last.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import threading
 import time
 from collections import Counter
@@ -219,8 +222,23 @@ class EncodedBatch:
 _WORKER_TOKENIZER: PileTokenizer | None = None
 
 
-def _init_worker(tokenizer_path: str, fast: bool) -> None:
+def _exit_with_parent(parent_pid: int) -> None:
+    """A worker blocks on its task queue forever if the parent is killed with SIGKILL (which it
+    cannot catch to shut the pool down). On Linux ask the kernel for SIGTERM when the parent
+    dies (prctl PR_SET_PDEATHSIG); the getppid check covers a parent that died before."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _init_worker(tokenizer_path: str, fast: bool, parent_pid: int | None = None) -> None:
     global _WORKER_TOKENIZER
+    if parent_pid is not None:
+        _exit_with_parent(parent_pid)
     # One process per core already: keep tokenizers' own thread pool out of the way.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     if _WORKER_TOKENIZER is None:  # spawned (a forked worker inherits the parent's)
@@ -422,7 +440,7 @@ class _Encoder:
             ctx = _worker_context()
             _WORKER_TOKENIZER = tok if ctx.get_start_method() == "fork" else None
             self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(str(tokenizer_path), fast))
+                                            initargs=(str(tokenizer_path), fast, os.getpid()))
             # Start the workers now, before this process starts any thread (progress bars).
             for f in [self.pool.submit(_ping) for _ in range(workers)]:
                 f.result()

@@ -371,6 +371,23 @@ def test_tokenize_errors(corpus, tmp_path):
 
 
 @pytest.mark.dist
+def _child_pids(pid: int) -> list[int]:
+    tasks = Path(f"/proc/{pid}/task")
+    out = []
+    for t in tasks.iterdir():
+        children = (t / "children").read_text().split()
+        out += [int(c) for c in children]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
 def test_resume_after_sigkill_gives_identical_output(tmp_path):
     """kill -9 a `pilelm tokenize` mid-split, rerun it: the output equals an uninterrupted run's."""
     docs = [d for p in sorted((SAMPLE / "train").glob("*.zst"))[:2] for d in read_pile_shard(p)]
@@ -389,8 +406,14 @@ def test_resume_after_sigkill_gives_identical_output(tmp_path):
             break
         time.sleep(0.02)
     assert proc.poll() is None, "the run finished before it could be killed"
+    children = _child_pids(proc.pid)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # The pool's workers must not outlive their killed parent (they would block forever).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in children):
+        time.sleep(0.05)
+    assert children and not any(_alive(p) for p in children)
     saved = json.loads(progress.read_text())
     assert 0 < saved["documents"] < len(docs) and not (out / "manifest.json").exists()
     run_tokenize(TokenizeConfig(data=prep, tokenizer=tok, output=out, workers=1))
