@@ -189,12 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name = argv[0]
     rest = argv[1:]
-    if name == "tokenizer":
+    groups = {c.split()[0]: [] for c in COMMANDS if " " in c}
+    for c in COMMANDS:
+        if " " in c:
+            groups[c.split()[0]].append(COMMANDS[c].usage)
+    if name in groups:  # two-word commands: `pilelm tokenizer train`, `pilelm shards export`
         if not rest or rest[0] in ("-h", "--help"):
-            print("usage: pilelm tokenizer train PREPARED_DIR -o TOKENIZER_DIR [options]\n"
-                  "see `pilelm tokenizer train --help`")
+            print("usage:\n  " + "\n  ".join(groups[name]) + f"\nsee `pilelm {name} SUBCOMMAND --help`")
             return 0 if rest else 2
-        name, rest = f"tokenizer {rest[0]}", rest[1:]
+        name, rest = f"{name} {rest[0]}", rest[1:]
     cmd = COMMANDS.get(name)
     if cmd is None:
         print(f"pilelm: unknown command {name!r}\n\n{main_help()}", file=sys.stderr)

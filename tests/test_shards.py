@@ -336,6 +336,12 @@ def test_rerun_is_a_noop_and_workers_do_not_change_bytes(corpus, shards, tmp_pat
     assert np.array_equal(read_nanogpt(tmp_path / "val.bin"), open_split(shards, "val").dataset.tokens)
     with pytest.raises(ValueError, match="format"):
         export_split(shards, "val", "parquet", tmp_path / "x")
+    # The same through the command line (`pilelm shards export`).
+    from pilelm.cli import main
+
+    assert main(["shards", "export", str(shards), "--split", "val", "--format", "nanogpt",
+                 "-o", str(tmp_path / "cli.bin")]) == 0
+    assert (tmp_path / "cli.bin").read_bytes() == (tmp_path / "val.bin").read_bytes()
 
 
 def test_int32_shards_for_a_vocabulary_over_65535(tmp_path):
