@@ -86,7 +86,7 @@ DEFAULT_OUTPUT = {
     "import": "run",
 }
 # Keys that hold paths even when a stage types them as plain strings.
-PATH_KEYS = {"inputs", "input", "data", "output", "tokenizer", "run", "runs", "source", "prompt_file"}
+PATH_KEYS = {"inputs", "input", "data", "output", "tokenizer", "run", "runs", "source", "prompt_file", "bleu_data"}
 
 
 @dataclass
