@@ -83,8 +83,8 @@ class LoopConfig:
     """auto (cuda if available), cpu, cuda or cuda:N."""
     precision: Literal["auto", "fp32", "bf16-autocast", "bf16"] = "auto"
     """fp32; bf16-autocast (fp32 weights, bf16 matmuls); bf16 (bf16 weights and activations, fp32
-    master weights and optimizer state: less memory, but a higher loss at equal steps); auto =
-    bf16-autocast where bf16 is native (CUDA, CPUs with AVX512-BF16/AMX), else fp32."""
+    master weights and optimizer state: half the activation memory); auto = bf16-autocast where
+    bf16 is native (CUDA, CPUs with AVX512-BF16/AMX), else fp32."""
     compile: bool = False
     """torch.compile the model (minutes of compilation; pays off on long runs)."""
     activation_checkpointing: bool = False
@@ -170,7 +170,7 @@ def round_vocab(n: int, multiple: int = 64) -> int:
     return (n + multiple - 1) // multiple * multiple
 
 
-def _special_tokens(tokenizer_dir: Path, vocab_size: int) -> SpecialTokens:
+def _special_tokens(tokenizer_dir: Path) -> SpecialTokens:
     from pilelm.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer_dir)
@@ -228,7 +228,7 @@ class Trainer:
         if loop.tokens_per_step and self.accum * per_micro != loop.tokens_per_step:
             log.info("loop.tokens_per_step=%d is not a multiple of micro_batch*block_size*world=%d; "
                      "using %d tokens per step", loop.tokens_per_step, per_micro, self.accum * per_micro)
-        special = (_special_tokens(self.train_split.tokenizer_dir, mcfg.vocab_size)
+        special = (_special_tokens(self.train_split.tokenizer_dir)
                    if cfg.family == "bert" else None)
         self.special = special
         self.loader = BatchLoader(
@@ -323,7 +323,8 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _clip(self) -> torch.Tensor:
-        params = [p for p in self.raw_model.parameters() if p.grad is not None]
+        # The optimizer's parameters: with fp32 master weights the gradients live on those.
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         max_norm = self.cfg.optim.grad_clip or float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor

@@ -145,6 +145,8 @@ def test_resume_reproduces_the_uninterrupted_losses(shards, tmp_path, precision)
     kw = {"loop.max_steps": 20, "loop.save_every": 5, "loop.eval_every": 0, "loop.precision": precision,
           "model.dropout": 0.1}
     straight = run_train(tiny_config(shards, tmp_path / "straight", **kw))
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["grad_norm"] > 0 for r in rows)  # clipping sees the gradients (fp32 masters too)
     resumed_dir = tmp_path / "resumed"
     run_train(tiny_config(shards, resumed_dir, **kw, **{"loop.stop_at_step": 10}))
     assert not (resumed_dir / "manifest.json").exists()  # stopped runs are unfinished
