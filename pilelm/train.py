@@ -140,6 +140,8 @@ class TrainConfig:
     """Batching, precision, logging, evaluation and checkpoint cadence."""
     resume: bool = True
     """Resume from the newest intact checkpoint in the output directory if there is one."""
+    init_from: str = ""
+    """Start from the weights of a run directory (its newest intact checkpoint) or of one checkpoint folder, e.g. what `pilelm import` wrote, instead of random ones. The model section comes from there (dropout from this config); optimizer, schedule and data order start fresh. A run that has checkpoints of its own resumes from them instead."""
 
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_prob < 1.0:
@@ -181,6 +183,44 @@ def _special_tokens(tokenizer_dir: Path) -> SpecialTokens:
                          pad=tok.pad_id if tok.pad_id is not None else 0, eod=tok.eod_id)
 
 
+def _init_source(cfg: TrainConfig, tokenizer_dir: Path) -> tuple[Path, TrainConfig]:
+    """``cfg.init_from`` -> (the checkpoint folder to start from, cfg with that model's section).
+
+    Refuses a tokenizer other than the one the data was tokenized with: the ids would mean
+    other tokens to the model.
+    """
+    from pilelm.models import config_from_spec
+    from pilelm.tokenizer import load_tokenizer
+
+    src = Path(cfg.init_from)
+    if (src / "model.json").is_file():
+        step_dir, run_dir = src, src.parent.parent
+        problem = ckpt_io.verify_checkpoint(step_dir)
+        if problem:
+            raise ValueError(f"init_from: {step_dir} is not an intact checkpoint ({problem})")
+    else:
+        intact = [c for _, c in ckpt_io.list_checkpoints(src) if ckpt_io.verify_checkpoint(c) is None] \
+            if src.is_dir() else []
+        if not intact:
+            raise FileNotFoundError(f"init_from: {src} holds no intact checkpoint (RUN/checkpoints/step_*/); "
+                                    "give a run directory such as `pilelm import`'s output, or a checkpoint folder")
+        step_dir, run_dir = intact[-1], src
+    mcfg = config_from_spec(json.loads((step_dir / "model.json").read_text()))
+    family = "gpt" if isinstance(mcfg, GPTConfig) else "bert"
+    mcfg = replace(mcfg, dropout=(cfg.model if family == "gpt" else cfg.bert).dropout)
+    if (run_dir / "tokenizer").is_dir():
+        theirs = load_tokenizer(run_dir / "tokenizer", fast=False).hf.get_vocab(with_added_tokens=True)
+        ours = load_tokenizer(tokenizer_dir, fast=False).hf.get_vocab(with_added_tokens=True)
+        if theirs != ours:
+            raise ValueError(
+                f"init_from: {run_dir / 'tokenizer'} is not the tokenizer the data was tokenized with "
+                f"({tokenizer_dir}); tokenize with the model's own: pilelm tokenize DATA -o SHARDS "
+                f"--tokenizer {run_dir / 'tokenizer'}")
+    else:
+        log.warning("init_from: %s has no tokenizer/ folder; cannot check it matches the data's", run_dir)
+    return step_dir, replace(cfg, family=family, **{"model" if family == "gpt" else "bert": mcfg})
+
+
 class Trainer:
     """Everything one training run needs, built from a ``TrainConfig``; ``fit()`` runs the loop.
 
@@ -206,6 +246,10 @@ class Trainer:
         self.out = Path(cfg.output)
         self.train_split = open_split(cfg.data, "train")
         self.val_split = open_split(cfg.data, "val") if (Path(cfg.data) / "val.idx").is_file() else None
+
+        init_step = None
+        if cfg.init_from:
+            init_step, cfg = _init_source(cfg, self.train_split.tokenizer_dir)
 
         # Resolve the vocabulary from the shards (model.vocab_size=0).
         mcfg = cfg.model_config
@@ -240,6 +284,11 @@ class Trainer:
         # Model, optimizer; all ranks draw the same initial weights from the seed.
         torch.manual_seed(loop.seed)
         model = build_model(mcfg)
+        if init_step is not None:
+            source, _ = ckpt_io.load_model(init_step)
+            model.load_state_dict(source.state_dict())
+            del source
+            log.info("initialised from %s", init_step)
         self.flops_per_token = float(model.flops_per_token(self.seq_len))
         self.num_params = sum(p.numel() for p in model.parameters())
         model.to(self.device)

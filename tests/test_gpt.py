@@ -1,7 +1,8 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
-from pilelm.models.gpt import GPT, GPTConfig, KVCache
+from pilelm.models.gpt import GPT, GPTConfig, KVCache, Linear
 
 
 def tiny(arch: str) -> GPT:
@@ -43,3 +44,66 @@ def test_loss_and_tied_weights():
     idx = torch.randint(0, 97, (2, 16))
     _, loss = model(idx[:, :-1], idx[:, 1:])
     assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5
+
+
+@pytest.fixture
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("out_features,bias", [(96, True), (24, False)])
+def test_inference_linear_equals_f_linear(threads, dtype, rows, out_features, bias):
+    torch.manual_seed(0)
+    lin = Linear(48, out_features, bias=bias).to(dtype)
+    x = torch.randn(rows, 1, 48).to(dtype)
+    ref = F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
+    with torch.inference_mode():
+        y = lin(x)
+        assert y.shape == (rows, 1, out_features) and y.dtype == dtype
+        torch.testing.assert_close(y.double(), ref, **tol)
+        # One fp32 row on one thread takes F.linear unless a transposed copy reads faster (out > in).
+        repacked = not (dtype == torch.float32 and rows == 1 and threads == 1 and out_features <= 48)
+        assert bool(lin._packed) == repacked
+        with torch.no_grad():
+            lin.weight.mul_(-2.0)  # an optimizer-like in-place update must not leave a stale copy
+        torch.testing.assert_close(lin(x).double(), F.linear(x.double(), lin.weight.double(),
+                                   None if lin.bias is None else lin.bias.double()), **tol)
+
+
+def test_inference_linear_follows_dtype_changes_and_trains_normally():
+    torch.manual_seed(0)
+    lin = Linear(32, 64)
+    x = torch.randn(2, 32)
+    with torch.inference_mode():
+        y32 = lin(x)
+    lin.to(torch.bfloat16)
+    with torch.inference_mode():
+        y16 = lin(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, atol=0.05, rtol=0.02)
+    lin.float()
+    lin(x).sum().backward()  # with grad: plain F.linear
+    assert lin.weight.grad is not None and lin.weight.grad.shape == (64, 32)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+def test_bf16_decode_keeps_an_fp32_cache_on_cpu_and_tracks_the_full_forward(arch):
+    model = tiny(arch).to(torch.bfloat16)
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.inference_mode():
+        full, _ = model(idx)
+        cache = KVCache(model.cfg, 2, 16, "cpu", torch.bfloat16)
+        assert cache.k.dtype == torch.float32
+        first, _ = model(idx[:, :7], cache=cache)
+        steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(7, 12)]
+    inc = torch.cat([first, *steps], dim=1)
+    assert inc.dtype == torch.bfloat16 and cache.padded is False
+    torch.testing.assert_close(inc.float(), full.float(), atol=0.05, rtol=0.05)
+    assert (inc.argmax(-1) == full.argmax(-1)).float().mean() > 0.9

@@ -252,3 +252,35 @@ def test_cli_train_with_a_shipped_config(shards, tmp_path):
                "model.block_size=32", "loop.num_threads=1", "loop.peak_flops=1e12", "loop.tensorboard=false"])
     assert rc == 0 and read_manifest(out)["counts"]["steps"] == 2
     shutil.rmtree(out)
+
+
+def test_init_from_an_imported_model_continues_its_training(shards, tmp_path):
+    """Train, export to transformers, import back, continue: the continued run starts at the
+    pretrained loss, with the imported shape, and a foreign tokenizer is refused."""
+    from pilelm.hf import ExportConfig, ImportConfig, run_export, run_import
+
+    pretrained = run_train(tiny_config(shards, tmp_path / "pre", **{"loop.max_steps": 40, "loop.eval_every": 0,
+                                                                    "loop.save_every": 40}))
+    hf_dir = run_export(ExportConfig(run=str(pretrained), output=str(tmp_path / "hf")))
+    imported = run_import(ImportConfig(source=str(hf_dir), output=str(tmp_path / "imported")))
+    kw = {"init_from": str(imported), "model.n_layer": 3, "model.dropout": 0.0, "loop.max_steps": 4,
+          "loop.eval_every": 0}
+    cont = run_train(tiny_config(shards, tmp_path / "cont", **kw))
+    assert load_run_config(cont).model.n_layer == 2  # the shape comes from the imported model
+    scratch = [loss for _, loss in losses(pretrained)]
+    first = losses(cont)[0][1]
+    assert first < scratch[0] - 1.0
+    assert first == pytest.approx(sum(scratch[-5:]) / 5, abs=0.25)
+    # A run with its own checkpoints resumes from them, not from init_from.
+    run_train(tiny_config(shards, tmp_path / "cont", **{**kw, "loop.max_steps": 6}))
+    assert [s for s, _ in losses(cont)] == [1, 2, 3, 4, 5, 6]
+
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(imported, other)
+    vocab = json.loads((other / "tokenizer" / "tokenizer.json").read_text())
+    vocab["model"]["vocab"]["w0"], vocab["model"]["vocab"]["w1"] = vocab["model"]["vocab"]["w1"], vocab["model"]["vocab"]["w0"]
+    (other / "tokenizer" / "tokenizer.json").write_text(json.dumps(vocab))
+    with pytest.raises(ValueError, match="not the tokenizer the data was tokenized with"):
+        run_train(tiny_config(shards, tmp_path / "bad", **{**kw, "init_from": str(other)}))
+    with pytest.raises(FileNotFoundError, match="no intact checkpoint"):
+        run_train(tiny_config(shards, tmp_path / "bad", **{**kw, "init_from": str(tmp_path / "nowhere")}))
