@@ -15,6 +15,7 @@ Inference uses a ``KVCache`` (preallocated keys/values per layer) and optional p
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -178,6 +179,7 @@ def causal_attention_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 DECODE_MAX_ROWS = 64
 
 
+@functools.cache
 def _onednn_packs(dtype: torch.dtype) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
@@ -277,7 +279,8 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_drop(self.proj(y))
+        y = self.proj(y)
+        return self.resid_drop(y) if self.training else y
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -309,7 +312,8 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc(x)
         h = gelu_tanh(h) if self.approximate == "tanh" else F.gelu(h)
-        return self.drop(self.proj(h))
+        h = self.proj(h)
+        return self.drop(h) if self.training else h
 
 
 class Block(nn.Module):
@@ -402,7 +406,8 @@ class GPT(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         if self.wpe is not None:
             x = x + self.wpe(positions)
-        x = self.drop(x)
+        if self.training:
+            x = self.drop(x)
         mask = None
         if cache is not None:
             if start + T > cache.max_len:
