@@ -10,16 +10,39 @@ def tiny(arch: str) -> GPT:
     return GPT(GPTConfig(arch=arch, vocab_size=97, block_size=32, n_layer=2, n_head=4, d_model=64)).eval()
 
 
+@pytest.mark.parametrize("inference", [False, True])  # True: the flat one-token path, repacked weights
 @pytest.mark.parametrize("arch", ["gpt2", "neox"])
-def test_kv_cache_matches_full_forward(arch):
+def test_kv_cache_matches_full_forward(arch, inference):
     model = tiny(arch)
     idx = torch.randint(0, 97, (3, 12))
     full, _ = model(idx)
     cache = KVCache(model.cfg, 3, 16, "cpu", torch.float32)
-    first, _ = model(idx[:, :7], cache=cache)
-    steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(7, 12)]
+    with torch.inference_mode(inference):
+        first, _ = model(idx[:, :7], cache=cache)
+        steps = [model(idx[:, t : t + 1], cache=cache, last_only=True)[0] for t in range(7, 12)]
     inc = torch.cat([first, *steps], dim=1)
     torch.testing.assert_close(inc, full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 12
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+def test_left_padded_decode_steps_give_the_unpadded_logits(arch):
+    model = tiny(arch)
+    a, b = torch.randint(0, 97, (1, 9)), torch.randint(0, 97, (1, 5))
+    ref_b, _ = model(torch.cat([b, a[:, :4]], 1))  # b then 4 decoded tokens
+    batch = torch.cat([a, torch.cat([torch.zeros(1, 4, dtype=torch.long), b], 1)])
+    cache = KVCache(model.cfg, 2, 16, "cpu", torch.float32)
+    cache.key_mask[1, :4] = False
+    positions = torch.stack([torch.arange(9), torch.clamp(torch.arange(9) - 4, min=0)])
+    with torch.inference_mode():
+        model(batch, cache=cache, positions=positions, last_only=True)
+        assert cache.padded
+        steps = []
+        for t in range(4):
+            nxt = torch.stack([a[0, t], a[0, t]])[:, None]
+            pos = torch.tensor([[9 + t], [5 + t]])
+            steps.append(model(nxt, cache=cache, positions=pos, last_only=True)[0][1, 0])
+    torch.testing.assert_close(torch.stack(steps), ref_b[0, 5:9], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "neox"])
