@@ -130,3 +130,16 @@ def test_bf16_decode_keeps_an_fp32_cache_on_cpu_and_tracks_the_full_forward(arch
     assert inc.dtype == torch.bfloat16 and cache.padded is False
     torch.testing.assert_close(inc.float(), full.float(), atol=0.05, rtol=0.05)
     assert (inc.argmax(-1) == full.argmax(-1)).float().mean() > 0.9
+
+
+def test_a_model_that_decoded_can_be_copied_and_pickled():
+    import copy
+    import io
+
+    model = tiny("gpt2")
+    with torch.inference_mode():
+        model(torch.randint(0, 97, (2, 1)), cache=KVCache(model.cfg, 2, 4, "cpu", torch.float32), last_only=True)
+    assert model.lm_head._packed
+    clone = copy.deepcopy(model)
+    assert not clone.lm_head._packed and torch.equal(clone.lm_head.weight, model.lm_head.weight)
+    torch.save(model, io.BytesIO())

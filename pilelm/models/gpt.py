@@ -216,6 +216,10 @@ class Linear(nn.Linear):
         super().__init__(*args, **kwargs)
         self._packed: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
+    def __getstate__(self) -> dict:
+        # deepcopy / pickle: the copies are a cache (and oneDNN's have no storage to copy).
+        return {**self.__dict__, "_packed": {}}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() > DECODE_MAX_ROWS * x.size(-1)
                 or not can_repack(x, self.weight)):
