@@ -79,3 +79,23 @@ def test_decontamination_cuts_with_margins_and_drops_shredded_documents(tmp_path
     assert decontaminate([f"{'L' * 150} {quoted}"], index, cfg)[0].reason == "decontam_contaminated"
     shredded = f" {'z' * 500} ".join([quoted] * 12)
     assert decontaminate([shredded], index, cfg)[0].reason == "decontam_too_many_pieces"
+
+
+def test_ngrams_in_many_training_documents_are_ignored(tmp_path) -> None:
+    from pilelm.data.decontam import IGNORED, frequent_ngrams, matched_ngrams
+
+    boiler = "permission is hereby granted free of charge to any person obtaining a copy of this software"
+    leaked = "the quick brown fox jumps over the lazy dog near the old river bank today"
+    build_index([f"{boiler} and {leaked}"], tmp_path, n=13)
+    index = NgramIndex(tmp_path)
+    train = [f"{_words('a', 40)} {boiler} {_words('b', 40)}" for _ in range(4)] + [f"{leaked} {leaked}"]
+    per_doc = matched_ngrams(train, index, 13)
+    # each document counts a matched n-gram once, however often it repeats there
+    assert per_doc.size == 4 * 4 + 3  # 16 words of boilerplate hold 4 13-grams; 3 of the leaked 15 words
+    frequent = frequent_ngrams([per_doc[:8], per_doc[8:]], max_docs=3)
+    assert frequent.size == 4 and np.isin(frequent, np.asarray(index.hashes)).all()
+    assert frequent_ngrams([per_doc], max_docs=4).size == 0
+    np.save(tmp_path / IGNORED, frequent)
+    cuts = decontaminate(train, NgramIndex(tmp_path), DecontamConfig())
+    assert cuts[:4] == [None] * 4 and cuts[4] is not None
+    assert all(c is not None for c in decontaminate(train, NgramIndex(tmp_path, use_ignored=False), DecontamConfig()))

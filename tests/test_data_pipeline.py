@@ -240,3 +240,30 @@ def test_extra_eval_files_decontaminate_train(tmp_path: Path) -> None:
     texts = [r["text"] for r in _docs(out, "train")]
     assert all(quote.split("\n")[1] not in t for t in texts)
     assert m["counts"]["decontam_cuts"] >= 1
+
+
+def test_boilerplate_in_many_training_documents_is_not_decontaminated(tmp_path: Path) -> None:
+    """GPT-3's rule: an evaluation n-gram found in more than decontam.max_train_docs training
+    documents (licence text here) is ignored; a quote found in one is still cut."""
+    rng = random.Random(7)
+    vocab = ["".join(rng.choice("abcdefghij") for _ in range(6)) for _ in range(300)]
+    licence = ("Permission is hereby granted, free of charge, to any person obtaining a copy of this "
+               "software and associated documentation files, to deal in the software without restriction.")
+    val = [{"text": licence + "\n" + _prose(rng, vocab, 12), "meta": {"pile_set_name": "Github"}} for _ in range(2)]
+    quote = "\n".join(val[0]["text"].split("\n")[3:6])
+    train = [{"text": licence + "\n" + _prose(rng, vocab, 12), "meta": {"pile_set_name": "Github"}} for _ in range(12)]
+    train.append({"text": _prose(rng, vocab, 8) + "\n" + quote + "\n" + _prose(rng, vocab, 8),
+                  "meta": {"pile_set_name": "Github"}})
+    write_pile_shard(tmp_path / "raw" / "train" / "00.jsonl.zst", train)
+    write_pile_shard(tmp_path / "raw" / "val.jsonl.zst", val)
+
+    out = run_prepare(_cfg(tmp_path / "raw", tmp_path / "out"))
+    texts = [r["text"] for r in _docs(out, "train")]
+    assert sum(licence in t for t in texts) == 12  # the licence stays
+    assert len(texts) == 13 and all(quote not in t for t in texts)
+    m = read_manifest(out)
+    assert m["extra"]["decontam_ignored_ngrams"] > 0 and m["counts"]["decontam_cuts"] == 1
+
+    strict = run_prepare(_cfg(tmp_path / "raw", tmp_path / "strict", decontam={"max_train_docs": 0}))
+    assert not any(licence in r["text"] for r in _docs(strict, "train"))
+    assert read_manifest(strict)["extra"]["decontam_ignored_ngrams"] == 0

@@ -2,7 +2,9 @@
 of GPT-3 (Brown et al. 2020, App. C), also used for the Pile's eval-set analysis: any
 13-gram shared with an evaluation document is cut out of the training document together
 with 200 characters on each side; pieces under 200 characters are dropped too; a document
-cut into more than 10 pieces is dropped entirely.
+cut into more than 10 pieces is dropped entirely. As GPT-3 did, evaluation n-grams found in
+more than 10 training documents are ignored: they are common phrases and legal or licence
+boilerplate, text the model should learn, not leaked test text (``max_train_docs``).
 
 The index holds the 13-gram hashes (``pilelm.data.words``: case and punctuation ignored) of
 the evaluation documents, sorted and de-duplicated in a ``.npy`` file that is memory-mapped,
@@ -39,6 +41,8 @@ class DecontamConfig:
     """Pieces shorter than this after cutting are dropped (GPT-3: 200)."""
     max_pieces: int = 10
     """A document cut into more pieces than this is dropped (GPT-3: 10)."""
+    max_train_docs: int = 10
+    """Ignore evaluation n-grams that occur in more training documents than this: common phrases, legal and licence boilerplate (GPT-3: 10); 0 = no limit."""
 
     def __post_init__(self) -> None:
         bad = [s for s in self.against_splits if s not in ("val", "test")]
@@ -46,16 +50,24 @@ class DecontamConfig:
             raise ValueError(f"decontam.against_splits: {bad}; use val and/or test")
         if self.ngram < 1 or self.margin_chars < 0 or self.min_piece_chars < 0 or self.max_pieces < 1:
             raise ValueError("decontam.ngram and decontam.max_pieces must be >= 1; margins >= 0")
+        if self.max_train_docs < 0:
+            raise ValueError(f"decontam.max_train_docs must be >= 0 (0 = no limit), got {self.max_train_docs}")
 
 
 class NgramIndex:
-    """Membership test for n-gram hashes: ``contains(hashes) -> bool array``."""
+    """Membership test for n-gram hashes: ``contains(hashes) -> bool array``.
 
-    def __init__(self, directory: str | Path) -> None:
+    ``ignored.npy`` in the directory, when present, lists indexed n-grams that do not count
+    (see ``frequent_ngrams``).
+    """
+
+    def __init__(self, directory: str | Path, use_ignored: bool = True) -> None:
         directory = Path(directory)
         self.hashes = np.load(directory / "ngrams.npy", mmap_mode="r")
         self.bitmap = np.load(directory / "bitmap.npy")
         self.mask = np.uint64(self.bitmap.size * 8 - 1)
+        ignored = directory / IGNORED
+        self.ignored = np.load(ignored) if use_ignored and ignored.is_file() else np.zeros(0, dtype=np.uint64)
 
     def __len__(self) -> int:
         return int(self.hashes.size)
@@ -72,7 +84,35 @@ class NgramIndex:
             pos = np.searchsorted(self.hashes, hc)
             pos[pos == self.hashes.size] = 0
             out[cand] = np.asarray(self.hashes[pos]) == hc
+        if self.ignored.size and out.any():
+            hit = np.flatnonzero(out)
+            pos = np.searchsorted(self.ignored, h[hit])
+            pos[pos == self.ignored.size] = 0
+            out[hit[self.ignored[pos] == h[hit]]] = False
         return out
+
+
+IGNORED = "ignored.npy"
+
+
+def matched_ngrams(texts: list[str], index: NgramIndex, n: int) -> np.ndarray:
+    """The indexed n-grams each text contains, once per text (concatenated hashes)."""
+    if len(index) == 0 or not texts:
+        return np.zeros(0, dtype=np.uint64)
+    h, doc, _ = ngrams(tokenize([t.encode("utf-8") for t in texts]), n, short=False)
+    hit = index.contains(h)
+    pairs = np.unique(np.stack([doc[hit].astype(np.uint64), h[hit]], axis=1), axis=0)
+    return pairs[:, 1].copy()
+
+
+def frequent_ngrams(matches: Iterable[np.ndarray], max_docs: int) -> np.ndarray:
+    """Sorted n-gram hashes that occur in more than ``max_docs`` documents, from the per-batch
+    outputs of ``matched_ngrams`` (each hash at most once per document)."""
+    parts = [m for m in matches if m.size]
+    if not parts:
+        return np.zeros(0, dtype=np.uint64)
+    values, counts = np.unique(np.concatenate(parts), return_counts=True)
+    return values[counts > max_docs]
 
 
 def build_index(texts: Iterable[str], directory: str | Path, n: int = 13,

@@ -7,7 +7,10 @@ completion marker, so a killed run resumes and produces the same bytes):
    normalise, filter, scrub PII; write the kept documents and their dedup keys to
    ``OUT/.work/clean/``.
 2. **dedup** (one task per split): cluster exact and MinHash-LSH duplicates from the keys.
-3. **index** (one task): the 13-gram index of the evaluation text (val/test + extra files).
+3. **index** (one task): the 13-gram index of the evaluation text (val/test + extra files);
+   then **count** (one task per train task): the indexed n-grams in each kept train document,
+   so that n-grams found in more than ``decontam.max_train_docs`` documents (boilerplate) are
+   ignored, as GPT-3 did.
 4. **write** (one task per stage-1 task): drop duplicates, decontaminate the train split,
    write ``OUT/<split>/NNNNN.jsonl.zst``.
 
@@ -37,7 +40,15 @@ import numpy as np
 import zstandard
 
 from pilelm.config import to_dict
-from pilelm.data.decontam import DecontamConfig, NgramIndex, build_index, decontaminate
+from pilelm.data.decontam import (
+    IGNORED,
+    DecontamConfig,
+    NgramIndex,
+    build_index,
+    decontaminate,
+    frequent_ngrams,
+    matched_ngrams,
+)
 from pilelm.data.dedup import DedupConfig, document_keys, find_duplicates, permutations
 from pilelm.data.document import Document
 from pilelm.data.executor import ExecutorConfig, make_executor
@@ -369,6 +380,56 @@ def index_task(job: Job, _: str) -> None:
     atomic_write_json(job.work / "index" / "done.json", {"ngrams": n})
 
 
+def count_task(job: Job, task: Task) -> None:
+    """The indexed n-grams each kept document of a train task contains (GPT-3's rule that
+    n-grams in more than ``max_train_docs`` training documents do not count)."""
+    index = NgramIndex(job.work / "index", use_ignored=False)
+    reason, _, _ = _dedup_verdicts(job, task, None)
+    parts: list[np.ndarray] = []
+    batch: list[str] = []
+    size = 0
+    for i, rec in enumerate(_read_jsonl_zst(job.clean_path(task, "docs.jsonl.zst"))):
+        if reason is not None and reason[i]:
+            continue
+        batch.append(rec["text"])
+        size += len(rec["text"])
+        if size >= BATCH_BYTES:
+            parts.append(matched_ngrams(batch, index, job.cfg.decontam.ngram))
+            batch, size = [], 0
+    if batch:
+        parts.append(matched_ngrams(batch, index, job.cfg.decontam.ngram))
+    buf = io.BytesIO()
+    np.save(buf, np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint64))
+    atomic_write_bytes(job.work / "count" / f"{task.name}.npy", buf.getvalue())
+
+
+def _ignore_frequent_ngrams(job: Job) -> int:
+    """Write ``index/ignored.npy`` from the count tasks; returns how many n-grams it holds."""
+    tasks = job.split_tasks("train")
+    ignored = frequent_ngrams((np.load(job.work / "count" / f"{t.name}.npy") for t in tasks),
+                              job.cfg.decontam.max_train_docs)
+    buf = io.BytesIO()
+    np.save(buf, ignored)
+    atomic_write_bytes(job.work / "index" / IGNORED, buf.getvalue())
+    atomic_write_json(job.work / "index" / "ignored.done.json", {"ignored": int(ignored.size)})
+    return int(ignored.size)
+
+
+def _dedup_verdicts(job: Job, task: Task, n_docs: int | None
+                    ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, str]]:
+    """(dedup reason per document, 0 = kept; its representative; representative ids) of a
+    task; the reasons are zeros of ``n_docs`` (or None) when dedup did not run."""
+    dd = job.work / "dedup" / f"{task.split}.npz"
+    if not dd.is_file():
+        return (None if n_docs is None else np.zeros(n_docs, dtype=np.uint8)), None, {}
+    pos = [t.name for t in job.split_tasks(task.split)].index(task.name)
+    with np.load(dd) as z:
+        a, b = int(z["offsets"][pos]), int(z["offsets"][pos + 1])
+        reason, rep = z["reason"][a:b], z["representative"][a:b]
+    rep_ids = json.loads((job.work / "dedup" / f"{task.split}.done.json").read_text())["representatives"]
+    return reason, rep, rep_ids
+
+
 # ---------------------------------------------------------------- stage 4: write
 
 
@@ -377,17 +438,7 @@ def write_task(job: Job, task: Task) -> None:
     stats = TaskStats()
     rejects = RejectsLog(job.work / "write" / f"{task.name}.rejects.zst")
     ids = _read_ids(job.clean_path(task, "ids.zst"))
-    reason = np.zeros(len(ids), dtype=np.uint8)
-    rep: np.ndarray | None = None
-    rep_ids: dict[str, str] = {}
-    dd = job.work / "dedup" / f"{task.split}.npz"
-    if dd.is_file():
-        pos = [t.name for t in job.split_tasks(task.split)].index(task.name)
-        with np.load(dd) as z:
-            a, b = int(z["offsets"][pos]), int(z["offsets"][pos + 1])
-            reason = z["reason"][a:b]
-            rep = z["representative"][a:b]
-        rep_ids = json.loads((job.work / "dedup" / f"{task.split}.done.json").read_text())["representatives"]
+    reason, rep, rep_ids = _dedup_verdicts(job, task, len(ids))
     index = None
     if task.split == "train" and cfg.decontam.enabled and (job.work / "index" / "done.json").is_file():
         index = NgramIndex(job.work / "index")
@@ -523,6 +574,15 @@ def run_prepare(cfg: PrepareConfig) -> Path:
                 has_eval = any(job.split_tasks(s) for s in cfg.decontam.against_splits) or cfg.decontam.eval_files
                 if has_eval:
                     executor.map(functools.partial(index_task, job), ["index"], "decontam index")
+            index_done = job.work / "index" / "done.json"
+            if cfg.decontam.enabled and cfg.decontam.max_train_docs and index_done.is_file() \
+                    and json.loads(index_done.read_text())["ngrams"] \
+                    and not (job.work / "index" / "ignored.done.json").is_file():
+                todo = [t for t in job.split_tasks("train") if not (job.work / "count" / f"{t.name}.npy").is_file()]
+                executor.map(functools.partial(count_task, job), todo, "decontam count")
+                n_ignored = _ignore_frequent_ngrams(job)
+                log.info("decontam: %d evaluation n-grams occur in more than %d training documents; ignored",
+                         n_ignored, cfg.decontam.max_train_docs)
         with timer("write"):
             for s in splits:
                 (out / s).mkdir(parents=True, exist_ok=True)
@@ -532,9 +592,11 @@ def run_prepare(cfg: PrepareConfig) -> Path:
         executor.close()
     with timer("report"):
         counts, report_files = _finish(job)
-    n_idx = 0
+    n_idx = n_ignored = 0
     if (job.work / "index" / "done.json").is_file():
         n_idx = json.loads((job.work / "index" / "done.json").read_text())["ngrams"]
+    if (job.work / "index" / "ignored.done.json").is_file():
+        n_ignored = json.loads((job.work / "index" / "ignored.done.json").read_text())["ignored"]
     extra = {
         "fingerprint": fp,
         "shards": {s: sorted(p.name for p in (out / s).glob("*.jsonl.zst")) for s in splits},
@@ -543,6 +605,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
         "report": report_files,
         "rejects": "rejects.jsonl.zst",
         "decontam_index_ngrams": n_idx,
+        "decontam_ignored_ngrams": n_ignored,
         "dedup_threshold": round(cfg.dedup.threshold(), 4),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
