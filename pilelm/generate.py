@@ -4,11 +4,14 @@ Library API (the server and ``pilelm eval``'s BLEU use it):
 
 - ``SamplingParams``: greedy (temperature 0), temperature, top-k, top-p, repetition penalty,
   stop strings, max new tokens, seed.
-- ``stream_batch(model, prompts, params, eos_id)``: left-pads token prompts into one KV-cached
-  batch and yields, after every decode step, the new token of every row (``None`` once a row
-  is done). Rows that finish are dropped from the cache, so a long row does not pay for short
-  ones. Each row samples with its own seeded ``torch.Generator``: a row's tokens depend on its
-  prompt, params and seed, not on what else is in the batch.
+- ``DecodeBatch(model, eos_id)``: a running KV-cached batch for continuous batching (the
+  server's): ``add`` prefills new rows and merges them into the cache between decode steps,
+  ``step`` samples one token per live row, ``drop`` ends rows. Rows that finish leave the
+  cache, so a long row does not pay for short ones. Each row samples with its own seeded
+  ``torch.Generator`` and keeps its own positions: a row's tokens depend on its prompt, params
+  and seed, not on what else is in the batch or when it joined.
+- ``stream_batch(model, prompts, params, eos_id)``: a ``DecodeBatch`` of fixed rows; yields,
+  after every decode step, the new token of every row (``None`` once a row is done).
 - ``generate(model, tokenizer, prompts, params)``: prompts in, clean completions out.
 - ``beam_search(model, prompt, num_beams, max_new_tokens, eos_id)``.
 - ``IncrementalDecoder``: token ids in, text deltas out, never splitting a UTF-8 character.
@@ -25,7 +28,7 @@ import logging
 import math
 import re
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -142,24 +145,38 @@ class _RowSampler:
     """Per-row sampling settings of the rows still decoding, as tensors."""
 
     def __init__(self, params: list[SamplingParams], device: torch.device, vocab: int):
+        self.device, self.vocab = device, vocab
         self.params = params
         self.temperature = torch.tensor([p.temperature for p in params], device=device)
-        self.top_k = torch.tensor([min(p.top_k, vocab) for p in params], device=device)
+        self.top_k = torch.tensor([min(p.top_k, vocab) for p in params], device=device, dtype=torch.long)
         self.top_p = torch.tensor([p.top_p for p in params], device=device)
         self.penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
         self.generators = [_generator(p.seed, device) for p in params]
-        self.use_penalty = any(p.repetition_penalty != 1.0 for p in params)
-        self.sampled_rows = [i for i, p in enumerate(params) if p.temperature > 0]
+        self._update()
+
+    def _update(self) -> None:
+        self.use_penalty = any(p.repetition_penalty != 1.0 for p in self.params)
+        self.sampled_rows = [j for j, p in enumerate(self.params) if p.temperature > 0]
 
     def keep(self, rows: list[int]) -> None:
-        index = torch.tensor(rows, device=self.temperature.device)
+        index = torch.tensor(rows, dtype=torch.long, device=self.temperature.device)
         self.params = [self.params[i] for i in rows]
         self.temperature = self.temperature[index]
         self.top_k = self.top_k[index]
         self.top_p = self.top_p[index]
         self.penalty = self.penalty[index]
         self.generators = [self.generators[i] for i in rows]
-        self.sampled_rows = [j for j, p in enumerate(self.params) if p.temperature > 0]
+        self._update()
+
+    def extend(self, other: _RowSampler) -> None:
+        """Append ``other``'s rows after these."""
+        self.params = self.params + other.params
+        self.temperature = torch.cat([self.temperature, other.temperature])
+        self.top_k = torch.cat([self.top_k, other.top_k])
+        self.top_p = torch.cat([self.top_p, other.top_p])
+        self.penalty = torch.cat([self.penalty, other.penalty])
+        self.generators = self.generators + other.generators
+        self._update()
 
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
         """logits (b, V) float32 -> next tokens (b,)."""
@@ -178,6 +195,163 @@ class _RowSampler:
         return tokens
 
 
+class DecodeBatch:
+    """A running KV-cached batch that rows join and leave between decode steps: continuous
+    (in-flight) batching as vLLM and TGI schedule it.
+
+    ``add(prompts, params)`` prefills new rows and merges them into the running cache and
+    returns their ids; ``step()`` samples one token for every live row; ``drop(ids)`` ends rows.
+    A row leaves by itself when it samples ``eos_id`` or reaches its ``max_new_tokens``.
+
+    Every row is right-aligned at ``cache.length``: its real tokens fill the columns
+    ``[start, length)``, the columns before ``start`` are padding (``key_mask`` False), and it
+    has its own positions, so it computes what it would alone: its tokens depend only on its
+    prompt, params and seed, not on its neighbours or on when it joined.
+
+    A token is fed lazily: each row holds a pending token (its last prompt token, then each
+    sampled token) that the one-token forward at the start of the next ``step`` feeds. So rows
+    dropped between steps cost no forward, and new rows, whose prefill covers their prompt but
+    its last token, join the very next step's forward with the rest.
+    """
+
+    def __init__(self, model: nn.Module, eos_id: int | None, device: str | torch.device | None = None):
+        self.model = model
+        self.cfg: GPTConfig = model.cfg
+        self.eos_id = eos_id
+        model_device, self.dtype = _model_device_dtype(model)
+        self.device = model_device if device is None else torch.device(device)
+        self.ids: list[int] = []  # id of each cache row
+        self.budget: list[int] = []  # tokens each row may still sample
+        self.start: list[int] = []  # first real (unpadded) cache column of each row
+        self.cache: KVCache | None = None
+        self.pending = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) token to feed next
+        self.pos = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) its position
+        self.seen = torch.zeros(0, self.cfg.vocab_size, dtype=torch.bool, device=self.device)  # (B, V)
+        self.sampler = _RowSampler([], self.device, self.cfg.vocab_size)
+        self._next_id = 0
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, row_id: object) -> bool:
+        return row_id in self.ids
+
+    @torch.inference_mode()
+    def add(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[int]:
+        """Prefill ``prompts`` (left-padded among themselves) and merge them into the batch;
+        returns their ids. The batch is unchanged if this raises."""
+        if len(prompts) != len(params):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        if not prompts:
+            return []
+        cfg, device = self.cfg, self.device
+        rows = [fit_prompt(p, sp.max_new_tokens, cfg.block_size, self.eos_id) for p, sp in zip(prompts, params, strict=True)]
+        n_new = len(rows)
+        ctx = [len(r) - 1 for r in rows]  # tokens to prefill; the last one is the row's pending token
+        P = max(ctx)
+        prefill = None
+        if P > 0:
+            pad = 0 if self.eos_id is None else self.eos_id
+            tokens = torch.full((n_new, P), pad, dtype=torch.long, device=device)
+            for i, r in enumerate(rows):
+                tokens[i, P - ctx[i] :] = torch.tensor(r[:-1], dtype=torch.long)
+            n_pad = torch.tensor([P - c for c in ctx], device=device)  # (n,)
+            prefill = KVCache(cfg, n_new, P, device, self.dtype)
+            prefill.key_mask[:, :P] = torch.arange(P, device=device)[None, :] >= n_pad[:, None]
+            positions = (torch.arange(P, device=device)[None, :] - n_pad[:, None]).clamp(min=0)  # (n, P)
+            self.model(tokens, cache=prefill, positions=positions, last_only=True)
+        sampler = _RowSampler(params, device, cfg.vocab_size)
+        seen = torch.zeros(n_new, cfg.vocab_size, dtype=torch.bool, device=device)
+        for i, r in enumerate(rows):
+            seen[i, torch.tensor(r, device=device)] = True
+
+        # Merge: old and new rows right-aligned at the longer of the two filled lengths, with
+        # room for the largest number of tokens any row may still feed.
+        B = len(self.ids)
+        L = self.cache.length if self.cache is not None else 0
+        length = max(L, P)
+        budget = self.budget + [sp.max_new_tokens for sp in params]
+        merged = KVCache(cfg, B + n_new, length + max(budget), device, self.dtype)
+        if self.cache is not None:
+            merged.kv[:, :, :B, :, length - L : length] = self.cache.kv[:, :, :, :, :L]
+            merged.key_mask[:B, length - L : length] = self.cache.key_mask[:, :L]
+            merged.key_mask[:B, : length - L] = False
+        if prefill is not None:
+            merged.kv[:, :, B:, :, length - P : length] = prefill.kv[:, :, :, :, :P]
+            merged.key_mask[B:, length - P : length] = prefill.key_mask[:, :P]
+        merged.key_mask[B:, : length - P] = False
+        merged.length = length
+        start = [s + length - L for s in self.start] + [length - c for c in ctx]
+        merged.padded = max(start) > 0
+
+        ids = list(range(self._next_id, self._next_id + n_new))
+        self._next_id += n_new
+        self.cache = merged
+        self.ids += ids
+        self.budget = budget
+        self.start = start
+        self.pending = torch.cat([self.pending, torch.tensor([r[-1] for r in rows], device=device)])
+        self.pos = torch.cat([self.pos, torch.tensor(ctx, device=device)])
+        self.seen = torch.cat([self.seen, seen])
+        self.sampler.extend(sampler)
+        return ids
+
+    @torch.inference_mode()
+    def step(self) -> dict[int, int]:
+        """Feed every live row its pending token and sample its next one: {row id: token}.
+
+        Rows that sampled eos or reached their budget have left the batch when this returns.
+        """
+        if not self.ids:
+            return {}
+        assert self.cache is not None
+        logits, _ = self.model(self.pending[:, None], cache=self.cache, positions=self.pos[:, None], last_only=True)
+        nxt = self.sampler(logits[:, -1].float(), self.seen)  # (B,)
+        self.seen.scatter_(1, nxt[:, None], True)
+        self.pending = nxt
+        self.pos = self.pos + 1
+        tokens = nxt.tolist()
+        out = dict(zip(self.ids, tokens, strict=True))
+        ended = []
+        for j, (row_id, token) in enumerate(out.items()):
+            self.budget[j] -= 1
+            if self.budget[j] == 0 or token == self.eos_id:
+                ended.append(row_id)
+        self.drop(ended)
+        return out
+
+    @torch.inference_mode()
+    def drop(self, row_ids: Collection[int]) -> None:
+        """End these rows (ids not in the batch are ignored) and compact the cache: leading
+        columns that are padding for every row left are cut, so ``cache.length`` stays the
+        longest live row (never more than the model's context)."""
+        gone = set(row_ids)
+        keep = [j for j, row_id in enumerate(self.ids) if row_id not in gone]
+        if len(keep) == len(self.ids):
+            return
+        cache = self.cache
+        assert cache is not None
+        self.ids = [self.ids[j] for j in keep]
+        self.budget = [self.budget[j] for j in keep]
+        if not keep:
+            self.cache = None
+            self.start = []
+            self.pending, self.pos, self.seen = self.pending[:0], self.pos[:0], self.seen[:0]
+            self.sampler.keep([])
+            return
+        start = [self.start[j] for j in keep]
+        cut = min(start)
+        index = torch.tensor(keep, device=self.device)
+        cache.kv = cache.kv[:, :, :, :, cut:].index_select(2, index)
+        cache.key_mask = cache.key_mask[:, cut:].index_select(0, index)
+        cache.length -= cut
+        cache.max_len -= cut
+        self.start = [s - cut for s in start]
+        cache.padded = max(self.start) > 0
+        self.pending, self.pos, self.seen = self.pending[index], self.pos[index], self.seen[index]
+        self.sampler.keep(keep)
+
+
 @torch.inference_mode()
 def stream_batch(
     model: nn.Module,
@@ -191,68 +365,23 @@ def stream_batch(
     A row yields its eos token (when it samples it) and ``None`` at every later step, as it
     does once it has ``max_new_tokens``. The caller may stop iterating at any time, or finish
     single rows early by ``send``-ing a collection of row indices (e.g. when a stop string
-    appeared): ``gen.send({2})`` ends row 2 and returns the next step.
+    appeared): ``gen.send({2})`` ends row 2 and returns the next step. A ``DecodeBatch`` that
+    no row joins after the first.
     """
     if len(prompts) != len(params):
         raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
     if not prompts:
         return
-    cfg = model.cfg
-    device = torch.device(device)
-    _, dtype = _model_device_dtype(model)
-    B = len(prompts)
-    rows_ids = [fit_prompt(p, sp.max_new_tokens, cfg.block_size, eos_id) for p, sp in zip(prompts, params, strict=True)]
-    lengths = torch.tensor([len(r) for r in rows_ids], device=device)
-    L = int(lengths.max())
-    max_new = max(sp.max_new_tokens for sp in params)
-    pad = 0 if eos_id is None else eos_id
-    tokens = torch.full((B, L), pad, dtype=torch.long, device=device)
-    for i, r in enumerate(rows_ids):
-        tokens[i, L - len(r) :] = torch.tensor(r, dtype=torch.long)
-    n_pad = L - lengths  # (B,)
-    cache = KVCache(cfg, B, L + max_new, device, dtype)
-    cache.key_mask[:, :L] = torch.arange(L, device=device)[None, :] >= n_pad[:, None]
-    positions = (torch.arange(L, device=device)[None, :] - n_pad[:, None]).clamp(min=0)  # (B, L)
-    sampler = _RowSampler(params, device, cfg.vocab_size)
-    seen = None
-    if sampler.use_penalty:
-        seen = torch.zeros(B, cfg.vocab_size, dtype=torch.bool, device=device)
-        for i, r in enumerate(rows_ids):
-            seen[i, torch.tensor(r, device=device)] = True
-
-    logits, _ = model(tokens, cache=cache, positions=positions, last_only=True)  # (B, 1, V)
-    active = list(range(B))  # original row index of each cache row
-    budget = [sp.max_new_tokens for sp in params]
-    pos = lengths.clone()  # position of the next token per cache row
-    done_early: set[int] = set()
-    for step in range(max_new):
-        nxt = sampler(logits[:, -1].float(), seen)  # (b,)
-        nxt_list = nxt.tolist()
-        out: list[int | None] = [None] * B
-        keep = []
-        for j, row in enumerate(active):
-            out[row] = nxt_list[j]
-            finished = (eos_id is not None and nxt_list[j] == eos_id) or step + 1 >= budget[row]
-            if not finished:
-                keep.append(j)
+    batch = DecodeBatch(model, eos_id, device)
+    ids = batch.add(prompts, params)
+    row_of = {row_id: i for i, row_id in enumerate(ids)}
+    while len(batch):
+        out: list[int | None] = [None] * len(prompts)
+        for row_id, token in batch.step().items():
+            out[row_of[row_id]] = token
         requested = yield out
         if requested:
-            done_early.update(int(r) for r in requested)
-            keep = [j for j in keep if active[j] not in done_early]
-        if not keep:
-            return
-        if len(keep) < len(active):
-            index = torch.tensor(keep, device=device)
-            cache.reorder(index)
-            sampler.keep(keep)
-            nxt, pos = nxt[index], pos[index]
-            if seen is not None:
-                seen = seen[index]
-            active = [active[j] for j in keep]
-        if seen is not None:
-            seen.scatter_(1, nxt[:, None], True)
-        logits, _ = model(nxt[:, None], cache=cache, positions=pos[:, None], last_only=True)
-        pos = pos + 1
+            batch.drop([ids[int(r)] for r in requested if 0 <= int(r) < len(ids)])
 
 
 def clean_text(text: str) -> str:

@@ -6,6 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pilelm.generate import (
+    DecodeBatch,
     IncrementalDecoder,
     SamplingParams,
     apply_repetition_penalty,
@@ -81,6 +82,96 @@ def test_seeded_sampling_is_deterministic_and_independent_of_the_batch():
     assert alone == again == batched
     different = rows_of(list(stream_batch(model, [[3, 4, 5]], [SamplingParams(12, 1.0, seed=8)], None)), 1)[0]
     assert different != alone
+
+
+def run_schedule(model, eos_id, joins: dict[int, list[tuple[str, list[int], SamplingParams]]],
+                 drops: dict[int, list[str]] | None = None) -> tuple[dict[str, list[int]], list[int]]:
+    """Drive a ``DecodeBatch``: before step s, the rows ``joins[s]`` join (name, prompt, params)
+    and the rows ``drops[s]`` are dropped. Returns each row's tokens and the live rows per step."""
+    batch = DecodeBatch(model, eos_id)
+    drops = drops or {}
+    names: dict[int, str] = {}
+    tokens: dict[str, list[int]] = {}
+    live = []
+    last = max([*joins, *drops])
+    s = 0
+    while len(batch) or s <= last:
+        batch.drop([i for i, n in names.items() if n in drops.get(s, [])])
+        if s in joins:
+            ids = batch.add([p for _, p, _ in joins[s]], [sp for _, _, sp in joins[s]])
+            names.update((i, name) for i, (name, _, _) in zip(ids, joins[s], strict=True))
+            tokens.update((name, []) for name, _, _ in joins[s])
+        live.append(len(batch))
+        for i, tok in batch.step().items():
+            tokens[names[i]].append(tok)
+        if batch.cache is not None:  # compacted: as long as the longest live row, no longer
+            assert min(batch.start) == 0
+            assert batch.cache.length < model.cfg.block_size
+        s += 1
+    return tokens, live
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+def test_rows_joining_and_leaving_a_running_batch_decode_as_alone_greedy(arch):
+    model = tiny(arch)
+    g = {n: SamplingParams(max_new_tokens=n, temperature=0.0) for n in range(1, 31)}
+    joins = {
+        0: [("a", [5, 6, 7, 8, 9], g[20]), ("b", [12, 13], g[3])],
+        2: [("short", [14], g[10]), ("long", list(range(20, 40)), g[8])],  # shorter and longer than a, b
+        6: [("after_b_left", [3, 1, 4, 1, 5], g[12])],  # b left by its budget at step 3
+        9: [("empty_cache_row", [7], g[4]), ("dropped", [8, 8, 8], g[20])],
+    }
+    tokens, live = run_schedule(model, None, joins, drops={12: ["dropped"], 13: ["a"]})
+    assert live[:3] == [2, 2, 4] and max(live) == 6  # the rows did run together
+    for rows in joins.values():
+        for name, prompt, p in rows:
+            want = greedy_reference(model, prompt, p.max_new_tokens)
+            assert tokens[name] == want[: len(tokens[name])], name
+    assert [len(tokens[n]) for n in ("b", "short", "long", "after_b_left", "dropped", "a")] == [3, 10, 8, 12, 3, 13]
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+def test_rows_joining_a_running_batch_sample_as_alone_seeded(arch):
+    model = tiny(arch)
+
+    def sp(n: int, seed: int, **kw) -> SamplingParams:
+        return SamplingParams(max_new_tokens=n, temperature=1.0, top_k=30, top_p=0.95, seed=seed, **kw)
+
+    joins = {
+        0: [("a", [5, 6, 7], sp(16, 1)), ("b", [9] * 9, sp(4, 2, repetition_penalty=1.3))],
+        3: [("c", [4], sp(9, 3)), ("d", list(range(10, 30)), sp(6, 4, repetition_penalty=1.2))],
+        7: [("e", [2, 2], sp(10, 5))],
+    }
+    tokens, _ = run_schedule(model, None, joins)
+    for rows in joins.values():
+        for name, prompt, p in rows:
+            alone = rows_of(list(stream_batch(model, [prompt], [p], None)), 1)[0]
+            assert tokens[name] == alone and len(alone) == p.max_new_tokens, name
+
+
+def test_rows_leaving_by_eos_before_others_join():
+    V, eos = 6, 5
+    table = torch.full((V, V), -10.0)
+    for t in range(V):
+        table[t, (t + 1) % V] = 10.0  # deterministic chain 1 -> 2 -> 3 -> 4 -> 5 (eos)
+    model = BigramLM(table)
+    g = SamplingParams(10, 0.0)
+    joins = {0: [("x", [0, 3], g), ("y", [0], g)], 4: [("z", [1, 2, 2], g)], 5: [("w", [4], g)]}
+    tokens, live = run_schedule(model, eos, joins)
+    assert tokens == {"x": [4, 5], "y": [1, 2, 3, 4, 5], "z": [3, 4, 5], "w": [5]}
+    # x left at step 1 (eos) before z joined at step 4, beside y's last step; w joined and left at 5.
+    assert live == [2, 2, 1, 1, 2, 2, 1]
+
+
+def test_a_decode_batch_outlives_the_context_as_rows_come_and_go():
+    model = tiny("gpt2")  # learned positions: cache.length must stay below block_size (48)
+    g = SamplingParams(max_new_tokens=12, temperature=0.0)
+    prompts = {s: [1 + s % 7] * (1 + (5 * s) % 30) for s in range(0, 120, 4)}
+    joins = {s: [(f"r{s}", p, g)] for s, p in prompts.items()}
+    tokens, live = run_schedule(model, None, joins)
+    assert len(live) > 2 * model.cfg.block_size and max(live) == 3
+    for s, p in prompts.items():
+        assert tokens[f"r{s}"] == greedy_reference(model, p, 12)
 
 
 def test_top_k_one_and_tiny_top_p_are_greedy():
