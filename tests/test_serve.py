@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,9 +25,11 @@ import torch
 from pilelm import checkpoint
 from pilelm.checkpoint import load_for_inference
 from pilelm.cli import main as cli_main
-from pilelm.generate import SamplingParams, generate
+from pilelm.generate import SamplingParams, generate, stream_batch
 from pilelm.manifest import write_manifest
+from pilelm.models.gpt import GPT, GPTConfig
 from pilelm.serve import BackgroundServer, ServeConfig, create_app, load_engine
+from pilelm.serve.engine import Engine, Finished, Job, RowSpec, TextDelta
 from pilelm.serve.textstream import CompletionText, stop_prefix_length
 from pilelm.tokenizer import load_tokenizer
 
@@ -220,6 +223,7 @@ def test_api_key_is_required_on_the_api_but_not_on_health(server):
     assert httpx.get(f"{server.url}/v1/models").status_code == 401
     health = httpx.get(f"{server.url}/health").json()
     assert health["status"] == "ok" and health["auth"] is True and health["model"] == MODEL
+    assert health["batching"] == "continuous" and health["engine"]["admissions"] >= health["engine"]["batches"]
     models = server.client.get("/v1/models").json()
     assert [m["id"] for m in models["data"]] == [MODEL]
 
@@ -274,6 +278,62 @@ def test_concurrent_requests_share_one_batch_with_the_same_results(tiny_run):
     # Left padding and batch neighbours change nothing: each row decodes as it would alone.
     assert [b["choices"] for b in batched] == [s["choices"] for s in single]
     assert engine.snapshot()["batches"] == 1 + len(prompts) + 1
+
+
+class LetterTokenizer:
+    """One letter per token and no end-of-text token, so a random model's rows run to their budget."""
+
+    eod_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % 26 for c in text]
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(97 + i % 26) for i in ids)
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_request_arriving_mid_decode_joins_the_running_batch(continuous):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=64, n_layer=2, n_head=4, d_model=64)).eval()
+    engine = Engine(model, LetterTokenizer(), max_batch=4, batch_window_s=0.0, continuous=continuous)
+    events: list[tuple[str, object, int]] = []  # (request, event, decode steps run when it came)
+    both_done = threading.Event()
+    short_params = SamplingParams(max_new_tokens=5, temperature=1.0, seed=3)
+    short = Job([RowSpec(0, [5, 6, 7], short_params)], lambda ev: record("short", ev))
+
+    def record(name: str, ev) -> None:
+        events.append((name, ev, engine.stats.decode_steps))
+        if name == "long" and isinstance(ev, TextDelta) and ev.tokens == 3:
+            engine.submit(short)  # arrives while the long request decodes (from the worker thread)
+        if sum(isinstance(e, Finished) for _, e, _ in events) == 2:
+            both_done.set()
+
+    engine.submit(Job([RowSpec(0, [1, 2], SamplingParams(max_new_tokens=30, temperature=0.0))],
+                      lambda ev: record("long", ev)))
+    engine.start()
+    try:
+        assert both_done.wait(60), "the requests did not finish"
+    finally:
+        engine.stop()
+    steps = {(name, type(ev).__name__, getattr(ev, "tokens", None)): n for name, ev, n in events}
+    joined_at = steps[("long", "TextDelta", 3)]
+    short_first = steps[("short", "TextDelta", 1)]
+    long_end = steps[("long", "Finished", 30)]
+    stats = engine.snapshot()
+    if continuous:
+        # The short request joined at the next step and finished while the long one decoded.
+        assert short_first == joined_at + 1 and steps[("short", "Finished", 5)] < long_end
+        assert (stats["batches"], stats["admissions"], stats["largest_batch"]) == (1, 2, 2)
+        assert stats["decode_steps"] == 30
+    else:  # static batching: it waited for the long one to end
+        assert short_first == long_end + 1
+        assert (stats["batches"], stats["admissions"], stats["largest_batch"]) == (2, 2, 1)
+    # Joining a running batch changes nothing: the short row samples what it would alone.
+    alone = [s[0] for s in stream_batch(model, [[5, 6, 7]], [short_params], None)]
+    text = "".join(ev.text for name, ev, _ in events if name == "short" and isinstance(ev, TextDelta))
+    assert text == LetterTokenizer().decode(alone)
+    assert stats["rows_finished"] == 2 and stats["tokens_generated"] == 35 and stats["running"] == 0
 
 
 def test_too_many_concurrent_requests_get_429_until_a_slot_frees(tiny_run):
@@ -389,7 +449,7 @@ def test_config_validation_and_cli_help(capsys, tmp_path):
     assert cli_main(["serve", "--help"]) == 0
     out = capsys.readouterr().out
     for key in ("host=", "port=", "api_key=", "max_prompt_tokens=", "max_tokens=", "max_concurrent=",
-                "batch_window_ms=", "max_batch=", "device=", "dtype="):
+                "batch_window_ms=", "max_batch=", "continuous=", "device=", "dtype="):
         assert key in out
     assert cli_main(["serve", str(tmp_path / "no-such-run")]) == 1
     assert "pilelm train" in capsys.readouterr().err

@@ -160,6 +160,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None) 
                 "max_batch": engine.max_batch,
             },
             "active_requests": slots.active,
+            "batching": "continuous" if engine.continuous else "static",
             "engine": engine.snapshot(),
         }
 

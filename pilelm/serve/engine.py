@@ -1,17 +1,21 @@
-"""The batching scheduler: concurrent requests share forward passes.
+"""The batching scheduler: concurrent requests share forward passes (continuous batching).
 
-One worker thread owns the model. Requests put their rows (one per prompt and choice) on a
-queue; the worker starts a batch once no row has arrived for ``batch_window_s`` (so a burst
-of requests lands in one batch), the oldest row has waited ``BURST_WINDOWS`` windows, or
-``max_batch`` rows wait. It decodes up to ``max_batch`` rows together with
-``generate.stream_batch`` (one left-padded, KV-cached batch). Every step's tokens are turned
-into text per row (whole characters only, stop strings held back and cut) and handed to the
-request's ``emit`` callback, which the HTTP layer points at an asyncio queue.
+One worker thread owns the model and one running ``generate.DecodeBatch`` (a KV-cached batch
+that rows join and leave between decode steps). Requests put their rows (one per prompt and
+choice) on a queue. Before every decode step the worker admits waiting rows into the running
+batch, up to ``max_batch`` live rows: they are prefilled and join the very next step, so a
+request that arrives while others decode gets its first token after one prefill and one step,
+not after the running rows end (continuous or in-flight batching, as vLLM and TGI schedule).
+When the engine is idle, the first batch starts once no row has arrived for ``batch_window_s``
+(so a burst of requests lands in one prefill), the oldest row has waited ``BURST_WINDOWS``
+windows, or ``max_batch`` rows wait. Every step's tokens are turned into text per row (whole
+characters only, stop strings held back and cut) and handed to the request's ``emit``
+callback, which the HTTP layer points at an asyncio queue.
 
 A row ends at eos, at its stop string, at ``max_new_tokens``, or when its request is
-cancelled (the client went away); the worker then tells ``stream_batch`` to drop it from the
-cache, so the rest of the batch stops paying for it. Rows that arrive while a batch runs wait
-for the next one (static batching: ``stream_batch`` fixes its rows when it starts).
+cancelled (the client went away); it then leaves the batch before the next step, so the rest
+stop paying for it. ``continuous=False`` keeps the old static batching (rows that arrive while
+a batch runs wait until all of it has ended), for comparison in ``benchmarks/serve_load.py``.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Literal
 
 import torch.nn as nn
 
-from pilelm.generate import SamplingParams, TextTokenizer, stream_batch
+from pilelm.generate import DecodeBatch, SamplingParams, TextTokenizer
 from pilelm.serve.textstream import CompletionText
 
 log = logging.getLogger(__name__)
@@ -92,6 +96,15 @@ class _Row:
 
 
 @dataclass
+class _Live:
+    """A row in the running batch: its text so far and the tokens it has generated."""
+
+    row: _Row
+    text: CompletionText
+    tokens: int = 0
+
+
+@dataclass
 class EngineStats:
     """Counters for /health and the tests (rows_submitted is written under the queue lock, the
     rest by the worker thread only)."""
@@ -100,10 +113,15 @@ class EngineStats:
     rows_finished: int = 0
     rows_cancelled: int = 0
     batches: int = 0
+    """Times decoding started at an idle engine (a busy period; static batching: one batch)."""
+    admissions: int = 0
+    """Groups of waiting rows prefilled into the batch (the first of a batch included)."""
     decode_steps: int = 0
     tokens_generated: int = 0
     running: int = 0
+    """Rows in the running batch now."""
     largest_batch: int = 0
+    """Most rows decoded together in one step."""
     errors: int = 0
 
 
@@ -115,6 +133,7 @@ class Engine:
         *,
         max_batch: int = 32,
         batch_window_s: float = 0.005,
+        continuous: bool = True,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -123,6 +142,7 @@ class Engine:
         self.eos_id = tokenizer.eod_id
         self.max_batch = max_batch
         self.batch_window_s = batch_window_s
+        self.continuous = continuous
         self.device = next(model.parameters()).device
         self.block_size: int = model.cfg.block_size
         self.vocab_size: int = model.cfg.vocab_size
@@ -132,6 +152,9 @@ class Engine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # The worker's: the running batch and its rows by id.
+        self._batch = DecodeBatch(model, self.eos_id, self.device)
+        self._live: dict[int, _Live] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -143,7 +166,7 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """End the running batch and the waiting rows (their requests get an error), join the worker."""
+        """End the running rows and the waiting ones (their requests get an error), join the worker."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
@@ -156,7 +179,7 @@ class Engine:
             _safe_emit(job, Failed("the server is shutting down"))
 
     def snapshot(self) -> dict[str, int]:
-        """The counters plus the rows waiting for a batch."""
+        """The counters plus the rows waiting to join the batch."""
         return {**asdict(self.stats), "queued": len(self._pending)}
 
     def submit(self, job: Job) -> None:
@@ -172,12 +195,23 @@ class Engine:
     # -- worker -----------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while (rows := self._take_batch()) is not None:
+        while (rows := self._take_rows()) is not None:
             if rows:
-                self._run_batch(rows)
+                self._admit(rows)
+            if self._live:
+                self._step()
+        stopped = list(self._live.values())
+        self._live.clear()
+        self._batch = DecodeBatch(self.model, self.eos_id, self.device)
+        self.stats.running = 0
+        self._fail(stopped, "the server is shutting down")
 
-    def _take_batch(self) -> list[_Row] | None:
-        """Block until a batch is due: max_batch rows waiting, or the oldest waited the window."""
+    def _take_rows(self) -> list[_Row] | None:
+        """The waiting rows to admit before the next step (None: the engine is stopping).
+
+        With rows running, it takes what waits (continuous) or nothing (static) at once; at an
+        idle engine it blocks until a batch is due: max_batch rows waiting, or the oldest
+        waited the window."""
         with self._cond:
             while True:
                 while self._pending and self._pending[0].job.cancelled:
@@ -185,6 +219,11 @@ class Engine:
                     self.stats.rows_cancelled += 1
                 if self._stopping:
                     return None
+                room = self.max_batch - len(self._live)
+                if self._live:
+                    if not self.continuous or room <= 0 or not self._pending:
+                        return []
+                    break
                 if not self._pending:
                     self._cond.wait()
                     continue
@@ -196,7 +235,7 @@ class Engine:
                     break
                 self._cond.wait(wait)
             rows: list[_Row] = []
-            while self._pending and len(rows) < self.max_batch:
+            while self._pending and len(rows) < room:
                 row = self._pending.popleft()
                 if row.job.cancelled:
                     self.stats.rows_cancelled += 1
@@ -204,77 +243,86 @@ class Engine:
                     rows.append(row)
             return rows
 
-    def _run_batch(self, rows: list[_Row]) -> None:
+    def _admit(self, rows: list[_Row]) -> None:
+        """Prefill ``rows`` into the running batch; if that fails, only their requests fail."""
         st = self.stats
-        st.batches += 1
-        st.running = len(rows)
-        st.largest_batch = max(st.largest_batch, len(rows))
-        texts = [CompletionText(self.tokenizer, r.spec.params.stop) for r in rows]
-        counts = [0] * len(rows)
-        done = [False] * len(rows)
-
-        def end(i: int, reason: FinishReason) -> None:
-            tail = texts[i].finish()
-            if tail:
-                _safe_emit(rows[i].job, TextDelta(rows[i].spec.index, tail, counts[i]))
-            _safe_emit(rows[i].job, Finished(rows[i].spec.index, reason, counts[i]))
-            done[i] = True
-            st.rows_finished += 1
-
-        stream = stream_batch(
-            self.model, [r.spec.prompt for r in rows], [r.spec.params for r in rows], self.eos_id, self.device
-        )
-        finish: set[int] = set()
         try:
-            while not all(done):
-                try:
-                    step = stream.send(finish or None)
-                except StopIteration:
-                    break
-                st.decode_steps += 1
-                finish = set()
-                if self._stopping:
-                    raise RuntimeError("the server is shutting down")
-                for i, token in enumerate(step):
-                    if done[i]:
-                        continue
-                    row = rows[i]
-                    if row.job.cancelled:
-                        done[i] = True
-                        finish.add(i)
-                        st.rows_cancelled += 1
-                        continue
-                    if token is None:  # stream_batch ended the row: it reached its budget
-                        end(i, "length")
-                        continue
-                    if token == self.eos_id:
-                        end(i, "stop")
-                        continue
-                    counts[i] += 1
+            ids = self._batch.add([r.spec.prompt for r in rows], [r.spec.params for r in rows])
+        except Exception as e:  # a bad prefill must not take the server (or the batch) down
+            self._fail([_Live(r, CompletionText(self.tokenizer)) for r in rows], self._error_message(e, len(rows)))
+            return
+        if not self._live:
+            st.batches += 1
+        st.admissions += 1
+        for row_id, row in zip(ids, rows, strict=True):
+            self._live[row_id] = _Live(row, CompletionText(self.tokenizer, row.spec.params.stop))
+        st.running = len(self._live)
+        st.largest_batch = max(st.largest_batch, st.running)
+
+    def _step(self) -> None:
+        """One decode step of the running batch; each row's new text goes to its request."""
+        st = self.stats
+        live = self._live
+        cancelled = [row_id for row_id, lv in live.items() if lv.row.job.cancelled]
+        if cancelled:
+            self._leave(cancelled)
+            st.rows_cancelled += len(cancelled)
+            if not live:
+                return
+        try:
+            tokens = self._batch.step()
+            st.decode_steps += 1
+            for row_id, token in tokens.items():
+                lv = live[row_id]
+                if lv.row.job.cancelled:  # cancelled during the step
+                    self._leave([row_id])
+                    st.rows_cancelled += 1
+                elif token == self.eos_id:
+                    self._end(row_id, "stop")
+                else:
+                    lv.tokens += 1
                     st.tokens_generated += 1
-                    delta = texts[i].push(token)
+                    delta = lv.text.push(token)
                     if delta:
-                        _safe_emit(row.job, TextDelta(row.spec.index, delta, counts[i]))
-                    if texts[i].stopped:
-                        end(i, "stop")
-                        finish.add(i)
-                    elif counts[i] >= row.spec.params.max_new_tokens:
-                        end(i, "length")
-            for i in range(len(rows)):
-                if not done[i] and not rows[i].job.cancelled:
-                    end(i, "length")
-        except Exception as e:  # a bad batch must not take the server down
-            if self._stopping:
-                message = "the server is shutting down"
-            else:
-                log.exception("generation failed for a batch of %d rows", len(rows))
-                st.errors += 1
-                message = f"generation failed: {type(e).__name__}: {e}"
-            for job in {id(rows[i].job): rows[i].job for i in range(len(rows)) if not done[i]}.values():
-                _safe_emit(job, Failed(message))
-        finally:
-            stream.close()
+                        _safe_emit(lv.row.job, TextDelta(lv.row.spec.index, delta, lv.tokens))
+                    if lv.text.stopped:
+                        self._end(row_id, "stop")
+                    elif lv.tokens >= lv.row.spec.params.max_new_tokens:
+                        self._end(row_id, "length")
+        except Exception as e:  # a bad step must not take the server down: its rows fail
+            failed = list(live.values())
+            live.clear()
+            self._batch = DecodeBatch(self.model, self.eos_id, self.device)
             st.running = 0
+            self._fail(failed, self._error_message(e, len(failed)))
+
+    def _end(self, row_id: int, reason: FinishReason) -> None:
+        lv = self._live[row_id]
+        tail = lv.text.finish()
+        if tail:
+            _safe_emit(lv.row.job, TextDelta(lv.row.spec.index, tail, lv.tokens))
+        _safe_emit(lv.row.job, Finished(lv.row.spec.index, reason, lv.tokens))
+        self.stats.rows_finished += 1
+        self._leave([row_id])
+
+    def _leave(self, row_ids: list[int]) -> None:
+        self._batch.drop(row_ids)  # rows that ended at eos or their budget have left already
+        for row_id in row_ids:
+            del self._live[row_id]
+        self.stats.running = len(self._live)
+
+    def _error_message(self, e: Exception, n_rows: int) -> str:
+        if self._stopping:
+            return "the server is shutting down"
+        log.exception("generation failed for a batch of %d rows", n_rows, exc_info=e)
+        self.stats.errors += 1
+        return f"generation failed: {type(e).__name__}: {e}"
+
+    def _fail(self, rows: list[_Live], message: str) -> None:
+        """End the requests of ``rows`` with ``message``; their other rows are cancelled."""
+        for job in {id(lv.row.job): lv.row.job for lv in rows}.values():
+            _safe_emit(job, Failed(message))
+            job.cancel()
 
 
 def _safe_emit(job: Job, event: Event) -> None:

@@ -53,7 +53,9 @@ class ServeConfig:
     max_batch: int = 64
     """Most completions decoded together in one forward pass (also the most one request may ask for)."""
     batch_window_ms: float = 20.0
-    """A batch starts once no request has arrived for this long (or after 10 windows, or at max_batch rows), so requests arriving together share forward passes."""
+    """At an idle server, decoding starts once no request has arrived for this long (or after 10 windows, or at max_batch rows), so requests arriving together share one prefill."""
+    continuous: bool = True
+    """Continuous batching: requests join the running batch at the next decode step. --no-continuous: static batching (they wait until the running batch has ended; for comparison)."""
     max_request_bytes: int = 1_000_000
     """Largest request body accepted (413 above)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -89,7 +91,8 @@ def load_engine(cfg: ServeConfig) -> Engine:
         raise ValueError(f"{cfg.run} holds a {type(model).__name__} model; serve generates text with "
                          "causal language models (gpt2 or neox)")
     model = model.to(DTYPES[cfg.dtype])
-    return Engine(model, load_tokenizer(tok_dir), max_batch=cfg.max_batch, batch_window_s=cfg.batch_window_ms / 1000)
+    return Engine(model, load_tokenizer(tok_dir), max_batch=cfg.max_batch, batch_window_s=cfg.batch_window_ms / 1000,
+                  continuous=cfg.continuous)
 
 
 def _is_loopback(host: str) -> bool:
