@@ -212,6 +212,14 @@ class DecodeBatch:
     sampled token) that the one-token forward at the start of the next ``step`` feeds. So rows
     dropped between steps cost no forward, and new rows, whose prefill covers their prompt but
     its last token, join the very next step's forward with the rest.
+
+    Memory: ``cache`` is a window (the first rows, columns from an offset) onto a larger store,
+    so that joining and leaving copy only the rows that move, not the whole cache: a new row is
+    written into a free slot, a leaving row's slot is filled by the last row, and cutting the
+    leading columns that are padding for every row (compaction, which keeps ``cache.length`` the
+    longest live row, never more than the model's context) moves the window's offset. The store
+    is reallocated, with room to spare, only when the rows or the columns they may still need
+    outgrow it; the first allocation is exact (``stream_batch`` never grows).
     """
 
     def __init__(self, model: nn.Module, eos_id: int | None, device: str | torch.device | None = None):
@@ -223,7 +231,9 @@ class DecodeBatch:
         self.ids: list[int] = []  # id of each cache row
         self.budget: list[int] = []  # tokens each row may still sample
         self.start: list[int] = []  # first real (unpadded) cache column of each row
-        self.cache: KVCache | None = None
+        self.cache: KVCache | None = None  # the window onto _store that the model sees
+        self._store: KVCache | None = None
+        self._offset = 0  # the window's first column in the store
         self.pending = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) token to feed next
         self.pos = torch.zeros(0, dtype=torch.long, device=self.device)  # (B,) its position
         self.seen = torch.zeros(0, self.cfg.vocab_size, dtype=torch.bool, device=self.device)  # (B, V)
@@ -236,10 +246,33 @@ class DecodeBatch:
     def __contains__(self, row_id: object) -> bool:
         return row_id in self.ids
 
+    def _set_window(self, length: int) -> None:
+        store, B, off = self._store, len(self.ids), self._offset
+        assert store is not None
+        if self.cache is None:
+            self.cache = KVCache(self.cfg, 0, 0, self.device, self.dtype)
+        self.cache.kv = store.kv[:, :, :B, :, off:]  # (n_layer, 2, B, nh, max_len, hs), a view
+        self.cache.key_mask = store.key_mask[:B, off:]
+        self.cache.max_len = store.max_len - off
+        self.cache.length = length
+        self.cache.padded = max(self.start) > 0
+
+    def _relayout(self, rows: int, columns: int, offset: int, spare: bool) -> None:
+        """Move the live rows into a new store of ``rows`` slots and ``columns`` columns (plus
+        a quarter more of each when ``spare``), their window starting at column ``offset``."""
+        if spare:
+            rows, columns = rows + max(4, rows // 4), columns + max(16, columns // 4)
+        store = KVCache(self.cfg, rows, columns, self.device, self.dtype)
+        if self.cache is not None and self.ids:
+            B, L = len(self.ids), self.cache.length
+            store.kv[:, :, :B, :, offset : offset + L] = self.cache.kv[:, :, :, :, :L]
+            store.key_mask[:B, offset : offset + L] = self.cache.key_mask[:, :L]
+        self._store, self._offset = store, offset
+
     @torch.inference_mode()
     def add(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[int]:
         """Prefill ``prompts`` (left-padded among themselves) and merge them into the batch;
-        returns their ids. The batch is unchanged if this raises."""
+        returns their ids. The rows already running are unchanged if this raises."""
         if len(prompts) != len(params):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
         if not prompts:
@@ -265,31 +298,35 @@ class DecodeBatch:
         for i, r in enumerate(rows):
             seen[i, torch.tensor(r, device=device)] = True
 
-        # Merge: old and new rows right-aligned at the longer of the two filled lengths, with
-        # room for the largest number of tokens any row may still feed.
+        # Merge: old and new rows right-aligned at the longer of the two filled lengths (the
+        # window moves left when the new rows are longer), with room for the most tokens any
+        # row may still feed.
         B = len(self.ids)
-        L = self.cache.length if self.cache is not None else 0
+        L = self.cache.length if self.ids else 0
         length = max(L, P)
         budget = self.budget + [sp.max_new_tokens for sp in params]
-        merged = KVCache(cfg, B + n_new, length + max(budget), device, self.dtype)
-        if self.cache is not None:
-            merged.kv[:, :, :B, :, length - L : length] = self.cache.kv[:, :, :, :, :L]
-            merged.key_mask[:B, length - L : length] = self.cache.key_mask[:, :L]
-            merged.key_mask[:B, : length - L] = False
+        columns = length + max(budget)  # the window's columns the rows may use
+        offset = self._offset - (length - L)
+        store = self._store
+        if store is None or B + n_new > store.kv.size(2) or offset < 0 or offset + columns > store.max_len:
+            self._relayout(B + n_new, columns, length - L, spare=store is not None)
+            offset, store = 0, self._store
+            assert store is not None
+        new = slice(B, B + n_new)
+        store.key_mask[:B, offset : offset + length - L] = False  # old rows: padding where the window grew
+        store.key_mask[new, offset:] = True
+        store.key_mask[new, offset : offset + length - P] = False
         if prefill is not None:
-            merged.kv[:, :, B:, :, length - P : length] = prefill.kv[:, :, :, :, :P]
-            merged.key_mask[B:, length - P : length] = prefill.key_mask[:, :P]
-        merged.key_mask[B:, : length - P] = False
-        merged.length = length
-        start = [s + length - L for s in self.start] + [length - c for c in ctx]
-        merged.padded = max(start) > 0
+            store.kv[:, :, new, :, offset + length - P : offset + length] = prefill.kv[:, :, :, :, :P]
+            store.key_mask[new, offset + length - P : offset + length] = prefill.key_mask[:, :P]
 
         ids = list(range(self._next_id, self._next_id + n_new))
         self._next_id += n_new
-        self.cache = merged
         self.ids += ids
         self.budget = budget
-        self.start = start
+        self.start = [s + length - L for s in self.start] + [length - c for c in ctx]
+        self._offset = offset
+        self._set_window(length)
         self.pending = torch.cat([self.pending, torch.tensor([r[-1] for r in rows], device=device)])
         self.pos = torch.cat([self.pos, torch.tensor(ctx, device=device)])
         self.seen = torch.cat([self.seen, seen])
@@ -326,30 +363,42 @@ class DecodeBatch:
         columns that are padding for every row left are cut, so ``cache.length`` stays the
         longest live row (never more than the model's context)."""
         gone = set(row_ids)
-        keep = [j for j, row_id in enumerate(self.ids) if row_id not in gone]
-        if len(keep) == len(self.ids):
+        if not gone.intersection(self.ids):
             return
-        cache = self.cache
-        assert cache is not None
-        self.ids = [self.ids[j] for j in keep]
-        self.budget = [self.budget[j] for j in keep]
-        if not keep:
-            self.cache = None
-            self.start = []
+        cache, store = self.cache, self._store
+        assert cache is not None and store is not None
+        B = len(self.ids)
+        kept = [j for j, row_id in enumerate(self.ids) if row_id not in gone]
+        if not kept:
+            self.ids, self.budget, self.start = [], [], []
+            self.cache = self._store = None  # the memory goes back until rows come again
+            self._offset = 0
             self.pending, self.pos, self.seen = self.pending[:0], self.pos[:0], self.seen[:0]
             self.sampler.keep([])
             return
-        start = [self.start[j] for j in keep]
+        # The last live rows move into the freed slots below len(kept); the others stay put.
+        n = len(kept)
+        holes = [j for j in range(n) if self.ids[j] in gone]
+        movers = [j for j in range(n, B) if self.ids[j] not in gone]
+        order = list(range(n))  # order[slot] = the row (old slot) that is there now
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        if holes:
+            dst = torch.tensor(holes, device=self.device)
+            src = torch.tensor(movers, device=self.device)
+            window = store.kv.narrow(4, self._offset, cache.length)
+            window.index_copy_(2, dst, window.index_select(2, src))
+            store.key_mask.index_copy_(0, dst, store.key_mask.index_select(0, src))
+        index = torch.tensor(order, device=self.device)
+        self.ids = [self.ids[j] for j in order]
+        self.budget = [self.budget[j] for j in order]
+        start = [self.start[j] for j in order]
         cut = min(start)
-        index = torch.tensor(keep, device=self.device)
-        cache.kv = cache.kv[:, :, :, :, cut:].index_select(2, index)
-        cache.key_mask = cache.key_mask[:, cut:].index_select(0, index)
-        cache.length -= cut
-        cache.max_len -= cut
         self.start = [s - cut for s in start]
-        cache.padded = max(self.start) > 0
+        self._offset += cut
+        self._set_window(cache.length - cut)
         self.pending, self.pos, self.seen = self.pending[index], self.pos[index], self.seen[index]
-        self.sampler.keep(keep)
+        self.sampler.keep(order)
 
 
 @torch.inference_mode()
