@@ -46,6 +46,15 @@ class BigramLM(nn.Module):
         return logits, None
 
 
+def chain_model(eos: int) -> BigramLM:
+    """Deterministic chain 0 -> 1 -> ... -> eos -> 0 over eos + 1 tokens."""
+    V = eos + 1
+    table = torch.full((V, V), -10.0)
+    for t in range(V):
+        table[t, (t + 1) % V] = 10.0
+    return BigramLM(table)
+
+
 def greedy_reference(model: GPT, prompt: list[int], n: int) -> list[int]:
     """Greedy decoding by full forward passes, no cache."""
     ids = list(prompt)
@@ -150,11 +159,8 @@ def test_rows_joining_a_running_batch_sample_as_alone_seeded(arch):
 
 
 def test_rows_leaving_by_eos_before_others_join():
-    V, eos = 6, 5
-    table = torch.full((V, V), -10.0)
-    for t in range(V):
-        table[t, (t + 1) % V] = 10.0  # deterministic chain 1 -> 2 -> 3 -> 4 -> 5 (eos)
-    model = BigramLM(table)
+    eos = 5
+    model = chain_model(eos)
     g = SamplingParams(10, 0.0)
     joins = {0: [("x", [0, 3], g), ("y", [0], g)], 4: [("z", [1, 2, 2], g)], 5: [("w", [4], g)]}
     tokens, live = run_schedule(model, eos, joins)
@@ -197,11 +203,8 @@ def test_repetition_penalty_follows_ctrl():
 
 
 def test_eos_ends_a_row_and_later_steps_yield_none():
-    V, eos = 6, 5
-    table = torch.full((V, V), -10.0)
-    for t in range(V):
-        table[t, (t + 1) % V] = 10.0  # deterministic chain 1 -> 2 -> 3 -> 4 -> 5 (eos)
-    model = BigramLM(table)
+    eos = 5
+    model = chain_model(eos)
     steps = list(stream_batch(model, [[3], [0]], [SamplingParams(10, 0.0)] * 2, eos_id=eos))
     assert [s[0] for s in steps] == [4, 5] + [None] * 3
     assert [s[1] for s in steps] == [1, 2, 3, 4, 5]

@@ -200,7 +200,7 @@ class Engine:
                 self._admit(rows)
             if self._live:
                 self._step()
-        stopped = list(self._live.values())
+        stopped = [lv.row.job for lv in self._live.values()]
         self._live.clear()
         self._batch = DecodeBatch(self.model, self.eos_id, self.device)
         self.stats.running = 0
@@ -249,7 +249,7 @@ class Engine:
         try:
             ids = self._batch.add([r.spec.prompt for r in rows], [r.spec.params for r in rows])
         except Exception as e:  # a bad prefill must not take the server (or the batch) down
-            self._fail([_Live(r, CompletionText(self.tokenizer)) for r in rows], self._error_message(e, len(rows)))
+            self._fail([r.job for r in rows], self._error_message(e, len(rows)))
             return
         if not self._live:
             st.batches += 1
@@ -290,7 +290,7 @@ class Engine:
                     elif lv.tokens >= lv.row.spec.params.max_new_tokens:
                         self._end(row_id, "length")
         except Exception as e:  # a bad step must not take the server down: its rows fail
-            failed = list(live.values())
+            failed = [lv.row.job for lv in live.values()]
             live.clear()
             self._batch = DecodeBatch(self.model, self.eos_id, self.device)
             st.running = 0
@@ -318,9 +318,9 @@ class Engine:
         self.stats.errors += 1
         return f"generation failed: {type(e).__name__}: {e}"
 
-    def _fail(self, rows: list[_Live], message: str) -> None:
-        """End the requests of ``rows`` with ``message``; their other rows are cancelled."""
-        for job in {id(lv.row.job): lv.row.job for lv in rows}.values():
+    def _fail(self, jobs: list[Job], message: str) -> None:
+        """End these requests with ``message`` (once each); their other rows are cancelled."""
+        for job in {id(job): job for job in jobs}.values():
             _safe_emit(job, Failed(message))
             job.cancel()
 
