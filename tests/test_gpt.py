@@ -143,3 +143,13 @@ def test_a_model_that_decoded_can_be_copied_and_pickled():
     clone = copy.deepcopy(model)
     assert not clone.lm_head._packed and torch.equal(clone.lm_head.weight, model.lm_head.weight)
     torch.save(model, io.BytesIO())
+
+
+def test_no_grad_evaluation_keeps_f_linear():
+    lin = Linear(32, 64)
+    with torch.no_grad():
+        lin(torch.randn(2, 32))
+    assert not lin._packed  # only inference_mode (generation, serving) repacks
+    with torch.inference_mode():
+        lin(torch.randn(2, 32))
+    assert lin._packed

@@ -195,21 +195,25 @@ def _onednn_packs(dtype: torch.dtype) -> bool:
 
 
 def can_repack(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``Linear`` may use a repacked copy of ``w`` for input ``x`` (CPU inference):
-    not under autocast or compilation, and not for weights made under ``torch.inference_mode``,
-    which have no version counter to notice in-place changes by."""
-    return (x.dtype == w.dtype and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()
-            and not w.is_inference())
+    """Whether ``Linear`` may use a repacked copy of ``w`` for input ``x``: only under
+    ``torch.inference_mode`` (generation and serving; evaluation inside a training run, where
+    the weights change between calls and may be sharded, keeps ``F.linear``), not under
+    autocast or compilation, and not for weights made under ``torch.inference_mode``, which
+    have no version counter to notice in-place changes by."""
+    return (torch.is_inference_mode_enabled() and x.dtype == w.dtype and not torch.is_autocast_enabled("cpu")
+            and not torch.compiler.is_compiling() and not w.is_inference())
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state dict) that, in CPU inference on at most
-    ``DECODE_MAX_ROWS`` rows, multiplies by a repacked copy of its weight.
+    """``nn.Linear`` (same parameters and state dict) that, in CPU inference
+    (``torch.inference_mode``) on at most ``DECODE_MAX_ROWS`` rows, multiplies by a repacked
+    copy of its weight.
 
     The copy is made on first use and remade when the weight changes (an optimizer step,
-    ``load_state_dict``, ``.to()``); it costs one more weight's worth of memory. Training,
-    autocast, compiled graphs, other devices and weights made under ``torch.inference_mode``
-    (which have no version counter) take ``F.linear``.
+    ``load_state_dict``, ``.to()``); it costs one more weight's worth of memory. Only code
+    under ``torch.inference_mode`` uses it; training, ``no_grad`` evaluation, autocast,
+    compiled graphs, other devices and weights made under ``torch.inference_mode`` (which have
+    no version counter) take ``F.linear``.
     """
 
     def __init__(self, *args, **kwargs):
