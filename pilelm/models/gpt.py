@@ -107,9 +107,16 @@ class KVCache:
         # Keys and values of a layer side by side, so one copy stores a decoded token's both.
         self.kv = torch.zeros((cfg.n_layer, 2, batch, cfg.n_head, max_len, cfg.head_size), device=device, dtype=dtype)
         self.key_mask = torch.ones(batch, max_len, device=device, dtype=torch.bool)
-        self.padded: bool | None = None  # any False in key_mask; checked on multi-token forwards
+        self.padded: bool | None = None  # any False in key_mask (see has_padding)
         self.length = 0
         self.max_len = max_len
+
+    def has_padding(self, recheck: bool = False) -> bool:
+        """Whether ``key_mask`` marks any padding; read once and remembered (multi-token
+        forwards recheck, since callers set the mask before a prefill)."""
+        if self.padded is None or recheck:
+            self.padded = not bool(self.key_mask.all())
+        return self.padded
 
     @property
     def k(self) -> torch.Tensor:
@@ -194,6 +201,14 @@ def _onednn_packs(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+def repack_kind(rows: int, dtype: torch.dtype) -> str | None:
+    """The repacked layout that multiplies ``rows`` rows fastest: "t" (W^T, for one fp32 row on
+    one thread, where oneDNN runs serially), "onednn", or None (``F.linear``)."""
+    if rows == 1 and dtype == torch.float32 and torch.get_num_threads() == 1:
+        return "t"
+    return "onednn" if _onednn_packs(dtype) else None
+
+
 def can_repack(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``Linear`` may use a repacked copy of ``w`` for input ``x``: only under
     ``torch.inference_mode`` (generation and serving; evaluation inside a training run, where
@@ -228,20 +243,18 @@ class Linear(nn.Linear):
         if (torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() > DECODE_MAX_ROWS * x.size(-1)
                 or not can_repack(x, self.weight)):
             return F.linear(x, self.weight, self.bias)
-        return self.repacked_matmul(x.reshape(-1, x.size(-1))).view(*x.shape[:-1], self.out_features)
+        x2 = x.reshape(-1, x.size(-1))
+        return self.repacked_matmul(x2, repack_kind(x2.size(0), x.dtype)).view(*x.shape[:-1], self.out_features)
 
-    def repacked_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (rows, in) -> (rows, out) from the repacked weight; the caller has checked
-        ``can_repack`` and that this is CPU inference on a few rows."""
-        w = self.weight
-        if x.size(0) == 1 and w.dtype == torch.float32 and torch.get_num_threads() == 1:
-            if self.out_features <= self.in_features:
-                return F.linear(x, w, self.bias)
+    def repacked_matmul(self, x: torch.Tensor, kind: str | None) -> torch.Tensor:
+        """x (rows, in) -> (rows, out) from the weight repacked as ``kind`` (``repack_kind``);
+        the caller has checked ``can_repack`` and that this is CPU inference on a few rows."""
+        if kind == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self._repacked("onednn"), self.bias, "none", [], "")
+        if kind == "t" and self.out_features > self.in_features:  # else aten's own layout reads fastest
             packed = self._repacked("t")
             return x @ packed if self.bias is None else torch.addmm(self.bias, x, packed)
-        if not _onednn_packs(w.dtype):
-            return F.linear(x, w, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self._repacked("onednn"), self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
 
     def _repacked(self, kind: str) -> torch.Tensor:
         w = self.weight
@@ -287,10 +300,9 @@ class Attention(nn.Module):
             cache.v[layer, :, :, start : start + T] = v
             k = cache.k[layer, :, :, : start + T]  # (B, nh, S, hs), S = filled length
             v = cache.v[layer, :, :, : start + T]
-            # One new token sees every filled position: no causal mask, and no mask at all
-            # unless there is padding.
-            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, dropout_p=drop,
-                                               is_causal=mask is None and T > 1).to(x.dtype)
+            # The model built the mask: causal + padding for several tokens; for one new token,
+            # which sees every filled position, padding only (None without padding).
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, dropout_p=drop).to(x.dtype)
         elif mask is None and x.device.type == "cpu" and T <= CPU_EXPLICIT_ATTENTION_MAX_T \
                 and torch.is_grad_enabled():
             y = causal_attention_explicit(q, k, v, drop)
@@ -435,11 +447,10 @@ class GPT(nn.Module):
             if start + T > cache.max_len:
                 raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} needed")
             S = start + T
-            if cache.padded is None or T > 1:
-                cache.padded = not bool(cache.key_mask.all())
             if T == 1:
-                mask = cache.key_mask[:, None, None, :S] if cache.padded else None  # (B, 1, 1, S)
+                mask = cache.key_mask[:, None, None, :S] if cache.has_padding() else None  # (B, 1, 1, S)
             else:
+                cache.has_padding(recheck=True)
                 causal = torch.ones(T, S, dtype=torch.bool, device=idx.device).tril(diagonal=start)  # (T, S)
                 mask = causal[None, None] & cache.key_mask[:, None, None, :S]  # (B, 1, T, S)
                 # A padding query whose keys are all padding would give NaN; let it see itself.
@@ -482,17 +493,12 @@ class GPT(nn.Module):
                 raise ValueError(f"sequence position {cache.length} exceeds block_size {cfg.block_size}")
             x = x + F.embedding(positions, self.wpe.weight)
         fast = x.device.type == "cpu" and B <= DECODE_MAX_ROWS and can_repack(x, self.lm_head.weight)
-        onednn = fast and _onednn_packs(x.dtype) and not (B == 1 and x.dtype == torch.float32
-                                                           and torch.get_num_threads() == 1)
+        kind = repack_kind(B, x.dtype) if fast else None  # chosen once per step, not per layer
 
         def linear(lin: Linear, a: torch.Tensor) -> torch.Tensor:
-            if onednn:  # repacked_matmul's choice, made once per step
-                return torch.ops.mkldnn._linear_pointwise(a, lin._repacked("onednn"), lin.bias, "none", [], "")
-            return lin.repacked_matmul(a) if fast else F.linear(a, lin.weight, lin.bias)
+            return lin.repacked_matmul(a, kind)
 
-        if cache.padded is None:
-            cache.padded = not bool(cache.key_mask.all())
-        mask = cache.key_mask[:, None, None, :S] if cache.padded else None  # (B, 1, 1, S)
+        mask = cache.key_mask[:, None, None, :S] if cache.has_padding() else None  # (B, 1, 1, S)
         rope = None
         if self.rotary is not None:
             rope = self.rotary(positions[:, None], x.dtype)  # (B, 1, 1, rotary_dim) each
