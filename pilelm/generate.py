@@ -145,7 +145,6 @@ class _RowSampler:
     """Per-row sampling settings of the rows still decoding, as tensors."""
 
     def __init__(self, params: list[SamplingParams], device: torch.device, vocab: int):
-        self.device, self.vocab = device, vocab
         self.params = params
         self.temperature = torch.tensor([p.temperature for p in params], device=device)
         self.top_k = torch.tensor([min(p.top_k, vocab) for p in params], device=device, dtype=torch.long)
@@ -344,7 +343,8 @@ class DecodeBatch:
         assert self.cache is not None
         logits, _ = self.model(self.pending[:, None], cache=self.cache, positions=self.pos[:, None], last_only=True)
         nxt = self.sampler(logits[:, -1].float(), self.seen)  # (B,)
-        self.seen.scatter_(1, nxt[:, None], True)
+        if self.sampler.use_penalty:  # only a penalised row reads its seen tokens
+            self.seen.scatter_(1, nxt[:, None], True)
         self.pending = nxt
         self.pos = self.pos + 1
         tokens = nxt.tolist()

@@ -200,11 +200,7 @@ class Engine:
                 self._admit(rows)
             if self._live:
                 self._step()
-        stopped = [lv.row.job for lv in self._live.values()]
-        self._live.clear()
-        self._batch = DecodeBatch(self.model, self.eos_id, self.device)
-        self.stats.running = 0
-        self._fail(stopped, "the server is shutting down")
+        self._fail_running("the server is shutting down")
 
     def _take_rows(self) -> list[_Row] | None:
         """The waiting rows to admit before the next step (None: the engine is stopping).
@@ -290,11 +286,7 @@ class Engine:
                     elif lv.tokens >= lv.row.spec.params.max_new_tokens:
                         self._end(row_id, "length")
         except Exception as e:  # a bad step must not take the server down: its rows fail
-            failed = [lv.row.job for lv in live.values()]
-            live.clear()
-            self._batch = DecodeBatch(self.model, self.eos_id, self.device)
-            st.running = 0
-            self._fail(failed, self._error_message(e, len(failed)))
+            self._fail_running(self._error_message(e, len(self._live)))
 
     def _end(self, row_id: int, reason: FinishReason) -> None:
         lv = self._live[row_id]
@@ -310,6 +302,14 @@ class Engine:
         for row_id in row_ids:
             del self._live[row_id]
         self.stats.running = len(self._live)
+
+    def _fail_running(self, message: str) -> None:
+        """End every running row's request with ``message``; start a new, empty batch."""
+        failed = [lv.row.job for lv in self._live.values()]
+        self._live.clear()
+        self._batch = DecodeBatch(self.model, self.eos_id, self.device)
+        self.stats.running = 0
+        self._fail(failed, message)
 
     def _error_message(self, e: Exception, n_rows: int) -> str:
         if self._stopping:
