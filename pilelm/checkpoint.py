@@ -222,11 +222,13 @@ def prune_checkpoints(run_dir: str | Path, keep_last: int) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def find_resumable(run_dir: str | Path) -> tuple[int, Path] | None:
-    """The newest intact training checkpoint of a run, reporting (and skipping) damaged ones."""
+def find_resumable(run_dir: str | Path, train_state: bool = True) -> tuple[int, Path] | None:
+    """The newest intact checkpoint of a run, reporting (and skipping) damaged ones; with
+    ``train_state`` it must also hold the optimizer and loader state to resume from (weights
+    alone, as `pilelm import` writes, are enough to start a run from)."""
     for step, ckpt in reversed(list_checkpoints(run_dir)):
         problem = verify_checkpoint(ckpt)
-        if problem is None and not (ckpt / TRAIN_STATE).is_file():
+        if problem is None and train_state and not (ckpt / TRAIN_STATE).is_file():
             problem = f"{TRAIN_STATE} is missing"
         if problem is None:
             return step, ckpt

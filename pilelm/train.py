@@ -199,12 +199,11 @@ def _init_source(cfg: TrainConfig, tokenizer_dir: Path) -> tuple[Path, TrainConf
         if problem:
             raise ValueError(f"init_from: {step_dir} is not an intact checkpoint ({problem})")
     else:
-        intact = [c for _, c in ckpt_io.list_checkpoints(src) if ckpt_io.verify_checkpoint(c) is None] \
-            if src.is_dir() else []
-        if not intact:
+        found = ckpt_io.find_resumable(src, train_state=False) if src.is_dir() else None
+        if found is None:
             raise FileNotFoundError(f"init_from: {src} holds no intact checkpoint (RUN/checkpoints/step_*/); "
                                     "give a run directory such as `pilelm import`'s output, or a checkpoint folder")
-        step_dir, run_dir = intact[-1], src
+        step_dir, run_dir = found[1], src
     mcfg = config_from_spec(json.loads((step_dir / "model.json").read_text()))
     family = "gpt" if isinstance(mcfg, GPTConfig) else "bert"
     mcfg = replace(mcfg, dropout=(cfg.model if family == "gpt" else cfg.bert).dropout)
