@@ -1,7 +1,7 @@
 """Decoding throughput: pilelm's KV-cached ``stream_batch`` vs transformers ``generate``.
 
 Both decode the same weights (a randomly initialised pilelm GPT, exported exactly to a
-transformers folder with ``pilelm.hf``) greedily from the same prompts, at batch 1 and 8;
+transformers folder with ``pilelm.interop.hf``) greedily from the same prompts, at batch 1 and 8;
 the table says whether they produced the same tokens. tok/s = batch x new tokens / wall
 time (prefill of the prompt included); the best of ``--repeats`` interleaved rounds.
 
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pilelm.generate import SamplingParams, stream_batch
-from pilelm.hf import gpt_hf_config, gpt_to_hf
+from pilelm.inference.generate import SamplingParams, stream_batch
+from pilelm.interop.hf import gpt_hf_config, gpt_to_hf
 from pilelm.models.gpt import GPT, GPTConfig
 
 SHAPES = {

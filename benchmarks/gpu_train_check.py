@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from pilelm.config import load_config
-from pilelm.manifest import MANIFEST
-from pilelm.precision import matmul_flops
-from pilelm.stages import COMMANDS, resolve_config_path
-from pilelm.train import TrainConfig, run_train
+from pilelm.core.config import load_config
+from pilelm.core.manifest import MANIFEST
+from pilelm.core.stages import COMMANDS, resolve_config_path
+from pilelm.training.precision import matmul_flops
+from pilelm.training.trainer import TrainConfig, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "pilelm" / "sample"

@@ -84,7 +84,7 @@ def measure(args: list[str]) -> tuple[float, float, str]:
 
 
 def run_pilelm(data: Path, out: Path, workers: int, full: bool) -> None:
-    from pilelm.config import load_config
+    from pilelm.core.config import load_config
     from pilelm.data.pipeline import PrepareConfig, run_prepare
 
     if full:

@@ -38,10 +38,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pilelm.manifest import write_manifest  # noqa: E402
-from pilelm.shards import open_split  # noqa: E402
-from pilelm.tokenize import TokenizeConfig, run_tokenize  # noqa: E402
-from pilelm.tokenizer import TokenizerTrainConfig, iter_split_texts, load_tokenizer, run_tokenizer_train  # noqa: E402
+from pilelm.core.manifest import write_manifest  # noqa: E402
+from pilelm.tokens.shards import open_split  # noqa: E402
+from pilelm.tokens.tokenize import TokenizeConfig, run_tokenize  # noqa: E402
+from pilelm.tokens.tokenizer import (  # noqa: E402
+    TokenizerTrainConfig,
+    iter_split_texts,
+    load_tokenizer,
+    run_tokenizer_train,
+)
 
 
 def prepared_view(minipile: Path, work: Path) -> Path:

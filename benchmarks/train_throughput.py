@@ -30,12 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pilelm.config import load_config
-from pilelm.manifest import MANIFEST
+from pilelm.core.config import load_config
+from pilelm.core.manifest import MANIFEST
+from pilelm.core.stages import COMMANDS
 from pilelm.models.gpt import GPT, GPTConfig
-from pilelm.precision import matmul_flops
-from pilelm.stages import COMMANDS
-from pilelm.train import TrainConfig, Trainer
+from pilelm.training.precision import matmul_flops
+from pilelm.training.trainer import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIPILE = ROOT.parent / "shared" / "minipile"
@@ -274,8 +274,8 @@ class Remote:
 
 def windows_of(cfg: TrainConfig, n_steps: int) -> torch.Tensor:
     """The (T + 1)-token windows pilelm reads in its first n_steps, in order."""
-    from pilelm.loader import BatchLoader
-    from pilelm.shards import open_split
+    from pilelm.tokens.shards import open_split
+    from pilelm.training.loader import BatchLoader
 
     tokens = open_split(cfg.data, "train").dataset.tokens
     loader = BatchLoader(tokens, SHAPE["block_size"], BATCH, 1, seed=cfg.loop.seed)
@@ -309,7 +309,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="train_bench_"))
     cfg = pilelm_config(shards, args.steps, args.seed, tmp / "pilelm", args.precision, args.compile)
     windows = windows_of(cfg, args.steps)
-    from pilelm.shards import open_split
+    from pilelm.tokens.shards import open_split
 
     val_tokens = np.asarray(open_split(shards, "val").dataset.tokens)
     T = SHAPE["block_size"]

@@ -1,5 +1,5 @@
 import sys
 
-from pilelm.cli import main
+from pilelm.core.cli import main
 
 sys.exit(main())

@@ -66,8 +66,9 @@ def make_tiny_run(
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from pilelm import checkpoint, manifest
+    from pilelm.core import manifest
     from pilelm.models.gpt import GPT, GPTConfig
+    from pilelm.training import checkpoint
 
     run_dir = Path(run_dir)
     tok = Tokenizer(models.BPE())

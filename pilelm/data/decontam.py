@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pilelm.core.manifest import atomic_path
 from pilelm.data.words import Words, ngrams, tokenize
-from pilelm.manifest import atomic_path
 
 
 @dataclass

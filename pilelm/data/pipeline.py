@@ -39,7 +39,15 @@ from typing import Any
 import numpy as np
 import zstandard
 
-from pilelm.config import to_dict
+from pilelm.core.config import to_dict
+from pilelm.core.manifest import (
+    MANIFEST,
+    Timer,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_manifest,
+    write_manifest,
+)
 from pilelm.data.decontam import (
     IGNORED,
     DecontamConfig,
@@ -66,14 +74,6 @@ from pilelm.data.readers import (
 )
 from pilelm.data.stats import RejectsLog, TaskStats, write_report
 from pilelm.data.words import tokenize
-from pilelm.manifest import (
-    MANIFEST,
-    Timer,
-    atomic_write_bytes,
-    atomic_write_json,
-    read_manifest,
-    write_manifest,
-)
 
 log = logging.getLogger(__name__)
 

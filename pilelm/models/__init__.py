@@ -9,7 +9,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from pilelm.config import from_dict, to_dict
+from pilelm.core.config import from_dict, to_dict
 from pilelm.models.gpt import GPT, GPTConfig
 
 MODEL_FAMILIES: dict[str, tuple[type, type[nn.Module]]] = {

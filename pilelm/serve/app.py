@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from pilelm.generate import SamplingParams
+from pilelm.inference.generate import SamplingParams
 from pilelm.serve.engine import Engine, Event, Failed, Finished, Job, RowSpec, TextDelta
 from pilelm.serve.schemas import (
     APIError,

@@ -30,8 +30,8 @@ from typing import Literal
 
 import torch.nn as nn
 
-from pilelm.generate import DecodeBatch, SamplingParams, TextTokenizer
-from pilelm.serve.textstream import CompletionText
+from pilelm.inference.generate import DecodeBatch, SamplingParams, TextTokenizer
+from pilelm.inference.textstream import CompletionText
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ from typing import Any, Literal
 
 import torch
 
-from pilelm.checkpoint import load_for_inference
 from pilelm.models.gpt import GPT
 from pilelm.serve.engine import Engine
-from pilelm.tokenizer import load_tokenizer
+from pilelm.tokens.tokenizer import load_tokenizer
+from pilelm.training.checkpoint import load_for_inference
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Configuration, manifests, the stage table, the pipeline runner, the report and the CLI."""

@@ -1,0 +1,231 @@
+"""The ``pilelm`` command line: one table of subcommands, each a config class and a runner.
+
+Every subcommand takes the same shapes of arguments:
+
+    pilelm STAGE [POSITIONAL...] [--config FILE.yaml] [--key VALUE] [--flag] [section.key=VALUE]
+
+``--key VALUE`` and ``key=VALUE`` both set a config field (dashes become underscores);
+``--config`` takes a YAML file or the name of a shipped config (``pilelm/configs/NAME.yaml``).
+Defaults < YAML < command line. ``pilelm STAGE --help`` lists every key with its doc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from pilelm import __version__
+from pilelm.core.config import ConfigError, _strip_optional, describe_config, iter_fields, load_config
+from pilelm.core.stages import COMMANDS, CONFIG_DIR, Command, resolve_config_path
+
+
+def _field_type(cls: type, dotted: str) -> Any:
+    """The annotated type of a dotted key, or None if there is no such key."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        inner, _ = _strip_optional(tp)
+        if not (isinstance(inner, type) and dataclasses.is_dataclass(inner)):
+            return None
+        hints = typing.get_type_hints(inner)
+        if part not in hints:
+            return None
+        tp = hints[part]
+    return tp
+
+
+# `key=value` / `section.key=value` on the command line; anything else is a positional.
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*(\.[A-Za-z_][A-Za-z0-9_-]*)*$")
+
+
+def _valid_keys(cls: type) -> list[str]:
+    return [key for key, *_ in iter_fields(cls)]
+
+
+def _is_list(tp: Any) -> bool:
+    inner, _ = _strip_optional(tp)
+    return typing.get_origin(inner) in (list, tuple)
+
+
+def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, list[str]]:
+    """Turn argv into (yaml path, override strings) for ``load_config``."""
+    config_path: str | None = None
+    overrides: list[str] = []
+    lists: dict[str, list[str]] = {}
+    bare: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("--config needs a YAML file or a shipped config name")
+            config_path = str(resolve_config_path(argv[i + 1]))
+            i += 2
+            continue
+        if tok.startswith("-") and tok not in ("-", "--") and not _looks_numeric(tok):
+            name = tok.lstrip("-")
+            value: str | None = None
+            if "=" in name:
+                name, value = name.split("=", 1)
+            name = {"o": "output"}.get(name, name).replace("-", "_")
+            tp = _field_type(cls, name)
+            if tp is None and name.startswith("no_") and _field_type(cls, name[3:]) is not None:
+                overrides.append(f"{name[3:]}=false")
+                i += 1
+                continue
+            if tp is None:
+                raise ConfigError(
+                    f"unknown option {tok!r} for `pilelm {cmd.name}`; valid keys: {', '.join(_valid_keys(cls))}"
+                )
+            inner, _ = _strip_optional(tp)
+            if value is None and inner is bool:
+                nxt = argv[i + 1] if i + 1 < len(argv) else None
+                if nxt is not None and nxt.lower() in ("true", "false", "yes", "no", "1", "0"):
+                    value, i = nxt, i + 1
+                else:
+                    value = "true"
+            elif value is None:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"option {tok} needs a value")
+                value, i = argv[i + 1], i + 1
+            if _is_list(tp):
+                lists.setdefault(name, []).append(value)
+            else:
+                overrides.append(f"{name}={value}")
+            i += 1
+            continue
+        if "=" in tok and _KEY.match(tok.split("=", 1)[0]):
+            overrides.append(tok)  # load_config reports an unknown key with the valid ones
+        else:
+            bare.append(tok)
+        i += 1
+    pos = list(cmd.positionals)
+    while bare:
+        if not pos:
+            raise ConfigError(f"unexpected argument {bare[0]!r}; usage: {cmd.usage}")
+        name = pos.pop(0)
+        if _is_list(_field_type(cls, name)):
+            lists.setdefault(name, []).extend(bare)
+            bare = []
+        else:
+            lists.setdefault(name, []).append(bare.pop(0))
+    for name, values in lists.items():
+        if _is_list(_field_type(cls, name)):
+            overrides.append(f"{name}={_yaml_list(values)}")
+        else:
+            overrides.append(f"{name}={values[-1]}")
+    return config_path, overrides
+
+
+def _yaml_list(values: list[str]) -> str:
+    import json
+
+    return json.dumps(values)
+
+
+def _looks_numeric(tok: str) -> bool:
+    try:
+        float(tok)
+        return True
+    except ValueError:
+        return False
+
+
+def main_help() -> str:
+    lines = [
+        f"pilelm {__version__}: from raw Pile shards to a trained, evaluated, served language model",
+        "",
+        "usage: pilelm COMMAND [ARGS...] [--config NAME|FILE] [--key VALUE] [section.key=value ...]",
+        "",
+        "commands:",
+    ]
+    width = max(len(n) for n in COMMANDS)
+    for c in COMMANDS.values():
+        lines.append(f"  {c.name:<{width}}  {c.summary}")
+        lines.append(f"  {'':<{width}}    {c.usage}")
+    lines += [
+        "",
+        "`pilelm COMMAND --help` lists every option of that command with its doc and default.",
+        f"shipped configs (--config NAME): {', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.yaml')))}",
+    ]
+    return "\n".join(lines)
+
+
+def command_help(cmd: Command, cls: type) -> str:
+    return "\n".join(
+        [
+            f"usage: {cmd.usage}",
+            "",
+            cmd.summary,
+            "",
+            "Every key below can be given as --key VALUE, key=VALUE, or in a --config YAML file.",
+            "",
+            "options:",
+            describe_config(cls),
+        ]
+    )
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(main_help())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(__version__)
+        return 0
+    name = argv[0]
+    rest = argv[1:]
+    groups = {c.split()[0]: [] for c in COMMANDS if " " in c}
+    for c in COMMANDS:
+        if " " in c:
+            groups[c.split()[0]].append(COMMANDS[c].usage)
+    if name in groups:  # two-word commands: `pilelm tokenizer train`, `pilelm shards export`
+        if not rest or rest[0] in ("-h", "--help"):
+            print("usage:\n  " + "\n  ".join(groups[name]) + f"\nsee `pilelm {name} SUBCOMMAND --help`")
+            return 0 if rest else 2
+        name, rest = f"{name} {rest[0]}", rest[1:]
+    cmd = COMMANDS.get(name)
+    if cmd is None:
+        print(f"pilelm: unknown command {name!r}\n\n{main_help()}", file=sys.stderr)
+        return 2
+    cls, runner = cmd.load()
+    if "-h" in rest or "--help" in rest:
+        print(command_help(cmd, cls))
+        return 0
+    setup_logging()
+    try:
+        config_path, overrides = parse_args(cmd, cls, rest)
+        cfg = load_config(cls, config_path, overrides)
+    except ConfigError as e:
+        print(f"pilelm {cmd.name}: {e}", file=sys.stderr)
+        return 2
+    try:
+        result = runner(cfg)
+    except KeyboardInterrupt:
+        print(f"pilelm {cmd.name}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError) as e:
+        # Input and config problems are the user's to fix: say what, without a traceback.
+        print(f"pilelm {cmd.name}: error: {e}", file=sys.stderr)
+        return 1
+    if isinstance(result, str | Path):
+        print(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

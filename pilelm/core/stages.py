@@ -1,0 +1,91 @@
+"""The table of stages: each a config class and a runner, imported lazily.
+
+Both the CLI and ``pilelm run`` (the pipeline runner) look stages up here, so nothing needs to
+import ``cli.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pilelm.core.config import ConfigError
+
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    module: str
+    config: str
+    runner: str
+    summary: str
+    positionals: tuple[str, ...] = ()
+    """Config fields filled by bare arguments, in order; a list field takes all the rest."""
+    usage: str = ""
+
+    def load(self) -> tuple[type, typing.Callable[[Any], Any]]:
+        mod = importlib.import_module(self.module)
+        return getattr(mod, self.config), getattr(mod, self.runner)
+
+
+COMMANDS: dict[str, Command] = {
+    c.name: c
+    for c in [
+        Command("prepare", "pilelm.data.pipeline", "PrepareConfig", "run_prepare",
+                "clean, filter, dedup and decontaminate raw Pile-format data",
+                ("inputs",), "pilelm prepare INPUT... -o PREPARED_DIR"),
+        Command("tokenizer train", "pilelm.tokens.tokenizer", "TokenizerTrainConfig", "run_tokenizer_train",
+                "train a BPE / WordPiece / Unigram tokenizer on prepared data",
+                ("data",), "pilelm tokenizer train PREPARED_DIR -o TOKENIZER_DIR --kind bpe --vocab-size N"),
+        Command("tokenize", "pilelm.tokens.tokenize", "TokenizeConfig", "run_tokenize",
+                "encode prepared data into Megatron-compatible .bin/.idx token shards",
+                ("data",), "pilelm tokenize PREPARED_DIR --tokenizer TOKENIZER_DIR -o SHARD_DIR"),
+        Command("shards export", "pilelm.tokens.shards", "ShardExportConfig", "run_shard_export",
+                "export a split of token shards as nanoGPT .bin, LMDB or TFRecord",
+                ("data",), "pilelm shards export SHARD_DIR --split train --format nanogpt|lmdb|tfrecord -o OUT"),
+        Command("shards import", "pilelm.tokens.shards", "ShardImportConfig", "run_shard_import",
+                "make a shard dir from others' tokens (Pythia/Megatron .bin/.idx, nanoGPT .bin)",
+                ("source",), "pilelm shards import PREFIX_OR_BIN --tokenizer TOKENIZER -o SHARD_DIR"),
+        Command("train", "pilelm.training.trainer", "TrainConfig", "run_train",
+                "train a GPT-2 / GPT-NeoX / BERT model on token shards",
+                (), "pilelm train --data SHARD_DIR -o RUN_DIR [--config NAME|FILE] [key=value ...]"),
+        Command("eval", "pilelm.evaluation.evaluate", "EvalConfig", "run_eval",
+                "bits per byte and perplexity per Pile component; compare runs side by side",
+                ("runs",), "pilelm eval RUN_DIR... --data SHARD_DIR_OR_PREPARED_DIR -o EVAL_DIR"),
+        Command("generate", "pilelm.inference.generate", "GenerateConfig", "run_generate",
+                "sample text from a trained model (greedy, top-k, top-p, beam)",
+                ("run",), 'pilelm generate RUN_DIR --prompt "..." [--temperature 0.8 --top-p 0.95]'),
+        Command("export", "pilelm.interop.hf", "ExportConfig", "run_export",
+                "export a run to a Hugging Face transformers folder",
+                ("run",), "pilelm export RUN_DIR --format hf -o HF_DIR"),
+        Command("import", "pilelm.interop.hf", "ImportConfig", "run_import",
+                "import a Hugging Face transformers folder as a pilelm run",
+                ("source",), "pilelm import HF_DIR -o RUN_DIR"),
+        Command("serve", "pilelm.serve", "ServeConfig", "run_serve",
+                "serve a model over an OpenAI-compatible HTTP API with a web playground",
+                ("run",), "pilelm serve RUN_DIR [--host 127.0.0.1 --port 8000]"),
+        Command("run", "pilelm.core.runner", "PipelineConfig", "run_pipeline",
+                "run a pipeline YAML that chains stages (resumes finished ones)",
+                ("pipeline",), "pilelm run PIPELINE.yaml [-o WORK_DIR] [stage.key=value ...]"),
+        Command("demo", "pilelm.core.runner", "DemoConfig", "run_demo",
+                "the whole road on the bundled sample corpus, with a report",
+                (), "pilelm demo [-o runs/demo]"),
+    ]
+}
+
+
+def resolve_config_path(name: str) -> Path:
+    """A YAML path, or the name of a shipped config (``tiny`` -> pilelm/configs/tiny.yaml)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    shipped = CONFIG_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
+    if shipped.is_file():
+        return shipped
+    names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"config {name!r} is neither a file nor a shipped config ({', '.join(names)})")

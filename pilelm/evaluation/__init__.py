@@ -1,0 +1,1 @@
+"""Bits per byte per Pile component, BLEU/chrF, result tables."""

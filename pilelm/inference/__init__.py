@@ -1,0 +1,1 @@
+"""Decoding: sampling, KV-cached batches, beam search, text streaming, the generate stage."""

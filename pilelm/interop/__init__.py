@@ -1,0 +1,1 @@
+"""Moving models to and from Hugging Face transformers."""

@@ -1,0 +1,1 @@
+"""Tokenizers, the tokenize stage and token shards."""
