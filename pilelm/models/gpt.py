@@ -429,6 +429,28 @@ class GPT(nn.Module):
         B, T = idx.shape
         if cache is not None and T == 1 and not self.training and not torch.is_grad_enabled() and last_only:
             return self._decode_one(idx[:, 0], None if positions is None else positions[:, 0], cache)[:, None], None
+        x = self._trunk(idx, cache, positions)
+        if targets is not None and not return_logits and not last_only:
+            return None, linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    def encode(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) ids -> (B, T, C) final hidden states (after ln_f), causal attention.
+
+        Right padding needs no mask: a causal model's real tokens never attend to what follows
+        them. Task heads and pooled embeddings read these.
+        """
+        return self._trunk(idx, None, None)
+
+    def _trunk(self, idx: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None) -> torch.Tensor:
+        """Embeddings, blocks and the final norm: (B, T) ids -> (B, T, C)."""
+        B, T = idx.shape
         start = cache.length if cache is not None else 0
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0).expand(B, T)
@@ -461,16 +483,7 @@ class GPT(nn.Module):
             x = block(x, rope, cache, i, mask)
         if cache is not None:
             cache.length += T
-        x = self.ln_f(x)
-        if targets is not None and not return_logits and not last_only:
-            return None, linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
-        if last_only:
-            x = x[:, -1:, :]
-        logits = self.lm_head(x)  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        return logits, loss
+        return self.ln_f(x)
 
     def _decode_one(self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """One new token per row (inference): tokens (B,), positions (B,) -> logits (B, V).

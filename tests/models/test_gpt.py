@@ -153,3 +153,17 @@ def test_no_grad_evaluation_keeps_f_linear():
     with torch.inference_mode():
         lin(torch.randn(2, 32))
     assert lin._packed
+
+
+def test_encode_gives_the_hidden_states_the_head_reads():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, d_model=32)).eval()
+    idx = torch.randint(0, 64, (2, 10))
+    with torch.no_grad():
+        h = model.encode(idx)
+        logits, _ = model(idx)
+        # causal: a prefix's states do not depend on what follows it (right padding is safe)
+        h_prefix = model.encode(idx[:, :6])
+    assert h.shape == (2, 10, 32)
+    torch.testing.assert_close(model.lm_head(h), logits)
+    torch.testing.assert_close(h_prefix, h[:, :6], atol=1e-5, rtol=1e-5)
