@@ -199,7 +199,7 @@ def _ranges(src: SourceFile, task_bytes: int) -> list[tuple[int, int | None, int
 
 
 @dataclass
-class Job:
+class PrepareJob:
     """Everything a task needs (pickled to workers)."""
 
     cfg: PrepareConfig
@@ -241,7 +241,7 @@ def _read_jsonl_zst(path: Path) -> Iterator[dict[str, Any]]:
             yield json.loads(rest)
 
 
-def _iter_task_items(job: Job, task: Task) -> Iterator[Document | Rejected]:
+def _iter_task_items(job: PrepareJob, task: Task) -> Iterator[Document | Rejected]:
     for piece in task.pieces:
         yield from iter_source(job.sources[piece.source], job.cfg.reader, piece.start, piece.end)
 
@@ -249,7 +249,7 @@ def _iter_task_items(job: Job, task: Task) -> Iterator[Document | Rejected]:
 # ---------------------------------------------------------------- stage 1: clean
 
 
-def clean_task(job: Job, task: Task) -> None:
+def clean_task(job: PrepareJob, task: Task) -> None:
     cfg = job.cfg
     stats = TaskStats()
     rejects = RejectsLog(job.clean_path(task, "rejects.zst"))
@@ -330,7 +330,7 @@ def clean_task(job: Job, task: Task) -> None:
 # ---------------------------------------------------------------- stage 2: dedup
 
 
-def dedup_task(job: Job, split: str) -> None:
+def dedup_task(job: PrepareJob, split: str) -> None:
     tasks = job.split_tasks(split)
     files = [job.clean_path(t, "keys.npz") for t in tasks]
     res = find_duplicates(files, job.cfg.dedup)
@@ -364,7 +364,7 @@ def _read_ids(path: Path) -> list[str]:
 # ---------------------------------------------------------------- stage 3: index
 
 
-def index_task(job: Job, _: str) -> None:
+def index_task(job: PrepareJob, _: str) -> None:
     cfg = job.cfg
 
     def texts() -> Iterator[str]:
@@ -380,7 +380,7 @@ def index_task(job: Job, _: str) -> None:
     atomic_write_json(job.work / "index" / "done.json", {"ngrams": n})
 
 
-def count_task(job: Job, task: Task) -> None:
+def count_task(job: PrepareJob, task: Task) -> None:
     """The indexed n-grams each kept document of a train task contains (GPT-3's rule that
     n-grams in more than ``max_train_docs`` training documents do not count)."""
     index = NgramIndex(job.work / "index", use_ignored=False)
@@ -403,7 +403,7 @@ def count_task(job: Job, task: Task) -> None:
     atomic_write_bytes(job.work / "count" / f"{task.name}.npy", buf.getvalue())
 
 
-def _ignore_frequent_ngrams(job: Job) -> int:
+def _ignore_frequent_ngrams(job: PrepareJob) -> int:
     """Write ``index/ignored.npy`` from the count tasks; returns how many n-grams it holds."""
     tasks = job.split_tasks("train")
     ignored = frequent_ngrams((np.load(job.work / "count" / f"{t.name}.npy") for t in tasks),
@@ -415,7 +415,7 @@ def _ignore_frequent_ngrams(job: Job) -> int:
     return int(ignored.size)
 
 
-def _dedup_verdicts(job: Job, task: Task, n_docs: int | None
+def _dedup_verdicts(job: PrepareJob, task: Task, n_docs: int | None
                     ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, str]]:
     """(dedup reason per document, 0 = kept; its representative; representative ids) of a
     task; the reasons are zeros of ``n_docs`` (or None) when dedup did not run."""
@@ -433,7 +433,7 @@ def _dedup_verdicts(job: Job, task: Task, n_docs: int | None
 # ---------------------------------------------------------------- stage 4: write
 
 
-def write_task(job: Job, task: Task) -> None:
+def write_task(job: PrepareJob, task: Task) -> None:
     cfg = job.cfg
     stats = TaskStats()
     rejects = RejectsLog(job.work / "write" / f"{task.name}.rejects.zst")
@@ -556,7 +556,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     for s in sources:
         if s.size == 0 and s.format != "hf":
             log.warning("%s is empty", s.path)
-    job = Job(cfg, sources, out, tasks)
+    job = PrepareJob(cfg, sources, out, tasks)
     splits = [s for s in SPLITS if job.split_tasks(s)]
     log.info("prepare: %d inputs -> %d tasks (%s) with %s executor", len(sources), len(tasks),
              ", ".join(f"{s}: {len(job.split_tasks(s))}" for s in splits), cfg.executor.kind)
@@ -618,7 +618,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     return out
 
 
-def _finish(job: Job) -> tuple[dict[str, Any], list[str]]:
+def _finish(job: PrepareJob) -> tuple[dict[str, Any], list[str]]:
     """Merge task stats, concatenate the rejects logs (zstd frames concatenate), report."""
     per_split: dict[str, list[dict[str, Any]]] = {}
     rejects = []

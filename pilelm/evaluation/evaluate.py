@@ -50,13 +50,14 @@ from pilelm.core.manifest import (
     require_stage,
     write_manifest,
 )
+from pilelm.data.readers import SPLITS
+from pilelm.models.dtypes import DTYPES
 from pilelm.models.gpt import GPTConfig
 from pilelm.training.checkpoint import CHECKPOINTS, list_checkpoints, load_for_inference
 
 log = logging.getLogger(__name__)
 
 LN2 = math.log(2.0)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclass
@@ -102,7 +103,7 @@ class EvalConfig:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.bleu_max_new_tokens < 1 or self.bleu_num_beams < 1 or self.bleu_batch_size < 1:
             raise ValueError("bleu_max_new_tokens, bleu_num_beams and bleu_batch_size must be >= 1")
-        if self.split not in ("train", "val", "test"):
+        if self.split not in SPLITS:
             raise ValueError(f"split must be train, val or test, got {self.split!r}")
 
 

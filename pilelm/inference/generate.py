@@ -38,6 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pilelm.core.manifest import atomic_write_text
+from pilelm.models.dtypes import resolve_dtype
 from pilelm.models.gpt import GPTConfig, KVCache
 
 log = logging.getLogger(__name__)
@@ -678,15 +679,6 @@ class GenerateConfig:
         )
 
 
-def inference_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The dtype called ``name``; ``auto`` picks bfloat16 where bf16 matmuls are native."""
-    if name == "auto":
-        from pilelm.training.precision import bf16_native
-
-        return torch.bfloat16 if bf16_native(device) else torch.float32
-    return getattr(torch, name)
-
-
 def _read_prompts(cfg: GenerateConfig) -> list[str]:
     prompts = list(cfg.prompt)
     if cfg.prompt_file:
@@ -752,7 +744,7 @@ def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None)
     model, model_cfg, tok_dir = load_for_inference(cfg.run, cfg.step, cfg.device)
     if not isinstance(model_cfg, GPTConfig):
         raise ValueError(f"run {cfg.run} holds a {type(model_cfg).__name__} model; generate needs a causal LM (gpt)")
-    model = model.to(inference_dtype(cfg.dtype, next(model.parameters()).device))
+    model = model.to(resolve_dtype(cfg.dtype, next(model.parameters()).device))
     tokenizer = load_tokenizer(tok_dir)
     prompts = [p for p in _read_prompts(cfg) for _ in range(cfg.num_samples)]
     many = len(prompts) > 1

@@ -36,12 +36,12 @@ from safetensors.torch import load_file, save_file
 from pilelm.core.config import dump_yaml, to_dict
 from pilelm.core.manifest import Timer, atomic_path, atomic_write_text, write_manifest
 from pilelm.models import build_model
+from pilelm.models.dtypes import DTYPES
 from pilelm.models.gpt import GPTConfig
 from pilelm.training.checkpoint import load_for_inference, mark_complete, save_model, step_dir_name
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # ---------------------------------------------------------------------------------------------
 # Parameter name maps. Each entry: (our key, HF key, transform); transform "" copies, "T"

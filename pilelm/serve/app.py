@@ -33,7 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from pilelm.inference.generate import SamplingParams
-from pilelm.serve.engine import Engine, Event, Failed, Finished, Job, RowSpec, TextDelta
+from pilelm.serve.engine import Engine, Event, Failed, Finished, RowSpec, Submission, TextDelta
 from pilelm.serve.schemas import (
     APIError,
     CompletionRequest,
@@ -224,7 +224,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None) 
         slots.acquire()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
-        job = Job(rows, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+        job = Submission(rows, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
 
         def close() -> None:
             job.cancel()  # no-op for finished rows; drops running or waiting ones

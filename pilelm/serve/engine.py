@@ -75,7 +75,7 @@ class RowSpec:
     params: SamplingParams
 
 
-class Job:
+class Submission:
     """The rows of one request. ``emit`` is called from the worker thread with each event;
     ``cancel`` (any thread) makes the worker drop the request's rows at the next step."""
 
@@ -90,7 +90,7 @@ class Job:
 
 @dataclass
 class _Row:
-    job: Job
+    job: Submission
     spec: RowSpec
     arrival: float
 
@@ -182,7 +182,7 @@ class Engine:
         """The counters plus the rows waiting to join the batch."""
         return {**asdict(self.stats), "queued": len(self._pending)}
 
-    def submit(self, job: Job) -> None:
+    def submit(self, job: Submission) -> None:
         now = time.monotonic()
         with self._cond:
             if self._stopping:
@@ -318,14 +318,14 @@ class Engine:
         self.stats.errors += 1
         return f"generation failed: {type(e).__name__}: {e}"
 
-    def _fail(self, jobs: list[Job], message: str) -> None:
+    def _fail(self, jobs: list[Submission], message: str) -> None:
         """End these requests with ``message`` (once each); their other rows are cancelled."""
         for job in {id(job): job for job in jobs}.values():
             _safe_emit(job, Failed(message))
             job.cancel()
 
 
-def _safe_emit(job: Job, event: Event) -> None:
+def _safe_emit(job: Submission, event: Event) -> None:
     """Deliver an event; a receiver that is gone (its event loop closed) cancels the job."""
     try:
         job.emit(event)

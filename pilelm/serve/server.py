@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 
+from pilelm.models.dtypes import DTYPES
 from pilelm.models.gpt import GPT
 from pilelm.serve.engine import Engine
 from pilelm.tokens.tokenizer import load_tokenizer
@@ -21,7 +22,6 @@ from pilelm.training.checkpoint import load_for_inference
 log = logging.getLogger(__name__)
 
 API_KEY_ENV = "PILELM_API_KEY"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass

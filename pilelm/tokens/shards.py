@@ -351,12 +351,6 @@ def open_split(shard_dir: str | Path, split: str) -> TokenSplit:
                       int(tok["eod_id"]), int(tok["vocab_size"]))
 
 
-def shard_splits(shard_dir: str | Path) -> list[str]:
-    """The splits a shard dir holds, in the order its manifest lists them."""
-    counts = read_manifest(shard_dir).get("counts", {}).get("splits", {})
-    return list(counts)
-
-
 # ---------------------------------------------------------------- others' formats: Pythia, nanoGPT
 
 

@@ -55,13 +55,13 @@ from pilelm.core.manifest import (
     require_stage,
     write_manifest,
 )
+from pilelm.data.readers import SPLITS
 from pilelm.tokens.shards import AppendFile, IndexedDataset, IndexedDatasetWriter, save_docmeta, token_dtype
 from pilelm.tokens.tokenizer import PileTokenizer, copy_tokenizer, load_tokenizer, prepared_split_files
 
 log = logging.getLogger(__name__)
 
 PARTIAL = ".partial"
-SPLITS = ("train", "val", "test")
 
 
 @dataclass

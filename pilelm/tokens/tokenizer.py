@@ -49,8 +49,6 @@ from pilelm.core.manifest import Timer, atomic_write_json, atomic_write_text, re
 
 log = logging.getLogger(__name__)
 
-TokenizerKind = Literal["bpe", "wordpiece", "unigram"]
-
 # Special tokens per kind, in id order (ids 0..n-1). The names of the roles are what the rest
 # of pilelm asks for (eod ends every document in the token shards; mask/cls/sep for BERT).
 SPECIALS: dict[str, dict[str, str]] = {

@@ -78,15 +78,6 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return t
 
 
-def broadcast_object(obj, info: DistInfo):
-    """Rank 0's ``obj`` on every rank."""
-    if not info.enabled:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def wrap_model(
     model: nn.Module, info: DistInfo, strategy: Literal["ddp", "fsdp"], block_attr: str = "blocks",
     mixed_bf16: bool = False,

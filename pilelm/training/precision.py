@@ -19,14 +19,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether bf16 matmuls are fast here: CUDA with bf16, or a CPU with AVX512-BF16 / AMX."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
+from pilelm.models.dtypes import bf16_native
 
 
 class Precision:

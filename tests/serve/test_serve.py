@@ -28,7 +28,7 @@ from pilelm.inference.generate import SamplingParams, generate, stream_batch
 from pilelm.inference.textstream import CompletionText, stop_prefix_length
 from pilelm.models.gpt import GPT, GPTConfig
 from pilelm.serve import BackgroundServer, ServeConfig, create_app, load_engine
-from pilelm.serve.engine import Engine, Finished, Job, RowSpec, TextDelta
+from pilelm.serve.engine import Engine, Finished, RowSpec, Submission, TextDelta
 from pilelm.tokens.tokenizer import load_tokenizer
 from pilelm.training import checkpoint
 from pilelm.training.checkpoint import load_for_inference
@@ -300,7 +300,7 @@ def test_a_request_arriving_mid_decode_joins_the_running_batch(continuous):
     events: list[tuple[str, object, int]] = []  # (request, event, decode steps run when it came)
     both_done = threading.Event()
     short_params = SamplingParams(max_new_tokens=5, temperature=1.0, seed=3)
-    short = Job([RowSpec(0, [5, 6, 7], short_params)], lambda ev: record("short", ev))
+    short = Submission([RowSpec(0, [5, 6, 7], short_params)], lambda ev: record("short", ev))
 
     def record(name: str, ev) -> None:
         events.append((name, ev, engine.stats.decode_steps))
@@ -309,7 +309,7 @@ def test_a_request_arriving_mid_decode_joins_the_running_batch(continuous):
         if sum(isinstance(e, Finished) for _, e, _ in events) == 2:
             both_done.set()
 
-    engine.submit(Job([RowSpec(0, [1, 2], SamplingParams(max_new_tokens=30, temperature=0.0))],
+    engine.submit(Submission([RowSpec(0, [1, 2], SamplingParams(max_new_tokens=30, temperature=0.0))],
                       lambda ev: record("long", ev)))
     engine.start()
     try:
