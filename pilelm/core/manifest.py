@@ -1,4 +1,4 @@
-"""Stage output directories: ``manifest.json``, content hashes and atomic writes.
+"""Stage output directories: ``manifest.json``, what each records and checks.
 
 Every stage writes one directory holding its artefacts and a ``manifest.json`` with the stage
 name, package version, resolved config, inputs (paths + content hashes), counts and timings.
@@ -9,11 +9,8 @@ output; one without is unfinished and is never read as input.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,7 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from pilelm import __version__
+from pilelm.core.atomic import atomic_write_json
 from pilelm.core.config import to_dict
+from pilelm.core.hashing import file_hash, file_sha256, tree_hash
 
 MANIFEST = "manifest.json"
 
@@ -40,67 +39,6 @@ class StageInputError(FileNotFoundError):
     """An input directory is missing, unfinished or made by the wrong stage."""
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it into place (atomic on POSIX).
-
-    On an exception the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-# Files up to this size are hashed whole. A Pile train shard is ~14 GB compressed (30 of them):
-# hashing each in full would add minutes of single-core SHA-256 to every stage that lists them.
-FULL_HASH_LIMIT = 256 << 20
-SAMPLE_BLOCK = 4 << 20
-
-
-def sampled_sha256(path: str | Path, block: int = SAMPLE_BLOCK) -> str:
-    """SHA-256 of a big file's size and 4 MiB blocks at its start, middle and end: catches a
-    truncated, regrown or replaced shard without reading all of it."""
-    size = Path(path).stat().st_size
-    h = hashlib.sha256(str(size).encode() + b"\0")
-    with open(path, "rb") as f:
-        for offset in (0, max(0, size // 2 - block // 2), max(0, size - block)):
-            f.seek(offset)
-            h.update(f.read(block))
-    return h.hexdigest()
-
-
 def content_hash(path: str | Path) -> str:
     """A content hash of an input: a stage directory is identified by its manifest's hash,
     a file by its bytes (sampled above ``FULL_HASH_LIMIT``), a plain folder by the sorted
@@ -109,13 +47,8 @@ def content_hash(path: str | Path) -> str:
     if path.is_dir():
         if (path / MANIFEST).is_file():
             return "manifest:" + file_sha256(path / MANIFEST)
-        h = hashlib.sha256()
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            h.update(str(p.relative_to(path)).encode() + b"\0" + content_hash(p).encode())
-        return "tree:" + h.hexdigest()
-    if path.stat().st_size > FULL_HASH_LIMIT:
-        return "sampled-sha256:" + sampled_sha256(path)
-    return "sha256:" + file_sha256(path)
+        return tree_hash(path)
+    return file_hash(path)
 
 
 @dataclass

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pilelm.core.manifest import MANIFEST, atomic_path, atomic_write_text, read_manifest
+from pilelm.core.atomic import atomic_path, atomic_write_text
+from pilelm.core.manifest import MANIFEST, read_manifest
 
 log = logging.getLogger(__name__)
 

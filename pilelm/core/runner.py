@@ -50,8 +50,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pilelm.core.atomic import atomic_write_json
 from pilelm.core.config import ConfigError, _merge, _strip_optional, load_config, load_yaml, to_dict
-from pilelm.core.manifest import MANIFEST, atomic_write_json, content_hash, read_manifest
+from pilelm.core.manifest import MANIFEST, content_hash, read_manifest
 from pilelm.core.report import StageResult, write_report
 from pilelm.core.stages import COMMANDS, Command, resolve_config_path
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pilelm.core.manifest import atomic_path
+from pilelm.core.atomic import atomic_path
 from pilelm.data.words import Words, ngrams, tokenize
 
 

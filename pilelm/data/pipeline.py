@@ -39,15 +39,9 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from pilelm.core.atomic import atomic_write_bytes, atomic_write_json
 from pilelm.core.config import to_dict
-from pilelm.core.manifest import (
-    MANIFEST,
-    Timer,
-    atomic_write_bytes,
-    atomic_write_json,
-    read_manifest,
-    write_manifest,
-)
+from pilelm.core.manifest import MANIFEST, Timer, read_manifest, write_manifest
 from pilelm.data.decontam import (
     IGNORED,
     DecontamConfig,

@@ -157,7 +157,7 @@ def _mb(n: int) -> str:
 
 def write_report(out_dir: Path, stats: TaskStats, splits: dict[str, TaskStats], title: str = "prepare") -> list[str]:
     """Write ``stats.md`` and its plots into ``out_dir``; returns the files written."""
-    from pilelm.core.manifest import atomic_write_text
+    from pilelm.core.atomic import atomic_write_text
 
     files = _plots(out_dir, stats)
     t = stats.totals()
@@ -206,7 +206,7 @@ def _plots(out_dir: Path, stats: TaskStats) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pilelm.core.manifest import atomic_path
+    from pilelm.core.atomic import atomic_path
 
     written = []
     names = list(stats.components)

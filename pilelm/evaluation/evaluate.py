@@ -42,14 +42,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pilelm.core.manifest import (
-    Timer,
-    atomic_path,
-    atomic_write_json,
-    atomic_write_text,
-    require_stage,
-    write_manifest,
-)
+from pilelm.core.atomic import atomic_path, atomic_write_json, atomic_write_text
+from pilelm.core.manifest import Timer, require_stage, write_manifest
 from pilelm.data.readers import SPLITS
 from pilelm.models.dtypes import DTYPES
 from pilelm.models.gpt import GPTConfig

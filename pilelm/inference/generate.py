@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pilelm.core.manifest import atomic_write_text
+from pilelm.core.atomic import atomic_write_text
 from pilelm.models.dtypes import resolve_dtype
 from pilelm.models.gpt import GPTConfig, KVCache
 

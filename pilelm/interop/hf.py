@@ -33,8 +33,9 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
+from pilelm.core.atomic import atomic_path, atomic_write_text
 from pilelm.core.config import dump_yaml, to_dict
-from pilelm.core.manifest import Timer, atomic_path, atomic_write_text, write_manifest
+from pilelm.core.manifest import Timer, write_manifest
 from pilelm.models import build_model
 from pilelm.models.dtypes import DTYPES
 from pilelm.models.gpt import GPTConfig

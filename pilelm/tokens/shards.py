@@ -36,7 +36,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from pilelm.core.manifest import atomic_path, atomic_write_json, read_manifest, require_stage
+from pilelm.core.atomic import atomic_path, atomic_write_json
+from pilelm.core.manifest import read_manifest, require_stage
 
 MMIDIDX_MAGIC = b"MMIDIDX\x00\x00"
 MMIDIDX_VERSION = 1

@@ -45,16 +45,9 @@ import numpy as np
 from tqdm import tqdm
 
 from pilelm import __version__
+from pilelm.core.atomic import atomic_write_json
 from pilelm.core.config import to_dict
-from pilelm.core.manifest import (
-    MANIFEST,
-    Timer,
-    atomic_write_json,
-    content_hash,
-    read_manifest,
-    require_stage,
-    write_manifest,
-)
+from pilelm.core.manifest import MANIFEST, Timer, content_hash, read_manifest, require_stage, write_manifest
 from pilelm.data.readers import SPLITS
 from pilelm.tokens.shards import AppendFile, IndexedDataset, IndexedDatasetWriter, save_docmeta, token_dtype
 from pilelm.tokens.tokenizer import PileTokenizer, copy_tokenizer, load_tokenizer, prepared_split_files

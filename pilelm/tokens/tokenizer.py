@@ -45,7 +45,8 @@ import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
-from pilelm.core.manifest import Timer, atomic_write_json, atomic_write_text, require_stage, write_manifest
+from pilelm.core.atomic import atomic_write_json, atomic_write_text
+from pilelm.core.manifest import Timer, require_stage, write_manifest
 
 log = logging.getLogger(__name__)
 

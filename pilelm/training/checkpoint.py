@@ -31,7 +31,9 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from pilelm.core.manifest import atomic_path, atomic_write_json, atomic_write_text, file_sha256, require_stage
+from pilelm.core.atomic import atomic_path, atomic_write_json, atomic_write_text
+from pilelm.core.hashing import file_sha256
+from pilelm.core.manifest import require_stage
 from pilelm.models import build_model, config_from_spec, model_spec
 
 log = logging.getLogger(__name__)

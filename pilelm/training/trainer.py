@@ -32,8 +32,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from pilelm.core.atomic import atomic_write_json, atomic_write_text
 from pilelm.core.config import dump_yaml, from_dict, to_dict
-from pilelm.core.manifest import atomic_write_json, atomic_write_text, require_stage, write_manifest
+from pilelm.core.manifest import require_stage, write_manifest
 from pilelm.models import build_model, model_spec
 from pilelm.models.bert import BertConfig
 from pilelm.models.gpt import GPTConfig

@@ -8,13 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from pilelm.core.atomic import atomic_path, atomic_write_json, atomic_write_text
 from pilelm.core.manifest import (
     MANIFEST,
     StageInputError,
     Timer,
-    atomic_path,
-    atomic_write_json,
-    atomic_write_text,
     content_hash,
     read_manifest,
     require_stage,
@@ -110,10 +108,11 @@ def test_require_stage_says_what_to_run_first(tmp_path):
 
 
 def test_big_files_get_a_sampled_hash_that_sees_truncation(tmp_path, monkeypatch):
+    import pilelm.core.hashing as hashing
     import pilelm.core.manifest as manifest
 
-    monkeypatch.setattr(manifest, "FULL_HASH_LIMIT", 1000)
-    monkeypatch.setattr(manifest, "SAMPLE_BLOCK", 64)
+    monkeypatch.setattr(hashing, "FULL_HASH_LIMIT", 1000)
+    monkeypatch.setattr(hashing, "SAMPLE_BLOCK", 64)
     p = tmp_path / "big.bin"
     p.write_bytes(bytes(range(256)) * 20)
     h = manifest.content_hash(p)
