@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import logging
-import multiprocessing
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from tqdm import tqdm
 
+from pilelm.core.workers import process_pool, worker_count
+
 log = logging.getLogger(__name__)
+
+# What every worker imports: the task functions of `pilelm prepare` and what they use.
+PRELOAD = ("pilelm.data.pipeline",)
 
 
 @dataclass
@@ -27,7 +30,7 @@ class ExecutorConfig:
     """`local`: a process pool on this machine; `ray`: tasks on a Ray cluster (`pip install
     pilelm[ray]`; the output folder must be on storage every node can reach)."""
     workers: int = 0
-    """Processes for the local executor; 0: one per CPU core."""
+    """Processes for the local executor; 0: one per CPU core this process may use."""
     task_bytes: int = 512 << 20
     """Files larger than this (decompressed, estimated for .zst/.gz) are split into byte
     ranges of about this size, each a task."""
@@ -48,7 +51,7 @@ class ExecutorConfig:
             raise ValueError("executor.kind must be local or ray")
 
     def n_workers(self) -> int:
-        return self.workers or os.cpu_count() or 1
+        return worker_count(self.workers)
 
 
 def _call(fn: Callable[[Any], Any], task: Any) -> Any:
@@ -64,11 +67,9 @@ class LocalExecutor:
 
     def _get_pool(self) -> cf.ProcessPoolExecutor:
         if self._pool is None:
-            # forkserver: workers fork from a clean server process that preloaded the data
-            # modules, so they start fast without inheriting the caller's threads.
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["pilelm.data.pipeline"])
-            self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx)
+            # Workers start from a clean process that preloaded the data steps (see
+            # pilelm.core.workers), never as forks of this one: they inherit nothing from it.
+            self._pool = process_pool(self.workers, preload=PRELOAD)
         return self._pool
 
     def map(self, fn: Callable[[Any], Any], tasks: Sequence[Any], desc: str) -> None:

@@ -23,16 +23,11 @@ The finished files are renamed into place, then the manifest is written last.
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import shutil
-import signal
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -48,6 +43,7 @@ from pilelm import __version__
 from pilelm.core.atomic import atomic_write_json
 from pilelm.core.config import to_dict
 from pilelm.core.manifest import MANIFEST, Timer, content_hash, read_manifest, require_stage, write_manifest
+from pilelm.core.workers import process_pool, worker_count
 from pilelm.data.readers import SPLITS
 from pilelm.tokens.shards import AppendFile, IndexedDataset, IndexedDatasetWriter, save_docmeta, token_dtype
 from pilelm.tokens.tokenizer import PileTokenizer, copy_tokenizer, load_tokenizer, prepared_split_files
@@ -55,6 +51,8 @@ from pilelm.tokens.tokenizer import PileTokenizer, copy_tokenizer, load_tokenize
 log = logging.getLogger(__name__)
 
 PARTIAL = ".partial"
+# What a worker that is not a fork imports up front (pilelm.core.workers).
+PRELOAD = ("pilelm.tokens.tokenize",)
 
 
 @dataclass
@@ -215,42 +213,12 @@ class EncodedBatch:
 _WORKER_TOKENIZER: PileTokenizer | None = None
 
 
-def _exit_with_parent(parent_pid: int) -> None:
-    """A worker blocks on its task queue forever if the parent is killed with SIGKILL (which it
-    cannot catch to shut the pool down). On Linux ask the kernel for SIGTERM when the parent
-    dies (prctl PR_SET_PDEATHSIG); the getppid check covers a parent that died before."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-
-def _init_worker(tokenizer_path: str, fast: bool, parent_pid: int | None = None) -> None:
+def _init_worker(tokenizer_path: str, fast: bool) -> None:
     global _WORKER_TOKENIZER
-    if parent_pid is not None:
-        _exit_with_parent(parent_pid)
     # One process per core already: keep tokenizers' own thread pool out of the way.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if _WORKER_TOKENIZER is None:  # spawned (a forked worker inherits the parent's)
+    if _WORKER_TOKENIZER is None:  # not a fork (a forked worker inherits the parent's)
         _WORKER_TOKENIZER = load_tokenizer(tokenizer_path, fast=fast)
-
-
-def _worker_context() -> multiprocessing.context.BaseContext:
-    """fork when this process runs no other thread but daemons (tqdm's monitor): a forked
-    worker starts in milliseconds with the tokenizer already loaded, and the workers touch
-    nothing a daemon could hold locked. Else spawn, a clean interpreter per worker (forking
-    beside a working thread can copy a lock it holds)."""
-    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if "fork" in multiprocessing.get_all_start_methods() and not others:
-        return multiprocessing.get_context("fork")
-    return multiprocessing.get_context("spawn")
-
-
-def _ping() -> int:
-    return os.getpid()
 
 
 def _encode_in_worker(data: bytes, first_line: int, source: str, eod_id: int, dtype: str) -> EncodedBatch:
@@ -430,14 +398,12 @@ class _Encoder:
         self.pool: ProcessPoolExecutor | None = None
         if workers > 1:
             global _WORKER_TOKENIZER
-            ctx = _worker_context()
-            _WORKER_TOKENIZER = tok if ctx.get_start_method() == "fork" else None
-            self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                            initargs=(str(tokenizer_path), fast, os.getpid()))
-            # Start the workers now, before this process starts any thread (progress bars).
-            for f in [self.pool.submit(_ping) for _ in range(workers)]:
-                f.result()
-            _WORKER_TOKENIZER = None
+            _WORKER_TOKENIZER = tok  # what forked workers start with; others load it
+            try:
+                self.pool = process_pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path), fast),
+                                         inherit=True, preload=PRELOAD, warm_up=True)
+            finally:
+                _WORKER_TOKENIZER = None
 
     def map(self, batches: Iterator[LineBatch], files: list[Path], eod_id: int, dtype: np.dtype
             ) -> Iterator[tuple[LineBatch, EncodedBatch]]:
@@ -536,7 +502,7 @@ def run_tokenize(cfg: TokenizeConfig) -> Path:
     copy_tokenizer(cfg.tokenizer, out / "tokenizer")
     tokenizer_hash = content_hash(out / "tokenizer" / "tokenizer.json")
     dtype = token_dtype(tok.vocab_size)
-    workers = cfg.workers or len(os.sched_getaffinity(0))
+    workers = worker_count(cfg.workers)
     log.info("tokenizing %s with %s (%s, vocab %d, %s) on %d worker(s)", ", ".join(splits), cfg.tokenizer,
              tok.backend, tok.vocab_size, dtype.name, workers)
     enc = _Encoder(tok, out / "tokenizer", workers, cfg.fast)
