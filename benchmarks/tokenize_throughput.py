@@ -41,12 +41,8 @@ sys.path.insert(0, str(ROOT))
 from pilelm.core.manifest import write_manifest  # noqa: E402
 from pilelm.tokens.shards import open_split  # noqa: E402
 from pilelm.tokens.tokenize import TokenizeConfig, run_tokenize  # noqa: E402
-from pilelm.tokens.tokenizer import (  # noqa: E402
-    TokenizerTrainConfig,
-    iter_split_texts,
-    load_tokenizer,
-    run_tokenizer_train,
-)
+from pilelm.tokens.tokenizer import load_tokenizer  # noqa: E402
+from pilelm.tokens.tokenizer_train import TokenizerTrainConfig, iter_split_texts, run_tokenizer_train  # noqa: E402
 
 
 def prepared_view(minipile: Path, work: Path) -> Path:

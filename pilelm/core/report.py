@@ -214,14 +214,17 @@ def _mb(n: Any) -> str:
 
 
 def _prepare_section(path: Path, work_dir: Path) -> list[str]:
-    counts = (_manifest(path) or {}).get("counts", {})
+    manifest = _manifest(path) or {}
+    counts = manifest.get("counts", {})
     if not counts:
         return []
+    # The prepared dir names its own report files (the markdown first): data/ owns that layout.
+    stats = next((f for f in manifest.get("extra", {}).get("report", []) if f.endswith(".md")), None)
     lines = [f"### Prepared data: `{_rel(path, work_dir)}`", "",
              f"{_fmt(counts.get('documents_in'))} documents ({_mb(counts.get('bytes_in'))} MB) in, "
              f"{_fmt(counts.get('documents_out'))} documents ({_mb(counts.get('bytes_out'))} MB) out."]
-    if (path / "stats.md").is_file():
-        lines[-1] += f" Details: `{_rel(path / 'stats.md', work_dir)}`."
+    if stats and (path / stats).is_file():
+        lines[-1] += f" Details: `{_rel(path / stats, work_dir)}`."
     comps = counts.get("components", {})
     if comps:
         lines += ["", "| component | docs in | docs out | MB in | MB out | main drop reasons |",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
 # The Pile names each document's source in meta["pile_set_name"] (Gao et al. 2020, the
 # released jsonl.zst shards); we keep that key as the component name everywhere.
 COMPONENT_KEY = "pile_set_name"
+# UTF-16 surrogates that JSON's \uXXXX escapes can smuggle into a str: not Unicode scalar
+# values, so no UTF-8 encoder or tokenizer takes them.
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 # Where pilelm records what it changed in a document (only present when something changed).
 CHANGES_KEY = "pilelm"
 

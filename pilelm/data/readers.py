@@ -1,14 +1,9 @@
-"""Readers: JSON lines (plain, ``.zst``, ``.gz``), Parquet, folders of ``.txt``, Hugging Face
-datasets; bad input becomes a counted, reasoned rejection, never a crash or a silent drop.
+"""Record parsing: JSON lines (plain, ``.zst``, ``.gz``), Parquet, ``.txt`` files and Hugging Face
+datasets become Documents; bad input becomes a counted, reasoned rejection, never a crash or a
+silent drop. Which files to read is ``pilelm.data.sources``' business.
 
-- Inputs are files, folders (searched recursively, hidden entries skipped) or globs. Each
-  file belongs to a split: a file named ``val*`` / ``validation*`` / ``test*`` or inside a
-  folder named ``val`` / ``valid`` / ``validation`` / ``test`` is eval data, all else train.
-- A file's format comes from its extension and is checked against its first bytes, so a
-  file whose content does not match its name is a clear error before any work starts.
 - ``.zst`` is read with a streaming decompressor: the Pile's frames carry no content size.
-  Truncation is found by walking the frame and block headers (RFC 8878 §3.1), because the
-  streaming decompressor returns a cut-off frame's data without an error.
+  A stream that ``sources`` found cut off yields a ``truncated_file`` rejection where it ends.
 - Memory stays bounded: data is read in 8 MiB chunks and one line is held at most
   ``max_line_bytes`` long; a longer line is skipped (and counted) without being buffered.
 - A file can be read by byte range (offsets in the decompressed stream): a range owns the
@@ -18,12 +13,9 @@ datasets; bad input becomes a counted, reasoned rejection, never a crash or a si
 
 from __future__ import annotations
 
-import glob
 import gzip
 import json
 import logging
-import os
-import re
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -32,28 +24,13 @@ from typing import Any, BinaryIO, Literal
 
 import zstandard
 
-from pilelm.data.document import COMPONENT_KEY, Document
+from pilelm.data.document import COMPONENT_KEY, LONE_SURROGATE, Document
+from pilelm.data.sources import SourceFile, expand_inputs
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-_SPLIT_FILE = re.compile(r"^(val|valid|validation|test)(?![a-z])")
-_SPLIT_DIRS = {"val": "val", "valid": "val", "validation": "val", "test": "test"}
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-GZIP_MAGIC = b"\x1f\x8b"
-PARQUET_MAGIC = b"PAR1"
 READ_CHUNK = 8 << 20
-
-# extension -> (format, compression)
-_EXTENSIONS: dict[str, tuple[str, str]] = {
-    ".jsonl": ("jsonl", ""), ".json": ("jsonl", ""), ".ndjson": ("jsonl", ""),
-    ".jsonl.zst": ("jsonl", "zst"), ".json.zst": ("jsonl", "zst"), ".jsonl.zstd": ("jsonl", "zst"),
-    ".jsonl.gz": ("jsonl", "gz"), ".json.gz": ("jsonl", "gz"), ".ndjson.gz": ("jsonl", "gz"),
-    ".parquet": ("parquet", ""),
-    ".txt": ("txt", ""),
-}
 
 
 @dataclass
@@ -83,25 +60,6 @@ class ReaderConfig:
             raise ValueError("reader.on_bad_unicode must be skip or replace")
 
 
-@dataclass(frozen=True)
-class SourceFile:
-    """One input file (or Hugging Face dataset) and how to read it."""
-
-    path: str
-    """Path to open (or ``hf:`` spec)."""
-    display: str
-    """Name used in document ids and the rejects log (relative to the input given)."""
-    split: str
-    format: str
-    compression: str
-    size: int
-    """On-disk bytes."""
-    component: str
-    """Component for records that name none."""
-    damage: str = ""
-    """Set when the compressed stream is cut off or corrupt: what is wrong and where."""
-
-
 @dataclass(slots=True)
 class Rejected:
     """A record that could not be read; ``source`` is ``file:line``."""
@@ -112,207 +70,6 @@ class Rejected:
     component: str = ""
     nbytes: int = 0
     preview: str = ""
-
-
-# ---------------------------------------------------------------- inputs and formats
-
-
-def split_of(path: Path, root: Path | None) -> str:
-    """The split a file belongs to (see the module docstring); ``root`` is the folder given."""
-    m = _SPLIT_FILE.match(path.name.lower())
-    if m:
-        return "val" if m.group(1).startswith("val") else "test"
-    parts: list[str] = []
-    if root is not None:
-        rel = path.parent.relative_to(root).parts if path.parent != root else ()
-        parts = [root.name, *rel]
-    else:
-        parts = [path.parent.name]
-    for name in reversed(parts):
-        if name.lower() in _SPLIT_DIRS:
-            return _SPLIT_DIRS[name.lower()]
-    return "train"
-
-
-def format_of(name: str) -> tuple[str, str] | None:
-    lower = name.lower()
-    for ext in sorted(_EXTENSIONS, key=len, reverse=True):
-        if lower.endswith(ext):
-            return _EXTENSIONS[ext]
-    return None
-
-
-def _strip_extensions(name: str) -> str:
-    fmt = format_of(name)
-    if fmt is None:
-        return name
-    lower = name.lower()
-    ext = max((e for e in _EXTENSIONS if lower.endswith(e)), key=len)
-    return name[: -len(ext)]
-
-
-def _sniff(path: Path, fmt: str, compression: str) -> None:
-    """Raise ValueError if the first bytes of ``path`` contradict its extension."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if not head:
-        return  # empty: nothing to contradict
-    looks = (
-        "zstd-compressed" if head == ZSTD_MAGIC or (head[0] & 0xF0 == 0x50 and head[1:] == b"\x2a\x4d\x18")
-        else "gzip-compressed" if head[:2] == GZIP_MAGIC
-        else "Parquet" if head == PARQUET_MAGIC
-        else "plain text"
-    )
-    expected = {"zst": "zstd-compressed", "gz": "gzip-compressed"}.get(compression) or (
-        "Parquet" if fmt == "parquet" else "plain text"
-    )
-    if looks != expected:
-        raise ValueError(
-            f"{path}: the file is named like {expected} data but its content is {looks} "
-            f"(first bytes {head!r}); rename it to match its content or re-export it"
-        )
-
-
-def check_zstd_frames(path: str | Path) -> str:
-    """Walk the zstd frame and block headers of ``path`` (RFC 8878 §3.1) without decompressing.
-
-    Returns "" for a complete stream, else a description of where it is cut off or corrupt.
-    """
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        pos = 0
-        frames = 0
-        while pos < size:
-            f.seek(pos)
-            magic = f.read(4)
-            if len(magic) < 4:
-                return f"truncated: {len(magic)} stray bytes after frame {frames} at offset {pos}"
-            if magic[1:] == b"\x2a\x4d\x18" and magic[0] & 0xF0 == 0x50:  # skippable frame
-                n = f.read(4)
-                if len(n) < 4:
-                    return f"truncated inside skippable frame at offset {pos}"
-                pos += 8 + int.from_bytes(n, "little")
-                if pos > size:
-                    return f"truncated inside skippable frame {frames}"
-                frames += 1
-                continue
-            if magic != ZSTD_MAGIC:
-                return f"corrupt: no zstd frame at offset {pos} (bytes {magic!r})"
-            desc_b = f.read(1)
-            if not desc_b:
-                return f"truncated in frame header at offset {pos}"
-            desc = desc_b[0]
-            single = (desc >> 5) & 1
-            fcs_flag = desc >> 6
-            header = 1 + (0 if single else 1) + (0, 1, 2, 4)[desc & 3] + (single, 2, 4, 8)[fcs_flag]
-            checksum = (desc >> 2) & 1
-            pos += 4 + header
-            while True:
-                if pos + 3 > size:
-                    return f"truncated: frame {frames} is cut off at offset {size} of {size}"
-                f.seek(pos)
-                hdr = int.from_bytes(f.read(3), "little")
-                last, btype, bsize = hdr & 1, (hdr >> 1) & 3, hdr >> 3
-                if btype == 3:
-                    return f"corrupt: reserved block type at offset {pos}"
-                pos += 3 + (1 if btype == 1 else bsize)
-                if pos > size:
-                    return f"truncated: frame {frames} is cut off inside a block (file ends at {size})"
-                if last:
-                    break
-            pos += 4 * checksum
-            if pos > size:
-                return f"truncated: frame {frames} is missing its checksum"
-            frames += 1
-    return ""
-
-
-def _source(path: Path, display: str, split: str, component: str) -> SourceFile | None:
-    fmt = format_of(path.name)
-    if fmt is None:
-        return None
-    _sniff(path, *fmt)
-    size = path.stat().st_size
-    damage = check_zstd_frames(path) if fmt[1] == "zst" and size else ""
-    return SourceFile(str(path), display, split, fmt[0], fmt[1], size, component, damage)
-
-
-def expand_inputs(inputs: Iterable[str], cfg: ReaderConfig | None = None) -> list[SourceFile]:
-    """Resolve files, folders, globs and ``hf:`` names to SourceFiles (sorted within each
-    input; inputs keep their order). Raises ValueError naming any input that matches nothing
-    or whose content contradicts its extension."""
-    cfg = cfg or ReaderConfig()
-    out: list[SourceFile] = []
-    seen: set[str] = set()
-    for spec in inputs:
-        if spec.startswith("hf:"):
-            out.append(_hf_source(spec, cfg))
-            continue
-        p = Path(spec)
-        found: list[SourceFile] = []
-        if p.is_dir():
-            comp = cfg.default_component or p.resolve().name
-            files = _folder_files(p)
-            for f in files:
-                src = _source(f, f"{p.name}/{f.relative_to(p)}", split_of(f, p), comp)
-                if src is not None:
-                    found.append(src)
-            ignored = len(files) - len(found)
-            if ignored:
-                log.warning("%s: ignored %d files with unknown extensions", p, ignored)
-        elif p.is_file():
-            if format_of(p.name) is None:
-                raise ValueError(f"{p}: unknown file type; expected one of {', '.join(sorted(_EXTENSIONS))}")
-            comp = cfg.default_component or _strip_extensions(p.name)
-            src = _source(p, str(p), split_of(p, None), comp)
-            assert src is not None
-            found.append(src)
-        elif any(ch in spec for ch in "*?["):
-            for m in sorted(glob.glob(spec, recursive=True)):
-                mp = Path(m)
-                if mp.is_file() and format_of(mp.name) is not None:
-                    comp = cfg.default_component or mp.parent.resolve().name
-                    src = _source(mp, m, split_of(mp, None), comp)
-                    assert src is not None
-                    found.append(src)
-        else:
-            raise ValueError(f"input {spec!r} does not exist")
-        if not found:
-            raise ValueError(f"input {spec!r} holds no readable files (.jsonl[.zst|.gz], .parquet, .txt)")
-        for src in found:
-            key = os.path.realpath(src.path)
-            if key in seen:
-                continue  # the same file named twice (e.g. a folder and a glob) is read once
-            seen.add(key)
-            out.append(src)
-    return out
-
-
-def _folder_files(folder: Path) -> list[Path]:
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        # A prepared directory: its documents are <split>/*.jsonl.zst (not the rejects log).
-        try:
-            stage = json.loads(manifest.read_text()).get("stage")
-        except (OSError, ValueError):
-            stage = None
-        if stage == "prepare":
-            return sorted(f for s in SPLITS for f in (folder / s).glob("*.jsonl.zst"))
-    files = []
-    for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        files.extend(Path(root) / n for n in names if not n.startswith("."))
-    return sorted(files)
-
-
-def _hf_source(spec: str, cfg: ReaderConfig) -> SourceFile:
-    """``hf:NAME[#CONFIG][@SPLIT]``: a Hugging Face dataset, streamed (needs the network)."""
-    name, split = spec[3:], "train"
-    if "@" in name:
-        name, split = name.rsplit("@", 1)
-    ours = "val" if split.startswith("valid") else ("test" if split.startswith("test") else "train")
-    comp = cfg.default_component or name.split("#")[0].rsplit("/", 1)[-1]
-    return SourceFile(spec, spec, ours, "hf", "", 0, comp)
 
 
 # ---------------------------------------------------------------- byte streams and lines
@@ -328,23 +85,6 @@ def open_stream(src: SourceFile) -> BinaryIO:
     if src.compression == "gz":
         return gzip.open(src.path, "rb")  # type: ignore[return-value]
     return open(src.path, "rb")
-
-
-def estimate_size(src: SourceFile, sample: int = 1 << 20) -> int:
-    """Decompressed bytes of a file: exact for plain files, else extrapolated from the
-    compression ratio of its first ``sample`` compressed bytes."""
-    if not src.compression or src.size == 0:
-        return src.size
-    with open(src.path, "rb") as f:
-        head = f.read(sample)
-    try:
-        if src.compression == "zst":
-            out = zstandard.ZstdDecompressor().decompressobj().decompress(head)
-        else:
-            out = zlib.decompressobj(wbits=31).decompress(head, 64 * sample)
-    except (zstandard.ZstdError, zlib.error):
-        return src.size
-    return int(src.size * max(1.0, len(out) / max(1, len(head))))
 
 
 @dataclass(slots=True)
@@ -472,11 +212,11 @@ class _RecordParser:
         if not isinstance(text, str):
             return self.reject(number, "text_not_string",
                                f"{self.cfg.text_field!r} is a {type(text).__name__}", raw, comp, nbytes)
-        if _LONE_SURROGATE.search(text):
+        if LONE_SURROGATE.search(text):
             if self.cfg.on_bad_unicode == "skip":
                 return self.reject(number, "lone_surrogate", "text holds UTF-16 surrogates that are not "
                                    "valid Unicode scalar values", raw, comp, nbytes)
-            text = _LONE_SURROGATE.sub("\ufffd", text)
+            text = LONE_SURROGATE.sub("\ufffd", text)
         meta = record.get("meta")
         meta = dict(meta) if isinstance(meta, dict) else ({} if meta is None else {"meta": meta})
         if len(self._text_key) == 1:
@@ -598,13 +338,13 @@ def _iter_hf(src: SourceFile, parser: _RecordParser) -> Iterator[Document | Reje
 
 
 def read_documents(paths: Iterable[str | Path], cfg: ReaderConfig | None = None) -> Iterator[Document]:
-    """Documents of files, folders, globs or a prepared directory, in canonical order.
+    """Documents of files, folders, globs or a prepared directory, in input order.
 
     Unreadable records are skipped with a warning naming file and line (``pilelm prepare``
     counts them and writes them to its rejects log instead).
     """
     cfg = cfg or ReaderConfig()
-    for src in expand_inputs([str(p) for p in paths], cfg):
+    for src in expand_inputs([str(p) for p in paths], cfg.default_component):
         for item in iter_source(src, cfg):
             if isinstance(item, Rejected):
                 log.warning("skipped %s: %s %s", item.source, item.reason, item.detail)

@@ -15,8 +15,11 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from pilelm.data.prepared import PLOTS, STATS
+
 # Length histogram bins: log10(characters), 0.1 wide, from 1 character to 10**9.
 HIST_BINS = 90
+LENGTHS_PNG, REMOVED_PNG = PLOTS
 
 
 def _hist_bin(chars: int) -> int:
@@ -156,7 +159,8 @@ def _mb(n: int) -> str:
 
 
 def write_report(out_dir: Path, stats: TaskStats, splits: dict[str, TaskStats], title: str = "prepare") -> list[str]:
-    """Write ``stats.md`` and its plots into ``out_dir``; returns the files written."""
+    """Write ``stats.md`` and its plots into ``out_dir``; returns the files written, the
+    markdown first."""
     from pilelm.core.atomic import atomic_write_text
 
     files = _plots(out_dir, stats)
@@ -196,8 +200,8 @@ def write_report(out_dir: Path, stats: TaskStats, splits: dict[str, TaskStats], 
     if stats.pii:
         lines += ["", "PII replaced: " + ", ".join(f"{k} {v:,}" for k, v in sorted(stats.pii.items())) + "."]
     lines += ["", "## Plots", ""] + [f"![{Path(f).stem}]({f})" for f in files] + [""]
-    atomic_write_text(out_dir / "stats.md", "\n".join(lines))
-    return ["stats.md", *files]
+    atomic_write_text(out_dir / STATS, "\n".join(lines))
+    return [STATS, *files]
 
 
 def _plots(out_dir: Path, stats: TaskStats) -> list[str]:
@@ -231,10 +235,10 @@ def _plots(out_dir: Path, stats: TaskStats) -> list[str]:
         axes.flat[0].legend(fontsize=7)
         fig.suptitle("Document length per component (before and after prepare)", fontsize=10)
         fig.tight_layout()
-        with atomic_path(out_dir / "lengths.png") as tmp:
+        with atomic_path(out_dir / LENGTHS_PNG) as tmp:
             fig.savefig(tmp, dpi=90, format="png")
         plt.close(fig)
-        written.append("lengths.png")
+        written.append(LENGTHS_PNG)
     removed: dict[str, float] = {}
     for c in stats.components.values():
         for r, b in c["dropped_bytes"].items():
@@ -249,8 +253,8 @@ def _plots(out_dir: Path, stats: TaskStats) -> list[str]:
         ax.set_title("What each step removed", fontsize=10)
         ax.tick_params(labelsize=8)
         fig.tight_layout()
-        with atomic_path(out_dir / "removed.png") as tmp:
+        with atomic_path(out_dir / REMOVED_PNG) as tmp:
             fig.savefig(tmp, dpi=90, format="png")
         plt.close(fig)
-        written.append("removed.png")
+        written.append(REMOVED_PNG)
     return written

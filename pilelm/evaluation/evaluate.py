@@ -26,7 +26,6 @@ dir (``pilelm prepare`` output; each run's tokenizer encodes the text). Output (
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -44,7 +43,7 @@ from tqdm import tqdm
 
 from pilelm.core.atomic import atomic_path, atomic_write_json, atomic_write_text
 from pilelm.core.manifest import Timer, require_stage, write_manifest
-from pilelm.data.readers import SPLITS
+from pilelm.data.prepared import SPLITS, split_files
 from pilelm.models.dtypes import DTYPES
 from pilelm.models.gpt import GPTConfig
 from pilelm.training.checkpoint import CHECKPOINTS, list_checkpoints, load_for_inference
@@ -258,20 +257,21 @@ class EvalData:
 
     def documents(self, tokenizer_dir: Path) -> DocumentSet:
         """The split's documents as the tokenizer in ``tokenizer_dir`` encodes them."""
-        key = _tokenizer_hash(tokenizer_dir)
+        from pilelm.tokens.identity import fingerprint_of
+
+        key = fingerprint_of(tokenizer_dir)
         if key not in self._cache:
-            self._cache[key] = self._shard_docs(key) if self.stage == "tokenize" else self._prepared_docs(tokenizer_dir)
+            shards = self.stage == "tokenize"
+            self._cache[key] = self._shard_docs(tokenizer_dir) if shards else self._prepared_docs(tokenizer_dir)
         return self._cache[key]
 
-    def _shard_docs(self, tokenizer_key: str) -> DocumentSet:
+    def _shard_docs(self, tokenizer_dir: Path) -> DocumentSet:
+        from pilelm.tokens.identity import require_same_tokenizer
         from pilelm.tokens.shards import open_split
 
-        shard_key = _tokenizer_hash(self.path / "tokenizer")
-        if shard_key != tokenizer_key:
-            raise ValueError(
-                f"the token shards in {self.path} were made with a different tokenizer than the run's; "
-                f"pass the prepared dir (pilelm prepare output) as --data to encode the text with each run's tokenizer"
-            )
+        require_same_tokenizer(tokenizer_dir, self.path, what="eval",
+                               fix="pass the prepared dir (pilelm prepare output) as --data to encode the text "
+                                   "with each run's tokenizer")
         ts = open_split(self.path, self.split)
         n = len(ts.dataset) if not self.max_documents else min(self.max_documents, len(ts.dataset))
         tokens = [np.asarray(ts.dataset[i][:-1]) for i in range(n)]  # drop the appended EOD
@@ -313,7 +313,7 @@ class EvalData:
             return counts
         from pilelm.tokens.tokenizer import load_tokenizer
 
-        if not (self.path / "train").is_dir():
+        if not split_files(self.path, "train"):
             return None
         tok = load_tokenizer(tokenizer_dir)
         counts = np.zeros(vocab_size, dtype=np.int64)
@@ -333,24 +333,11 @@ def _bincount(seqs: list[list[int]], size: int) -> np.ndarray:
     return np.bincount(flat, minlength=size)[:size]
 
 
-def _tokenizer_hash(tokenizer_dir: Path) -> str:
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _read_prepared(prep: Path, split: str, limit: int) -> Iterator[tuple[str, str]]:
     """(text, component) of a prepared split's documents in canonical order."""
-    from pilelm.data.readers import read_documents
+    from pilelm.data.prepared import read_split
 
-    files = sorted((prep / split).glob("*.jsonl.zst"))
-    if not files:
-        have = sorted(p.name for p in prep.iterdir() if p.is_dir())
-        raise FileNotFoundError(f"{prep} has no {split} split ({split}/*.jsonl.zst); splits here: {have}")
-    for i, doc in enumerate(read_documents(files)):
-        if limit and i >= limit:
-            return
+    for doc in read_split(prep, split, limit):
         yield doc.text, doc.component or "unknown"
 
 

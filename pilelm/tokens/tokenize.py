@@ -7,11 +7,10 @@ For every split present (``train``, ``val``, ``test``) it writes ``SHARD_DIR/<sp
 ``<split>.docmeta.npz`` (component code and UTF-8 bytes per document) and
 ``<split>.components.json``; the tokenizer is copied into ``SHARD_DIR/tokenizer/``.
 
-How it runs: the main process decompresses the split's files in canonical order and cuts the
-stream into batches of raw JSON lines (``batch_bytes`` each); worker processes parse and
-encode them (tiktoken for byte-level BPE, see ``pilelm.tokens.tokenizer``); the main process
-appends the results in input order to spill files under ``SHARD_DIR/.partial/``. At most
-``2 * workers + 1`` batches are in flight, so memory stays bounded whatever the corpus size.
+How it runs: batches of raw JSON lines are encoded in worker processes
+(``pilelm.tokens.encode``); the main process appends the results in input order to spill
+files under ``SHARD_DIR/.partial/``. The manifest records the tokenizer's fingerprint
+(``pilelm.tokens.identity``), which training and evaluation check the ids against.
 
 Resuming: every ``checkpoint_seconds`` the spill files are fsynced and the position (file,
 last line done) is saved atomically with their lengths. A run killed at any point (even
@@ -22,16 +21,12 @@ The finished files are renamed into place, then the manifest is written last.
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,16 +38,17 @@ from pilelm import __version__
 from pilelm.core.atomic import atomic_write_json
 from pilelm.core.config import to_dict
 from pilelm.core.manifest import MANIFEST, Timer, content_hash, read_manifest, require_stage, write_manifest
-from pilelm.core.workers import process_pool, worker_count
-from pilelm.data.readers import SPLITS
-from pilelm.tokens.shards import AppendFile, IndexedDataset, IndexedDatasetWriter, save_docmeta, token_dtype
-from pilelm.tokens.tokenizer import PileTokenizer, copy_tokenizer, load_tokenizer, prepared_split_files
+from pilelm.core.workers import worker_count
+from pilelm.data.prepared import SHARD_SUFFIX, SPLITS, split_files
+from pilelm.tokens.encode import BatchEncoder, EncodedBatch, LineBatch, iter_line_batches
+from pilelm.tokens.identity import tokenizer_fingerprint
+from pilelm.tokens.mmidx import AppendFile, IndexedDataset, IndexedDatasetWriter, token_dtype
+from pilelm.tokens.shards import TOKENIZER_DIR, has_split, save_split_sidecars, split_prefix
+from pilelm.tokens.tokenizer import copy_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
 PARTIAL = ".partial"
-# What a worker that is not a fork imports up front (pilelm.core.workers).
-PRELOAD = ("pilelm.tokens.tokenize",)
 
 
 @dataclass
@@ -85,198 +81,6 @@ class TokenizeConfig:
             raise ValueError(f"batch_bytes must be positive, got {self.batch_bytes}")
         if self.checkpoint_seconds < 0:
             raise ValueError(f"checkpoint_seconds must be >= 0, got {self.checkpoint_seconds}")
-
-
-# ---------------------------------------------------------------- batches of raw lines
-
-
-@dataclass
-class LineBatch:
-    """Whole lines of one file, as one blob: lines ``first_line .. first_line + count - 1``."""
-
-    file_index: int
-    first_line: int
-    count: int
-    data: bytes
-    """The lines, each ending with a newline (blank lines included; workers skip them)."""
-    skipped: Counter[str] = field(default_factory=Counter)
-    """Lines the reader dropped (too long), by reason."""
-
-    @property
-    def last_line(self) -> int:
-        return self.first_line + self.count - 1
-
-
-def iter_line_batches(files: list[Path], batch_bytes: int, start: tuple[int, int] = (0, 0),
-                      max_line_bytes: int = 64 << 20) -> Iterator[LineBatch]:
-    """Batches of about ``batch_bytes`` of whole lines of ``files`` in order, never spanning
-    two files, starting after line ``start[1]`` of file ``start[0]``.
-
-    Lines are found with bytes.rfind/count on decompressed chunks (no per-line Python work in
-    this process, which shares the cores with the workers); a line over ``max_line_bytes`` is
-    dropped (counted) as it streams by, so memory stays bounded.
-    """
-    import zstandard
-
-    from pilelm.data.readers import SourceFile, open_stream
-
-    read_size = max(1, min(batch_bytes, 8 << 20))
-    first_file, skip_to = start
-    for fi in range(first_file, len(files)):
-        path = files[fi]
-        skip = skip_to if fi == first_file else 0
-        src = SourceFile(str(path), path.name, "", "jsonl", "zst" if path.suffix == ".zst" else "",
-                         path.stat().st_size, "")
-        stream = open_stream(src)
-        line = 1  # number of the line that starts the next block
-        parts: list[bytes] = []
-        part_lines = 0
-        part_bytes = 0
-        part_first = 1
-        skipped: Counter[str] = Counter()
-        carry = b""  # the unfinished line at the end of what was read
-        too_long = False  # inside a line over the limit: drop until its newline
-        try:
-            while True:
-                chunk = stream.read(read_size)
-                if not chunk:
-                    if carry and not too_long:
-                        chunk = b"\n"  # a last line without newline
-                    else:
-                        break
-                data = carry + chunk if carry else chunk
-                cut = data.rfind(b"\n")
-                if too_long:
-                    if cut < 0:
-                        continue
-                    data, too_long = data[data.find(b"\n") + 1 :], False
-                    line += 1
-                    cut = data.rfind(b"\n")
-                if cut < 0:
-                    carry = data
-                    if len(carry) > max_line_bytes:
-                        if line > skip:  # (a resumed run counted it already)
-                            skipped["line_too_long"] += 1
-                            log.warning("%s:%d: skipped, over %d bytes (the line limit)", path, line, max_line_bytes)
-                        carry, too_long = b"", True
-                    continue
-                block, carry = data[: cut + 1], data[cut + 1 :]
-                n = block.count(b"\n")
-                if line + n - 1 <= skip:  # all before the resume point
-                    line += n
-                    continue
-                if line <= skip:  # cut off the lines before the resume point
-                    off = -1
-                    for _ in range(skip - line + 1):
-                        off = block.find(b"\n", off + 1)
-                    block, n, line = block[off + 1 :], n - (skip - line + 1), skip + 1
-                if len(block) > max_line_bytes:  # it may hold a whole line over the limit
-                    pieces = block.split(b"\n")
-                    for i, piece in enumerate(pieces):
-                        if len(piece) > max_line_bytes:
-                            skipped["line_too_long"] += 1
-                            log.warning("%s:%d: skipped, over %d bytes (the line limit)", path, line + i,
-                                        max_line_bytes)
-                            pieces[i] = b""  # a blank line: the numbering stays true
-                    block = b"\n".join(pieces)
-                if not parts:
-                    part_first = line
-                parts.append(block)
-                part_lines += n
-                part_bytes += len(block)
-                line += n
-                if part_bytes >= batch_bytes:
-                    yield LineBatch(fi, part_first, part_lines, b"".join(parts), skipped)
-                    parts, part_lines, part_bytes, skipped = [], 0, 0, Counter()
-        except (zstandard.ZstdError, OSError, EOFError) as e:
-            raise ValueError(f"{path}: corrupt compressed data near line {line} ({e}); "
-                             "rerun `pilelm prepare` to rewrite the prepared dir") from e
-        finally:
-            stream.close()
-        if parts or skipped:
-            yield LineBatch(fi, part_first if parts else line, part_lines, b"".join(parts), skipped)
-
-
-# ---------------------------------------------------------------- encoding (in workers)
-
-
-@dataclass
-class EncodedBatch:
-    tokens: np.ndarray
-    sizes: np.ndarray
-    nbytes: np.ndarray
-    components: list[str]
-    """Component name of each document."""
-    skipped: Counter[str]
-
-
-_WORKER_TOKENIZER: PileTokenizer | None = None
-
-
-def _init_worker(tokenizer_path: str, fast: bool) -> None:
-    global _WORKER_TOKENIZER
-    # One process per core already: keep tokenizers' own thread pool out of the way.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    if _WORKER_TOKENIZER is None:  # not a fork (a forked worker inherits the parent's)
-        _WORKER_TOKENIZER = load_tokenizer(tokenizer_path, fast=fast)
-
-
-def _encode_in_worker(data: bytes, first_line: int, source: str, eod_id: int, dtype: str) -> EncodedBatch:
-    assert _WORKER_TOKENIZER is not None, "worker was not initialised"
-    return encode_lines(_WORKER_TOKENIZER, data, first_line, source, eod_id, np.dtype(dtype))
-
-
-def encode_lines(tok: PileTokenizer, data: bytes, first_line: int, source: str, eod_id: int,
-                 dtype: np.dtype) -> EncodedBatch:
-    """Parse Pile-format JSON lines (``data``, numbered from ``first_line``) and encode each
-    document followed by ``eod_id``."""
-    texts: list[str] = []
-    comps: list[str] = []
-    kept: list[int] = []
-    skipped: Counter[str] = Counter()
-    for number, raw in enumerate(data.split(b"\n")[:-1], start=first_line):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw)
-            text = record["text"]
-            if not isinstance(text, str):
-                raise TypeError(f"text is a {type(text).__name__}")
-        except (ValueError, KeyError, TypeError) as e:
-            reason = "invalid_json" if isinstance(e, ValueError) else "missing_text"
-            skipped[reason] += 1
-            log.warning("%s:%d: skipped (%s: %s)", source, number, reason, e)
-            continue
-        meta = record.get("meta")
-        comps.append(str(meta.get("pile_set_name", "")) if isinstance(meta, dict) else "")
-        texts.append(text)
-        kept.append(number)
-    try:
-        encoded = tok.encode_many(texts)
-    except (UnicodeEncodeError, TypeError):
-        # Text that is not valid Unicode (JSON allows lone surrogates, no tokenizer does):
-        # find the culprits one by one, skip them with a reason.
-        encoded, good = [], []
-        for i, text in enumerate(texts):
-            try:
-                encoded.append(tok.encode_to_numpy(text))
-                good.append(i)
-            except (UnicodeEncodeError, TypeError) as e:
-                skipped["invalid_unicode"] += 1
-                log.warning("%s:%d: skipped (invalid_unicode: %s)", source, kept[i], e)
-        texts, comps = [texts[i] for i in good], [comps[i] for i in good]
-    limit = np.iinfo(dtype).max
-    parts: list[np.ndarray] = []
-    eod = np.array([eod_id], dtype=np.int64)
-    for ids in encoded:
-        parts.append(ids)
-        parts.append(eod)
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    if len(tokens) and int(tokens.max()) > limit:
-        raise ValueError(f"{source}: token id {int(tokens.max())} does not fit {dtype}")
-    sizes = np.fromiter((len(x) + 1 for x in encoded), dtype=np.int32, count=len(encoded))
-    nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
-    return EncodedBatch(tokens.astype(dtype), sizes, nbytes, comps, skipped)
 
 
 # ---------------------------------------------------------------- one split, resumable
@@ -314,7 +118,7 @@ class SplitWriter:
         work = out / PARTIAL
         work.mkdir(parents=True, exist_ok=True)
         docs = progress.documents if resume else None
-        self.tokens = IndexedDatasetWriter(out / split, dtype, work_dir=work,
+        self.tokens = IndexedDatasetWriter(split_prefix(out, split), dtype, work_dir=work,
                                            resume=(progress.documents, progress.tokens) if resume else None)
         self.component = AppendFile(work / f"{split}.component.partial", np.int16, docs)
         self.nbytes = AppendFile(work / f"{split}.nbytes.partial", np.int64, docs)
@@ -355,9 +159,8 @@ class SplitWriter:
         self.nbytes.close()
         self.tokens.finalize()
         component, nbytes = self.component.read(), self.nbytes.read()
-        save_docmeta(self.out / f"{self.split}.docmeta.npz", component, nbytes)
-        atomic_write_json(self.out / f"{self.split}.components.json", self.progress.component_names)
-        stats = split_stats(self.out / self.split, component, nbytes, self.progress.component_names)
+        save_split_sidecars(self.out, self.split, component, nbytes, self.progress.component_names)
+        stats = split_stats(split_prefix(self.out, self.split), component, nbytes, self.progress.component_names)
         stats["skipped"] = dict(self.skipped)
         for p in (self.component.path, self.nbytes.path, self.progress_path):
             p.unlink(missing_ok=True)
@@ -381,59 +184,19 @@ def split_stats(prefix: Path, component: np.ndarray, nbytes: np.ndarray, names: 
             "components": per}
 
 
-def _fingerprint(cfg: TokenizeConfig, split: str, files: list[Path], tokenizer_hash: str, dtype: np.dtype) -> str:
+def _fingerprint(cfg: TokenizeConfig, split: str, files: list[Path], tokenizer: str, dtype: np.dtype) -> str:
     """Identifies the work of one split: a saved position is only valid for the same one."""
     h = hashlib.sha256()
-    h.update(json.dumps([__version__, split, str(dtype), tokenizer_hash, cfg.fast,
+    h.update(json.dumps([__version__, split, str(dtype), tokenizer, cfg.fast,
                          [(f.name, f.stat().st_size) for f in files]]).encode())
     return h.hexdigest()
 
 
-class _Encoder:
-    """Encodes batches in order: in this process (workers=1) or over a process pool."""
-
-    def __init__(self, tok: PileTokenizer, tokenizer_path: Path, workers: int, fast: bool):
-        self.tok = tok
-        self.workers = workers
-        self.pool: ProcessPoolExecutor | None = None
-        if workers > 1:
-            global _WORKER_TOKENIZER
-            _WORKER_TOKENIZER = tok  # what forked workers start with; others load it
-            try:
-                self.pool = process_pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path), fast),
-                                         inherit=True, preload=PRELOAD, warm_up=True)
-            finally:
-                _WORKER_TOKENIZER = None
-
-    def map(self, batches: Iterator[LineBatch], files: list[Path], eod_id: int, dtype: np.dtype
-            ) -> Iterator[tuple[LineBatch, EncodedBatch]]:
-        if self.pool is None:
-            for b in batches:
-                yield b, encode_lines(self.tok, b.data, b.first_line, str(files[b.file_index]), eod_id, dtype)
-            return
-        pending: collections.deque[tuple[LineBatch, Future[EncodedBatch]]] = collections.deque()
-        limit = 2 * self.workers + 1
-        for b in batches:
-            pending.append((b, self.pool.submit(_encode_in_worker, b.data, b.first_line,
-                                                str(files[b.file_index]), eod_id, dtype.name)))
-            b.data = b""  # the worker has its copy; keep only the position here
-            while len(pending) >= limit:
-                done, fut = pending.popleft()
-                yield done, fut.result()
-        while pending:
-            done, fut = pending.popleft()
-            yield done, fut.result()
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def tokenize_split(cfg: TokenizeConfig, enc: _Encoder, files: list[Path], split: str, out: Path,
-                   dtype: np.dtype, eod_id: int, tokenizer_hash: str) -> dict[str, Any]:
-    fingerprint = _fingerprint(cfg, split, files, tokenizer_hash, dtype)
+def tokenize_split(cfg: TokenizeConfig, enc: BatchEncoder, files: list[Path], split: str, out: Path,
+                   dtype: np.dtype, eod_id: int, tokenizer: str) -> dict[str, Any]:
+    fingerprint = _fingerprint(cfg, split, files, tokenizer, dtype)
     done_path = out / PARTIAL / f"{split}.done.json"
-    if done_path.is_file() and (out / f"{split}.idx").is_file():
+    if done_path.is_file() and has_split(out, split):
         done = json.loads(done_path.read_text())
         if done.get("fingerprint") == fingerprint:
             log.info("%s: already tokenized by an earlier run", split)
@@ -475,11 +238,11 @@ def run_tokenize(cfg: TokenizeConfig) -> Path:
                          "pilelm tokenize PREPARED_DIR --tokenizer TOKENIZER_DIR -o SHARD_DIR")
     prep, out = Path(cfg.data), Path(cfg.output)
     require_stage(prep, "prepare", what="data")
-    splits = list(cfg.splits) or [s for s in SPLITS if prepared_split_files(prep, s)]
-    missing = [s for s in splits if not prepared_split_files(prep, s)]
+    splits = list(cfg.splits) or [s for s in SPLITS if split_files(prep, s)]
+    missing = [s for s in splits if not split_files(prep, s)]
     if missing or not splits:
         raise FileNotFoundError(f"{prep} has no documents for split(s) {', '.join(missing or SPLITS)} "
-                                f"(expected {prep}/<split>/*.jsonl.zst)")
+                                f"(expected {prep}/<split>/*{SHARD_SUFFIX})")
     inputs = [prep, Path(cfg.tokenizer)]
     if (out / MANIFEST).is_file():
         old = read_manifest(out)
@@ -499,19 +262,19 @@ def run_tokenize(cfg: TokenizeConfig) -> Path:
         raise ValueError(f"tokenizer {cfg.tokenizer} has no end-of-document token "
                          "(<|endoftext|>, </s> or [SEP]); the shards need one after every document")
     out.mkdir(parents=True, exist_ok=True)
-    copy_tokenizer(cfg.tokenizer, out / "tokenizer")
-    tokenizer_hash = content_hash(out / "tokenizer" / "tokenizer.json")
+    copy_tokenizer(cfg.tokenizer, out / TOKENIZER_DIR)
+    fingerprint = tokenizer_fingerprint(tok)
     dtype = token_dtype(tok.vocab_size)
     workers = worker_count(cfg.workers)
     log.info("tokenizing %s with %s (%s, vocab %d, %s) on %d worker(s)", ", ".join(splits), cfg.tokenizer,
              tok.backend, tok.vocab_size, dtype.name, workers)
-    enc = _Encoder(tok, out / "tokenizer", workers, cfg.fast)
+    enc = BatchEncoder(tok, out / TOKENIZER_DIR, workers, cfg.fast)
     stats: dict[str, Any] = {}
     try:
         for split in splits:
             with timer(split):
-                stats[split] = tokenize_split(cfg, enc, prepared_split_files(prep, split), split, out,
-                                              dtype, int(tok.eod_id), tokenizer_hash)
+                stats[split] = tokenize_split(cfg, enc, split_files(prep, split), split, out,
+                                              dtype, int(tok.eod_id), fingerprint)
             s = stats[split]
             log.info("%s: %d documents, %d tokens, %.1f MB of text, %.3f bytes/token, %.1f MB/s", split,
                      s["documents"], s["tokens"], s["bytes"] / 1e6, s["bytes_per_token"] or 0.0,
@@ -529,7 +292,8 @@ def run_tokenize(cfg: TokenizeConfig) -> Path:
         "splits": stats,
     }
     extra = {"tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eod_id": int(tok.eod_id),
-                           "pad_id": tok.pad_id, "backend": tok.backend, "source": str(cfg.tokenizer)},
+                           "pad_id": tok.pad_id, "fingerprint": fingerprint, "backend": tok.backend,
+                           "source": str(cfg.tokenizer)},
              "dtype": dtype.name, "workers": workers}
     write_manifest(out, "tokenize", cfg, inputs=inputs, counts=counts, timings=timer.timings, extra=extra)
     return out

@@ -191,7 +191,7 @@ def _init_source(cfg: TrainConfig, tokenizer_dir: Path) -> tuple[Path, TrainConf
     other tokens to the model.
     """
     from pilelm.models import config_from_spec
-    from pilelm.tokens.tokenizer import load_tokenizer
+    from pilelm.tokens.identity import require_same_tokenizer
 
     src = Path(cfg.init_from)
     if (src / "model.json").is_file():
@@ -209,13 +209,7 @@ def _init_source(cfg: TrainConfig, tokenizer_dir: Path) -> tuple[Path, TrainConf
     family = "gpt" if isinstance(mcfg, GPTConfig) else "bert"
     mcfg = replace(mcfg, dropout=(cfg.model if family == "gpt" else cfg.bert).dropout)
     if (run_dir / "tokenizer").is_dir():
-        theirs = load_tokenizer(run_dir / "tokenizer", fast=False).hf.get_vocab(with_added_tokens=True)
-        ours = load_tokenizer(tokenizer_dir, fast=False).hf.get_vocab(with_added_tokens=True)
-        if theirs != ours:
-            raise ValueError(
-                f"init_from: {run_dir / 'tokenizer'} is not the tokenizer the data was tokenized with "
-                f"({tokenizer_dir}); tokenize with the model's own: pilelm tokenize DATA -o SHARDS "
-                f"--tokenizer {run_dir / 'tokenizer'}")
+        require_same_tokenizer(run_dir, tokenizer_dir, what="init_from")
     else:
         log.warning("init_from: %s has no tokenizer/ folder; cannot check it matches the data's", run_dir)
     return step_dir, replace(cfg, family=family, **{"model" if family == "gpt" else "bert": mcfg})

@@ -15,16 +15,8 @@ import zstandard
 from conftest import write_pile_shard
 
 from pilelm.data.document import Document
-from pilelm.data.readers import (
-    ReaderConfig,
-    Rejected,
-    check_zstd_frames,
-    expand_inputs,
-    iter_lines,
-    iter_source,
-    read_documents,
-    split_of,
-)
+from pilelm.data.readers import ReaderConfig, Rejected, iter_lines, iter_source, read_documents
+from pilelm.data.sources import check_zstd_frames, expand_inputs, split_of
 
 
 def _docs(n: int, comp: str = "Pile-CC") -> list[dict]:
@@ -33,7 +25,7 @@ def _docs(n: int, comp: str = "Pile-CC") -> list[dict]:
 
 def _read_all(path: Path, cfg: ReaderConfig | None = None) -> tuple[list[Document], list[Rejected]]:
     docs, rejects = [], []
-    for src in expand_inputs([str(path)], cfg):
+    for src in expand_inputs([str(path)], cfg.default_component if cfg else None):
         for item in iter_source(src, cfg):
             (rejects if isinstance(item, Rejected) else docs).append(item)
     return docs, rejects

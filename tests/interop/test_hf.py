@@ -202,7 +202,8 @@ def test_bert_export_and_import(tmp_path):
     from pilelm.core import manifest
     from pilelm.interop.hf import ExportConfig, ImportConfig, run_export, run_import
     from pilelm.models.bert import Bert, BertConfig
-    from pilelm.tokens.tokenizer import load_tokenizer, train_tokenizer
+    from pilelm.tokens.tokenizer import load_tokenizer
+    from pilelm.tokens.tokenizer_train import train_tokenizer
     from pilelm.training import checkpoint
 
     run = tmp_path / "run"

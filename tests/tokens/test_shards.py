@@ -1,4 +1,4 @@
-"""MMIDIDX shards, the tokenize stage and the readers/exporters (pilelm.tokens.shards, pilelm.tokens.tokenize)."""
+"""MMIDIDX shards, the tokenize stage and others' formats (pilelm.tokens.mmidx, shards, tokenize, formats, exchange)."""
 
 from __future__ import annotations
 
@@ -17,34 +17,23 @@ from conftest import ROOT, read_pile_shard, write_pile_shard
 
 from pilelm.core.config import ConfigError, load_config
 from pilelm.core.manifest import StageInputError, read_manifest, write_manifest
-from pilelm.tokens.shards import (
-    IndexedDataset,
-    IndexedDatasetWriter,
+from pilelm.tokens.exchange import export_split
+from pilelm.tokens.fast_bpe import tokenizer_from_ranks
+from pilelm.tokens.formats.lmdb import export_lmdb, read_lmdb
+from pilelm.tokens.formats.nanogpt import export_nanogpt, nanogpt_to_indexed, read_nanogpt, split_documents
+from pilelm.tokens.formats.pythia import open_pythia
+from pilelm.tokens.formats.tfrecord import (
     crc32c,
-    export_lmdb,
-    export_nanogpt,
-    export_split,
     export_tfrecord,
-    nanogpt_to_indexed,
-    open_pythia,
-    open_split,
     parse_tf_example,
-    read_lmdb,
-    read_nanogpt,
     read_tfrecord,
-    split_documents,
     tf_example,
-    token_dtype,
-    write_indexed_dataset,
 )
+from pilelm.tokens.mmidx import IndexedDataset, IndexedDatasetWriter, token_dtype, write_indexed_dataset
+from pilelm.tokens.shards import open_split
 from pilelm.tokens.tokenize import TokenizeConfig, run_tokenize
-from pilelm.tokens.tokenizer import (
-    PileTokenizer,
-    TokenizerTrainConfig,
-    load_tokenizer,
-    run_tokenizer_train,
-    tokenizer_from_ranks,
-)
+from pilelm.tokens.tokenizer import PileTokenizer, load_tokenizer
+from pilelm.tokens.tokenizer_train import TokenizerTrainConfig, run_tokenizer_train
 
 SAMPLE = ROOT / "pilelm" / "sample"
 
@@ -431,7 +420,7 @@ def test_resume_after_sigkill_gives_identical_output(tmp_path):
 
 
 def test_import_pythia_and_nanogpt_tokens_as_a_shard_dir(corpus, tmp_path):
-    from pilelm.tokens.shards import main
+    from pilelm.core.cli import main
 
     prep, tok_dir = corpus
     tok = load_tokenizer(tok_dir)
@@ -439,10 +428,10 @@ def test_import_pythia_and_nanogpt_tokens_as_a_shard_dir(corpus, tmp_path):
     docs = [np.append(tok.encode(t), tok.eod_id) for t in texts]
     _write_mmidx_by_hand(tmp_path / "pythia", docs, 8, "<u2")  # written as Pythia's files are
     out = tmp_path / "imported"
-    assert main(["import", str(tmp_path / "pythia.bin"), "--tokenizer", str(tok_dir), "-o", str(out),
+    assert main(["shards", "import", str(tmp_path / "pythia.bin"), "--tokenizer", str(tok_dir), "-o", str(out),
                  "--component", "Pile"]) == 0
     export_nanogpt(IndexedDataset(tmp_path / "pythia"), tmp_path / "val.bin")
-    assert main(["import", str(tmp_path / "val.bin"), "--format", "nanogpt", "--tokenizer", str(tok_dir),
+    assert main(["shards", "import", str(tmp_path / "val.bin"), "--format", "nanogpt", "--tokenizer", str(tok_dir),
                  "--split", "val", "-o", str(out)]) == 0
     for split in ("train", "val"):
         ts = open_split(out, split)
@@ -451,14 +440,14 @@ def test_import_pythia_and_nanogpt_tokens_as_a_shard_dir(corpus, tmp_path):
         assert ts.eod_id == tok.eod_id and ts.vocab_size == tok.vocab_size
     assert open_split(out, "train").component_names == ["Pile"]
     assert set(read_manifest(out)["counts"]["splits"]) == {"train", "val"}
-    # The CLI exporter, and its error for a missing split.
-    assert main(["export", str(out), "--split", "val", "--format", "tfrecord", "-o", str(tmp_path / "v.tfr")]) == 0
+    # The exporter, and its error for a missing split.
+    assert main(["shards", "export", str(out), "--split", "val", "--format", "tfrecord", "-o", str(tmp_path / "v.tfr")]) == 0
     assert len(list(read_tfrecord(tmp_path / "v.tfr"))) == len(docs)
-    assert main(["export", str(out), "--split", "test", "--format", "lmdb", "-o", str(tmp_path / "db")]) == 1
+    assert main(["shards", "export", str(out), "--split", "test", "--format", "lmdb", "-o", str(tmp_path / "db")]) == 1
 
 
 def test_line_batches_tile_the_files_and_resume_anywhere(tmp_path):
-    from pilelm.tokens.tokenize import iter_line_batches
+    from pilelm.tokens.encode import iter_line_batches
 
     lines = [b'{"text": "%d"}' % i + b"x" * (i * 7 % 50) for i in range(60)]
     lines[17] = b""  # blank lines keep their numbers

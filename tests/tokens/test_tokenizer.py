@@ -1,4 +1,4 @@
-"""Tokenizer training, loading and the fast encoder (pilelm.tokens.tokenizer)."""
+"""Tokenizer training, loading and the fast encoder (pilelm.tokens.tokenizer, tokenizer_train, fast_bpe)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,9 @@ from conftest import ROOT, read_pile_shard, write_pile_shard
 
 from pilelm.core.config import ConfigError, load_config
 from pilelm.core.manifest import StageInputError, read_manifest, write_manifest
-from pilelm.tokens.tokenizer import (
-    PileTokenizer,
-    StratifiedSample,
-    TokenizerTrainConfig,
-    load_tokenizer,
-    run_tokenizer_train,
-    tokenizer_from_ranks,
-)
+from pilelm.tokens.fast_bpe import tokenizer_from_ranks
+from pilelm.tokens.tokenizer import PileTokenizer, load_tokenizer
+from pilelm.tokens.tokenizer_train import StratifiedSample, TokenizerTrainConfig, run_tokenizer_train
 
 SAMPLE = ROOT / "pilelm" / "sample"
 

@@ -11,7 +11,8 @@ from conftest import ROOT, read_pile_shard, write_pile_shard
 from pilelm.core.manifest import write_manifest
 from pilelm.tokens.shards import open_split
 from pilelm.tokens.tokenize import TokenizeConfig, run_tokenize
-from pilelm.tokens.tokenizer import TokenizerTrainConfig, load_tokenizer, run_tokenizer_train
+from pilelm.tokens.tokenizer import load_tokenizer
+from pilelm.tokens.tokenizer_train import TokenizerTrainConfig, run_tokenizer_train
 
 
 @pytest.mark.dist

@@ -52,7 +52,8 @@ def write_tokenizer(tok_dir: Path) -> None:
 
 def make_shards(root: Path, n_train: int = 120, n_val: int = 12) -> Path:
     """A token shard dir in the `pilelm tokenize` layout, written with pilelm.tokens.shards."""
-    from pilelm.tokens.shards import save_docmeta, write_indexed_dataset
+    from pilelm.tokens.mmidx import write_indexed_dataset
+    from pilelm.tokens.shards import save_docmeta
 
     root.mkdir(parents=True, exist_ok=True)
     write_tokenizer(root / "tokenizer")
@@ -280,7 +281,7 @@ def test_init_from_an_imported_model_continues_its_training(shards, tmp_path):
     vocab = json.loads((other / "tokenizer" / "tokenizer.json").read_text())
     vocab["model"]["vocab"]["w0"], vocab["model"]["vocab"]["w1"] = vocab["model"]["vocab"]["w1"], vocab["model"]["vocab"]["w0"]
     (other / "tokenizer" / "tokenizer.json").write_text(json.dumps(vocab))
-    with pytest.raises(ValueError, match="not the tokenizer the data was tokenized with"):
+    with pytest.raises(ValueError, match="init_from: .* have different tokenizers .*pilelm tokenize"):
         run_train(tiny_config(shards, tmp_path / "bad", **{**kw, "init_from": str(other)}))
     with pytest.raises(FileNotFoundError, match="no intact checkpoint"):
         run_train(tiny_config(shards, tmp_path / "bad", **{**kw, "init_from": str(tmp_path / "nowhere")}))

@@ -1,0 +1,305 @@
+"""Input discovery for ``pilelm prepare``: which files to read, in which split, in what format,
+and how to cut them into pieces of work.
+
+- Inputs are files, folders (searched recursively, hidden entries skipped), globs or
+  ``hf:NAME[#CONFIG][@SPLIT]`` Hugging Face datasets; a prepared directory given as input
+  stands for its documents. Each file belongs to a split: a file named ``val*`` /
+  ``validation*`` / ``test*`` or inside a folder named ``val`` / ``valid`` / ``validation`` /
+  ``test`` is eval data, all else train.
+- A file's format comes from its extension and is checked against its first bytes, so a
+  file whose content does not match its name is a clear error before any work starts.
+- A damaged ``.zst`` is found here, before reading, by walking the frame and block headers
+  (RFC 8878 §3.1): the streaming decompressor returns a cut-off frame's data without an error.
+- Big files are cut into pieces (``plan_ranges``): decompressed byte ranges of JSON lines,
+  row-group ranges of Parquet; ``pilelm.data.readers`` reads a piece.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import zstandard
+
+from pilelm.data.prepared import document_files, is_prepared
+
+log = logging.getLogger(__name__)
+
+_SPLIT_FILE = re.compile(r"^(val|valid|validation|test)(?![a-z])")
+_SPLIT_DIRS = {"val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+GZIP_MAGIC = b"\x1f\x8b"
+PARQUET_MAGIC = b"PAR1"
+
+# extension -> (format, compression)
+_EXTENSIONS: dict[str, tuple[str, str]] = {
+    ".jsonl": ("jsonl", ""), ".json": ("jsonl", ""), ".ndjson": ("jsonl", ""),
+    ".jsonl.zst": ("jsonl", "zst"), ".json.zst": ("jsonl", "zst"), ".jsonl.zstd": ("jsonl", "zst"),
+    ".jsonl.gz": ("jsonl", "gz"), ".json.gz": ("jsonl", "gz"), ".ndjson.gz": ("jsonl", "gz"),
+    ".parquet": ("parquet", ""),
+    ".txt": ("txt", ""),
+}
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """One input file (or Hugging Face dataset) and how to read it."""
+
+    path: str
+    """Path to open (or ``hf:`` spec)."""
+    display: str
+    """Name used in document ids and the rejects log (relative to the input given)."""
+    split: str
+    format: str
+    compression: str
+    size: int
+    """On-disk bytes."""
+    component: str
+    """Component for records that name none."""
+    damage: str = ""
+    """Set when the compressed stream is cut off or corrupt: what is wrong and where."""
+
+
+
+def split_of(path: Path, root: Path | None) -> str:
+    """The split a file belongs to (see the module docstring); ``root`` is the folder given."""
+    m = _SPLIT_FILE.match(path.name.lower())
+    if m:
+        return "val" if m.group(1).startswith("val") else "test"
+    parts: list[str] = []
+    if root is not None:
+        rel = path.parent.relative_to(root).parts if path.parent != root else ()
+        parts = [root.name, *rel]
+    else:
+        parts = [path.parent.name]
+    for name in reversed(parts):
+        if name.lower() in _SPLIT_DIRS:
+            return _SPLIT_DIRS[name.lower()]
+    return "train"
+
+
+def format_of(name: str) -> tuple[str, str] | None:
+    lower = name.lower()
+    for ext in sorted(_EXTENSIONS, key=len, reverse=True):
+        if lower.endswith(ext):
+            return _EXTENSIONS[ext]
+    return None
+
+
+def _strip_extensions(name: str) -> str:
+    fmt = format_of(name)
+    if fmt is None:
+        return name
+    lower = name.lower()
+    ext = max((e for e in _EXTENSIONS if lower.endswith(e)), key=len)
+    return name[: -len(ext)]
+
+
+def _sniff(path: Path, fmt: str, compression: str) -> None:
+    """Raise ValueError if the first bytes of ``path`` contradict its extension."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        return  # empty: nothing to contradict
+    looks = (
+        "zstd-compressed" if head == ZSTD_MAGIC or (head[0] & 0xF0 == 0x50 and head[1:] == b"\x2a\x4d\x18")
+        else "gzip-compressed" if head[:2] == GZIP_MAGIC
+        else "Parquet" if head == PARQUET_MAGIC
+        else "plain text"
+    )
+    expected = {"zst": "zstd-compressed", "gz": "gzip-compressed"}.get(compression) or (
+        "Parquet" if fmt == "parquet" else "plain text"
+    )
+    if looks != expected:
+        raise ValueError(
+            f"{path}: the file is named like {expected} data but its content is {looks} "
+            f"(first bytes {head!r}); rename it to match its content or re-export it"
+        )
+
+
+def check_zstd_frames(path: str | Path) -> str:
+    """Walk the zstd frame and block headers of ``path`` (RFC 8878 §3.1) without decompressing.
+
+    Returns "" for a complete stream, else a description of where it is cut off or corrupt.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        pos = 0
+        frames = 0
+        while pos < size:
+            f.seek(pos)
+            magic = f.read(4)
+            if len(magic) < 4:
+                return f"truncated: {len(magic)} stray bytes after frame {frames} at offset {pos}"
+            if magic[1:] == b"\x2a\x4d\x18" and magic[0] & 0xF0 == 0x50:  # skippable frame
+                n = f.read(4)
+                if len(n) < 4:
+                    return f"truncated inside skippable frame at offset {pos}"
+                pos += 8 + int.from_bytes(n, "little")
+                if pos > size:
+                    return f"truncated inside skippable frame {frames}"
+                frames += 1
+                continue
+            if magic != ZSTD_MAGIC:
+                return f"corrupt: no zstd frame at offset {pos} (bytes {magic!r})"
+            desc_b = f.read(1)
+            if not desc_b:
+                return f"truncated in frame header at offset {pos}"
+            desc = desc_b[0]
+            single = (desc >> 5) & 1
+            fcs_flag = desc >> 6
+            header = 1 + (0 if single else 1) + (0, 1, 2, 4)[desc & 3] + (single, 2, 4, 8)[fcs_flag]
+            checksum = (desc >> 2) & 1
+            pos += 4 + header
+            while True:
+                if pos + 3 > size:
+                    return f"truncated: frame {frames} is cut off at offset {size} of {size}"
+                f.seek(pos)
+                hdr = int.from_bytes(f.read(3), "little")
+                last, btype, bsize = hdr & 1, (hdr >> 1) & 3, hdr >> 3
+                if btype == 3:
+                    return f"corrupt: reserved block type at offset {pos}"
+                pos += 3 + (1 if btype == 1 else bsize)
+                if pos > size:
+                    return f"truncated: frame {frames} is cut off inside a block (file ends at {size})"
+                if last:
+                    break
+            pos += 4 * checksum
+            if pos > size:
+                return f"truncated: frame {frames} is missing its checksum"
+            frames += 1
+    return ""
+
+
+def _source(path: Path, display: str, split: str, component: str) -> SourceFile | None:
+    fmt = format_of(path.name)
+    if fmt is None:
+        return None
+    _sniff(path, *fmt)
+    size = path.stat().st_size
+    damage = check_zstd_frames(path) if fmt[1] == "zst" and size else ""
+    return SourceFile(str(path), display, split, fmt[0], fmt[1], size, component, damage)
+
+
+def expand_inputs(inputs: Iterable[str], default_component: str | None = None) -> list[SourceFile]:
+    """Resolve files, folders, globs and ``hf:`` names to SourceFiles (sorted within each
+    input; inputs keep their order). ``default_component``: the component of records that
+    name none (None: the input's own name). Raises ValueError naming any input that matches
+    nothing or whose content contradicts its extension."""
+    out: list[SourceFile] = []
+    seen: set[str] = set()
+    for spec in inputs:
+        if spec.startswith("hf:"):
+            out.append(_hf_source(spec, default_component))
+            continue
+        p = Path(spec)
+        found: list[SourceFile] = []
+        if p.is_dir():
+            comp = default_component or p.resolve().name
+            files = _folder_files(p)
+            for f in files:
+                src = _source(f, f"{p.name}/{f.relative_to(p)}", split_of(f, p), comp)
+                if src is not None:
+                    found.append(src)
+            ignored = len(files) - len(found)
+            if ignored:
+                log.warning("%s: ignored %d files with unknown extensions", p, ignored)
+        elif p.is_file():
+            if format_of(p.name) is None:
+                raise ValueError(f"{p}: unknown file type; expected one of {', '.join(sorted(_EXTENSIONS))}")
+            comp = default_component or _strip_extensions(p.name)
+            src = _source(p, str(p), split_of(p, None), comp)
+            assert src is not None
+            found.append(src)
+        elif any(ch in spec for ch in "*?["):
+            for m in sorted(glob.glob(spec, recursive=True)):
+                mp = Path(m)
+                if mp.is_file() and format_of(mp.name) is not None:
+                    comp = default_component or mp.parent.resolve().name
+                    src = _source(mp, m, split_of(mp, None), comp)
+                    assert src is not None
+                    found.append(src)
+        else:
+            raise ValueError(f"input {spec!r} does not exist")
+        if not found:
+            raise ValueError(f"input {spec!r} holds no readable files (.jsonl[.zst|.gz], .parquet, .txt)")
+        for src in found:
+            key = os.path.realpath(src.path)
+            if key in seen:
+                continue  # the same file named twice (e.g. a folder and a glob) is read once
+            seen.add(key)
+            out.append(src)
+    return out
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    if is_prepared(folder):  # its documents, not its rejects log or report
+        return document_files(folder)
+    files = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files.extend(Path(root) / n for n in names if not n.startswith("."))
+    return sorted(files)
+
+
+def _hf_source(spec: str, default_component: str | None) -> SourceFile:
+    """``hf:NAME[#CONFIG][@SPLIT]``: a Hugging Face dataset, streamed (needs the network)."""
+    name, split = spec[3:], "train"
+    if "@" in name:
+        name, split = name.rsplit("@", 1)
+    ours = "val" if split.startswith("valid") else ("test" if split.startswith("test") else "train")
+    comp = default_component or name.split("#")[0].rsplit("/", 1)[-1]
+    return SourceFile(spec, spec, ours, "hf", "", 0, comp)
+
+
+def estimate_size(src: SourceFile, sample: int = 1 << 20) -> int:
+    """Decompressed bytes of a file: exact for plain files, else extrapolated from the
+    compression ratio of its first ``sample`` compressed bytes."""
+    if not src.compression or src.size == 0:
+        return src.size
+    with open(src.path, "rb") as f:
+        head = f.read(sample)
+    try:
+        if src.compression == "zst":
+            out = zstandard.ZstdDecompressor().decompressobj().decompress(head)
+        else:
+            out = zlib.decompressobj(wbits=31).decompress(head, 64 * sample)
+    except (zstandard.ZstdError, zlib.error):
+        return src.size
+    return int(src.size * max(1.0, len(out) / max(1, len(head))))
+
+
+
+def plan_ranges(src: SourceFile, task_bytes: int) -> list[tuple[int, int | None, int]]:
+    """(start, end, size) pieces of one source of about ``task_bytes`` each: decompressed byte
+    ranges of JSON lines (sizes estimated for compressed files), row-group ranges of Parquet;
+    other formats are one piece."""
+    if src.format == "parquet":
+        import pyarrow.parquet as pq
+
+        md = pq.ParquetFile(src.path).metadata
+        out: list[tuple[int, int | None, int]] = []
+        start, size = 0, 0
+        for g in range(md.num_row_groups):
+            size += md.row_group(g).total_byte_size
+            if size >= task_bytes:
+                out.append((start, g + 1, size))
+                start, size = g + 1, 0
+        if size or not out:
+            out.append((start, None, size))
+        return out
+    if src.format != "jsonl":
+        return [(0, None, src.size)]
+    total = estimate_size(src) if src.size > task_bytes // 16 else src.size * (4 if src.compression else 1)
+    n = max(1, round(total / task_bytes))
+    if n == 1:
+        return [(0, None, total)]
+    step = -(-total // n)
+    return [(k * step, None if k == n - 1 else (k + 1) * step, step) for k in range(n)]

@@ -1,0 +1,261 @@
+"""Encoding prepared documents fast: raw JSON lines cut into batches, parsed and encoded in
+worker processes, results handed back in input order.
+
+The main process decompresses a split's files in canonical order and cuts the stream into
+batches of whole raw lines (``batch_bytes`` each) with bytes.find/count only; workers parse
+the JSON and encode (tiktoken for byte-level BPE, see ``pilelm.tokens.fast_bpe``). At most
+``2 * workers + 1`` batches are in flight, so memory stays bounded whatever the corpus size.
+Workers start by ``pilelm.core.workers``' policy: forked when safe, so they begin with the
+tokenizer already loaded.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pilelm.core.workers import process_pool
+from pilelm.data.document import COMPONENT_KEY
+from pilelm.data.prepared import BadRecord, parse_record
+from pilelm.tokens.tokenizer import PileTokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+# What a worker that is not a fork imports up front (pilelm.core.workers).
+PRELOAD = ("pilelm.tokens.encode",)
+
+
+# ---------------------------------------------------------------- batches of raw lines
+
+
+@dataclass
+class LineBatch:
+    """Whole lines of one file, as one blob: lines ``first_line .. first_line + count - 1``."""
+
+    file_index: int
+    first_line: int
+    count: int
+    data: bytes
+    """The lines, each ending with a newline (blank lines included; workers skip them)."""
+    skipped: Counter[str] = field(default_factory=Counter)
+    """Lines the reader dropped (too long), by reason."""
+
+    @property
+    def last_line(self) -> int:
+        return self.first_line + self.count - 1
+
+
+def iter_line_batches(files: list[Path], batch_bytes: int, start: tuple[int, int] = (0, 0),
+                      max_line_bytes: int = 64 << 20) -> Iterator[LineBatch]:
+    """Batches of about ``batch_bytes`` of whole lines of ``files`` in order, never spanning
+    two files, starting after line ``start[1]`` of file ``start[0]``.
+
+    Lines are found with bytes.rfind/count on decompressed chunks (no per-line Python work in
+    this process, which shares the cores with the workers); a line over ``max_line_bytes`` is
+    dropped (counted) as it streams by, so memory stays bounded.
+    """
+    import zstandard
+
+    from pilelm.data.readers import open_stream
+    from pilelm.data.sources import SourceFile
+
+    read_size = max(1, min(batch_bytes, 8 << 20))
+    first_file, skip_to = start
+    for fi in range(first_file, len(files)):
+        path = files[fi]
+        skip = skip_to if fi == first_file else 0
+        src = SourceFile(str(path), path.name, "", "jsonl", "zst" if path.suffix == ".zst" else "",
+                         path.stat().st_size, "")
+        stream = open_stream(src)
+        line = 1  # number of the line that starts the next block
+        parts: list[bytes] = []
+        part_lines = 0
+        part_bytes = 0
+        part_first = 1
+        skipped: Counter[str] = Counter()
+        carry = b""  # the unfinished line at the end of what was read
+        too_long = False  # inside a line over the limit: drop until its newline
+        try:
+            while True:
+                chunk = stream.read(read_size)
+                if not chunk:
+                    if carry and not too_long:
+                        chunk = b"\n"  # a last line without newline
+                    else:
+                        break
+                data = carry + chunk if carry else chunk
+                cut = data.rfind(b"\n")
+                if too_long:
+                    if cut < 0:
+                        continue
+                    data, too_long = data[data.find(b"\n") + 1 :], False
+                    line += 1
+                    cut = data.rfind(b"\n")
+                if cut < 0:
+                    carry = data
+                    if len(carry) > max_line_bytes:
+                        if line > skip:  # (a resumed run counted it already)
+                            skipped["line_too_long"] += 1
+                            log.warning("%s:%d: skipped, over %d bytes (the line limit)", path, line, max_line_bytes)
+                        carry, too_long = b"", True
+                    continue
+                block, carry = data[: cut + 1], data[cut + 1 :]
+                n = block.count(b"\n")
+                if line + n - 1 <= skip:  # all before the resume point
+                    line += n
+                    continue
+                if line <= skip:  # cut off the lines before the resume point
+                    off = -1
+                    for _ in range(skip - line + 1):
+                        off = block.find(b"\n", off + 1)
+                    block, n, line = block[off + 1 :], n - (skip - line + 1), skip + 1
+                if len(block) > max_line_bytes:  # it may hold a whole line over the limit
+                    pieces = block.split(b"\n")
+                    for i, piece in enumerate(pieces):
+                        if len(piece) > max_line_bytes:
+                            skipped["line_too_long"] += 1
+                            log.warning("%s:%d: skipped, over %d bytes (the line limit)", path, line + i,
+                                        max_line_bytes)
+                            pieces[i] = b""  # a blank line: the numbering stays true
+                    block = b"\n".join(pieces)
+                if not parts:
+                    part_first = line
+                parts.append(block)
+                part_lines += n
+                part_bytes += len(block)
+                line += n
+                if part_bytes >= batch_bytes:
+                    yield LineBatch(fi, part_first, part_lines, b"".join(parts), skipped)
+                    parts, part_lines, part_bytes, skipped = [], 0, 0, Counter()
+        except (zstandard.ZstdError, OSError, EOFError) as e:
+            raise ValueError(f"{path}: corrupt compressed data near line {line} ({e}); "
+                             "rerun `pilelm prepare` to rewrite the prepared dir") from e
+        finally:
+            stream.close()
+        if parts or skipped:
+            yield LineBatch(fi, part_first if parts else line, part_lines, b"".join(parts), skipped)
+
+
+# ---------------------------------------------------------------- encoding (in workers)
+
+
+@dataclass
+class EncodedBatch:
+    tokens: np.ndarray
+    sizes: np.ndarray
+    nbytes: np.ndarray
+    components: list[str]
+    """Component name of each document."""
+    skipped: Counter[str]
+
+
+_WORKER_TOKENIZER: PileTokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str, fast: bool) -> None:
+    global _WORKER_TOKENIZER
+    # One process per core already: keep tokenizers' own thread pool out of the way.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    if _WORKER_TOKENIZER is None:  # not a fork (a forked worker inherits the parent's)
+        _WORKER_TOKENIZER = load_tokenizer(tokenizer_path, fast=fast)
+
+
+def _encode_in_worker(data: bytes, first_line: int, source: str, eod_id: int, dtype: str) -> EncodedBatch:
+    assert _WORKER_TOKENIZER is not None, "worker was not initialised"
+    return encode_lines(_WORKER_TOKENIZER, data, first_line, source, eod_id, np.dtype(dtype))
+
+
+def encode_lines(tok: PileTokenizer, data: bytes, first_line: int, source: str, eod_id: int,
+                 dtype: np.dtype) -> EncodedBatch:
+    """Parse prepared JSON lines (``data``, numbered from ``first_line``) and encode each
+    document followed by ``eod_id``; bad lines are skipped and counted by reason."""
+    texts: list[str] = []
+    comps: list[str] = []
+    kept: list[int] = []
+    skipped: Counter[str] = Counter()
+    for number, raw in enumerate(data.split(b"\n")[:-1], start=first_line):
+        if not raw.strip():
+            continue
+        try:
+            text, meta = parse_record(raw)
+        except BadRecord as e:
+            skipped[e.reason] += 1
+            log.warning("%s:%d: skipped (%s)", source, number, e)
+            continue
+        comps.append(str(meta.get(COMPONENT_KEY, "")))
+        texts.append(text)
+        kept.append(number)
+    try:
+        encoded = tok.encode_many(texts)
+    except (UnicodeEncodeError, TypeError):
+        # Text that is not valid Unicode (JSON allows lone surrogates, no tokenizer does):
+        # find the culprits one by one, skip them with a reason.
+        encoded, good = [], []
+        for i, text in enumerate(texts):
+            try:
+                encoded.append(tok.encode_to_numpy(text))
+                good.append(i)
+            except (UnicodeEncodeError, TypeError) as e:
+                skipped["invalid_unicode"] += 1
+                log.warning("%s:%d: skipped (invalid_unicode: %s)", source, kept[i], e)
+        texts, comps = [texts[i] for i in good], [comps[i] for i in good]
+    limit = np.iinfo(dtype).max
+    parts: list[np.ndarray] = []
+    eod = np.array([eod_id], dtype=np.int64)
+    for ids in encoded:
+        parts.append(ids)
+        parts.append(eod)
+    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    if len(tokens) and int(tokens.max()) > limit:
+        raise ValueError(f"{source}: token id {int(tokens.max())} does not fit {dtype}")
+    sizes = np.fromiter((len(x) + 1 for x in encoded), dtype=np.int32, count=len(encoded))
+    nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
+    return EncodedBatch(tokens.astype(dtype), sizes, nbytes, comps, skipped)
+
+
+class BatchEncoder:
+    """Encodes batches in order: in this process (workers=1) or over a process pool."""
+
+    def __init__(self, tok: PileTokenizer, tokenizer_path: Path, workers: int, fast: bool):
+        self.tok = tok
+        self.workers = workers
+        self.pool: ProcessPoolExecutor | None = None
+        if workers > 1:
+            global _WORKER_TOKENIZER
+            _WORKER_TOKENIZER = tok  # what forked workers start with; others load it
+            try:
+                self.pool = process_pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path), fast),
+                                         inherit=True, preload=PRELOAD, warm_up=True)
+            finally:
+                _WORKER_TOKENIZER = None
+
+    def map(self, batches: Iterator[LineBatch], files: list[Path], eod_id: int, dtype: np.dtype
+            ) -> Iterator[tuple[LineBatch, EncodedBatch]]:
+        if self.pool is None:
+            for b in batches:
+                yield b, encode_lines(self.tok, b.data, b.first_line, str(files[b.file_index]), eod_id, dtype)
+            return
+        pending: collections.deque[tuple[LineBatch, Future[EncodedBatch]]] = collections.deque()
+        limit = 2 * self.workers + 1
+        for b in batches:
+            pending.append((b, self.pool.submit(_encode_in_worker, b.data, b.first_line,
+                                                str(files[b.file_index]), eod_id, dtype.name)))
+            b.data = b""  # the worker has its copy; keep only the position here
+            while len(pending) >= limit:
+                done, fut = pending.popleft()
+                yield done, fut.result()
+        while pending:
+            done, fut = pending.popleft()
+            yield done, fut.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
