@@ -195,7 +195,7 @@ def test_a_run_with_another_tokenizer_needs_the_prepared_dir(eval_inputs, tmp_pa
 
     prep, shards, _ = eval_inputs
     other = make_tiny_run(tmp_path / "other", vocab_size=300)
-    with pytest.raises(ValueError, match="different tokenizer"):
+    with pytest.raises(ValueError, match=r"^eval: .*tokenizer and .* have different tokenizers .*as --data"):
         run_eval(EvalConfig(runs=[str(other)], data=str(shards), output=str(tmp_path / "x")))
     out = run_eval(EvalConfig(runs=[str(other)], data=str(prep), output=str(tmp_path / "y"), unigram=False))
     assert json.loads((out / "results.json").read_text())["runs"]["other"]["overall"]["documents"] == 6
