@@ -25,7 +25,7 @@ from typing import Any, BinaryIO, Literal
 import zstandard
 
 from pilelm.data.document import COMPONENT_KEY, LONE_SURROGATE, Document
-from pilelm.data.sources import SourceFile, expand_inputs
+from pilelm.data.sources import SourceFile, expand_inputs, parse_hf_spec
 
 log = logging.getLogger(__name__)
 
@@ -328,11 +328,8 @@ def _iter_hf(src: SourceFile, parser: _RecordParser) -> Iterator[Document | Reje
         import datasets
     except ImportError as e:
         raise ValueError(f"{src.path}: reading Hugging Face datasets needs `pip install datasets`") from e
-    name, split = src.path[3:], "train"
-    if "@" in name:
-        name, split = name.rsplit("@", 1)
-    name, _, config = name.partition("#")
-    ds = datasets.load_dataset(name, config or None, split=split, streaming=True)
+    name, config, split = parse_hf_spec(src.path)
+    ds = datasets.load_dataset(name, config, split=split, streaming=True)
     for i, record in enumerate(ds, start=1):
         yield parser.to_document(dict(record), i, 0)
 

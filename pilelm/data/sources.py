@@ -249,13 +249,20 @@ def _folder_files(folder: Path) -> list[Path]:
     return sorted(files)
 
 
-def _hf_source(spec: str, default_component: str | None) -> SourceFile:
-    """``hf:NAME[#CONFIG][@SPLIT]``: a Hugging Face dataset, streamed (needs the network)."""
+def parse_hf_spec(spec: str) -> tuple[str, str | None, str]:
+    """``hf:NAME[#CONFIG][@SPLIT]`` -> (name, config or None, split; train when not given)."""
     name, split = spec[3:], "train"
     if "@" in name:
         name, split = name.rsplit("@", 1)
+    name, _, config = name.partition("#")
+    return name, config or None, split
+
+
+def _hf_source(spec: str, default_component: str | None) -> SourceFile:
+    """A Hugging Face dataset, streamed (needs the network)."""
+    name, _, split = parse_hf_spec(spec)
     ours = "val" if split.startswith("valid") else ("test" if split.startswith("test") else "train")
-    comp = default_component or name.split("#")[0].rsplit("/", 1)[-1]
+    comp = default_component or name.rsplit("/", 1)[-1]
     return SourceFile(spec, spec, ours, "hf", "", 0, comp)
 
 
