@@ -6,7 +6,7 @@ Layout of a run directory (``pilelm train`` or ``pilelm import`` output):
     RUN/tokenizer/tokenizer.json  the tokenizer the model was trained with
     RUN/checkpoints/step_00000100/
         model.safetensors         weights
-        model.json                {"family": "gpt"|"bert", "config": {...}}
+        model.json                {"family": NAME, "config": {...}} (pilelm/models/spec.py)
         train_state.pt            training state saved by train: step, optimizer, loader
                                   position, tokens seen (``torch.load(weights_only=True)``)
         rng_rank{R}.pt            each rank's torch (and CUDA) RNG state
