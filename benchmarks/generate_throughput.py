@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from pilelm.inference.generate import SamplingParams, stream_batch
-from pilelm.interop.hf import gpt_hf_config, gpt_to_hf
+from pilelm.interop.gpt2_neox import gpt_hf_config, gpt_to_hf
 from pilelm.models.gpt import GPT, GPTConfig
 
 SHAPES = {

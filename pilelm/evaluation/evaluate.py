@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +45,12 @@ from pilelm.core.manifest import Timer, require_stage, write_manifest
 from pilelm.data.prepared import SPLITS, split_files
 from pilelm.models.dtypes import DTYPES
 from pilelm.models.gpt import GPTConfig
-from pilelm.training.checkpoint import CHECKPOINTS, list_checkpoints, load_for_inference
+from pilelm.training.checkpoint import (
+    list_checkpoints,
+    load_for_inference,
+    resolve_checkpoint,
+    split_checkpoint_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -351,35 +355,27 @@ def open_eval_data(path: str | Path, split: str, max_documents: int) -> EvalData
     return EvalData(path, stage, split, max_documents)
 
 
-_STEP_DIR = re.compile(r"^step_(\d+)$")
-
-
 @dataclass
 class RunSpec:
     name: str
     run_dir: Path
-    step: int | None
+    step: int
 
 
 def resolve_runs(specs: list[str], all_checkpoints: bool) -> list[RunSpec]:
     """Run dirs or checkpoint dirs -> (display name, run dir, step) with unique names."""
     out: list[RunSpec] = []
     for spec in specs:
-        path = Path(spec)
-        m = _STEP_DIR.match(path.name)
-        if m and path.parent.name == CHECKPOINTS:
-            run_dir = path.parent.parent
-            require_stage(run_dir, "train", "import", what="run")
-            out.append(RunSpec(f"{run_dir.name}@{int(m.group(1))}", run_dir, int(m.group(1))))
-            continue
+        path, step = split_checkpoint_path(spec)
         require_stage(path, "train", "import", what="run")
-        ckpts = list_checkpoints(path)
-        if not ckpts:
-            raise FileNotFoundError(f"run {path} has no completed checkpoint under {CHECKPOINTS}/")
+        if step is not None:
+            out.append(RunSpec(f"{path.name}@{step}", path, step))
+            continue
+        newest, _ = resolve_checkpoint(path)  # raises when the run has no usable checkpoint
         if all_checkpoints:
-            out += [RunSpec(f"{path.name}@{step}", path, step) for step, _ in ckpts]
+            out += [RunSpec(f"{path.name}@{step}", path, step) for step, _ in list_checkpoints(path)]
         else:
-            out.append(RunSpec(path.name, path, None))
+            out.append(RunSpec(path.name, path, newest))
     names = [r.name for r in out]
     for r in out:
         if names.count(r.name) > 1:
@@ -541,8 +537,7 @@ def run_eval(cfg: EvalConfig) -> Path:
         if not isinstance(model_cfg, GPTConfig):
             raise ValueError(f"run {spec.run_dir} holds a {type(model_cfg).__name__} model; eval scores causal LMs")
         model = model.to(DTYPES[cfg.dtype])
-        step = spec.step if spec.step is not None else list_checkpoints(spec.run_dir)[-1][0]
-        entry: dict[str, Any] = {"run": str(spec.run_dir), "step": step}
+        entry: dict[str, Any] = {"run": str(spec.run_dir), "step": spec.step}
         if data is not None:
             context = cfg.context or model_cfg.block_size
             if context > model_cfg.block_size:

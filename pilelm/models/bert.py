@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pilelm.models import register_family
+from pilelm.models.spec import IGNORE_INDEX
 
 
 @dataclass
@@ -173,7 +173,7 @@ class Bert(nn.Module):
         if labels is None:
             return self.mlm_logits(h), None
         # Only masked positions need the vocabulary projection (15 % of the tokens).
-        sel = labels != -100
+        sel = labels != IGNORE_INDEX
         nll = F.cross_entropy(self.mlm_logits(h[sel]).float(), labels[sel], reduction="sum")
         loss = nll / (num_targets if num_targets is not None else sel.sum().clamp(min=1))
         if self.cfg.nsp and next_sentence_label is not None:
@@ -190,5 +190,3 @@ class Bert(nn.Module):
         h = self.encode(input_ids, token_type_ids, attention_mask)
         return self.nsp_head(torch.tanh(self.pooler(h[:, 0])))
 
-
-register_family("bert", BertConfig, Bert)

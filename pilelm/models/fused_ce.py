@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from pilelm.models.spec import IGNORE_INDEX
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:

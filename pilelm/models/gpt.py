@@ -15,7 +15,6 @@ Inference uses a ``KVCache`` (preallocated keys/values per layer) and optional p
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -24,7 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pilelm.models.cpu_kernels import DECODE_MAX_ROWS, Linear, can_repack, repack_kind
 from pilelm.models.fused_ce import linear_cross_entropy
+from pilelm.models.kv_cache import KVCache
 
 
 @dataclass
@@ -89,49 +90,6 @@ class GPTConfig:
         return int(self.head_size * self.rotary_pct) if self.arch == "neox" else 0
 
 
-class KVCache:
-    """Preallocated keys and values for every layer: ``kv`` (n_layer, 2, B, nh, max_len, hs).
-
-    ``length`` positions are filled (the same for every row; left padding keeps rows aligned);
-    ``key_mask`` (B, max_len) marks which filled positions are real tokens, not padding; set it
-    before the first forward (the model reads it to decide whether decode steps need a mask).
-
-    On CPU a bf16/fp16 model keeps its cache in fp32: the keys and values are the half-precision
-    values, stored exactly, and attention over them runs in fp32, whose small batched matmuls
-    are 2-5x faster than bf16's on CPU (and more accurate).
-    """
-
-    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype):
-        if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-            dtype = torch.float32
-        # Keys and values of a layer side by side, so one copy stores a decoded token's both.
-        self.kv = torch.zeros((cfg.n_layer, 2, batch, cfg.n_head, max_len, cfg.head_size), device=device, dtype=dtype)
-        self.key_mask = torch.ones(batch, max_len, device=device, dtype=torch.bool)
-        self.padded: bool | None = None  # any False in key_mask (see has_padding)
-        self.length = 0
-        self.max_len = max_len
-
-    def has_padding(self, recheck: bool = False) -> bool:
-        """Whether ``key_mask`` marks any padding; read once and remembered (multi-token
-        forwards recheck, since callers set the mask before a prefill)."""
-        if self.padded is None or recheck:
-            self.padded = not bool(self.key_mask.all())
-        return self.padded
-
-    @property
-    def k(self) -> torch.Tensor:
-        return self.kv[:, 0]  # (n_layer, B, nh, max_len, hs)
-
-    @property
-    def v(self) -> torch.Tensor:
-        return self.kv[:, 1]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Select/reorder batch rows (beam search keeps the beams' parents)."""
-        self.kv = self.kv.index_select(2, index)
-        self.key_mask = self.key_mask.index_select(0, index)
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -162,11 +120,11 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 
 
 # Training on CPU at short context, causal attention written out (scores by one batched
-# matmul that also adds the causal mask and the 1/sqrt(hs) scale, softmax, matmul) is ~1.7x
-# faster forward+backward than SDPA's CPU flash kernel: 46 vs 93 ms per layer at B=16, nh=6,
-# T=256, hs=64 in bf16, torch 2.13, one core. Scores are rounded to the compute dtype before
-# the softmax (as in an eager bf16 attention); the softmax accumulates in fp32. Its
-# (B, nh, T, T) memory grows with T^2, so longer contexts keep SDPA.
+# matmul that also adds the causal mask and the 1/sqrt(hs) scale, softmax, matmul) is faster
+# forward+backward than SDPA's CPU flash kernel (README, "Training": measured with
+# benchmarks/train_throughput.py). Scores are rounded to the compute dtype before the softmax
+# (as in an eager bf16 attention); the softmax accumulates in fp32. Its (B, nh, T, T) memory
+# grows with T^2, so longer contexts keep SDPA.
 CPU_EXPLICIT_ATTENTION_MAX_T = 512
 
 
@@ -180,92 +138,6 @@ def causal_attention_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if dropout_p:
         att = F.dropout(att, dropout_p)
     return (att @ v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
-
-
-# Decoding multiplies a few rows (one token per sequence) by every weight matrix, so each
-# token streams all the weights from memory. On CPU, aten's linear reads an (out, in) weight
-# at about half the streaming bandwidth for such shapes, and the same product from a repacked
-# copy runs near it. Measured on this 2-core EPYC (torch 2.13, 80 MB of weights per pass):
-# oneDNN's blocked layout 13-27 vs 9-15 GB/s on two threads, and 1.6-2.0x faster for bf16 and
-# for several rows; fp32 with one row on one thread, where oneDNN runs serially, W^T
-# contiguous + addmm 15-22 vs 9-10 GB/s when out > in (else aten's own layout is the fastest).
-DECODE_MAX_ROWS = 64
-
-
-@functools.cache
-def _onednn_packs(dtype: torch.dtype) -> bool:
-    if not torch.backends.mkldnn.is_available():
-        return False
-    if dtype == torch.float32:
-        return True
-    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def repack_kind(rows: int, dtype: torch.dtype) -> str | None:
-    """The repacked layout that multiplies ``rows`` rows fastest: "t" (W^T, for one fp32 row on
-    one thread, where oneDNN runs serially), "onednn", or None (``F.linear``)."""
-    if rows == 1 and dtype == torch.float32 and torch.get_num_threads() == 1:
-        return "t"
-    return "onednn" if _onednn_packs(dtype) else None
-
-
-def can_repack(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``Linear`` may use a repacked copy of ``w`` for input ``x``: only under
-    ``torch.inference_mode`` (generation and serving; evaluation inside a training run, where
-    the weights change between calls and may be sharded, keeps ``F.linear``), not under
-    autocast or compilation, and not for weights made under ``torch.inference_mode``, which
-    have no version counter to notice in-place changes by."""
-    return (torch.is_inference_mode_enabled() and x.dtype == w.dtype and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and not w.is_inference())
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state dict) that, in CPU inference
-    (``torch.inference_mode``) on at most ``DECODE_MAX_ROWS`` rows, multiplies by a repacked
-    copy of its weight.
-
-    The copy is made on first use and remade when the weight changes (an optimizer step,
-    ``load_state_dict``, ``.to()``); it costs one more weight's worth of memory. Only code
-    under ``torch.inference_mode`` uses it; training, ``no_grad`` evaluation, autocast,
-    compiled graphs, other devices and weights made under ``torch.inference_mode`` (which have
-    no version counter) take ``F.linear``.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._packed: dict[str, tuple[torch.Tensor, int, torch.Tensor]] = {}
-
-    def __getstate__(self) -> dict:
-        # deepcopy / pickle: the copies are a cache (and oneDNN's have no storage to copy).
-        return {**self.__dict__, "_packed": {}}
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() or x.device.type != "cpu" or x.numel() > DECODE_MAX_ROWS * x.size(-1)
-                or not can_repack(x, self.weight)):
-            return F.linear(x, self.weight, self.bias)
-        x2 = x.reshape(-1, x.size(-1))
-        return self.repacked_matmul(x2, repack_kind(x2.size(0), x.dtype)).view(*x.shape[:-1], self.out_features)
-
-    def repacked_matmul(self, x: torch.Tensor, kind: str | None) -> torch.Tensor:
-        """x (rows, in) -> (rows, out) from the weight repacked as ``kind`` (``repack_kind``);
-        the caller has checked ``can_repack`` and that this is CPU inference on a few rows."""
-        if kind == "onednn":
-            return torch.ops.mkldnn._linear_pointwise(x, self._repacked("onednn"), self.bias, "none", [], "")
-        if kind == "t" and self.out_features > self.in_features:  # else aten's own layout reads fastest
-            packed = self._repacked("t")
-            return x @ packed if self.bias is None else torch.addmm(self.bias, x, packed)
-        return F.linear(x, self.weight, self.bias)
-
-    def _repacked(self, kind: str) -> torch.Tensor:
-        w = self.weight
-        entry = self._packed.get(kind)
-        # The entry holds the source storage, so a new weight cannot reuse its address.
-        if entry is None or entry[1] != w._version or entry[0].data_ptr() != w.data_ptr() or entry[0].dtype != w.dtype:
-            src = w.detach()
-            packed = src.t().contiguous() if kind == "t" else torch.ops.mkldnn._reorder_linear_weight(src)
-            entry = (src, w._version, packed)
-            self._packed[kind] = entry
-        return entry[2]
 
 
 class Attention(nn.Module):
@@ -314,11 +186,30 @@ class Attention(nn.Module):
         y = self.proj(y)
         return self.resid_drop(y) if self.training else y
 
+    def decode_one(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache,
+                   layer: int, mask: torch.Tensor | None, kind: str | None) -> torch.Tensor:
+        """``forward`` for one new token per row, flat (``GPT._decode_one``): x (B, C) -> (B, C);
+        writes the token's key and value at ``cache.length``."""
+        B, C = x.shape
+        nh, hs = self.cfg.n_head, self.cfg.head_size
+        S = cache.length + 1
+        qkv = self.qkv.repacked_matmul(x, kind).view(B, 3, nh, 1, hs)
+        q = qkv[:, 0]  # (B, nh, 1, hs)
+        if rope is None:
+            cache.kv[layer, :, :, :, S - 1 : S] = qkv[:, 1:].transpose(0, 1)  # keys and values in one copy
+        else:
+            q, k = apply_rotary(q, qkv[:, 1], *rope)
+            cache.kv[layer, 0, :, :, S - 1 : S] = k
+            cache.kv[layer, 1, :, :, S - 1 : S] = qkv[:, 2]
+        keys, values = cache.kv[layer, 0, :, :, :S], cache.kv[layer, 1, :, :, :S]  # (B, nh, S, hs)
+        y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask)
+        return self.proj.repacked_matmul(y.to(x.dtype).view(B, C), kind)
+
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GELU, tanh approximation (Hendrycks & Gimpel 2016, eq. 2): 0.5 x (1 + tanh(u)),
     u = sqrt(2/pi) (x + 0.044715 x^3). Under torch.compile it is written as the identical
-    x * sigmoid(2u), which compiles to one loop ~2.5x faster than tanh on CPU; eager mode
+    x * sigmoid(2u), which compiles to one loop, faster than tanh on CPU; eager mode
     keeps aten's kernel (one pass; the sigmoid form would be several)."""
     if torch.compiler.is_compiling():
         return gelu_tanh_sigmoid_form(x)
@@ -347,6 +238,11 @@ class MLP(nn.Module):
         h = self.proj(h)
         return self.drop(h) if self.training else h
 
+    def decode_one(self, x: torch.Tensor, kind: str | None) -> torch.Tensor:
+        """``forward`` for one token per row in inference: x (B, C) -> (B, C)."""
+        h = F.gelu(self.fc.repacked_matmul(x, kind), approximate=self.approximate)
+        return self.proj.repacked_matmul(h, kind)
+
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
@@ -362,6 +258,21 @@ class Block(nn.Module):
             return x + self.attn(self.ln1(x), rope, cache, layer, mask) + self.mlp(self.ln2(x))
         x = x + self.attn(self.ln1(x), rope, cache, layer, mask)
         return x + self.mlp(self.ln2(x))
+
+    def decode_one(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache,
+                   layer: int, mask: torch.Tensor | None, kind: str | None) -> torch.Tensor:
+        """``forward`` for one new token per row in inference, with the same weights and
+        residual order, as plain calls: x (B, C) -> (B, C)."""
+        y = self.attn.decode_one(_layer_norm(self.ln1, x), rope, cache, layer, mask, kind)
+        if self.parallel:
+            return x + y + self.mlp.decode_one(_layer_norm(self.ln2, x), kind)
+        x = x + y
+        return x + self.mlp.decode_one(_layer_norm(self.ln2, x), kind)
+
+
+def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``ln(x)`` without the module call (hooks and dispatch cost more than the op at decode size)."""
+    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
 class GPT(nn.Module):
@@ -488,14 +399,14 @@ class GPT(nn.Module):
     def _decode_one(self, tokens: torch.Tensor, positions: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """One new token per row (inference): tokens (B,), positions (B,) -> logits (B, V).
 
-        The computation of ``forward`` for T = 1, written flat: (B, C) activations, no module
-        calls and no mask unless the cache has padding. Decoding a small model on CPU is
-        dominated by such per-op overhead once the matmuls read repacked weights; this path
-        makes a decode step ~25 % faster (6 layers, d=384, two threads).
+        The computation of ``forward`` for T = 1, through each block's ``decode_one`` (the same
+        weights, as plain calls on (B, C) activations): no module calls and no mask unless the
+        cache has padding. Decoding a small model on CPU is dominated by such per-op overhead
+        once the matmuls read repacked weights (README, "Decoding throughput").
+        tests/models/test_gpt.py checks it against ``forward``.
         """
         cfg = self.cfg
         B, S = tokens.size(0), cache.length + 1
-        C, nh, hs = cfg.d_model, cfg.n_head, cfg.head_size
         if S > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {S} needed")
         if positions is None:
@@ -507,35 +418,11 @@ class GPT(nn.Module):
             x = x + F.embedding(positions, self.wpe.weight)
         fast = x.device.type == "cpu" and B <= DECODE_MAX_ROWS and can_repack(x, self.lm_head.weight)
         kind = repack_kind(B, x.dtype) if fast else None  # chosen once per step, not per layer
-
-        def linear(lin: Linear, a: torch.Tensor) -> torch.Tensor:
-            return lin.repacked_matmul(a, kind)
-
         mask = cache.key_mask[:, None, None, :S] if cache.has_padding() else None  # (B, 1, 1, S)
         rope = None
         if self.rotary is not None:
             rope = self.rotary(positions[:, None], x.dtype)  # (B, 1, 1, rotary_dim) each
-        exact_gelu = cfg.arch == "neox"
         for i, block in enumerate(self.blocks):
-            attn, mlp = block.attn, block.mlp
-            a = F.layer_norm(x, (C,), block.ln1.weight, block.ln1.bias, block.ln1.eps)
-            qkv = linear(attn.qkv, a).view(B, 3, nh, 1, hs)
-            q = qkv[:, 0]  # (B, nh, 1, hs)
-            if rope is None:
-                cache.kv[i, :, :, :, S - 1 : S] = qkv[:, 1:].transpose(0, 1)
-            else:
-                q, k = apply_rotary(q, qkv[:, 1], *rope)
-                cache.kv[i, 0, :, :, S - 1 : S] = k
-                cache.kv[i, 1, :, :, S - 1 : S] = qkv[:, 2]
-            keys, values = cache.kv[i, 0, :, :, :S], cache.kv[i, 1, :, :, :S]
-            y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask)
-            y = linear(attn.proj, y.to(x.dtype).view(B, C))
-            m_in = x if block.parallel else x + y
-            h = F.layer_norm(m_in, (C,), block.ln2.weight, block.ln2.bias, block.ln2.eps)
-            h = linear(mlp.fc, h)
-            h = F.gelu(h) if exact_gelu else F.gelu(h, approximate="tanh")
-            h = linear(mlp.proj, h)
-            x = x + y + h if block.parallel else m_in + h
+            x = block.decode_one(x, rope, cache, i, mask, kind)
         cache.length = S
-        x = F.layer_norm(x, (C,), self.ln_f.weight, self.ln_f.bias, self.ln_f.eps)
-        return linear(self.lm_head, x)
+        return self.lm_head.repacked_matmul(_layer_norm(self.ln_f, x), kind)

@@ -6,7 +6,7 @@ Layout of a run directory (``pilelm train`` or ``pilelm import`` output):
     RUN/tokenizer/tokenizer.json  the tokenizer the model was trained with
     RUN/checkpoints/step_00000100/
         model.safetensors         weights
-        model.json                {"family": "gpt"|"bert", "config": {...}}
+        model.json                {"family": NAME, "config": {...}} (pilelm/models/spec.py)
         train_state.pt            training state saved by train: step, optimizer, loader
                                   position, tokens seen (``torch.load(weights_only=True)``)
         rng_rank{R}.pt            each rank's torch (and CUDA) RNG state
@@ -14,8 +14,13 @@ Layout of a run directory (``pilelm train`` or ``pilelm import`` output):
         COMPLETE                  written last: a directory without it is ignored
 
 A checkpoint whose files do not match ``checksums.json`` (a disk error, a copy cut short) is
-reported and skipped: ``load_training_checkpoint`` and ``load_for_inference`` fall back to the
-previous complete one.
+reported and skipped: resuming, ``init_from`` and ``load_for_inference`` fall back to the
+previous intact one.
+
+This module is the one owner of "which checkpoint": the step-folder pattern, listing
+(``list_checkpoints``), the newest intact one (``find_resumable``), a run's given or newest
+(``resolve_checkpoint``) and a path that may be a run or one of its checkpoints
+(``split_checkpoint_path``). Other code asks these instead of globbing ``step_*``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,20 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """Where a run's checkpoint of ``step`` lives: RUN/checkpoints/step_XXXXXXXX."""
+    return Path(run_dir) / CHECKPOINTS / step_dir_name(step)
+
+
+def split_checkpoint_path(path: str | Path) -> tuple[Path, int | None]:
+    """A run directory -> (it, None); one of its checkpoint folders RUN/checkpoints/step_N -> (RUN, N)."""
+    path = Path(path)
+    m = _STEP_DIR.match(path.name)
+    if m and path.parent.name == CHECKPOINTS:
+        return path.parent.parent, int(m.group(1))
+    return path, None
 
 
 def save_model(ckpt_dir: str | Path, model: nn.Module, cfg: Any) -> None:
@@ -122,32 +141,45 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
+def resolve_checkpoint(run_dir: str | Path, step: int | None = None) -> tuple[int, Path]:
+    """(step, folder) of a run's checkpoint at ``step`` (it must be complete), or of its newest
+    intact one (damaged ones are reported and skipped)."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        raise FileNotFoundError(f"run {run_dir} has no completed checkpoint under {CHECKPOINTS}/")
+    if step is not None:
+        found = dict(ckpts).get(step)
+        if found is None:
+            raise FileNotFoundError(f"run {run_dir} has no checkpoint at step {step}; have {[s for s, _ in ckpts]}")
+        return step, found
+    newest = find_resumable(run_dir, train_state=False)
+    if newest is None:
+        raise FileNotFoundError(f"run {run_dir}: every checkpoint is damaged; see the warnings above")
+    return newest
+
+
+def resolve_init_checkpoint(src: Path) -> tuple[Path, Path]:
+    """``init_from``: (checkpoint folder, its run directory) of a checkpoint folder (one holding
+    model.json, checked intact) or of a run directory (its newest intact checkpoint)."""
+    if (src / "model.json").is_file():
+        problem = verify_checkpoint(src)
+        if problem:
+            raise ValueError(f"init_from: {src} is not an intact checkpoint ({problem})")
+        return src, src.parent.parent
+    found = find_resumable(src, train_state=False) if src.is_dir() else None
+    if found is None:
+        raise FileNotFoundError(f"init_from: {src} holds no intact checkpoint (RUN/{CHECKPOINTS}/step_*/); "
+                                "give a run directory such as `pilelm import`'s output, or a checkpoint folder")
+    return found[1], src
+
+
 def load_for_inference(
     run_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Any, Path]:
     """(model in eval mode, its config, tokenizer directory) of a run's latest (or given) step."""
     run_dir = Path(run_dir)
     require_stage(run_dir, "train", "import", what="run")
-    ckpts = list_checkpoints(run_dir)
-    if not ckpts:
-        raise FileNotFoundError(f"run {run_dir} has no completed checkpoint under {CHECKPOINTS}/")
-    if step is None:
-        ckpt = ckpts[-1][1]
-    else:
-        found = dict(ckpts).get(step)
-        if found is None:
-            raise FileNotFoundError(f"run {run_dir} has no checkpoint at step {step}; have {[s for s, _ in ckpts]}")
-        ckpt = found
-    if step is None:
-        candidates = [p for _, p in reversed(ckpts)]
-        for i, ckpt in enumerate(candidates):
-            problem = verify_checkpoint(ckpt)
-            if problem is None:
-                break
-            log.warning("checkpoint %s is damaged (%s); %s", ckpt, problem,
-                        f"using {candidates[i + 1].name}" if i + 1 < len(candidates) else "none left")
-        else:
-            raise FileNotFoundError(f"run {run_dir}: every checkpoint is damaged; see the warnings above")
+    _, ckpt = resolve_checkpoint(run_dir, step)
     model, cfg = load_model(ckpt, device)
     model.eval()
     return model, cfg, run_dir / "tokenizer"

@@ -27,12 +27,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from pilelm.models.spec import IGNORE_INDEX, Objective
+
+__all__ = ["IGNORE_INDEX", "BatchLoader", "ByteCounter", "SpecialTokens", "eval_batches", "validation_batches"]
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class BatchLoader:
         rank: int = 0,
         world: int = 1,
         seed: int = 0,
-        objective: Literal["clm", "mlm", "mlm+nsp"] = "clm",
+        objective: Objective = "clm",
         special: SpecialTokens | None = None,
         mask_prob: float = 0.15,
         step: int = 0,
@@ -289,3 +290,24 @@ def eval_batches(
         if counter is not None:
             nbytes = float((counter.offset(starts + seq_len + 1) - counter.offset(starts + 1)).sum())
         yield rows[:, :-1], rows[:, 1:], nbytes
+
+
+def validation_batches(
+    tokens: np.ndarray, seq_len: int, batch: int, max_windows: int = 0, rank: int = 0, world: int = 1, *,
+    objective: Objective = "clm", counter: ByteCounter | None = None, seed: int = 0,
+    special: SpecialTokens | None = None, mask_prob: float = 0.15,
+) -> Iterator[tuple[dict[str, torch.Tensor], float]]:
+    """Held-out batches for an objective, dealt to ranks round-robin by batch: (collated
+    batch, bytes of its targets). clm: the sequential windows of ``eval_batches``; masked
+    objectives: the first windows of the training collation, with masks fixed by ``seed``
+    (no byte count: 0)."""
+    if objective == "clm":
+        for x, y, nbytes in eval_batches(tokens, seq_len, batch, max_windows, rank, world, counter):
+            yield {"input_ids": x, "labels": y}, nbytes
+        return
+    val = BatchLoader(tokens, seq_len, batch, 1, seed=seed, objective=objective, special=special,
+                      mask_prob=mask_prob)
+    n = min(val.sampler.num_windows, max_windows or val.sampler.num_windows)
+    for b, g in enumerate(range(0, n, batch)):
+        if b % world == rank:
+            yield val.batch(g, min(batch, n - g)), 0.0

@@ -4,7 +4,8 @@ import pytest
 import torch
 import transformers
 
-from pilelm.interop.hf import gpt_config_from_hf, gpt_from_hf, gpt_hf_config, gpt_to_hf
+from pilelm.interop.gpt2_neox import gpt_config_from_hf, gpt_from_hf, gpt_hf_config, gpt_to_hf
+from pilelm.interop.hf import config_from_hf
 from pilelm.models.gpt import GPT, GPTConfig
 
 # The default gpt2 / neox shapes go through the export and import stages below.
@@ -52,13 +53,13 @@ def test_state_dict_conversion_is_exact_both_ways(variant):
 def test_unsupported_hf_configs_are_refused():
     with pytest.raises(ValueError, match="activation"):
         gpt_config_from_hf({"model_type": "gpt2", "activation_function": "relu"})
-    with pytest.raises(ValueError, match="model_type 'llama'"):
-        gpt_config_from_hf({"model_type": "llama"})
+    with pytest.raises(ValueError, match="model_type 'llama' is not supported; pilelm imports gpt2, gpt_neox, bert"):
+        config_from_hf({"model_type": "llama"}, {})
 
 
 @pytest.mark.parametrize("nsp", [False, True])
 def test_bert_conversion_is_exact_both_ways(nsp):
-    from pilelm.interop.hf import bert_hf_config, bert_to_hf, config_from_hf
+    from pilelm.interop.bert import bert_from_hf, bert_hf_config, bert_to_hf
     from pilelm.models.bert import Bert, BertConfig
 
     torch.manual_seed(0)
@@ -88,8 +89,6 @@ def test_bert_conversion_is_exact_both_ways(nsp):
     back_cfg = config_from_hf(hf.config.to_dict(), hf_state)
     assert back_cfg == cfg
     back = Bert(back_cfg).eval()
-    from pilelm.interop.hf import bert_from_hf
-
     back.load_state_dict(bert_from_hf(back_cfg, hf_state))
     with torch.no_grad():
         torch.testing.assert_close(back(idx, token_type_ids=types, attention_mask=mask)[0], ours, atol=1e-5, rtol=0)

@@ -167,3 +167,34 @@ def test_encode_gives_the_hidden_states_the_head_reads():
     assert h.shape == (2, 10, 32)
     torch.testing.assert_close(model.lm_head(h), logits)
     torch.testing.assert_close(h_prefix, h[:, :6], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(arch="neox", parallel_residual=False, rotary_pct=1.0),
+    dict(arch="neox", bias=False, tie_embeddings=True),
+    dict(arch="gpt2", bias=False, tie_embeddings=False, d_ff=96),
+])
+@pytest.mark.parametrize("threads", [1, 2])  # 1 thread: fp32 one-row steps take the W^T layout
+def test_flat_decode_step_follows_the_module_forward_in_every_variant(variant, threads, monkeypatch):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, d_model=64, **variant)).eval()
+    with torch.no_grad():  # non-trivial biases and norms, so a dropped or misplaced one shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    calls = []
+    flat = GPT._decode_one
+    monkeypatch.setattr(GPT, "_decode_one", lambda self, *a: calls.append(1) or flat(self, *a))
+    idx = torch.randint(0, 97, (1, 12))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            full, _ = model(idx)
+        cache = KVCache(model.cfg, 1, 16, "cpu", torch.float32)
+        with torch.inference_mode():
+            model(idx[:, :7], cache=cache)
+            steps = [model(idx[:, t : t + 1], cache=cache, last_only=True)[0] for t in range(7, 12)]
+    finally:
+        torch.set_num_threads(before)
+    assert len(calls) == 5  # every step took the flat path
+    torch.testing.assert_close(torch.cat(steps, dim=1), full[:, 7:], atol=1e-5, rtol=1e-5)

@@ -1,0 +1,111 @@
+"""One ``ModelSpec`` per model family: everything the rest of pilelm needs to know about it.
+
+The idea is torchtitan's ``TrainSpec``: a family's knowledge lives in one object that the
+trainer, the exporter and the stages that load models ask, instead of ``family ==`` branches
+spread over them. A spec names the config and module classes, the training objective (the
+loader collates batches for it), how the loss of a global batch is normalised, the model
+keyword arguments of a training step, the validation step, and the Hugging Face adapter (a
+module path, imported lazily: models/ never imports interop/).
+
+Families are registered explicitly in ``pilelm/models/families.py``.
+
+A saved model is ``model.safetensors`` + ``model.json`` = {"family": NAME, "config": {...}}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from pilelm.core.config import from_dict, to_dict
+
+IGNORE_INDEX = -100
+"""Label of a position without a target (PyTorch's ``cross_entropy`` default ``ignore_index``)."""
+
+Objective = Literal["clm", "mlm", "mlm+nsp"]
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How one model family is configured, built, trained, validated and converted."""
+
+    family: str
+    """Its name in ``model.json`` and in the train config's ``family`` key."""
+    config_cls: type
+    """The typed config dataclass of the family."""
+    model_cls: type[nn.Module]
+    """The ``nn.Module`` built from a config; it has ``encode(input_ids, ...) -> (B, T, C)``."""
+    config_section: str
+    """The train-config section that holds the family's config (``model``, ``bert``)."""
+    objective: Callable[[Any], Objective]
+    """config -> training objective, which names the loader's collation: clm (shifted windows),
+    mlm (masked windows), mlm+nsp (masked sentence pairs with segments and padding)."""
+    needs_special_tokens: bool
+    """Whether the collation needs the tokenizer's [MASK] (and [CLS]/[SEP]/[PAD]) tokens."""
+    loss_normalisation: Literal["micro_batch_mean", "global_target_count"]
+    """micro_batch_mean: the model returns the mean loss of a micro-batch (every position is a
+    target, so micro-batches weigh the same) and the trainer averages those; global_target_count:
+    the trainer counts the targets (and pairs) of the whole global batch and the model divides
+    its summed loss by those counts (masks are random: micro-batches hold different counts)."""
+    train_kwargs: Callable[[Batch, tuple[float, float], bool], dict[str, Any]]
+    """(micro-batch, global (target, pair) counts, fused_loss) -> keyword arguments of
+    ``model(batch["input_ids"], batch["labels"], **kwargs)`` in a training step."""
+    eval_loss: Callable[[nn.Module, Batch], tuple[float, float]]
+    """(model, validation batch) -> (summed loss in nats, number of targets)."""
+    hf_adapter: str
+    """Module of the Hugging Face adapter (``pilelm.interop.*``; it defines ``ADAPTER``)."""
+    causal: bool
+    """A causal LM: generate, eval and serve can use it."""
+
+    def build(self, cfg: Any) -> nn.Module:
+        return self.model_cls(cfg)
+
+
+_SPECS: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add a family (``pilelm/models/families.py`` registers the shipped ones)."""
+    if spec.family in _SPECS and _SPECS[spec.family] is not spec:
+        raise ValueError(f"model family {spec.family!r} is already registered")
+    _SPECS[spec.family] = spec
+    return spec
+
+
+def families() -> list[str]:
+    """The registered family names."""
+    return list(_SPECS)
+
+
+def get_spec(family: str) -> ModelSpec:
+    if family not in _SPECS:
+        raise ValueError(f"unknown model family {family!r}; known: {', '.join(_SPECS)}")
+    return _SPECS[family]
+
+
+def spec_for(cfg_or_model: Any) -> ModelSpec:
+    """The spec of a model config or of a model (an ``nn.Module`` whose ``cfg`` is one)."""
+    cfg = cfg_or_model.cfg if isinstance(cfg_or_model, nn.Module) else cfg_or_model
+    for spec in _SPECS.values():
+        if isinstance(cfg, spec.config_cls):
+            return spec
+    raise TypeError(f"no model family has config type {type(cfg).__name__}")
+
+
+def build_model(cfg: Any) -> nn.Module:
+    return spec_for(cfg).build(cfg)
+
+
+def model_spec(cfg: Any) -> dict[str, Any]:
+    """The JSON that describes a model (``model.json``): its family and config."""
+    return {"family": spec_for(cfg).family, "config": to_dict(cfg)}
+
+
+def config_from_spec(spec: dict[str, Any]) -> Any:
+    """The model config of a ``model.json``."""
+    return from_dict(get_spec(spec.get("family")).config_cls, spec["config"])

@@ -1,0 +1,129 @@
+"""The ``pilelm train`` config: the model sections users type, optimizer, schedule and loop.
+
+``family`` picks the model family; its config comes from that family's section (``model`` for
+gpt, ``bert`` for bert: ``ModelSpec.config_section``), so ``TrainConfig.model_config`` and
+``TrainConfig.spec`` are all the trainer reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pilelm.core.config import from_dict
+from pilelm.models import ModelSpec, get_spec
+from pilelm.models.bert import BertConfig
+from pilelm.models.gpt import GPTConfig
+from pilelm.models.spec import Objective
+from pilelm.training.optim import OptimConfig, ScheduleConfig
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 1000
+    """Optimizer steps to train for (the schedule spans them)."""
+    micro_batch: int = 16
+    """Sequences per forward/backward pass on each rank."""
+    tokens_per_step: int = 0
+    """Target tokens per optimizer step over all ranks; gradients are accumulated over
+    ceil(tokens_per_step / (micro_batch * block_size * world)) micro-batches. 0 = one micro-batch."""
+    eval_every: int = 250
+    """Validation loss and bits-per-byte every this many steps (and at the end); 0 = never."""
+    eval_windows: int = 64
+    """Validation windows (of block_size tokens) per evaluation; 0 = the whole val split."""
+    save_every: int = 500
+    """Checkpoint every this many steps (and at the end)."""
+    keep_last: int = 2
+    """Keep the newest k checkpoints; 0 keeps all."""
+    log_every: int = 10
+    """Write metrics.jsonl / TensorBoard every this many steps."""
+    seed: int = 1337
+    """Seed of the initialisation, the data order, the masks and dropout."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda or cuda:N."""
+    precision: Literal["auto", "fp32", "bf16-autocast", "bf16"] = "auto"
+    """fp32; bf16-autocast (fp32 weights, bf16 matmuls); bf16 (bf16 weights and activations, fp32
+    master weights and optimizer state: half the activation memory); auto = bf16-autocast where
+    bf16 is native (CUDA, CPUs with AVX512-BF16/AMX), else fp32."""
+    compile: bool = False
+    """torch.compile the model (minutes of compilation; pays off on long runs)."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass (less memory, ~30 % more compute)."""
+    fused_loss: bool = True
+    """Chunked output projection + cross-entropy that never materialises the (B, T, V) logits (GPT)."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A NaN/inf loss or gradient: stop with an error, or skip that step's update."""
+    max_skips: int = 20
+    """With on_nonfinite=skip: stop after this many skipped steps in a row."""
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    """Under torchrun: DDP (replicated weights) or FSDP2 (sharded weights, gradients, optimizer state)."""
+    num_threads: int = 0
+    """CPU intra-op threads; 0 keeps torch's default (the core count)."""
+    stop_at_step: int = 0
+    """Checkpoint and stop after this step as a preempted job would (rerun to resume); 0 = off."""
+    peak_flops: float = 0.0
+    """Peak FLOP/s per device for MFU; 0 measures the bf16 matmul rate once (cached in the run dir)."""
+    tensorboard: bool = True
+    """Write TensorBoard event files to RUN/tensorboard."""
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "micro_batch"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"loop.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("tokens_per_step", "eval_every", "eval_windows", "keep_last", "num_threads", "stop_at_step"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"loop.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("save_every", "log_every", "max_skips"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"loop.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclass
+class TrainConfig:
+    data: Path = Path("")
+    """Token shard directory (output of `pilelm tokenize`): trains on train.bin, validates on val.bin."""
+    output: Path = Path("runs/train")
+    """Run directory: checkpoints, metrics, TensorBoard logs, manifest."""
+    family: Literal["gpt", "bert"] = "gpt"
+    """gpt: causal LM configured by the model section; bert: masked LM configured by the bert section."""
+    model: GPTConfig = field(default_factory=GPTConfig)
+    """GPT-2 / GPT-NeoX shape (family=gpt)."""
+    bert: BertConfig = field(default_factory=BertConfig)
+    """Encoder shape (family=bert); bert.nsp=true adds next-sentence prediction."""
+    mask_prob: float = 0.15
+    """bert: fraction of tokens chosen for prediction (80 % [MASK], 10 % random, 10 % kept)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    """Batching, precision, logging, evaluation and checkpoint cadence."""
+    resume: bool = True
+    """Resume from the newest intact checkpoint in the output directory if there is one."""
+    init_from: str = ""
+    """Start from the weights of a run directory (its newest intact checkpoint) or of one checkpoint folder, e.g. what `pilelm import` wrote, instead of random ones. The model section comes from there (dropout from this config); optimizer, schedule and data order start fresh. A run that has checkpoints of its own resumes from them instead."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+
+    @property
+    def spec(self) -> ModelSpec:
+        return get_spec(self.family)
+
+    @property
+    def model_config(self) -> Any:
+        """The config of the chosen family (its section)."""
+        return getattr(self, self.spec.config_section)
+
+    @property
+    def objective(self) -> Objective:
+        return self.spec.objective(self.model_config)
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The resolved TrainConfig a run was trained with (RUN/config.yaml)."""
+    import yaml
+
+    return from_dict(TrainConfig, yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
