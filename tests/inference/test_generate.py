@@ -5,19 +5,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pilelm.inference.generate import (
-    DecodeBatch,
-    IncrementalDecoder,
-    SamplingParams,
-    apply_repetition_penalty,
-    beam_search,
-    clean_text,
-    cut_at_stop,
-    filter_top_k_top_p,
-    generate,
-    stream_batch,
-    unescape,
-)
+from pilelm.inference.beam import beam_search
+from pilelm.inference.decode_batch import DecodeBatch, stream_batch
+from pilelm.inference.generate import generate
+from pilelm.inference.sampling import SamplingParams, apply_repetition_penalty, filter_top_k_top_p
+from pilelm.inference.textstream import IncrementalDecoder, clean_text, cut_at_stop, unescape
 from pilelm.models.gpt import GPT, GPTConfig
 
 
