@@ -289,6 +289,18 @@ def test_stop_strings_cut_the_text_and_end_the_row(fitted):
     assert cut == clean_text(free[: free.index(" fox")])
 
 
+def test_streamed_text_never_shows_part_of_a_stop_string(fitted):
+    # " fox jumps" spans several tokens: " fox" must be held back until " jumps" decides it.
+    model, tok = fitted
+    free = generate(model, tok, ["the quick"], SamplingParams(20, temperature=0.0))[0]
+    assert " fox jumps" in free and len(tok.encode(" fox jumps")) > 1
+    streamed: list[str] = []
+    params = SamplingParams(20, temperature=0.0, stop=[" fox jumps"])
+    cut = generate(model, tok, ["the quick"], params, on_text=lambda i, d: streamed.append(d))[0]
+    assert cut == clean_text(free[: free.index(" fox jumps")])
+    assert "".join(streamed) == cut and " fox" not in "".join(streamed)
+
+
 def test_incremental_decoder_never_splits_a_character(fitted):
     _, tok = fitted
     text = "emoji 🎉 rocket 🚀 sparkles ✨ 世界 你好"
