@@ -76,16 +76,6 @@ def display_path(path: Path | None, root: Path) -> str:
         return str(path)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def display_value(v: Any) -> str:
     """A count or measure for a table cell: thousands separators, 4 significant digits."""
     if isinstance(v, bool) or v is None:
