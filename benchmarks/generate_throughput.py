@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from pilelm.inference.generate import SamplingParams, stream_batch
+from pilelm.inference.decode_batch import stream_batch
+from pilelm.inference.sampling import SamplingParams
 from pilelm.interop.gpt2_neox import gpt_hf_config, gpt_to_hf
 from pilelm.models.gpt import GPT, GPTConfig
 

@@ -1,30 +1,30 @@
-"""The run report: ``report.md`` with the stages, the data, a loss curve and BPB per component.
+"""The run report: ``report.md`` with the stages, the data, a loss curve and each stage's results.
 
 ``write_report(work_dir, results)`` reads what the stages left (manifests, ``metrics.jsonl``
-of a run, ``results.json`` of an eval, a generate JSONL file) and writes, into ``work_dir``:
+of a run) and writes, into ``work_dir``:
 
 - ``report.md``: one table of stages (ran or resumed, wall time, key counts), the data
-  counts, the training summary, BPB per Pile component next to the unigram baseline, and the
-  generated samples;
-- ``loss.png``: training loss per step (raw and smoothed), validation loss, and the unigram
-  baseline's test loss in the same units (nats per token) for scale.
-
-Bits per byte (BPB) is the model's total negative log-likelihood in bits over the UTF-8 bytes
-of the text (Gao et al. 2020, "The Pile", section 4), so it compares across tokenizers.
+  counts, the training summary, then the sections of the stages that render their own
+  (``Command.report`` in ``pilelm.core.stages``: eval's BPB per Pile component next to the
+  unigram baseline, generate's samples), each written by the module that owns the format
+  of that stage's output;
+- ``loss.png``: training loss per step (raw and smoothed), validation loss, and a stage's
+  reference loss in the same units (nats per token) for scale (eval's unigram baseline).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pilelm.core.atomic import atomic_path, atomic_write_text
+from pilelm.core.atomic import atomic_write_text
 from pilelm.core.manifest import MANIFEST, read_manifest
+from pilelm.core.plots import png_figure
+from pilelm.core.stages import COMMANDS
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,21 @@ class StageResult:
     seconds: float
 
 
+@dataclass
+class ReportSection:
+    """A stage's own part of the report, made by the function its ``Command.report`` names
+    from the stage's output: ``(output path, work dir) -> ReportSection | None``."""
+
+    body: list[str]
+    """Markdown lines of the section, placed after the training section in pipeline order."""
+    headline: list[str] = field(default_factory=list)
+    """Markdown lines right under the report's title: the result a reader looks for first."""
+    summary: str = ""
+    """One line logged once the report is written."""
+    loss_reference: tuple[str, float] | None = None
+    """(label, nats per token): a horizontal line on the loss curves, for scale."""
+
+
 def _manifest(path: Path | None) -> dict[str, Any] | None:
     if path is None or not (path / MANIFEST).is_file():
         return None
@@ -52,7 +67,8 @@ def _manifest(path: Path | None) -> dict[str, Any] | None:
         return None
 
 
-def _rel(path: Path | None, root: Path) -> str:
+def display_path(path: Path | None, root: Path) -> str:
+    """``path`` relative to ``root`` where it lies inside, else as given; "-" for None."""
     if path is None:
         return "-"
     try:
@@ -61,17 +77,8 @@ def _rel(path: Path | None, root: Path) -> str:
         return str(path)
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _fmt(v: Any) -> str:
+def display_value(v: Any) -> str:
+    """A count or measure for a table cell: thousands separators, 4 significant digits."""
     if isinstance(v, bool) or v is None:
         return str(v)
     if isinstance(v, int):
@@ -96,14 +103,6 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def nats_per_token(entry: dict[str, Any]) -> float | None:
-    """Mean loss in nats/token from an eval entry's bpb, bytes and tokens."""
-    try:
-        return entry["bpb"] * entry["bytes"] / entry["tokens"] * math.log(2)
-    except (KeyError, TypeError, ZeroDivisionError):
-        return None
-
-
 def centered_mean(values: list[float] | tuple[float, ...], half_window: int) -> list[float]:
     """Mean over [i - h, i + h] clipped to the ends: the trend under batch noise, without the
     lag an exponential average has."""
@@ -118,80 +117,33 @@ def centered_mean(values: list[float] | tuple[float, ...], half_window: int) -> 
     return out
 
 
-def plot_loss(metrics: list[dict[str, Any]], out: Path, baseline_nats: float | None = None,
+def plot_loss(metrics: list[dict[str, Any]], out: Path, reference: tuple[str, float] | None = None,
               title: str = "") -> Path | None:
-    """Write the loss curve PNG; None when there is nothing to plot."""
+    """Write the loss curve PNG; None when there is nothing to plot. ``reference`` = (label,
+    nats per token) draws a dashed line for scale."""
     train = [(m["step"], m["loss"]) for m in metrics if "loss" in m and "step" in m and m["loss"] is not None]
     val = [(m["step"], m["val_loss"]) for m in metrics if m.get("val_loss") is not None and "step" in m]
     if not train and not val:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display; also keeps the demo working over ssh
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    if train:
-        steps, losses = zip(*train, strict=True)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
-        ax.plot(steps, centered_mean(losses, max(1, len(losses) // 10)), color="tab:blue", linewidth=2,
-                label="train loss (smoothed)")
-    if val:
-        vs, vl = zip(*val, strict=True)
-        ax.plot(vs, vl, "o-", color="tab:orange", linewidth=1.5, markersize=4, label="val loss")
-    if baseline_nats is not None:
-        ax.axhline(baseline_nats, color="gray", linestyle="--", linewidth=1,
-                   label=f"unigram baseline, test ({baseline_nats:.2f})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    if title:
-        ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    with png_figure(out, (8, 4.5)) as (_, ax):
+        if train:
+            steps, losses = zip(*train, strict=True)
+            ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
+            ax.plot(steps, centered_mean(losses, max(1, len(losses) // 10)), color="tab:blue", linewidth=2,
+                    label="train loss (smoothed)")
+        if val:
+            vs, vl = zip(*val, strict=True)
+            ax.plot(vs, vl, "o-", color="tab:orange", linewidth=1.5, markersize=4, label="val loss")
+        if reference is not None:
+            label, nats = reference
+            ax.axhline(nats, color="gray", linestyle="--", linewidth=1, label=label)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy (nats / token)")
+        if title:
+            ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
     return out
-
-
-def bpb_table(results: dict[str, Any]) -> list[str]:
-    """Markdown table: BPB per component for each run, the unigram baseline beside them."""
-    runs: dict[str, Any] = results.get("runs", {})
-    unigram = results.get("baselines", {}).get("unigram", {})
-    comps = sorted({c for r in [*runs.values(), unigram] for c in r.get("components", {})})
-    head = ["component", "bytes", *[f"{name} BPB" for name in runs]]
-    if unigram:
-        head += ["unigram BPB", *[f"{name} / unigram" for name in runs]]
-    lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
-
-    def row(label: str, get: Any) -> str:
-        entries = [get(r) for r in runs.values()]
-        base = get(unigram) if unigram else None
-        nbytes = next((e.get("bytes") for e in [*entries, base] if e and e.get("bytes")), None)
-        cells = [label, _fmt(nbytes) if nbytes else "-"]
-        cells += [f"{e['bpb']:.3f}" if e and e.get("bpb") is not None else "-" for e in entries]
-        if unigram:
-            cells.append(f"{base['bpb']:.3f}" if base and base.get("bpb") is not None else "-")
-            for e in entries:
-                ok = e and base and e.get("bpb") is not None and base.get("bpb")
-                cells.append(f"{e['bpb'] / base['bpb']:.2f}" if ok else "-")
-        return "| " + " | ".join(cells) + " |"
-
-    for c in comps:
-        lines.append(row(c, lambda r, c=c: r.get("components", {}).get(c)))
-    lines.append(row("**overall**", lambda r: r.get("overall")))
-    return lines
-
-
-def summary_line(results: dict[str, Any]) -> str:
-    """One line for the log: each run's overall BPB and the unigram baseline's."""
-    parts = [f"{name} BPB {r['overall']['bpb']:.3f}" for name, r in results.get("runs", {}).items()
-             if r.get("overall", {}).get("bpb") is not None]
-    base = results.get("baselines", {}).get("unigram", {}).get("overall", {}).get("bpb")
-    if base is not None:
-        parts.append(f"unigram baseline BPB {base:.3f}")
-    return ", ".join(parts)
 
 
 def _stage_rows(work_dir: Path, results: list[StageResult]) -> list[str]:
@@ -203,9 +155,9 @@ def _stage_rows(work_dir: Path, results: list[StageResult]) -> list[str]:
             timings = {k: v for k, v in m.get("timings", {}).items() if isinstance(v, int | float)}
             seconds = timings.get("total", sum(timings.values()))
         scalars = {k: v for k, v in (m or {}).get("counts", {}).items() if not isinstance(v, dict | list)}
-        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in list(scalars.items())[:6])
+        shown = ", ".join(f"{k}={display_value(v)}" for k, v in list(scalars.items())[:6])
         status = "ran" if r.status == "ran" else "resumed (already done)"
-        lines.append(f"| {i} | `{r.name}` | {status} | {seconds:.1f} | `{_rel(r.output, work_dir)}` | {shown} |")
+        lines.append(f"| {i} | `{r.name}` | {status} | {seconds:.1f} | `{display_path(r.output, work_dir)}` | {shown} |")
     return lines
 
 
@@ -220,11 +172,11 @@ def _prepare_section(path: Path, work_dir: Path) -> list[str]:
         return []
     # The prepared dir names its own report files (the markdown first): data/ owns that layout.
     stats = next((f for f in manifest.get("extra", {}).get("report", []) if f.endswith(".md")), None)
-    lines = [f"### Prepared data: `{_rel(path, work_dir)}`", "",
-             f"{_fmt(counts.get('documents_in'))} documents ({_mb(counts.get('bytes_in'))} MB) in, "
-             f"{_fmt(counts.get('documents_out'))} documents ({_mb(counts.get('bytes_out'))} MB) out."]
+    lines = [f"### Prepared data: `{display_path(path, work_dir)}`", "",
+             f"{display_value(counts.get('documents_in'))} documents ({_mb(counts.get('bytes_in'))} MB) in, "
+             f"{display_value(counts.get('documents_out'))} documents ({_mb(counts.get('bytes_out'))} MB) out."]
     if stats and (path / stats).is_file():
-        lines[-1] += f" Details: `{_rel(path / stats, work_dir)}`."
+        lines[-1] += f" Details: `{display_path(path / stats, work_dir)}`."
     comps = counts.get("components", {})
     if comps:
         lines += ["", "| component | docs in | docs out | MB in | MB out | main drop reasons |",
@@ -232,7 +184,7 @@ def _prepare_section(path: Path, work_dir: Path) -> list[str]:
         for name, c in sorted(comps.items()):
             drops = sorted(c.get("dropped", {}).items(), key=lambda kv: -kv[1])[:3]
             reasons = ", ".join(f"{k} {v}" for k, v in drops)
-            lines.append(f"| {name} | {_fmt(c.get('documents_in'))} | {_fmt(c.get('documents_out'))} | "
+            lines.append(f"| {name} | {display_value(c.get('documents_in'))} | {display_value(c.get('documents_out'))} | "
                          f"{_mb(c.get('bytes_in'))} | {_mb(c.get('bytes_out'))} | {reasons} |")
     return lines + [""]
 
@@ -241,18 +193,18 @@ def _tokens_section(tok_dirs: list[Path], shard_dirs: list[Path], work_dir: Path
     lines: list[str] = []
     for p in tok_dirs:
         cfg = (_manifest(p) or {}).get("config", {})
-        lines += [f"### Tokenizer: `{_rel(p, work_dir)}`", "",
-                  f"{cfg.get('kind', '?')}, vocabulary {_fmt(cfg.get('vocab_size'))}.", ""]
+        lines += [f"### Tokenizer: `{display_path(p, work_dir)}`", "",
+                  f"{cfg.get('kind', '?')}, vocabulary {display_value(cfg.get('vocab_size'))}.", ""]
     for p in shard_dirs:
         splits = (_manifest(p) or {}).get("counts", {}).get("splits", {})
         if not splits:
             continue
-        lines += [f"### Token shards: `{_rel(p, work_dir)}`", "",
+        lines += [f"### Token shards: `{display_path(p, work_dir)}`", "",
                   "| split | documents | tokens | MB of text | bytes / token |", "|---|---:|---:|---:|---:|"]
         for name, c in splits.items():
             tokens, nbytes = c.get("tokens"), c.get("bytes")
             bpt = f"{nbytes / tokens:.3f}" if tokens and nbytes else "-"
-            lines.append(f"| {name} | {_fmt(c.get('documents'))} | {_fmt(tokens)} | {_mb(nbytes)} | {bpt} |")
+            lines.append(f"| {name} | {display_value(c.get('documents'))} | {display_value(tokens)} | {_mb(nbytes)} | {bpt} |")
         lines.append("")
     return lines
 
@@ -260,7 +212,7 @@ def _tokens_section(tok_dirs: list[Path], shard_dirs: list[Path], work_dir: Path
 def _train_section(run_dir: Path, work_dir: Path, metrics: list[dict[str, Any]]) -> list[str]:
     m = _manifest(run_dir) or {}
     cfg = m.get("config", {})
-    lines = [f"### Training: `{_rel(run_dir, work_dir)}`", ""]
+    lines = [f"### Training: `{display_path(run_dir, work_dir)}`", ""]
     model = cfg.get("model")
     if isinstance(model, dict):
         shape = ("arch", "n_layer", "n_head", "d_model", "block_size", "vocab_size")
@@ -281,23 +233,18 @@ def _train_section(run_dir: Path, work_dir: Path, metrics: list[dict[str, Any]])
             facts["final val loss"] = vals[-1]["val_loss"]
             if vals[-1].get("val_bpb") is not None:
                 facts["final val BPB"] = vals[-1]["val_bpb"]
-        lines += ["| | |", "|---|---:|"] + [f"| {k} | {_fmt(v)} |" for k, v in facts.items() if v is not None]
+        lines += ["| | |", "|---|---:|"] + [f"| {k} | {display_value(v)} |" for k, v in facts.items() if v is not None]
         lines.append("")
     return lines
 
 
-def _samples_section(path: Path) -> list[str]:
-    lines = ["## Samples", "", f"From `{path.name}`: each block is the prompt, then the model's completion.", ""]
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        prompt, completion = rec.get("prompt", ""), rec.get("completion", "")
-        text = (prompt + completion).replace("```", "'''")
-        lines += [f"**Sample {i}**, prompt `{json.dumps(prompt, ensure_ascii=False)}`:", "",
-                  "```text", text.strip("\n"), "```", ""]
-    return lines
+def _stage_sections(name: str, outputs: list[Path], work_dir: Path) -> list[ReportSection]:
+    """The sections the stage ``name`` renders from its outputs (none if it renders none)."""
+    command = COMMANDS.get(name)
+    render = command.load_report() if command is not None else None
+    if render is None:
+        return []
+    return [sec for out in outputs if (sec := render(out, work_dir)) is not None]
 
 
 def write_report(work_dir: str | Path, results: list[StageResult], title: str = "pilelm run") -> Path:
@@ -307,17 +254,12 @@ def write_report(work_dir: str | Path, results: list[StageResult], title: str = 
     for r in results:
         if r.output is not None and r.output.exists():
             by_name.setdefault(r.name, []).append(r.output)
-    evals = [p for p in by_name.get("eval", []) if (p / "results.json").is_file()]
-    eval_results = [json.loads((p / "results.json").read_text()) for p in evals]
-    baseline_nats = None
-    for res in eval_results:
-        base = res.get("baselines", {}).get("unigram", {}).get("overall")
-        if base:
-            baseline_nats = nats_per_token(base)
+    sections = [section for name, paths in by_name.items() for section in _stage_sections(name, paths, work_dir)]
+    reference = next((sec.loss_reference for sec in reversed(sections) if sec.loss_reference), None)
 
     lines = [f"# {title}", "", f"Written {time.strftime('%Y-%m-%d %H:%M:%S')} in `{work_dir}`.", ""]
-    for res in eval_results:
-        lines += [f"**Test BPB: {summary_line(res)}** (lower is better).", ""]
+    for sec in sections:
+        lines += sec.headline
     lines += ["## Stages", "", *_stage_rows(work_dir, results), ""]
 
     data_lines: list[str] = []
@@ -337,24 +279,17 @@ def write_report(work_dir: str | Path, results: list[StageResult], title: str = 
         title = f"{run_dir.name}: training loss"
         if isinstance(counts.get("parameters"), int) and isinstance(counts.get("tokens"), int):
             title += f" ({counts['parameters'] / 1e6:.1f}M parameters, {counts['tokens'] / 1e6:.2f}M tokens)"
-        png = plot_loss(metrics, work_dir / png_name, baseline_nats, title=title)
+        png = plot_loss(metrics, work_dir / png_name, reference, title=title)
         lines += _train_section(run_dir, work_dir, metrics)
         if png:
             lines += [f"![loss curve]({png_name})", ""]
 
-    for p, res in zip(evals, eval_results, strict=True):
-        lines += [f"## Bits per byte on the test split (`{_rel(p, work_dir)}`)", "",
-                  "BPB = total NLL in bits / UTF-8 bytes of the text; the unigram baseline predicts "
-                  "every token from its training-set frequency alone.", "", *bpb_table(res), ""]
-        if (p / "bpb.png").is_file():
-            lines += [f"![BPB per component]({_rel(p / 'bpb.png', work_dir)})", ""]
-
-    for p in by_name.get("generate", []):
-        if p.is_file():
-            lines += _samples_section(p)
+    for sec in sections:
+        lines += sec.body
 
     out = work_dir / REPORT
     atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
-    for res in eval_results:
-        log.info("test %s", summary_line(res))
+    for sec in sections:
+        if sec.summary:
+            log.info("%s", sec.summary)
     return out

@@ -27,10 +27,19 @@ class Command:
     positionals: tuple[str, ...] = ()
     """Config fields filled by bare arguments, in order; a list field takes all the rest."""
     usage: str = ""
+    report: str = ""
+    """``module:function`` rendering the stage's section of the run report from its output
+    (see ``pilelm.core.report.ReportSection``); empty = the report shows only its table row."""
 
     def load(self) -> tuple[type, typing.Callable[[Any], Any]]:
         mod = importlib.import_module(self.module)
         return getattr(mod, self.config), getattr(mod, self.runner)
+
+    def load_report(self) -> typing.Callable[[Path, Path], Any] | None:
+        if not self.report:
+            return None
+        module, _, name = self.report.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 COMMANDS: dict[str, Command] = {
@@ -56,10 +65,12 @@ COMMANDS: dict[str, Command] = {
                 (), "pilelm train --data SHARD_DIR -o RUN_DIR [--config NAME|FILE] [key=value ...]"),
         Command("eval", "pilelm.evaluation.evaluate", "EvalConfig", "run_eval",
                 "bits per byte and perplexity per Pile component; compare runs side by side",
-                ("runs",), "pilelm eval RUN_DIR... --data SHARD_DIR_OR_PREPARED_DIR -o EVAL_DIR"),
+                ("runs",), "pilelm eval RUN_DIR... --data SHARD_DIR_OR_PREPARED_DIR -o EVAL_DIR",
+                report="pilelm.evaluation.results:report_section"),
         Command("generate", "pilelm.inference.generate", "GenerateConfig", "run_generate",
                 "sample text from a trained model (greedy, top-k, top-p, beam)",
-                ("run",), 'pilelm generate RUN_DIR --prompt "..." [--temperature 0.8 --top-p 0.95]'),
+                ("run",), 'pilelm generate RUN_DIR --prompt "..." [--temperature 0.8 --top-p 0.95]',
+                report="pilelm.inference.generate:report_section"),
         Command("export", "pilelm.interop.hf", "ExportConfig", "run_export",
                 "export a run to a Hugging Face transformers folder",
                 ("run",), "pilelm export RUN_DIR --format hf -o HF_DIR"),

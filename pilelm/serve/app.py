@@ -23,7 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -32,7 +32,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
-from pilelm.inference.generate import SamplingParams
+from pilelm.inference.sampling import SamplingParams
+from pilelm.serve.config import ServeConfig
 from pilelm.serve.engine import Engine, Event, Failed, Finished, RowSpec, Submission, TextDelta
 from pilelm.serve.schemas import (
     APIError,
@@ -41,9 +42,6 @@ from pilelm.serve.schemas import (
     parse_completion_request,
     parse_json_body,
 )
-
-if TYPE_CHECKING:
-    from pilelm.serve.server import ServeConfig
 
 log = logging.getLogger(__name__)
 

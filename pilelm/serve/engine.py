@@ -1,6 +1,6 @@
 """The batching scheduler: concurrent requests share forward passes (continuous batching).
 
-One worker thread owns the model and one running ``generate.DecodeBatch`` (a KV-cached batch
+One worker thread owns the model and one running ``DecodeBatch`` (a KV-cached batch
 that rows join and leave between decode steps). Requests put their rows (one per prompt and
 choice) on a queue. Before every decode step the worker admits waiting rows into the running
 batch, up to ``max_batch`` live rows: they are prefilled and join the very next step, so a
@@ -30,8 +30,9 @@ from typing import Literal
 
 import torch.nn as nn
 
-from pilelm.inference.generate import DecodeBatch, SamplingParams, TextTokenizer
-from pilelm.inference.textstream import CompletionText
+from pilelm.inference.decode_batch import DecodeBatch
+from pilelm.inference.sampling import SamplingParams
+from pilelm.inference.textstream import CompletionText, TextTokenizer
 
 log = logging.getLogger(__name__)
 

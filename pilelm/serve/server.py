@@ -1,83 +1,25 @@
-"""``pilelm serve RUN_DIR``: load a run's model and tokenizer, start the engine, run uvicorn."""
+"""``pilelm serve RUN_DIR``: load a run's model and tokenizer into an engine, build the app, run uvicorn."""
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from pilelm.models.dtypes import DTYPES
 from pilelm.models.gpt import GPT
+from pilelm.serve.app import create_app
+from pilelm.serve.config import API_KEY_ENV, ServeConfig
 from pilelm.serve.engine import Engine
 from pilelm.tokens.tokenizer import load_tokenizer
 from pilelm.training.checkpoint import load_for_inference
 
 log = logging.getLogger(__name__)
-
-API_KEY_ENV = "PILELM_API_KEY"
-
-
-@dataclass
-class ServeConfig:
-    run: str = ""
-    """Run directory to serve (pilelm train or pilelm import output)."""
-    step: int | None = None
-    """Checkpoint step to load; None = the latest."""
-    host: str = "127.0.0.1"
-    """Address to bind. The default is reachable from this machine only; 0.0.0.0 exposes the server."""
-    port: int = 8000
-    """TCP port."""
-    api_key: str | None = None
-    """Require 'Authorization: Bearer KEY' on /v1/*; None = the PILELM_API_KEY environment variable, or no key when that is unset too."""
-    model_name: str = ""
-    """Model id in /v1/models and responses; empty = the run directory's name."""
-    device: str = "cpu"
-    """Torch device (cpu, cuda, cuda:1, mps)."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights and KV-cache dtype (bfloat16 is several times faster on CPUs with AMX)."""
-    threads: int = 0
-    """Torch intra-op threads; 0 = torch's default (one per core)."""
-    max_prompt_tokens: int = 0
-    """Longest prompt accepted, in tokens; 0 = the model's context length minus one."""
-    max_tokens: int = 512
-    """Largest max_tokens a request may ask for (also capped so prompt + completion fit the context)."""
-    max_concurrent: int = 128
-    """Requests in flight at once (streaming or not); more are refused with 429 until one ends."""
-    max_batch: int = 64
-    """Most completions decoded together in one forward pass (also the most one request may ask for)."""
-    batch_window_ms: float = 20.0
-    """At an idle server, decoding starts once no request has arrived for this long (or after 10 windows, or at max_batch rows), so requests arriving together share one prefill."""
-    continuous: bool = True
-    """Continuous batching: requests join the running batch at the next decode step. --no-continuous: static batching (they wait until the running batch has ended; for comparison)."""
-    max_request_bytes: int = 1_000_000
-    """Largest request body accepted (413 above)."""
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    """uvicorn's log level (access log at info)."""
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.port <= 65535:
-            raise ValueError(f"port must be in [1, 65535], got {self.port}")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("api_key must not be empty; omit it to serve without a key")
-        for key in ("max_tokens", "max_concurrent", "max_batch", "max_request_bytes"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.max_prompt_tokens < 0:
-            raise ValueError(f"max_prompt_tokens must be >= 0 (0 = the model's context), got {self.max_prompt_tokens}")
-        if self.batch_window_ms < 0:
-            raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0 = torch default), got {self.threads}")
-
-    def resolved_api_key(self) -> str | None:
-        return self.api_key if self.api_key is not None else (os.environ.get(API_KEY_ENV) or None)
 
 
 def load_engine(cfg: ServeConfig) -> Engine:
@@ -151,8 +93,6 @@ class BackgroundServer:
 def run_serve(cfg: ServeConfig) -> None:
     """Serve until interrupted (Ctrl-C)."""
     import uvicorn
-
-    from pilelm.serve.app import create_app
 
     engine = load_engine(cfg)
     app = create_app(engine, cfg)

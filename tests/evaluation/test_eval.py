@@ -7,16 +7,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pilelm.evaluation.evaluate import (
-    DocumentSet,
-    aggregate,
-    bleu_chrf,
-    read_pairs,
-    score_documents,
-    score_unigram,
-    sliding_windows,
-    unigram_logprobs,
-)
+from pilelm.evaluation.bleu import bleu_chrf, read_pairs
+from pilelm.evaluation.bpb import aggregate, score_documents, score_unigram, sliding_windows, unigram_logprobs
+from pilelm.evaluation.documents import DocumentSet
 from pilelm.models.gpt import GPT, GPTConfig
 
 
@@ -207,7 +200,8 @@ def test_bleu_chrf_of_conditional_generation_and_checkpoints_side_by_side(tiny_r
     from conftest import TINY_TEXTS
 
     from pilelm.evaluation.evaluate import EvalConfig, run_eval
-    from pilelm.inference.generate import SamplingParams, generate
+    from pilelm.inference.generate import generate
+    from pilelm.inference.sampling import SamplingParams
     from pilelm.tokens.tokenizer import load_tokenizer
     from pilelm.training.checkpoint import load_for_inference
 

@@ -5,19 +5,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pilelm.inference.generate import (
-    DecodeBatch,
-    IncrementalDecoder,
-    SamplingParams,
-    apply_repetition_penalty,
-    beam_search,
-    clean_text,
-    cut_at_stop,
-    filter_top_k_top_p,
-    generate,
-    stream_batch,
-    unescape,
-)
+from pilelm.inference.beam import beam_search
+from pilelm.inference.decode_batch import DecodeBatch, stream_batch
+from pilelm.inference.generate import generate
+from pilelm.inference.sampling import SamplingParams, apply_repetition_penalty, filter_top_k_top_p
+from pilelm.inference.textstream import IncrementalDecoder, clean_text, cut_at_stop, unescape
 from pilelm.models.gpt import GPT, GPTConfig
 
 
@@ -295,6 +287,18 @@ def test_stop_strings_cut_the_text_and_end_the_row(fitted):
     assert " fox" in free
     cut = generate(model, tok, ["the quick"], SamplingParams(20, temperature=0.0, stop=[" fox", "zzz"]))[0]
     assert cut == clean_text(free[: free.index(" fox")])
+
+
+def test_streamed_text_never_shows_part_of_a_stop_string(fitted):
+    # " fox jumps" spans several tokens: " fox" must be held back until " jumps" decides it.
+    model, tok = fitted
+    free = generate(model, tok, ["the quick"], SamplingParams(20, temperature=0.0))[0]
+    assert " fox jumps" in free and len(tok.encode(" fox jumps")) > 1
+    streamed: list[str] = []
+    params = SamplingParams(20, temperature=0.0, stop=[" fox jumps"])
+    cut = generate(model, tok, ["the quick"], params, on_text=lambda i, d: streamed.append(d))[0]
+    assert cut == clean_text(free[: free.index(" fox jumps")])
+    assert "".join(streamed) == cut and " fox" not in "".join(streamed)
 
 
 def test_incremental_decoder_never_splits_a_character(fitted):

@@ -24,7 +24,9 @@ import torch
 
 from pilelm.core.cli import main as cli_main
 from pilelm.core.manifest import write_manifest
-from pilelm.inference.generate import SamplingParams, generate, stream_batch
+from pilelm.inference.decode_batch import stream_batch
+from pilelm.inference.generate import generate
+from pilelm.inference.sampling import SamplingParams
 from pilelm.inference.textstream import CompletionText, stop_prefix_length
 from pilelm.models.gpt import GPT, GPTConfig
 from pilelm.serve import BackgroundServer, ServeConfig, create_app, load_engine

@@ -1,0 +1,137 @@
+"""Choosing the next token: per-request sampling settings and the batched sampler.
+
+``SamplingParams`` holds one request's settings: greedy (temperature 0), temperature, top-k,
+top-p, repetition penalty, stop strings, max new tokens, seed. ``RowSampler`` holds the
+settings of every row of a running batch as tensors and turns a step's logits into one token
+per row; each row samples with its own seeded ``torch.Generator``, so a row's tokens do not
+depend on the other rows of the batch.
+
+The logits processors follow the order and formulas of Hugging Face ``generate``
+(repetition penalty, temperature, top-k, top-p), so greedy decoding gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    """Most tokens to generate per prompt."""
+    temperature: float = 1.0
+    """Softmax temperature; 0 means greedy (argmax)."""
+    top_k: int = 0
+    """Sample only among the k most likely tokens; 0 = no limit."""
+    top_p: float = 1.0
+    """Nucleus sampling: the smallest set of tokens whose probability reaches top_p (1 = off)."""
+    repetition_penalty: float = 1.0
+    """CTRL penalty (Keskar et al. 2019) on tokens already in the prompt or output; 1 = off."""
+    stop: list[str] = field(default_factory=list)
+    """Stop at the first of these strings (which is cut from the text)."""
+    seed: int | None = None
+    """Seed of this request's sampler; None draws one from torch's global RNG."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded with ``seed`` (None: a seed drawn from torch's global RNG)."""
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL (Keskar et al. 2019, eq. in sec. 4.1), as Hugging Face applies it: a seen token's
+    positive logit is divided by the penalty, a negative one multiplied. logits (b, V) float;
+    seen (b, V) bool; penalty (b,)."""
+    pen = penalty[:, None]
+    return torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
+
+
+def filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row top-k then top-p (Holtzman et al. 2019) filtering of tempered logits (b, V).
+
+    Returns (filtered logits sorted descending, their token ids); removed tokens are -inf.
+    The most likely token always survives.
+    """
+    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)  # (b, V)
+    ranks = torch.arange(logits.size(-1), device=logits.device)
+    remove = (top_k[:, None] > 0) & (ranks[None, :] >= top_k[:, None])
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    # Drop a token when the tokens before it already reach top_p.
+    remove = (probs.cumsum(dim=-1) - probs) >= top_p[:, None]
+    remove[:, 0] = False
+    return sorted_logits.masked_fill(remove, float("-inf")), sorted_ids
+
+
+class RowSampler:
+    """Per-row sampling settings of the rows still decoding, as tensors."""
+
+    def __init__(self, params: list[SamplingParams], device: torch.device, vocab: int):
+        self.params = params
+        self.temperature = torch.tensor([p.temperature for p in params], device=device)
+        self.top_k = torch.tensor([min(p.top_k, vocab) for p in params], device=device, dtype=torch.long)
+        self.top_p = torch.tensor([p.top_p for p in params], device=device)
+        self.penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
+        self.generators = [seeded_generator(p.seed, device) for p in params]
+        self._update()
+
+    def _update(self) -> None:
+        self.use_penalty = any(p.repetition_penalty != 1.0 for p in self.params)
+        self.sampled_rows = [j for j, p in enumerate(self.params) if p.temperature > 0]
+
+    def keep(self, rows: list[int]) -> None:
+        index = torch.tensor(rows, dtype=torch.long, device=self.temperature.device)
+        self.params = [self.params[i] for i in rows]
+        self.temperature = self.temperature[index]
+        self.top_k = self.top_k[index]
+        self.top_p = self.top_p[index]
+        self.penalty = self.penalty[index]
+        self.generators = [self.generators[i] for i in rows]
+        self._update()
+
+    def extend(self, other: RowSampler) -> None:
+        """Append ``other``'s rows after these."""
+        self.params = self.params + other.params
+        self.temperature = torch.cat([self.temperature, other.temperature])
+        self.top_k = torch.cat([self.top_k, other.top_k])
+        self.top_p = torch.cat([self.top_p, other.top_p])
+        self.penalty = torch.cat([self.penalty, other.penalty])
+        self.generators = self.generators + other.generators
+        self._update()
+
+    def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """logits (b, V) float32 -> next tokens (b,)."""
+        if self.use_penalty and seen is not None:
+            logits = apply_repetition_penalty(logits, seen, self.penalty)
+        tokens = logits.argmax(dim=-1)
+        rows = self.sampled_rows
+        if rows:
+            index = torch.tensor(rows, device=logits.device)
+            tempered = logits[index] / self.temperature[index, None]
+            filtered, ids = filter_top_k_top_p(tempered, self.top_k[index], self.top_p[index])
+            probs = filtered.softmax(dim=-1)
+            for j, row in enumerate(rows):
+                choice = torch.multinomial(probs[j], 1, generator=self.generators[row])
+                tokens[row] = ids[j, choice[0]]
+        return tokens
