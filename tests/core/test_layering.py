@@ -57,6 +57,15 @@ def _target(name: str) -> str:
     return name
 
 
+def _type_checking_only(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``) blocks."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
 def _imports(module: str, path: Path) -> list[Import]:
     tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
@@ -77,6 +86,8 @@ def _imports(module: str, path: Path) -> list[Import]:
             for name in names:
                 if name == "pilelm" or name.startswith("pilelm."):
                     out.append(Import(module, _target(name), child.lineno, module_level))
+            if _type_checking_only(child):
+                continue  # annotations only: never executed, so no import at run time
             inner = isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
             visit(child, module_level and not inner)
 
