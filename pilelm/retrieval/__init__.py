@@ -1,0 +1,1 @@
+"""Embeddings, vector indexes, search, topics and retrieval-augmented prompts."""
