@@ -124,3 +124,36 @@ def make_tiny_run(
 def tiny_run(tmp_path_factory) -> Path:
     """A tiny GPT-2 run fitted to ``TINY_TEXTS`` (about a second to build, once per session)."""
     return make_tiny_run(tmp_path_factory.mktemp("tiny_run") / "run", train_steps=100)
+
+
+# --- Retrieval: a small corpus and an index of it (tests/retrieval) -------------------------
+
+RETRIEVAL_COMPONENTS = ["Wikipedia (en)", "Pile-CC", "Wikipedia (en)", "Github", "Pile-CC"]
+
+
+def retrieval_corpus() -> list[dict]:
+    """Ten documents (two per tiny text, in different surroundings) and one empty one."""
+    docs = []
+    for i, (text, comp) in enumerate(zip(TINY_TEXTS, RETRIEVAL_COMPONENTS, strict=True)):
+        docs.append({"text": f"{text} {text}", "meta": {"pile_set_name": comp}})
+        docs.append({"text": f"note {i}: {text}\n\n{TINY_TEXTS[(i + 1) % len(TINY_TEXTS)]}",
+                     "meta": {"pile_set_name": comp}})
+    docs.append({"text": "", "meta": {"pile_set_name": "Pile-CC"}})
+    return docs
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    return write_pile_shard(tmp_path_factory.mktemp("corpus") / "docs.jsonl.zst", retrieval_corpus())
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tiny_run, corpus_file, tmp_path_factory) -> Path:
+    """An exact (flat) index of ``corpus_file`` by ``tiny_run``: 24-token chunks every 16 tokens."""
+    from pilelm.core import cli
+
+    out = tmp_path_factory.mktemp("index") / "idx"
+    argv = ["embed", str(tiny_run), "--data", str(corpus_file), "-o", str(out),
+            "--chunk-tokens", "24", "--chunk-stride", "16", "--part-docs", "3"]
+    assert cli.main(argv) == 0
+    return out
