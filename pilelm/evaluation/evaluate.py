@@ -72,6 +72,10 @@ class EvalConfig:
     """BLEU: a completion ends at the first of these strings (\\n, \\t, \\r are unescaped)."""
     bleu_batch_size: int = 16
     """BLEU: prompts generated together."""
+    task: Literal["bpb", "retrieval"] = "bpb"
+    """bpb: bits per byte per component; retrieval: find StackExchange answers for their questions (recall@k, MRR@10, next to BM25)."""
+    pooling: Literal["mean", "last", "cls"] = "mean"
+    """retrieval: how token states become one vector (cls: BERT only)."""
 
     def __post_init__(self) -> None:
         for key in ("context", "stride", "max_documents", "batch_tokens"):
@@ -114,6 +118,10 @@ def resolve_runs(specs: list[str], all_checkpoints: bool) -> list[RunSpec]:
 
 
 def run_eval(cfg: EvalConfig) -> Path:
+    if cfg.task == "retrieval":
+        from pilelm.evaluation.retrieval import run_retrieval_eval
+
+        return run_retrieval_eval(cfg)
     if not cfg.runs:
         raise ValueError("eval needs at least one run: pilelm eval RUN_DIR... --data DATA_DIR -o EVAL_DIR")
     if not cfg.output:

@@ -1,0 +1,180 @@
+"""``pilelm eval --task retrieval``: find each question's answer among all the answers.
+
+Pairs come from the StackExchange documents of a split (the Pile writes a thread as
+``Q:\\n\\n<question>\\n\\nA:\\n\\n<answer>...``; the first answer is the question's positive). Every
+question is a query over the corpus of all the pairs' answers; a model embeds both (its pooled,
+normalised states; answers longer than the context are chunked and score their best chunk) and
+ranks by cosine. BM25 (Robertson & Zaragoza 2009; ``bm25s``, Lucene's variant, English stop
+words) ranks the same pairs as the baseline a dense retriever has to beat.
+
+    recall@k = share of questions whose answer ranks in the top k
+    MRR@10   = mean of 1 / rank over questions, 0 when the rank is past 10
+
+Ties count against the answer (its rank is 1 + the number of answers scoring at least as
+high), so a model that gives every answer one score does not look perfect.
+
+Output (``-o EVAL``): ``results.json``, ``results.md``, ``retrieval.png``, ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pilelm.core.manifest import MANIFEST, Timer, atomic_path, atomic_write_json, atomic_write_text, read_manifest, write_manifest
+from pilelm.evaluation.evaluate import EvalConfig, resolve_runs
+from pilelm.models.dtypes import DTYPES
+
+log = logging.getLogger(__name__)
+
+STACKEXCHANGE = "StackExchange"
+KS = (1, 10)
+MRR_AT = 10
+# The Pile's StackExchange layout: "Q:\n\n" question, then each answer after "\n\nA:\n\n".
+_ANSWER = re.compile(r"\n\s*A:\s*\n")
+
+
+def qa_pair(text: str) -> tuple[str, str] | None:
+    """(question, first answer) of a StackExchange thread, or None if it has no answer."""
+    text = text.strip()
+    if not text.startswith("Q:"):
+        return None
+    parts = _ANSWER.split(text[2:])
+    if len(parts) < 2:
+        return None
+    question, answer = parts[0].strip(), parts[1].strip()
+    return (question, answer) if question and answer else None
+
+
+def read_qa_pairs(data: str, split: str, limit: int = 0) -> list[tuple[str, str]]:
+    """The StackExchange pairs of a prepared dir's split (or of document files)."""
+    from pilelm.data.readers import read_documents
+    from pilelm.tokens.tokenizer import prepared_split_files
+
+    path = Path(data)
+    if (path / MANIFEST).is_file():
+        if read_manifest(path).get("stage") != "prepare":
+            raise ValueError(f"{path}: eval --task retrieval reads a prepared dir (pilelm prepare) or document files")
+        files: list[Any] = prepared_split_files(path, split)
+        if not files:
+            raise FileNotFoundError(f"{path} has no {split} split ({split}/*.jsonl.zst)")
+    else:
+        files = [data]
+    pairs = []
+    for doc in read_documents(files):
+        if doc.component != STACKEXCHANGE:
+            continue
+        pair = qa_pair(doc.text)
+        if pair is not None:
+            pairs.append(pair)
+            if limit and len(pairs) >= limit:
+                break
+    if len(pairs) < 2:
+        raise ValueError(f"{data} ({split}) has {len(pairs)} StackExchange question/answer pairs; "
+                         "retrieval evaluation needs at least 2")
+    return pairs
+
+
+def gold_ranks(scores: np.ndarray) -> np.ndarray:
+    """(Q, D) scores with query i's answer at column i -> each answer's 1-based rank (ties count against)."""
+    gold = np.diagonal(scores)[:, None]
+    return (scores >= gold).sum(axis=1)  # the answer itself is one of them
+
+
+def rank_metrics(ranks: np.ndarray) -> dict[str, float]:
+    out = {f"recall@{k}": float(np.mean(ranks <= k)) for k in KS}
+    out[f"mrr@{MRR_AT}"] = float(np.mean(np.where(ranks <= MRR_AT, 1.0 / ranks, 0.0)))
+    out["queries"] = int(len(ranks))
+    return out
+
+
+def bm25_scores(questions: list[str], answers: list[str]) -> np.ndarray:
+    """(Q, D) BM25 scores of every answer for every question."""
+    import bm25s
+
+    logging.getLogger("bm25s").setLevel(logging.WARNING)  # its DEBUG lines name every build step
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(answers, stopwords="en", show_progress=False), show_progress=False)
+    tokens = bm25s.tokenize(questions, stopwords="en", show_progress=False, return_ids=False)
+    return np.stack([retriever.get_scores(q) for q in tokens]).astype(np.float32)
+
+
+def dense_scores(encoder: Any, questions: list[str], answers: list[str], batch_size: int = 32) -> tuple[np.ndarray, int]:
+    """(Q, D) cosine scores (an answer scores its best chunk) and how many questions were cut
+    to fit the context."""
+    vectors, owner = encoder.embed_documents(answers, batch_size=batch_size)
+    q_ids = encoder.tokenize(questions)
+    cut = sum(len(q) > encoder.max_tokens for q in q_ids)
+    q_ids = [q[: encoder.max_tokens] or [encoder.pad_id] for q in q_ids]
+    chunk_scores = encoder.embed_ids(q_ids, batch_size) @ vectors.T  # (Q, chunks), chunks ordered by answer
+    starts = np.searchsorted(owner, np.arange(len(answers)))
+    return np.maximum.reduceat(chunk_scores, starts, axis=1), cut
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    cols = [f"recall@{k}" for k in KS] + [f"mrr@{MRR_AT}"]
+    lines = [f"# Retrieval QA: {results['pairs']} StackExchange question/answer pairs ({results['split']} split)", "",
+             "Each question is a query over all the pairs' answers.", "",
+             "| retriever | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    rows = {**results["runs"], **{f"{k} (baseline)": v for k, v in results["baselines"].items()}}
+    for name, m in rows.items():
+        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.3f}" for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_retrieval(results: dict[str, Any], path: Path) -> None:
+    """Grouped bars: recall@1, recall@10 and MRR@10 per retriever."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {**results["runs"], **{f"{k} (baseline)": v for k, v in results["baselines"].items()}}
+    cols = [f"recall@{k}" for k in KS] + [f"mrr@{MRR_AT}"]
+    width = 0.8 / max(1, len(rows))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, (name, m) in enumerate(rows.items()):
+        ax.bar(np.arange(len(cols)) + i * width, [m[c] for c in cols], width=width, label=name)
+    ax.set_xticks(np.arange(len(cols)) + width * (len(rows) - 1) / 2, cols)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("higher is better")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def run_retrieval_eval(cfg: EvalConfig) -> Path:
+    from pilelm.inference.embed import TextEncoder
+
+    if not cfg.runs or not cfg.data or not cfg.output:
+        raise ValueError("eval --task retrieval needs runs, data and an output: "
+                         "pilelm eval RUN_DIR... --task retrieval --data PREPARED_DIR -o EVAL_DIR")
+    out = Path(cfg.output)
+    timer = Timer()
+    pairs = read_qa_pairs(cfg.data, cfg.split, cfg.max_documents)
+    questions, answers = [q for q, _ in pairs], [a for _, a in pairs]
+    results: dict[str, Any] = {"pairs": len(pairs), "split": cfg.split, "runs": {}, "baselines": {}}
+    runs = resolve_runs(cfg.runs, cfg.all_checkpoints)
+    for spec in runs:
+        with timer(f"embed {spec.name}"):
+            encoder = TextEncoder.from_run(spec.run_dir, spec.step, cfg.pooling, cfg.device, DTYPES[cfg.dtype])
+            scores, cut = dense_scores(encoder, questions, answers)
+        results["runs"][spec.name] = {**rank_metrics(gold_ranks(scores)), "pooling": cfg.pooling,
+                                      "questions_cut_to_context": cut}
+        log.info("%s: MRR@10 %.3f", spec.name, results["runs"][spec.name][f"mrr@{MRR_AT}"])
+    with timer("bm25"):
+        results["baselines"]["bm25"] = rank_metrics(gold_ranks(bm25_scores(questions, answers)))
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", results)
+    atomic_write_text(out / "results.md", results_markdown(results))
+    plot_retrieval(results, out / "retrieval.png")
+    inputs = [*dict.fromkeys(r.run_dir for r in runs), Path(cfg.data)]
+    write_manifest(out, "eval", cfg, inputs=inputs, counts={"runs": len(runs), "pairs": len(pairs)},
+                   timings=timer.timings, extra={"task": "retrieval"})
+    return out

@@ -1,0 +1,125 @@
+"""eval --task retrieval (metrics, BM25 baseline) and contrastive fine-tuning."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_pile_shard
+
+from pilelm.core import cli
+from pilelm.core.manifest import read_manifest
+from pilelm.evaluation.retrieval import bm25_scores, dense_scores, gold_ranks, qa_pair, rank_metrics
+from pilelm.inference.embed import TextEncoder
+from pilelm.retrieval import contrastive
+from pilelm.training.checkpoint import load_for_inference
+
+TOPICS = [
+    ("How do I cook rice?", "Rinse the rice, add water, simmer rice for twenty minutes."),
+    ("Why is the sky blue?", "Rayleigh scattering of sunlight makes the sky look blue."),
+    ("What is a fox?", "A fox is a small wild canine; the quick brown fox jumps."),
+    ("Where is Zürich?", "Zürich is a city in Switzerland with a café on every street."),
+    ("How to pack a box?", "Pack my box with five dozen liquor jugs, heavy ones first."),
+    ("What does emoji mean?", "An emoji like 🎉 or 🚀 is a picture character in text."),
+]
+
+
+def se_doc(q: str, a: str) -> dict:
+    return {"text": f"Q:\n\n{q}\n\nA:\n\n{a}\n\nA:\n\nanother answer", "meta": {"pile_set_name": "StackExchange"}}
+
+
+def test_qa_pair_reads_the_piles_stackexchange_layout():
+    assert qa_pair("Q:\n\nWhy?\n\nA:\n\nBecause.\n\nA:\n\nNo.") == ("Why?", "Because.")
+    assert qa_pair("Q:\n\nWhy?\n\nno answer here") is None
+    assert qa_pair("Some article\n\nA:\n\nx") is None
+
+
+def test_ties_count_against_the_answer_and_metrics_follow():
+    flat = np.ones((3, 3))
+    assert gold_ranks(flat).tolist() == [3, 3, 3]  # a constant scorer is not perfect
+    assert gold_ranks(np.eye(3)).tolist() == [1, 1, 1]
+    m = rank_metrics(np.array([1, 2, 11, 10]))
+    assert m["recall@1"] == 0.25 and m["recall@10"] == 0.75
+    assert m["mrr@10"] == pytest.approx((1 + 0.5 + 0 + 0.1) / 4)
+
+
+def test_bm25_finds_answers_that_share_words_with_their_question():
+    questions, answers = [q for q, _ in TOPICS], [a for _, a in TOPICS]
+    ranks = gold_ranks(bm25_scores(questions, answers))
+    assert rank_metrics(ranks)["recall@1"] >= 0.5
+
+
+def test_eval_task_retrieval_writes_a_table_a_plot_and_a_manifest(tiny_run, tmp_path):
+    docs = [se_doc(q, a) for q, a in TOPICS] + [{"text": "not a thread", "meta": {"pile_set_name": "Pile-CC"}}]
+    data = write_pile_shard(tmp_path / "test.jsonl.zst", docs)
+    out = tmp_path / "eval"
+    assert cli.main(["eval", str(tiny_run), "--task", "retrieval", "--data", str(data), "-o", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["pairs"] == len(TOPICS)
+    for m in [*results["runs"].values(), results["baselines"]["bm25"]]:
+        assert 0 <= m["recall@1"] <= m["recall@10"] <= 1 and 0 <= m["mrr@10"] <= 1
+        assert m["queries"] == len(TOPICS)
+    assert "bm25 (baseline)" in (out / "results.md").read_text()
+    assert (out / "retrieval.png").read_bytes()[:4] == b"\x89PNG"
+    assert read_manifest(out)["extra"]["task"] == "retrieval"
+
+
+def test_eval_task_retrieval_needs_pairs(tiny_run, tmp_path, capsys):
+    data = write_pile_shard(tmp_path / "test.jsonl.zst", [{"text": "plain", "meta": {"pile_set_name": "Pile-CC"}}])
+    assert cli.main(["eval", str(tiny_run), "--task", "retrieval", "--data", str(data), "-o", str(tmp_path / "e")]) == 1
+    assert "0 StackExchange question/answer pairs" in capsys.readouterr().err
+
+
+def _pairs_file(path):
+    path.write_text("".join(json.dumps({"query": q, "positive": a}) + "\n" for q, a in TOPICS))
+    return path
+
+
+def _mrr(run) -> float:
+    enc = TextEncoder.from_run(run)
+    scores, _ = dense_scores(enc, [q for q, _ in TOPICS], [a for _, a in TOPICS])
+    return rank_metrics(gold_ranks(scores))["mrr@10"]
+
+
+def test_contrastive_fine_tuning_learns_its_pairs(tiny_run, tmp_path):
+    out = tmp_path / "ft"
+    argv = ["finetune-contrastive", str(tiny_run), "--pairs", str(_pairs_file(tmp_path / "pairs.jsonl")),
+            "-o", str(out), "--steps", "40", "--batch-size", "6", "--lr", "3e-3", "--warmup-steps", "2"]
+    assert cli.main(argv) == 0
+    m = read_manifest(out)
+    assert m["stage"] == "train" and m["extra"]["objective"] == "contrastive"
+    assert m["counts"]["final_loss"] < m["counts"]["first_loss"]
+    assert _mrr(out) > _mrr(tiny_run)
+    assert _mrr(out) == 1.0
+
+
+def test_a_killed_contrastive_run_resumes_to_the_same_weights(tiny_run, tmp_path, monkeypatch):
+    pairs = _pairs_file(tmp_path / "pairs.jsonl")
+    common = ["--pairs", str(pairs), "--steps", "6", "--batch-size", "4", "--save-every", "3", "--lr", "1e-3"]
+    assert cli.main(["finetune-contrastive", str(tiny_run), "-o", str(tmp_path / "whole"), *common]) == 0
+    real, calls = contrastive.info_nce, []
+
+    def dies_at_step_4(q, p, t):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(q, p, t)
+
+    monkeypatch.setattr(contrastive, "info_nce", dies_at_step_4)
+    assert cli.main(["finetune-contrastive", str(tiny_run), "-o", str(tmp_path / "cut"), *common]) == 130
+    monkeypatch.setattr(contrastive, "info_nce", real)
+    assert cli.main(["finetune-contrastive", str(tiny_run), "-o", str(tmp_path / "cut"), *common]) == 0
+    a, _, _ = load_for_inference(tmp_path / "whole")
+    b, _, _ = load_for_inference(tmp_path / "cut")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, msg=name)
+
+
+def test_mined_pairs_come_from_threads_and_first_paragraphs():
+    assert contrastive.mined_pair("Q:\n\nWhy?\n\nA:\n\nBecause.", "StackExchange") == ("Why?", "Because.")
+    head = "A first paragraph that is long enough to be a query."
+    rest = "The rest of the document, also long enough to be a positive."
+    assert contrastive.mined_pair(f"{head}\n\n{rest}", "Wikipedia (en)") == (head, rest)
+    assert contrastive.mined_pair("short\n\nrest", "Pile-CC") is None
