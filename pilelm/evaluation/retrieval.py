@@ -25,7 +25,15 @@ from typing import Any
 
 import numpy as np
 
-from pilelm.core.manifest import MANIFEST, Timer, atomic_path, atomic_write_json, atomic_write_text, read_manifest, write_manifest
+from pilelm.core.manifest import (
+    MANIFEST,
+    Timer,
+    atomic_path,
+    atomic_write_json,
+    atomic_write_text,
+    read_manifest,
+    write_manifest,
+)
 from pilelm.evaluation.evaluate import EvalConfig, resolve_runs
 from pilelm.models.dtypes import DTYPES
 
