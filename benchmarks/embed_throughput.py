@@ -22,6 +22,7 @@ import argparse
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -110,9 +111,9 @@ def throughput(args: argparse.Namespace) -> None:
         encoder.embed_ids(warm, args.batch)
         hf_embed(theirs, warm, args.batch, True)
         (t_ours, v_ours), (t_hf, v_hf), (t_sorted, _) = race(
-            [lambda: encoder.embed_ids(chunks, args.batch),
-             lambda: hf_embed(theirs, chunks, args.batch, False),
-             lambda: hf_embed(theirs, chunks, args.batch, True)], args.repeats)
+            [partial(encoder.embed_ids, chunks, args.batch),
+             partial(hf_embed, theirs, chunks, args.batch, False),
+             partial(hf_embed, theirs, chunks, args.batch, True)], args.repeats)
         diff = float(np.abs(v_ours - v_hf).max())
         print(f"| {dtype_name} | {docs / t_ours:.1f} | {docs / t_hf:.1f} | {t_hf / t_ours:.2f}x | {docs / t_sorted:.1f} "
               f"| {t_sorted / t_ours:.2f}x | {diff:.1e} |", flush=True)
