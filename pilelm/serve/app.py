@@ -3,6 +3,7 @@
 Routes:
 - ``POST /v1/completions``: the legacy completions API, JSON or server-sent events
   (``stream: true``; ``data: {chunk}`` lines ending with ``data: [DONE]``).
+- ``POST /v1/embeddings``: mean-pooled, normalised vectors (``serve/embeddings.py``).
 - ``GET /v1/models``, ``GET /v1/models/{id}``: the one model served.
 - ``GET /health``: liveness, limits and engine counters (no key needed).
 - ``GET /``: the web playground (``static/``; no external resources, so it works offline).
@@ -32,8 +33,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from pilelm.inference.embed import TextEncoder
 from pilelm.inference.sampling import SamplingParams
 from pilelm.serve.config import ServeConfig
+from pilelm.serve.embeddings import add_embeddings_route
 from pilelm.serve.engine import Engine, Event, Failed, Finished, RowSpec, Submission, TextDelta
 from pilelm.serve.schemas import (
     APIError,
@@ -242,6 +245,9 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None) 
         finally:
             close()
 
+    add_embeddings_route(app, TextEncoder(engine.model, engine.model.cfg, engine.tokenizer, device=engine.device),
+                         name, check_key, check_model, slots, cfg.max_request_bytes, _read_body,
+                         engine.max_batch, engine.batch_window_s)
     return app
 
 
