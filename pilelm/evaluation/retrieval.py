@@ -25,15 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from pilelm.core.manifest import (
-    MANIFEST,
-    Timer,
-    atomic_path,
-    atomic_write_json,
-    atomic_write_text,
-    read_manifest,
-    write_manifest,
-)
+from pilelm.core.atomic import atomic_path, atomic_write_json, atomic_write_text
+from pilelm.core.manifest import MANIFEST, Timer, read_manifest, write_manifest
 from pilelm.evaluation.evaluate import EvalConfig, resolve_runs
 from pilelm.models.dtypes import DTYPES
 
@@ -60,14 +53,14 @@ def qa_pair(text: str) -> tuple[str, str] | None:
 
 def read_qa_pairs(data: str, split: str, limit: int = 0) -> list[tuple[str, str]]:
     """The StackExchange pairs of a prepared dir's split (or of document files)."""
+    from pilelm.data.prepared import split_files
     from pilelm.data.readers import read_documents
-    from pilelm.tokens.tokenizer import prepared_split_files
 
     path = Path(data)
     if (path / MANIFEST).is_file():
         if read_manifest(path).get("stage") != "prepare":
             raise ValueError(f"{path}: eval --task retrieval reads a prepared dir (pilelm prepare) or document files")
-        files: list[Any] = prepared_split_files(path, split)
+        files: list[Any] = split_files(path, split)
         if not files:
             raise FileNotFoundError(f"{path} has no {split} split ({split}/*.jsonl.zst)")
     else:

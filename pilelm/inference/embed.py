@@ -34,7 +34,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pilelm.core.manifest import content_hash
 from pilelm.models.gpt import GPTConfig
 
 log = logging.getLogger(__name__)
@@ -133,12 +132,12 @@ class TextEncoder:
     @classmethod
     def from_run(cls, run: str | Path, step: int | None = None, pooling: str = "mean",
                  device: str = "cpu", dtype: torch.dtype = torch.float32) -> TextEncoder:
+        from pilelm.tokens.identity import fingerprint_of
         from pilelm.tokens.tokenizer import load_tokenizer
         from pilelm.training.checkpoint import load_for_inference
 
         model, model_cfg, tok_dir = load_for_inference(run, step, device)
-        identity = EncoderIdentity(str(run), weights_fingerprint(model),
-                                   content_hash(Path(tok_dir) / "tokenizer.json"), pooling)
+        identity = EncoderIdentity(str(run), weights_fingerprint(model), fingerprint_of(tok_dir), pooling)
         model = model.to(dtype)
         return cls(model, model_cfg, load_tokenizer(tok_dir), pooling, device, identity)
 

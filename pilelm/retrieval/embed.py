@@ -23,17 +23,10 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-from pilelm.core.manifest import (
-    MANIFEST,
-    Timer,
-    atomic_path,
-    atomic_write_json,
-    content_hash,
-    read_manifest,
-    write_manifest,
-)
+from pilelm.core.atomic import atomic_path, atomic_write_json
+from pilelm.core.manifest import MANIFEST, Timer, content_hash, read_manifest, write_manifest
 from pilelm.data.document import Document
-from pilelm.data.readers import SPLITS
+from pilelm.data.prepared import SPLITS, split_files
 from pilelm.inference.embed import POOLINGS, TextEncoder
 from pilelm.models.dtypes import DTYPES
 from pilelm.retrieval.index import (
@@ -115,14 +108,13 @@ class EmbedConfig:
 def iter_corpus(data: list[str], splits: list[str]) -> Iterator[Document]:
     """Documents of a prepared dir's splits (canonical order) or of files/folders/globs."""
     from pilelm.data.readers import read_documents
-    from pilelm.tokens.tokenizer import prepared_split_files
 
     if len(data) == 1 and (Path(data[0]) / MANIFEST).is_file():
         prep = Path(data[0])
         if read_manifest(prep).get("stage") != "prepare":
             raise ValueError(f"{prep} is a `pilelm {read_manifest(prep).get('stage')}` output; "
                              "embed reads a prepared dir (pilelm prepare) or document files")
-        files = [f for s in splits for f in prepared_split_files(prep, s)]
+        files = [f for s in splits for f in split_files(prep, s)]
         if not files:
             raise FileNotFoundError(f"{prep} has no documents in splits {splits}")
         yield from read_documents(files)

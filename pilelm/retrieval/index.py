@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from pilelm.core.manifest import atomic_path, content_hash, require_stage
+from pilelm.core.atomic import atomic_path
+from pilelm.core.manifest import content_hash, require_stage
 
 log = logging.getLogger(__name__)
 

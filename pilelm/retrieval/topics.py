@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from pilelm.core.manifest import Timer, atomic_path, atomic_write_json, atomic_write_text, write_manifest
+from pilelm.core.atomic import atomic_path, atomic_write_json, atomic_write_text
+from pilelm.core.manifest import Timer, write_manifest
 from pilelm.retrieval.index import CHUNKS, VectorIndex, import_faiss
 
 log = logging.getLogger(__name__)
