@@ -121,7 +121,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     if cfg.task == "retrieval":
         from pilelm.evaluation.retrieval import run_retrieval_eval
 
-        return run_retrieval_eval(cfg)
+        return run_retrieval_eval(cfg, resolve_runs(cfg.runs, cfg.all_checkpoints))
     if not cfg.runs:
         raise ValueError("eval needs at least one run: pilelm eval RUN_DIR... --data DATA_DIR -o EVAL_DIR")
     if not cfg.output:

@@ -21,14 +21,16 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from pilelm.core.atomic import atomic_path, atomic_write_json, atomic_write_text
 from pilelm.core.manifest import MANIFEST, Timer, read_manifest, write_manifest
-from pilelm.evaluation.evaluate import EvalConfig, resolve_runs
 from pilelm.models.dtypes import DTYPES
+
+if TYPE_CHECKING:
+    from pilelm.evaluation.evaluate import EvalConfig, RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +152,8 @@ def plot_retrieval(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def run_retrieval_eval(cfg: EvalConfig) -> Path:
+def run_retrieval_eval(cfg: EvalConfig, runs: list[RunSpec]) -> Path:
+    """The retrieval task of ``pilelm eval`` over ``runs`` (resolved by the eval stage)."""
     from pilelm.inference.embed import TextEncoder
 
     if not cfg.runs or not cfg.data or not cfg.output:
@@ -161,7 +164,6 @@ def run_retrieval_eval(cfg: EvalConfig) -> Path:
     pairs = read_qa_pairs(cfg.data, cfg.split, cfg.max_documents)
     questions, answers = [q for q, _ in pairs], [a for _, a in pairs]
     results: dict[str, Any] = {"pairs": len(pairs), "split": cfg.split, "runs": {}, "baselines": {}}
-    runs = resolve_runs(cfg.runs, cfg.all_checkpoints)
     for spec in runs:
         with timer(f"embed {spec.name}"):
             encoder = TextEncoder.from_run(spec.run_dir, spec.step, cfg.pooling, cfg.device, DTYPES[cfg.dtype])
