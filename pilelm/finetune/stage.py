@@ -1,0 +1,311 @@
+"""``pilelm finetune``: adapt a pretrained run to a task, keep the best checkpoint, test it.
+
+Output (``FT_DIR``):
+
+    manifest.json           stage "finetune", written last
+    config.yaml             the resolved config
+    tokenizer/              the run's tokenizer
+    best/                   the checkpoint with the best validation metric (model.safetensors,
+                            model.json, head.json): what `pilelm punctuate` reads and
+                            `pilelm export` writes out; LoRA adapters are merged into it
+    checkpoints/step_N/     the newest training state (weights, optimizer, early-stopping
+                            state, RNG) to resume from after a kill
+    metrics.jsonl           train loss and examples/s every log_every steps, validation
+                            metrics every eval_every steps; also tensorboard/
+    results.json, results.md, curves.png, confusion.png (classify)
+
+Validation runs every ``loop.eval_every`` steps; after ``loop.patience`` validations without
+a better metric training stops. The batches of step s are a function of (seed, s) alone, so a
+resumed run draws the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pilelm.core.config import dump_yaml
+from pilelm.core.manifest import atomic_write_json, atomic_write_text, require_stage, write_manifest
+from pilelm.finetune.config import FinetuneConfig
+from pilelm.finetune.encoding import IGNORE, Encoded, TaskEncoder, collate
+from pilelm.finetune.model import HeadSpec, TaskModel, build_task_model, resolve_pooling, save_task_model
+from pilelm.finetune.tasks import TASKS, Task, TaskData
+from pilelm.models import family_of
+from pilelm.training import checkpoint as ckpt_io
+from pilelm.training.distributed import pick_device
+from pilelm.training.optim import build_optimizer, lr_multiplier, set_lr
+from pilelm.training.precision import Precision, resolve_precision
+from pilelm.training.trainer import MetricsLog
+
+log = logging.getLogger(__name__)
+
+BEST = "best"
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
+    """The examples of optimizer step ``step``: consecutive slices of per-epoch permutations."""
+    out = []
+    perms: dict[int, np.ndarray] = {}
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, i = divmod(pos, n)
+        if epoch not in perms:
+            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
+        out.append(int(perms[epoch][i]))
+    return out
+
+
+def predict(model: TaskModel, examples: list[Encoded], batch_size: int, precision: Precision,
+            device: torch.device) -> list[Any]:
+    """Argmax label ids: one per example (sequence head) or one per kept word (token head)."""
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].ids))  # little padding
+    out: list[Any] = [None] * len(examples)
+    with torch.no_grad(), precision.autocast():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = collate([examples[i] for i in idx], model.head.pad_id)
+            logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            pred = logits.argmax(-1).cpu()
+            for row, i in enumerate(idx):
+                if model.head.kind == "sequence":
+                    out[i] = int(pred[row])
+                else:
+                    first = batch["labels"][row] != IGNORE
+                    out[i] = pred[row][first].tolist()
+    return out
+
+
+def score(task: Task, data: TaskData, split: str, pred: list[Any]) -> dict[str, Any]:
+    """The task's metrics of ``pred`` against the split's gold answers. Token tasks: words cut
+    off by truncation get the no-entity / no-mark label, so they count as misses."""
+    gold = data.gold[split]
+    if task.kind == "sequence":
+        return task.score(gold, pred, data.labels)
+    fill = "O" if "O" in data.labels else data.labels[0]
+    names = [[data.labels[i] for i in p] + [fill] * (len(g) - len(p)) for p, g in zip(pred, gold, strict=True)]
+    return task.score(gold, names, data.labels)
+
+
+class Finetuner:
+    def __init__(self, cfg: FinetuneConfig):
+        if not cfg.run or not cfg.output or not cfg.data:
+            raise ValueError("finetune needs a run, data and an output: "
+                             "pilelm finetune RUN_DIR --task classify --data FILES -o FT_DIR")
+        require_stage(cfg.run, "train", "import", what="run")
+        loop = cfg.loop
+        if loop.num_threads:
+            torch.set_num_threads(loop.num_threads)
+        self.cfg, self.task, self.out = cfg, TASKS[cfg.task], Path(cfg.output)
+        self.device = pick_device(loop.device)
+        from pilelm.tokens.tokenizer import load_tokenizer
+
+        trunk, trunk_cfg, tok_dir = ckpt_io.load_for_inference(cfg.run)
+        self.tok_dir = Path(tok_dir)
+        family = family_of(trunk_cfg)
+        max_length = min(cfg.max_length, trunk_cfg.block_size)
+        self.encoder = TaskEncoder(load_tokenizer(tok_dir), family, max_length)
+        t0 = time.perf_counter()
+        self.data = self.task.load(cfg, self.encoder)
+        self.load_seconds = time.perf_counter() - t0
+        pooling = resolve_pooling(cfg.head.pooling, family) if self.task.kind == "sequence" else "none"
+        head = HeadSpec(self.task.name, self.task.kind, self.data.labels, pooling, self.encoder.pad_id,
+                        max_length, self.data.scheme)
+        torch.manual_seed(loop.seed)
+        self.model = build_task_model(trunk_cfg, head, cfg.head.dropout, trunk.state_dict())
+        del trunk
+        if cfg.lora.r:
+            from pilelm.finetune.lora import add_lora
+
+            add_lora(self.model, family, cfg.lora)
+        from pilelm.finetune.lora import trainable_parameters
+
+        self.trainable, self.total = trainable_parameters(self.model)
+        self.precision = resolve_precision(loop.precision, self.device)
+        self.model.to(self.device)
+        self.precision.prepare_model(self.model)
+        self.optimizer = self.precision.wrap_optimizer(build_optimizer(self.model, cfg.optim), self.model)
+        self.step = 0
+        self.best = -math.inf
+        self.best_step = 0
+        self.bad_evals = 0
+        self.done = False
+        self.examples_seen = 0
+        self.preempted = False
+        self.train_seconds = 0.0
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The weights to keep: fp32 masters if any, adapters merged."""
+        if self.cfg.lora.r:
+            from pilelm.finetune.lora import merged_state
+
+            return merged_state(self.model)
+        return self.precision.model_state(self.model)
+
+    def save_best(self) -> None:
+        tmp, best, old = self.out / ".best.tmp", self.out / BEST, self.out / ".best.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_task_model(tmp, self.model, self.weights())
+        if best.exists():
+            os.replace(best, old)
+        os.replace(tmp, best)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def save(self) -> None:
+        d = self.out / ckpt_io.CHECKPOINTS / ckpt_io.step_dir_name(self.step)
+        shutil.rmtree(d, ignore_errors=True)
+        save_task_model(d, self.model, self.precision.model_state(self.model))
+        ckpt_io.save_torch(d / ckpt_io.TRAIN_STATE, {
+            "step": self.step, "optimizer": self.optimizer.state_dict(), "best": self.best,
+            "best_step": self.best_step, "bad_evals": self.bad_evals, "done": self.done,
+            "examples_seen": self.examples_seen,
+        })
+        ckpt_io.save_torch(d / ckpt_io.rng_file(0), {"cpu": torch.get_rng_state()})
+        ckpt_io.finalize_checkpoint(d)
+        ckpt_io.prune_checkpoints(self.out, keep_last=1)
+
+    def resume(self) -> None:
+        best_old = self.out / ".best.old"
+        if not (self.out / BEST).exists() and best_old.exists():
+            os.replace(best_old, self.out / BEST)  # killed between the two renames of save_best
+        found = ckpt_io.find_resumable(self.out) if self.cfg.resume else None
+        if found is None:
+            return
+        step, d = found
+        from safetensors.torch import load_file
+
+        self.precision.load_model_state(self.model, load_file(str(d / "model.safetensors")))
+        state = ckpt_io.load_torch(d / ckpt_io.TRAIN_STATE)
+        self.optimizer.load_state_dict(state["optimizer"])
+        for key in ("step", "best", "best_step", "bad_evals", "done", "examples_seen"):
+            setattr(self, key, state[key])
+        torch.set_rng_state(ckpt_io.load_torch(d / ckpt_io.rng_file(0))["cpu"])
+        log.info("resumed from %s (step %d, best %.4f at step %d)", d, step, self.best, self.best_step)
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        cfg, loop = self.cfg, self.cfg.loop
+        self.model.train()
+        set_lr(self.optimizer, lr_multiplier(self.step, loop.max_steps, cfg.schedule))
+        train = self.data.examples["train"]
+        idx = batch_indices(self.step, loop.batch_size, len(train), loop.seed)
+        batch = {k: v.to(self.device) for k, v in collate([train[i] for i in idx], self.encoder.pad_id).items()}
+        with self.precision.autocast():
+            logits = self.model(batch["input_ids"], batch["attention_mask"])
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch["labels"].reshape(-1),
+                               ignore_index=IGNORE)
+        loss.backward()
+        if cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.examples_seen += len(idx)
+        return float(loss.detach())
+
+    def evaluate(self, split: str) -> dict[str, Any]:
+        pred = predict(self.model, self.data.examples[split], self.cfg.loop.eval_batch_size, self.precision,
+                       self.device)
+        return score(self.task, self.data, split, pred)
+
+    def validate(self, metrics_log: MetricsLog) -> None:
+        result = self.evaluate("val")
+        main = result["main"]
+        improved = main > self.best + self.cfg.loop.min_delta
+        if improved:
+            self.best, self.best_step, self.bad_evals = main, self.step, 0
+            self.save_best()
+        else:
+            self.bad_evals += 1
+        row = {"step": self.step, "val_metric": main}
+        row |= {f"val_{k}": v for k, v in result.items() if isinstance(v, float) and k != "main"}
+        metrics_log.write(row)
+        log.info("step %d: val %s %.4f (best %.4f at step %d)", self.step, _metric_name(self.task.name), main,
+                 self.best, self.best_step)
+        patience = self.cfg.loop.patience
+        if patience and self.bad_evals >= patience:
+            log.info("early stop: %d validations without improvement", self.bad_evals)
+            self.done = True
+
+    def fit(self) -> None:
+        loop = self.cfg.loop
+        self.resume()
+        metrics_log = MetricsLog(self.out, self.step, True, loop.tensorboard)
+        bar = tqdm(total=loop.max_steps, initial=self.step, desc=f"finetune {self.task.name}", unit="step",
+                   disable=None)
+        t0, seen0 = time.perf_counter(), self.examples_seen
+        try:
+            while not self.done and self.step < loop.max_steps:
+                loss = self.train_step()
+                bar.update(1)
+                if self.step % loop.log_every == 0:
+                    rate = (self.examples_seen - seen0) / max(1e-9, time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.0f}")
+                    metrics_log.write({"step": self.step, "loss": loss, "examples_per_s": rate,
+                                       "lr": self.optimizer.param_groups[0]["lr"]})
+                if self.step % loop.eval_every == 0 or self.step == loop.max_steps:
+                    self.validate(metrics_log)
+                    self.done = self.done or self.step >= loop.max_steps
+                    self.save()
+                if loop.stop_at_step and self.step >= loop.stop_at_step and not self.done:
+                    self.save()
+                    self.preempted = True
+                    log.info("stopped at step %d (loop.stop_at_step); rerun the same command to resume", self.step)
+                    break
+        finally:
+            bar.close()
+            metrics_log.close()
+        self.train_seconds = time.perf_counter() - t0
+
+
+def _metric_name(task: str) -> str:
+    return {"classify": "macro-F1", "ner": "entity F1", "punct": "(mark micro-F1 + case F1) / 2"}.get(task, "metric")
+
+
+def run_finetune(cfg: FinetuneConfig) -> Path:
+    from pilelm.finetune.model import load_task_model
+    from pilelm.finetune.results import write_results
+    from pilelm.tokens.tokenizer import copy_tokenizer
+
+    ft = Finetuner(cfg)
+    out = ft.out
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    if not (out / "tokenizer").is_dir():
+        copy_tokenizer(ft.tok_dir, out / "tokenizer")
+    ft.fit()
+    if ft.preempted:
+        return out
+    best = load_task_model(out / BEST, ft.device)
+    results: dict[str, Any] = {"task": cfg.task, "metric": _metric_name(cfg.task), "best_step": ft.best_step,
+                               "best_val": ft.best, "steps": ft.step, "labels": list(ft.data.labels),
+                               "trainable_parameters": ft.trainable, "parameters": ft.total,
+                               "lora_r": cfg.lora.r, "head": asdict(best.head)}
+    ft.model = best
+    for split in ("val", "test"):
+        if ft.data.examples.get(split):
+            results[split] = ft.evaluate(split)
+    atomic_write_json(out / "results.json", results)
+    write_results(out, results)
+    counts = {f"{s}_examples": len(v) for s, v in ft.data.examples.items()} | dict(ft.data.counts)
+    counts |= {"steps": ft.step, "best_step": ft.best_step, "trainable_parameters": ft.trainable,
+               "parameters": ft.total}
+    write_manifest(out, "finetune", cfg, inputs=[cfg.run, *cfg.data, *cfg.val_data, *cfg.test_data],
+                   counts=counts, timings={"load_data": ft.load_seconds, "train": ft.train_seconds},
+                   extra={"task": cfg.task, "best_val": ft.best, "test_metric": results.get("test", {}).get("main")})
+    log.info("fine-tuned %s: best val %.4f at step %d; test %s", cfg.task, ft.best, ft.best_step,
+             f"{results['test']['main']:.4f}" if "test" in results else "-")
+    return out
