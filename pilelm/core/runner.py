@@ -27,7 +27,7 @@ directory pilelm was started in. A stage without ``output`` writes to a default 
 
 Overrides: ``pilelm run p.yaml train.loop.max_steps=10 tokenizer.vocab_size=512`` sets a key of
 every stage of that kind; the section names are ``prepare``, ``tokenizer`` (the ``tokenizer
-train`` stage), ``tokenize``, ``train``, ``eval``, ``generate`` and ``export``. Nested keys
+train`` stage), ``tokenize``, ``train``, ``eval``, ``generate``, ``export`` and ``finetune``. Nested keys
 work as on the stage's own command line (``train.model.n_layer=2``).
 
 Resume: before running a stage the runner builds its full config; if the output directory
@@ -74,6 +74,7 @@ SECTIONS = {
     "eval": "eval",
     "generate": "generate",
     "export": "export",
+    "finetune": "finetune",
 }
 STAGE_SECTION = {v: k for k, v in SECTIONS.items()} | {"import": "import"}
 DEFAULT_OUTPUT = {
@@ -85,9 +86,11 @@ DEFAULT_OUTPUT = {
     "generate": "samples.jsonl",
     "export": "hf",
     "import": "run",
+    "finetune": "finetune",
 }
 # Keys that hold paths even when a stage types them as plain strings.
-PATH_KEYS = {"inputs", "input", "data", "output", "tokenizer", "run", "runs", "source", "prompt_file", "bleu_data"}
+PATH_KEYS = {"inputs", "input", "data", "output", "tokenizer", "run", "runs", "source", "prompt_file", "bleu_data",
+             "val_data", "test_data"}
 
 
 @dataclass

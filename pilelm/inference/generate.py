@@ -139,6 +139,8 @@ class GenerateConfig:
     """Weights and KV-cache dtype; auto = bfloat16 where bf16 matmuls are native (AMX / AVX512-BF16 CPUs, CUDA), else float32."""
     output: str = ""
     """Also write the samples to this JSONL file ({prompt, completion}); empty = terminal only."""
+    punctuate: str = ""
+    """A `pilelm finetune --task punct` directory: also print each sample (prompt + completion) with punctuation and casing restored by it (and add it to the JSONL as `punctuated`)."""
 
     def __post_init__(self) -> None:
         if self.num_samples < 1:
@@ -205,6 +207,18 @@ class _OrderedStream:
                 self.write(self.headers[self.shown])
 
 
+def _punctuate(ft_dir: str, texts: list[str]) -> list[str]:
+    """``texts`` restored by a punctuation model; [] without one. The fine-tuning package sits
+    above inference, so it is reached by name through the stage table, as the CLI reaches it."""
+    if not ft_dir:
+        return []
+    import importlib
+
+    from pilelm.core.stages import COMMANDS
+
+    return importlib.import_module(COMMANDS["punctuate"].module).Punctuator(ft_dir).restore_texts(texts)
+
+
 def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None) -> Path | None:
     """Generate from a run, streaming each sample to ``write`` (default: stdout) as it comes.
 
@@ -236,10 +250,16 @@ def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None)
     )
     for row in range(len(prompts)):
         screen.finish(row)
+    punctuated = _punctuate(cfg.punctuate, [p + c for p, c in zip(prompts, completions, strict=True)])
+    for i, text in enumerate(punctuated):
+        write(f"--- punctuated{f' {i}' if many else ''} ---\n{text}\n")
     if not cfg.output:
         return None
     out = Path(cfg.output)
-    lines = [json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) for p, c in zip(prompts, completions, strict=True)]
+    records = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)]
+    for rec, text in zip(records, punctuated, strict=False):
+        rec["punctuated"] = text
+    lines = [json.dumps(rec, ensure_ascii=False) for rec in records]
     atomic_write_text(out, "\n".join(lines) + "\n")
     log.info("wrote %d samples to %s", len(lines), out)
     return out

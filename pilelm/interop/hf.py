@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from pilelm.core.atomic import atomic_path, atomic_write_text
 from pilelm.core.config import dump_yaml, to_dict
-from pilelm.core.manifest import Timer, write_manifest
+from pilelm.core.manifest import MANIFEST, Timer, read_manifest, write_manifest
 from pilelm.interop.adapter import HFAdapter
 from pilelm.models import build_model, families, get_spec, spec_for
 from pilelm.models.dtypes import DTYPES
@@ -120,7 +120,7 @@ def _import_tokenizer(source: Path, out_dir: Path) -> None:
 @dataclass
 class ExportConfig:
     run: str = ""
-    """Run directory to export (pilelm train or pilelm import output)."""
+    """Run directory to export (pilelm train or pilelm import output), or a pilelm finetune output (exported as a *ForSequenceClassification / *ForTokenClassification model)."""
     format: Literal["hf"] = "hf"
     """Output format: hf = a Hugging Face transformers folder."""
     output: str = ""
@@ -156,6 +156,10 @@ def export_state(model: torch.nn.Module, cfg: Any) -> tuple[HFAdapter, dict[str,
 def run_export(cfg: ExportConfig) -> Path:
     if not cfg.run or not cfg.output:
         raise ValueError("export needs a run and an output: pilelm export RUN_DIR --format hf -o HF_DIR")
+    if (Path(cfg.run) / MANIFEST).is_file() and read_manifest(cfg.run).get("stage") == "finetune":
+        from pilelm.interop.heads import export_finetuned
+
+        return export_finetuned(cfg)  # a task model: *ForSequenceClassification / *ForTokenClassification
     timer = Timer()
     out = Path(cfg.output)
     with timer("export"):
