@@ -4,18 +4,51 @@ stopping, LoRA, bad input, and exports that transformers loads with equal logits
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from ft_fixtures import DATA, bert_run, cls_files, neox_run, punct_files  # noqa: F401
+from conftest import make_tiny_run
+from ft_helpers import DATA, SENTENCES, make_tiny_bert_run, write_classification
 
 from pilelm.core.cli import main
 from pilelm.core.manifest import read_manifest
 from pilelm.finetune.model import load_task_model
 
 FAST = ["loop.num_threads=1", "loop.tensorboard=false"]
+
+
+@pytest.fixture(scope="session")
+def neox_run(tmp_path_factory) -> Path:
+    return make_tiny_run(tmp_path_factory.mktemp("neox") / "run", arch="neox", block_size=64)
+
+
+@pytest.fixture(scope="session")
+def bert_run(tmp_path_factory) -> Path:
+    return make_tiny_bert_run(tmp_path_factory.mktemp("bert") / "run")
+
+
+@pytest.fixture(scope="session")
+def cls_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("cls")
+    return {"train": write_classification(d / "train.jsonl", 240, 0),
+            "val": write_classification(d / "val.jsonl", 40, 1),
+            "test": write_classification(d / "test.jsonl", 40, 2)}
+
+
+@pytest.fixture(scope="session")
+def punct_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("punct")
+    rng = random.Random(0)
+    out = {}
+    for split, n in (("train", 300), ("val", 40)):
+        (d / f"{split}.txt").write_text(" ".join(rng.choice(SENTENCES) for _ in range(n)))
+        out[split] = d / f"{split}.txt"
+    return out
+
 
 
 def finetune(run, out, *args: str) -> dict:
@@ -28,7 +61,7 @@ def cls_args(files) -> list[str]:
             "--test-data", str(files["test"])]
 
 
-def test_classify_gpt2_keeps_the_best_checkpoint_and_exports(tiny_run, cls_files, tmp_path):  # noqa: F811
+def test_classify_gpt2_keeps_the_best_checkpoint_and_exports(tiny_run, cls_files, tmp_path):
     out = tmp_path / "ft"
     res = finetune(tiny_run, out, *cls_args(cls_files), "loop.max_steps=60", "loop.eval_every=20",
                    "optim.lr=2e-3")
@@ -69,7 +102,7 @@ def _same_logits(ours, hf) -> None:
     torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
 
 
-def test_ner_neox_seqeval_and_token_export(neox_run, tmp_path):  # noqa: F811
+def test_ner_neox_seqeval_and_token_export(neox_run, tmp_path):
     from transformers import AutoModelForTokenClassification
 
     conll = str(DATA / "tiny.conll")
@@ -84,7 +117,7 @@ def test_ner_neox_seqeval_and_token_export(neox_run, tmp_path):  # noqa: F811
     _same_logits(load_task_model(out / "best"), hf)
 
 
-def test_bert_classify_and_ner_export(bert_run, cls_files, tmp_path):  # noqa: F811
+def test_bert_classify_and_ner_export(bert_run, cls_files, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     res = finetune(bert_run, tmp_path / "cls", *cls_args(cls_files), "loop.max_steps=20", "loop.eval_every=10",
@@ -126,7 +159,7 @@ def test_punct_then_punctuate_stdin_and_files(tiny_run, punct_files, tmp_path):
     assert "punctuated" in json.loads((tmp_path / "s.jsonl").read_text())
 
 
-def test_resume_after_a_stop_matches_an_uninterrupted_run(tiny_run, cls_files, tmp_path):  # noqa: F811
+def test_resume_after_a_stop_matches_an_uninterrupted_run(tiny_run, cls_files, tmp_path):
     args = [*cls_args(cls_files), "loop.max_steps=30", "loop.eval_every=10", "optim.lr=2e-3", "head.dropout=0.2"]
     finetune(tiny_run, tmp_path / "a", *args)
     assert main(["finetune", str(tiny_run), "-o", str(tmp_path / "b"), *FAST, *args, "loop.stop_at_step=10"]) == 0
@@ -143,13 +176,13 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tiny_run, cls_files, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_early_stopping_with_patience(tiny_run, cls_files, tmp_path):  # noqa: F811
+def test_early_stopping_with_patience(tiny_run, cls_files, tmp_path):
     res = finetune(tiny_run, tmp_path / "es", *cls_args(cls_files), "loop.max_steps=200", "loop.eval_every=5",
                    "loop.patience=2", "loop.min_delta=2.0")  # nothing can beat the first by 2.0
     assert res["best_step"] == 5 and res["steps"] == 15
 
 
-def test_lora_trains_few_parameters_and_merges(tiny_run, cls_files, tmp_path):  # noqa: F811
+def test_lora_trains_few_parameters_and_merges(tiny_run, cls_files, tmp_path):
     full = finetune(tiny_run, tmp_path / "full", *cls_args(cls_files), "loop.max_steps=20", "loop.eval_every=10")
     lora = finetune(tiny_run, tmp_path / "lora", *cls_args(cls_files), "loop.max_steps=20", "loop.eval_every=10",
                     "lora.r=4")
@@ -159,7 +192,7 @@ def test_lora_trains_few_parameters_and_merges(tiny_run, cls_files, tmp_path):  
     assert not any("lora" in k for k in keys)
 
 
-def test_bad_input_errors(tiny_run, cls_files, tmp_path, capsys):  # noqa: F811
+def test_bad_input_errors(tiny_run, cls_files, tmp_path, capsys):
     val = tmp_path / "val.jsonl"
     val.write_text('{"text": "apple", "label": "fruit"}\n{"text": "rock", "label": "mineral"}\n')
     assert main(["finetune", str(tiny_run), "-o", str(tmp_path / "x"), "--data", str(cls_files["train"]),
@@ -173,7 +206,7 @@ def test_bad_input_errors(tiny_run, cls_files, tmp_path, capsys):  # noqa: F811
     assert "use one of classify, ner, punct" in capsys.readouterr().err
 
 
-def test_finetune_from_an_imported_hf_model(tiny_run, cls_files, tmp_path):  # noqa: F811
+def test_finetune_from_an_imported_hf_model(tiny_run, cls_files, tmp_path):
     assert main(["export", str(tiny_run), "-o", str(tmp_path / "hf")]) == 0
     assert main(["import", str(tmp_path / "hf"), "-o", str(tmp_path / "imported")]) == 0
     res = finetune(tmp_path / "imported", tmp_path / "ft", *cls_args(cls_files), "loop.max_steps=10",

@@ -6,13 +6,12 @@ import json
 from collections import Counter
 
 import pytest
+from ft_helpers import DATA
 
 from pilelm.finetune.metrics import classification_metrics, entity_metrics, punctuation_metrics
 from pilelm.finetune.punct import label_text, restore
 from pilelm.finetune.records import DataError, read_text_records
 from pilelm.finetune.tags import check_scheme, detect_scheme, read_conll, read_tagged
-
-from ft_fixtures import DATA
 
 
 def test_records_jsonl_csv_parquet_agree(tmp_path):

@@ -1,15 +1,11 @@
-"""Helpers and fixtures for the fine-tuning tests (imported by the test modules: a conftest.py here
-would shadow the root one, which tests import as `conftest`)."""
+"""Helpers for the fine-tuning tests: tiny BERT runs and labelled files (a module, not a
+conftest.py: one here would shadow the root conftest, which tests import as `conftest`)."""
 
 from __future__ import annotations
 
 import json
 import random
 from pathlib import Path
-
-import pytest
-
-from conftest import make_tiny_run
 
 DATA = Path(__file__).parent / "data"
 FRUIT = "apple banana cherry grape melon".split()
@@ -44,16 +40,6 @@ def make_tiny_bert_run(run_dir: Path, seed: int = 0) -> Path:
     return run_dir
 
 
-@pytest.fixture(scope="session")
-def neox_run(tmp_path_factory) -> Path:
-    return make_tiny_run(tmp_path_factory.mktemp("neox") / "run", arch="neox", block_size=64)
-
-
-@pytest.fixture(scope="session")
-def bert_run(tmp_path_factory) -> Path:
-    return make_tiny_bert_run(tmp_path_factory.mktemp("bert") / "run")
-
-
 def write_classification(path: Path, n: int, seed: int) -> Path:
     """A separable two-label set: mostly fruit words or mostly animal words."""
     rng = random.Random(seed)
@@ -67,26 +53,7 @@ def write_classification(path: Path, n: int, seed: int) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def cls_files(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("cls")
-    return {"train": write_classification(d / "train.jsonl", 240, 0),
-            "val": write_classification(d / "val.jsonl", 40, 1),
-            "test": write_classification(d / "test.jsonl", 40, 2)}
-
-
 SENTENCES = [
     "The cat saw the park.", "Did a dog like paris?", "My friend called london, and then the teacher left.",
     "Our team visited a house.", "Did the teacher find the river?", "The dog found paris, and the cat slept.",
 ]
-
-
-@pytest.fixture(scope="session")
-def punct_files(tmp_path_factory) -> dict[str, Path]:
-    d = tmp_path_factory.mktemp("punct")
-    rng = random.Random(0)
-    out = {}
-    for split, n in (("train", 300), ("val", 40)):
-        (d / f"{split}.txt").write_text(" ".join(rng.choice(SENTENCES) for _ in range(n)))
-        out[split] = d / f"{split}.txt"
-    return out
