@@ -180,6 +180,10 @@ def main() -> None:
     from pilelm.finetune.config import FinetuneConfig
 
     rows = []
+    print(f"fine-tuning, {args.steps} steps x {args.batch} examples, max_length {args.max_length}, "
+          f"bf16 autocast, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
+    print(f"{'task':<9} {'pilelm ex/s':>12} {'Trainer ex/s':>13} {'ratio':>6}   {'test metric':<11} "
+          f"{'pilelm':>7} {'Trainer':>8}", flush=True)
     for task in args.tasks.split(","):
         data = {"data": [str(prep)], "label_column": "meta.pile_set_name"} if task == "classify" else {
             "data": [str(ner["train"])], "val_data": [str(ner["val"])], "test_data": [str(ner["test"])]}
@@ -194,13 +198,10 @@ def main() -> None:
                      "trainer_examples_per_s": theirs, "speedup": ours / theirs,
                      "pilelm_test": our_metric["main"], "trainer_test": their_metric["main"],
                      "metric": "macro-F1" if task == "classify" else "entity F1"})
-    print(f"\nfine-tuning, {args.steps} steps x {args.batch} examples, max_length {args.max_length}, "
-          f"bf16 autocast, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
-    print(f"{'task':<9} {'pilelm ex/s':>12} {'Trainer ex/s':>13} {'ratio':>6}   {'test metric':<11} "
-          f"{'pilelm':>7} {'Trainer':>8}")
-    for r in rows:
+        r = rows[-1]
         print(f"{r['task']:<9} {r['pilelm_examples_per_s']:>12.1f} {r['trainer_examples_per_s']:>13.1f} "
-              f"{r['speedup']:>5.2f}x   {r['metric']:<11} {r['pilelm_test']:>7.4f} {r['trainer_test']:>8.4f}")
+              f"{r['speedup']:>5.2f}x   {r['metric']:<11} {r['pilelm_test']:>7.4f} {r['trainer_test']:>8.4f}",
+              flush=True)
     (work / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
 
 
