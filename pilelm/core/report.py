@@ -117,6 +117,16 @@ def centered_mean(values: list[float] | tuple[float, ...], half_window: int) -> 
     return out
 
 
+def plot_train_loss(ax: Any, train: list[tuple[int, float]]) -> None:
+    """Train loss per step on a matplotlib axis: raw (faint) and smoothed."""
+    if not train:
+        return
+    steps, losses = zip(*train, strict=True)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
+    ax.plot(steps, centered_mean(losses, max(1, len(losses) // 10)), color="tab:blue", linewidth=2,
+            label="train loss (smoothed)")
+
+
 def plot_loss(metrics: list[dict[str, Any]], out: Path, reference: tuple[str, float] | None = None,
               title: str = "") -> Path | None:
     """Write the loss curve PNG; None when there is nothing to plot. ``reference`` = (label,
@@ -126,11 +136,7 @@ def plot_loss(metrics: list[dict[str, Any]], out: Path, reference: tuple[str, fl
     if not train and not val:
         return None
     with png_figure(out, (8, 4.5)) as (_, ax):
-        if train:
-            steps, losses = zip(*train, strict=True)
-            ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
-            ax.plot(steps, centered_mean(losses, max(1, len(losses) // 10)), color="tab:blue", linewidth=2,
-                    label="train loss (smoothed)")
+        plot_train_loss(ax, train)
         if val:
             vs, vl = zip(*val, strict=True)
             ax.plot(vs, vl, "o-", color="tab:orange", linewidth=1.5, markersize=4, label="val loss")

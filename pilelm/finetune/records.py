@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pilelm.data.readers import get_field
+
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".jsonl", ".jsonl.zst", ".json", ".csv", ".parquet")
@@ -32,15 +34,6 @@ class TextRecord:
     label: str
     where: str
     """``file:line`` of the record (``file:row N`` for Parquet)."""
-
-
-def _field(record: dict, dotted: str) -> object:
-    value: object = record
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return None
-        value = value[part]
-    return value
 
 
 def _jsonl_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -95,7 +88,7 @@ def read_text_records(path: str | Path, text_column: str, label_column: str,
         raise DataError(f"{path} does not exist")
     out = []
     for where, row in _iter_rows(path):
-        text, label = _field(row, text_column), _field(row, label_column)
+        text, label = get_field(row, text_column), get_field(row, label_column)
         for column, value in ((text_column, text), (label_column, label)):
             if value is None:
                 raise DataError(f"{where}: no {column!r} column (have {', '.join(map(str, row))}); "

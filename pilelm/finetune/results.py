@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from pilelm.core.manifest import atomic_path, atomic_write_text
-from pilelm.core.report import centered_mean, read_metrics
+from pilelm.core.report import plot_train_loss, read_metrics
 
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion.png"
@@ -41,11 +41,7 @@ def plot_curves(ft_dir: Path, metric_name: str) -> Path | None:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    if train:
-        steps, losses = zip(*train, strict=True)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.3, linewidth=1, label="train loss")
-        ax.plot(steps, centered_mean(losses, max(1, len(losses) // 10)), color="tab:blue", linewidth=2,
-                label="train loss (smoothed)")
+    plot_train_loss(ax, train)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy")
     ax.grid(alpha=0.3)
