@@ -212,3 +212,18 @@ def test_finetune_from_an_imported_hf_model(tiny_run, cls_files, tmp_path):
     res = finetune(tmp_path / "imported", tmp_path / "ft", *cls_args(cls_files), "loop.max_steps=10",
                    "loop.eval_every=10")
     assert res["steps"] == 10
+
+
+def test_pipeline_stage_and_report(tiny_run, cls_files, tmp_path):
+    import yaml
+
+    pipeline = {"work_dir": str(tmp_path / "work"), "stages": [
+        {"stage": "finetune", "run": str(tiny_run), "task": "classify", "data": [str(cls_files["train"])],
+         "output": "cls", "loop": {"max_steps": 10, "eval_every": 5, "num_threads": 1, "tensorboard": False}},
+        {"stage": "export", "run": "cls", "output": "cls_hf"}]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(pipeline))
+    assert main(["run", str(tmp_path / "p.yaml"), "finetune.loop.max_steps=5"]) == 0
+    report = (tmp_path / "work" / "report.md").read_text()
+    assert "## Fine-tuning" in report and "](cls/curves.png)" in report
+    assert json.loads((tmp_path / "work" / "cls" / "results.json").read_text())["steps"] == 5
+    assert (tmp_path / "work" / "cls_hf" / "config.json").is_file()
