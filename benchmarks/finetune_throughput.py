@@ -50,9 +50,9 @@ def run_stage(name: str, **overrides) -> Path:
 
 def silver_ner(prepared: Path, out_dir: Path, words: int = 32) -> dict[str, Path]:
     """JSONL {tokens, tags} per split of a prepared dir, by the rule in the module docstring."""
+    from pilelm.data.prepared import split_files
     from pilelm.finetune.punct import strip_word
     from pilelm.finetune.records import read_text_records
-    from pilelm.tokens.tokenizer import prepared_split_files
 
     out = {}
     for split in ("train", "val", "test"):
@@ -61,7 +61,7 @@ def silver_ner(prepared: Path, out_dir: Path, words: int = 32) -> dict[str, Path
         if path.is_file():
             continue
         lines = []
-        for f in prepared_split_files(prepared, split):
+        for f in split_files(prepared, split):
             for rec in read_text_records(f, "text", "text"):
                 toks = rec.text.split()
                 for i in range(0, min(len(toks), 20 * words), words):

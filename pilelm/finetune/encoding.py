@@ -32,12 +32,11 @@ class Encoded:
 
 
 class TaskEncoder:
-    def __init__(self, tokenizer: PileTokenizer, family: str, max_length: int):
+    def __init__(self, tokenizer: PileTokenizer, causal: bool, max_length: int):
         self.tok = tokenizer
-        self.bert = family == "bert"
-        if self.bert:
+        if not causal:
             if tokenizer.cls_id is None or tokenizer.sep_id is None:
-                raise ValueError("a BERT model needs a tokenizer with [CLS] and [SEP] tokens")
+                raise ValueError("an encoder (BERT) needs a tokenizer with [CLS] and [SEP] tokens")
             self.prefix, self.suffix = [tokenizer.cls_id], [tokenizer.sep_id]
             self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         else:

@@ -27,8 +27,8 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from pilelm.core.manifest import atomic_write_json
-from pilelm.models import build_model, config_from_spec, family_of
+from pilelm.core.atomic import atomic_write_json
+from pilelm.models import build_model, config_from_spec, spec_for
 from pilelm.training.checkpoint import save_weights
 
 HEAD_FILE = "head.json"
@@ -53,11 +53,14 @@ class HeadSpec:
         return dict(enumerate(self.labels))
 
 
-def resolve_pooling(pooling: Pooling, family: str) -> Literal["last", "cls", "mean"]:
+def resolve_pooling(pooling: Pooling, causal: bool) -> Literal["last", "cls", "mean"]:
+    """auto: a causal model's last real token (the only one that has seen the whole text), an
+    encoder's [CLS]."""
     if pooling == "auto":
-        return "cls" if family == "bert" else "last"
-    if pooling == "cls" and family != "bert":
-        raise ValueError("pooling=cls needs a BERT model ([CLS] is its first token); a GPT uses last or mean")
+        return "last" if causal else "cls"
+    if pooling == "cls" and causal:
+        raise ValueError("head.pooling=cls needs an encoder such as BERT ([CLS] is its first token); "
+                         "a causal model uses last or mean")
     return pooling
 
 
@@ -66,7 +69,8 @@ class TaskModel(nn.Module):
         super().__init__()
         self.trunk = trunk
         self.head = head
-        self.family = family_of(trunk.cfg)
+        spec = spec_for(trunk.cfg)
+        self.family, self.causal = spec.family, spec.causal
         width = trunk.cfg.d_model
         if head.kind == "sequence" and head.pooling == "cls":
             self.pooler = nn.Linear(width, width)
@@ -78,8 +82,8 @@ class TaskModel(nn.Module):
                     nn.init.normal_(self.pooler.weight, std=trunk.cfg.init_std)
                     nn.init.zeros_(self.pooler.bias)
         self.drop = nn.Dropout(dropout)
-        # transformers' GPT sequence head (``score``) has no bias; every other head has one.
-        bias = not (head.kind == "sequence" and self.family == "gpt")
+        # transformers' causal-LM sequence heads (``score``) have no bias; every other head has one.
+        bias = not (head.kind == "sequence" and self.causal)
         self.classifier = nn.Linear(width, len(head.labels), bias=bias)
         with torch.no_grad():
             nn.init.normal_(self.classifier.weight, std=trunk.cfg.init_std)
@@ -88,9 +92,9 @@ class TaskModel(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T) ids, right-padded -> (B, T, C) final hidden states."""
-        if self.family == "bert":
-            return self.trunk.encode(input_ids, None, attention_mask)
-        return self.trunk.encode(input_ids)  # causal: right padding needs no mask
+        if self.causal:
+            return self.trunk.encode(input_ids)  # right padding needs no mask: tokens never see later ones
+        return self.trunk.encode(input_ids, attention_mask=attention_mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """-> logits (B, n_labels) for a sequence head, (B, T, n_labels) for a token head."""

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from pilelm.core.manifest import atomic_write_text, require_stage
+from pilelm.core.atomic import atomic_write_text
+from pilelm.core.manifest import require_stage
 from pilelm.finetune.encoding import IGNORE, TaskEncoder, collate
 from pilelm.finetune.model import load_task_model
 from pilelm.finetune.punct import plain_words, restore
@@ -38,7 +39,7 @@ class Punctuator:
         self.device = pick_device(device)
         self.model = load_task_model(ft_dir / "best", self.device)
         head = self.model.head
-        self.encoder = TaskEncoder(load_tokenizer(ft_dir / "tokenizer"), self.model.family, head.max_length)
+        self.encoder = TaskEncoder(load_tokenizer(ft_dir / "tokenizer"), self.model.causal, head.max_length)
         self.labels = head.labels
         self.batch_size = batch_size
 

@@ -1,6 +1,7 @@
 """The fine-tuning results a person reads: ``results.md``, ``curves.png``, ``confusion.png``.
 
-``pilelm run``'s report includes ``results.md`` (and its pictures) of every finetune stage.
+``pilelm run``'s report includes ``results.md`` (and its pictures) of every finetune stage
+(``report_section``, named by the stage's ``Command.report``).
 """
 
 from __future__ import annotations
@@ -8,28 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pilelm.core.manifest import atomic_path, atomic_write_text
-from pilelm.core.report import plot_train_loss, read_metrics
+from pilelm.core.atomic import atomic_write_text
+from pilelm.core.plots import png_figure
+from pilelm.core.report import ReportSection, display_path, plot_train_loss, read_metrics
 
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion.png"
 RESULTS_MD = "results.md"
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, out: Path) -> Path:
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, format="png")
-    _pyplot().close(fig)
-    return out
 
 
 def plot_curves(ft_dir: Path, metric_name: str) -> Path | None:
@@ -39,22 +25,22 @@ def plot_curves(ft_dir: Path, metric_name: str) -> Path | None:
     val = [(r["step"], r["val_metric"]) for r in rows if "val_metric" in r]
     if not train and not val:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    plot_train_loss(ax, train)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy")
-    ax.grid(alpha=0.3)
-    if val:
-        ax2 = ax.twinx()
-        vs, vm = zip(*val, strict=True)
-        ax2.plot(vs, vm, "o-", color="tab:orange", markersize=4, label=f"val {metric_name}")
-        ax2.set_ylabel(f"val {metric_name}")
-        ax2.legend(loc="lower right")
-    ax.legend(loc="upper right")
-    ax.set_title(f"{ft_dir.name}: train loss and validation metric")
-    fig.tight_layout()
-    return _save(fig, ft_dir / CURVES_PNG)
+    out = ft_dir / CURVES_PNG
+    with png_figure(out, (8, 4.5)) as (_, ax):
+        plot_train_loss(ax, train)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("cross-entropy")
+        ax.grid(alpha=0.3)
+        if val:
+            ax2 = ax.twinx()
+            vs, vm = zip(*val, strict=True)
+            ax2.plot(vs, vm, "o-", color="tab:orange", markersize=4, label=f"val {metric_name}")
+            ax2.set_ylabel(f"val {metric_name}")
+            ax2.legend(loc="lower right")
+        if train:
+            ax.legend(loc="upper right")
+        ax.set_title(f"{ft_dir.name}: train loss and validation metric")
+    return out
 
 
 def plot_confusion(ft_dir: Path, confusion: list[list[int]], labels: list[str], split: str) -> Path:
@@ -63,22 +49,21 @@ def plot_confusion(ft_dir: Path, confusion: list[list[int]], labels: list[str], 
 
     m = np.asarray(confusion, dtype=np.float64)
     frac = m / np.maximum(1.0, m.sum(1, keepdims=True))
-    plt = _pyplot()
     size = max(4.0, 0.6 * len(labels) + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size), dpi=120)
-    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
-    ax.set_yticks(range(len(labels)), labels)
-    for i in range(len(labels)):
-        for j in range(len(labels)):
-            ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=8,
-                    color="white" if frac[i, j] > 0.5 else "black")
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("gold")
-    ax.set_title(f"confusion matrix ({split})")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.tight_layout()
-    return _save(fig, ft_dir / CONFUSION_PNG)
+    out = ft_dir / CONFUSION_PNG
+    with png_figure(out, (size + 1, size)) as (fig, ax):
+        im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+        ax.set_yticks(range(len(labels)), labels)
+        for i in range(len(labels)):
+            for j in range(len(labels)):
+                ax.text(j, i, str(int(m[i, j])), ha="center", va="center", fontsize=8,
+                        color="white" if frac[i, j] > 0.5 else "black")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("gold")
+        ax.set_title(f"confusion matrix ({split})")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    return out
 
 
 def _f(x: Any) -> str:
@@ -120,3 +105,23 @@ def write_results(ft_dir: Path, results: dict[str, Any]) -> Path:
     out = ft_dir / RESULTS_MD
     atomic_write_text(out, "\n".join(lines).rstrip() + "\n")
     return out
+
+
+def report_section(ft_dir: Path, work_dir: Path) -> ReportSection | None:
+    """The run report's part for a finetune stage: its ``results.md``, picture links made
+    relative to the report."""
+    path = ft_dir / RESULTS_MD
+    if not path.is_file():
+        return None
+    text = path.read_text(encoding="utf-8")
+    for png in (CURVES_PNG, CONFUSION_PNG):
+        text = text.replace(f"]({png})", f"]({display_path(ft_dir / png, work_dir)})")
+    results = ft_dir / "results.json"
+    summary = ""
+    if results.is_file():
+        import json
+
+        r = json.loads(results.read_text())
+        split = "test" if "test" in r else "val"
+        summary = f"fine-tuned {r['task']}: {split} {r['metric']} {r[split]['main']:.4f}"
+    return ReportSection(["## Fine-tuning", "", *text.rstrip("\n").splitlines(), ""], summary=summary)

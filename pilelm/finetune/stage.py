@@ -35,13 +35,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pilelm.core.atomic import atomic_write_json, atomic_write_text
 from pilelm.core.config import dump_yaml
-from pilelm.core.manifest import atomic_write_json, atomic_write_text, require_stage, write_manifest
+from pilelm.core.manifest import require_stage, write_manifest
 from pilelm.finetune.config import FinetuneConfig
 from pilelm.finetune.encoding import IGNORE, Encoded, TaskEncoder, collate
 from pilelm.finetune.model import HeadSpec, TaskModel, build_task_model, resolve_pooling, save_task_model
 from pilelm.finetune.tasks import TASKS, Task, TaskData
-from pilelm.models import family_of
+from pilelm.models import spec_for
 from pilelm.training import checkpoint as ckpt_io
 from pilelm.training.distributed import pick_device
 from pilelm.training.optim import build_optimizer, lr_multiplier, set_lr
@@ -112,13 +113,13 @@ class Finetuner:
 
         trunk, trunk_cfg, tok_dir = ckpt_io.load_for_inference(cfg.run)
         self.tok_dir = Path(tok_dir)
-        family = family_of(trunk_cfg)
+        spec = spec_for(trunk_cfg)
         max_length = min(cfg.max_length, trunk_cfg.block_size)
-        self.encoder = TaskEncoder(load_tokenizer(tok_dir), family, max_length)
+        self.encoder = TaskEncoder(load_tokenizer(tok_dir), spec.causal, max_length)
         t0 = time.perf_counter()
         self.data = self.task.load(cfg, self.encoder)
         self.load_seconds = time.perf_counter() - t0
-        pooling = resolve_pooling(cfg.head.pooling, family) if self.task.kind == "sequence" else "none"
+        pooling = resolve_pooling(cfg.head.pooling, spec.causal) if self.task.kind == "sequence" else "none"
         head = HeadSpec(self.task.name, self.task.kind, self.data.labels, pooling, self.encoder.pad_id,
                         max_length, self.data.scheme)
         torch.manual_seed(loop.seed)
@@ -127,7 +128,7 @@ class Finetuner:
         if cfg.lora.r:
             from pilelm.finetune.lora import add_lora
 
-            add_lora(self.model, family, cfg.lora)
+            add_lora(self.model, spec.family, cfg.lora)
         from pilelm.finetune.lora import trainable_parameters
 
         self.trainable, self.total = trainable_parameters(self.model)

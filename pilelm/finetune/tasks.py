@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from pilelm.data.prepared import SPLITS, is_prepared, split_files
 from pilelm.finetune import punct as punct_labels
 from pilelm.finetune.encoding import Encoded, TaskEncoder
 from pilelm.finetune.metrics import classification_metrics, entity_metrics, punctuation_metrics
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
     from pilelm.finetune.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
-
-SPLITS = ("train", "val", "test")
 
 
 @dataclass
@@ -65,22 +64,15 @@ def register_task(task: Task) -> None:
 
 def prepared_dir(paths: list[str]) -> Path | None:
     """The prepared directory among ``paths`` (a single ``pilelm prepare`` output), else None."""
-    from pilelm.core.manifest import MANIFEST, read_manifest
-
-    if len(paths) == 1 and (Path(paths[0]) / MANIFEST).is_file():
-        if read_manifest(paths[0]).get("stage") == "prepare":
-            return Path(paths[0])
-    return None
+    return Path(paths[0]) if len(paths) == 1 and is_prepared(paths[0]) else None
 
 
 def split_sources(cfg: FinetuneConfig, read: Callable[[list[Path]], list[Any]]) -> dict[str, list[Any]]:
     """train/val/test items: a prepared dir's splits, explicit files, or a seeded ratio split."""
-    from pilelm.tokens.tokenizer import prepared_split_files
-
     explicit = {"val": cfg.val_data, "test": cfg.test_data}
     prep = prepared_dir(cfg.data)
     if prep is not None:
-        out = {s: read(prepared_split_files(prep, s)) for s in SPLITS}
+        out = {s: read(split_files(prep, s)) for s in SPLITS}
     else:
         pool = read([Path(p) for p in cfg.data])
         random.Random(cfg.loop.seed).shuffle(pool)

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from pilelm.core.atomic import atomic_path, atomic_write_text
 from pilelm.core.config import dump_yaml, to_dict
-from pilelm.core.manifest import MANIFEST, Timer, read_manifest, write_manifest
+from pilelm.core.manifest import MANIFEST, Timer, read_manifest, require_stage, write_manifest
 from pilelm.interop.adapter import HFAdapter
 from pilelm.models import build_model, families, get_spec, spec_for
 from pilelm.models.dtypes import DTYPES
@@ -157,8 +157,6 @@ def run_export(cfg: ExportConfig) -> Path:
     if not cfg.run or not cfg.output:
         raise ValueError("export needs a run and an output: pilelm export RUN_DIR --format hf -o HF_DIR")
     if (Path(cfg.run) / MANIFEST).is_file() and read_manifest(cfg.run).get("stage") == "finetune":
-        from pilelm.interop.heads import export_finetuned
-
         return export_finetuned(cfg)  # a task model: *ForSequenceClassification / *ForTokenClassification
     timer = Timer()
     out = Path(cfg.output)
@@ -182,6 +180,41 @@ def run_export(cfg: ExportConfig) -> Path:
     write_manifest(out, "export", cfg, inputs=[cfg.run], counts={"parameters": n_params},
                    timings=timer.timings, extra={"architectures": hf_cfg.architectures})
     log.info("exported %s (%s, %d parameters) to %s", cfg.run, hf_cfg.architectures[0], n_params, out)
+    return out
+
+
+def export_finetuned(cfg: ExportConfig) -> Path:
+    """``pilelm export FT_DIR`` for a fine-tuned directory: its best checkpoint as a
+    ``*For{Sequence,Token}Classification`` folder (``interop/heads.py``) with ``id2label``,
+    ``label2id`` and ``pad_token_id`` set."""
+    from pilelm.finetune.model import load_task_model
+    from pilelm.interop.heads import task_model_to_hf
+
+    ft_dir, out = Path(cfg.run), Path(cfg.output)
+    require_stage(ft_dir, "finetune", what="fine-tuned model")
+    timer = Timer()
+    with timer("export"):
+        model = load_task_model(ft_dir / "best")
+        trunk_cfg = model.trunk.cfg
+        adapter, lm_state = export_state(model.trunk, trunk_cfg)
+        architecture, state = task_model_to_hf(model, lm_state)
+        state = {k: v.to(DTYPES[cfg.dtype]).contiguous() for k, v in state.items()}
+        out.mkdir(parents=True, exist_ok=True)
+        bos, eos = _export_tokenizer(ft_dir / "tokenizer", out)
+        hf_cfg = adapter.hf_config(trunk_cfg, bos, eos, cfg.dtype)
+        hf_cfg.architectures = [architecture]
+        hf_cfg.id2label = model.head.id2label
+        hf_cfg.label2id = {label: i for i, label in model.head.id2label.items()}
+        hf_cfg.pad_token_id = model.head.pad_id
+        if model.head.kind == "sequence":
+            hf_cfg.problem_type = "single_label_classification"
+        with atomic_path(out / "model.safetensors") as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        atomic_write_text(out / "config.json", hf_cfg.to_json_string())
+    n_params = sum(v.numel() for v in state.values())
+    write_manifest(out, "export", cfg, inputs=[ft_dir], counts={"parameters": n_params}, timings=timer.timings,
+                   extra={"architectures": [architecture], "task": model.head.task})
+    log.info("exported %s (%s, %d labels) to %s", ft_dir, architecture, len(model.head.labels), out)
     return out
 
 
