@@ -24,8 +24,8 @@ from pilelm.evaluation.bpb import aggregate, score_documents, score_unigram, uni
 from pilelm.evaluation.documents import DocumentSet, open_eval_data
 from pilelm.evaluation.results import write_results
 from pilelm.inference.textstream import unescape
+from pilelm.models import spec_for
 from pilelm.models.dtypes import DTYPES
-from pilelm.models.gpt import GPTConfig
 from pilelm.training.checkpoint import (
     list_checkpoints,
     load_for_inference,
@@ -138,7 +138,7 @@ def run_eval(cfg: EvalConfig) -> Path:
     first_tok: Path | None = None
     for spec in runs:
         model, model_cfg, tok_dir = load_for_inference(spec.run_dir, spec.step, cfg.device)
-        if not isinstance(model_cfg, GPTConfig):
+        if not spec_for(model_cfg).causal:
             raise ValueError(f"run {spec.run_dir} holds a {type(model_cfg).__name__} model; eval scores causal LMs")
         model = model.to(DTYPES[cfg.dtype])
         entry: dict[str, Any] = {"run": str(spec.run_dir), "step": spec.step}

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pilelm.models.gpt import GPTConfig
+from pilelm.models import spec_for
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class TextEncoder:
                  device: str | torch.device = "cpu", identity: EncoderIdentity | None = None):
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-        self.causal = isinstance(model_cfg, GPTConfig)
+        self.causal = spec_for(model_cfg).causal
         if pooling == "cls" and self.causal:
             raise ValueError("pooling=cls needs a BERT model (a causal model's first token sees only itself); "
                              "use pooling=mean or pooling=last")

@@ -30,8 +30,8 @@ from pilelm.inference.context import model_device_dtype
 from pilelm.inference.decode_batch import stream_batch
 from pilelm.inference.sampling import SamplingParams
 from pilelm.inference.textstream import CompletionText, TextTokenizer, clean_text, cut_at_stop, unescape
+from pilelm.models import spec_for
 from pilelm.models.dtypes import resolve_dtype
-from pilelm.models.gpt import GPTConfig
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None)
             sys.stdout.flush()
 
     model, model_cfg, tok_dir = load_for_inference(cfg.run, cfg.step, cfg.device)
-    if not isinstance(model_cfg, GPTConfig):
+    if not spec_for(model_cfg).causal:
         raise ValueError(f"run {cfg.run} holds a {type(model_cfg).__name__} model; generate needs a causal LM (gpt)")
     model = model.to(resolve_dtype(cfg.dtype, next(model.parameters()).device))
     tokenizer = load_tokenizer(tok_dir)
