@@ -2,7 +2,9 @@
 batching, the server's), and ``stream_batch``: such a batch of fixed rows.
 
 ``DecodeBatch(model, eos_id)``: ``add`` prefills new rows and merges them into the cache
-between decode steps, ``step`` samples one token per live row, ``drop`` ends rows. Rows that
+between decode steps, ``step`` samples one token per live row, ``drop`` ends rows. Rows whose
+params ask for ``logprobs`` / ``prompt_logprobs`` get them from the same forward passes
+(``logprobs`` and ``prompt_logprobs`` after ``step`` / ``add``; ``pilelm.inference.logprobs``). Rows that
 finish leave the cache, so a long row does not pay for short ones. Each row samples with its
 own seeded ``torch.Generator`` and keeps its own positions: a row's tokens depend on its
 prompt, params and seed, not on what else is in the batch or when it joined.
@@ -19,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from pilelm.inference.context import fit_prompt, model_device_dtype
+from pilelm.inference.logprobs import TokenLogprob, prompt_logprobs, token_logprobs
 from pilelm.inference.sampling import RowSampler, SamplingParams
 from pilelm.models.gpt import GPTConfig, KVCache
 
@@ -29,7 +32,13 @@ class DecodeBatch:
 
     ``add(prompts, params)`` prefills new rows and merges them into the running cache and
     returns their ids; ``step()`` samples one token for every live row; ``drop(ids)`` ends rows.
-    A row leaves by itself when it samples ``eos_id`` or reaches its ``max_new_tokens``.
+    A row leaves by itself when it samples ``eos_id`` or reaches its ``max_new_tokens`` (a row
+    with ``max_new_tokens=0`` leaves at the end of ``add``: its prompt is only scored).
+
+    Log-probabilities come from the forwards that decode anyway: after ``step``,
+    ``logprobs[row_id]`` holds the sampled token's for each row whose params set ``logprobs``;
+    after ``add``, ``prompt_logprobs[row_id]`` holds the prompt's own tokens' for each new row
+    whose params set ``prompt_logprobs`` (its prefill then keeps the logits of every position).
 
     Every row is right-aligned at ``cache.length``: its real tokens fill the columns
     ``[start, length)``, the columns before ``start`` are padding (``key_mask`` False), and it
@@ -67,6 +76,8 @@ class DecodeBatch:
         self.seen = torch.zeros(0, self.cfg.vocab_size, dtype=torch.bool, device=self.device)  # (B, V)
         self.sampler = RowSampler([], self.device, self.cfg.vocab_size)
         self._next_id = 0
+        self.logprobs: dict[int, TokenLogprob] = {}  # the last step's, for rows that ask
+        self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}  # the last add's, for rows that ask
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -111,6 +122,8 @@ class DecodeBatch:
         ctx = [len(r) - 1 for r in rows]  # tokens to prefill; the last one is the row's pending token
         P = max(ctx)
         prefill = None
+        scored = [i for i, sp in enumerate(params) if sp.prompt_logprobs is not None]
+        scores: list[list[TokenLogprob | None]] = [[None] * len(r) for r in rows]
         if P > 0:
             pad = 0 if self.eos_id is None else self.eos_id
             tokens = torch.full((n_new, P), pad, dtype=torch.long, device=device)
@@ -120,7 +133,9 @@ class DecodeBatch:
             prefill = KVCache(cfg, n_new, P, device, self.dtype)
             prefill.key_mask[:, :P] = torch.arange(P, device=device)[None, :] >= n_pad[:, None]
             positions = (torch.arange(P, device=device)[None, :] - n_pad[:, None]).clamp(min=0)  # (n, P)
-            self.model(tokens, cache=prefill, positions=positions, last_only=True)
+            logits, _ = self.model(tokens, cache=prefill, positions=positions, last_only=not scored)
+            for i in scored:  # position P - ctx[i] + j predicts rows[i][j + 1]
+                scores[i] = prompt_logprobs(logits[i, P - ctx[i] :], rows[i], params[i].prompt_logprobs or 0)
         sampler = RowSampler(params, device, cfg.vocab_size)
         seen = torch.zeros(n_new, cfg.vocab_size, dtype=torch.bool, device=device)
         for i, r in enumerate(rows):
@@ -159,6 +174,8 @@ class DecodeBatch:
         self.pos = torch.cat([self.pos, torch.tensor(ctx, device=device)])
         self.seen = torch.cat([self.seen, seen])
         self.sampler.extend(sampler)
+        self.prompt_logprobs = {ids[i]: scores[i] for i in scored}
+        self.drop([row_id for row_id, sp in zip(ids, params, strict=True) if sp.max_new_tokens == 0])
         return ids
 
     @torch.inference_mode()
@@ -172,6 +189,13 @@ class DecodeBatch:
         assert self.cache is not None
         logits, _ = self.model(self.pending[:, None], cache=self.cache, positions=self.pos[:, None], last_only=True)
         nxt = self.sampler(logits[:, -1].float(), self.seen)  # (B,)
+        wanted = [j for j, p in enumerate(self.sampler.params) if p.logprobs is not None]
+        self.logprobs = {}
+        if wanted:
+            index = torch.tensor(wanted, device=self.device)
+            top = [self.sampler.params[j].logprobs or 0 for j in wanted]
+            found = token_logprobs(logits[index, -1], nxt[index], top)
+            self.logprobs = {self.ids[j]: lp for j, lp in zip(wanted, found, strict=True)}
         if self.sampler.use_penalty:  # only a penalised row reads its seen tokens
             self.seen.scatter_(1, nxt[:, None], True)
         self.pending = nxt

@@ -21,7 +21,7 @@ import torch
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 64
-    """Most tokens to generate per prompt."""
+    """Most tokens to generate per prompt (0: none; the prompt is only prefilled, e.g. to score it)."""
     temperature: float = 1.0
     """Softmax temperature; 0 means greedy (argmax)."""
     top_k: int = 0
@@ -34,10 +34,17 @@ class SamplingParams:
     """Stop at the first of these strings (which is cut from the text)."""
     seed: int | None = None
     """Seed of this request's sampler; None draws one from torch's global RNG."""
+    logprobs: int | None = None
+    """Report each generated token's log-probability and this many most likely alternatives; None = off."""
+    prompt_logprobs: int | None = None
+    """Report the prompt's own tokens' log-probabilities (and this many alternatives); None = off."""
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        for key in ("logprobs", "prompt_logprobs"):
+            if (getattr(self, key) or 0) < 0:
+                raise ValueError(f"{key} must be >= 0 (or None = off), got {getattr(self, key)}")
         if self.temperature < 0 or not math.isfinite(self.temperature):
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:

@@ -10,7 +10,9 @@ When the engine is idle, the first batch starts once no row has arrived for ``ba
 (so a burst of requests lands in one prefill), the oldest row has waited ``BURST_WINDOWS``
 windows, or ``max_batch`` rows wait. Every step's tokens are turned into text per row (whole
 characters only, stop strings held back and cut) and handed to the request's ``emit``
-callback, which the HTTP layer points at an asyncio queue.
+callback, which the HTTP layer points at an asyncio queue. Rows that ask for log-probabilities
+get them from the decode step that sampled the token (``TextDelta.logprobs``, one event per
+token) and, for their prompt, from its prefill (``PromptLogprobs``, before any text).
 
 A row ends at eos, at its stop string, at ``max_new_tokens``, or when its request is
 cancelled (the client went away); it then leaves the batch before the next step, so the rest
@@ -25,12 +27,13 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import torch.nn as nn
 
 from pilelm.inference.decode_batch import DecodeBatch
+from pilelm.inference.logprobs import TokenLogprob
 from pilelm.inference.sampling import SamplingParams
 from pilelm.inference.textstream import CompletionText, TextTokenizer
 
@@ -43,11 +46,22 @@ BURST_WINDOWS = 10
 
 @dataclass
 class TextDelta:
-    """New text of choice ``index``; ``tokens`` = tokens generated for it so far."""
+    """New text of choice ``index``; ``tokens`` = tokens generated for it so far. A row that
+    asked for logprobs gets one event per token (its text may be empty while a character or a
+    possible stop string is held back) with that token's ``logprobs``."""
 
     index: int
     text: str
     tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+@dataclass
+class PromptLogprobs:
+    """The prompt's own tokens scored (the first is None), for a row that asked (echo)."""
+
+    index: int
+    logprobs: list[TokenLogprob | None]
 
 
 @dataclass
@@ -64,7 +78,7 @@ class Failed:
     message: str
 
 
-Event = TextDelta | Finished | Failed
+Event = TextDelta | PromptLogprobs | Finished | Failed
 
 
 @dataclass
@@ -252,6 +266,14 @@ class Engine:
             st.batches += 1
         st.admissions += 1
         for row_id, row in zip(ids, rows, strict=True):
+            scored = self._batch.prompt_logprobs.get(row_id)
+            if scored is not None:
+                # An empty prompt was fed as eos, which is not the prompt's: nothing to score.
+                _safe_emit(row.job, PromptLogprobs(row.spec.index, scored if row.spec.prompt else []))
+            if row.spec.params.max_new_tokens == 0:  # prefilled only; it has left the batch already
+                _safe_emit(row.job, Finished(row.spec.index, "length", 0))
+                st.rows_finished += 1
+                continue
             self._live[row_id] = _Live(row, CompletionText(self.tokenizer, row.spec.params.stop))
         st.running = len(self._live)
         st.largest_batch = max(st.largest_batch, st.running)
@@ -280,8 +302,10 @@ class Engine:
                     lv.tokens += 1
                     st.tokens_generated += 1
                     delta = lv.text.push(token)
-                    if delta:
-                        _safe_emit(lv.row.job, TextDelta(lv.row.spec.index, delta, lv.tokens))
+                    scored = self._batch.logprobs.get(row_id)
+                    if delta or scored is not None:
+                        _safe_emit(lv.row.job, TextDelta(lv.row.spec.index, delta, lv.tokens,
+                                                         [] if scored is None else [scored]))
                     if lv.text.stopped:
                         self._end(row_id, "stop")
                     elif lv.tokens >= lv.row.spec.params.max_new_tokens:

@@ -1,10 +1,11 @@
-"""Request validation and OpenAI-style errors for the completions API.
+"""Request validation and OpenAI-style errors for the completions API (chat's request is
+``chat.py``'s, built from the same pieces).
 
 The request fields and their ranges follow the OpenAI legacy completions API
 (https://platform.openai.com/docs/api-reference/completions/create); ``top_k`` and
 ``repetition_penalty`` are extensions (as in vLLM). Types are strict: ``"5"`` is not an
 integer and ``true`` is not a number. Fields that clients often send with their neutral value
-(``logprobs: null``, ``presence_penalty: 0``, ``best_of: 1`` ...) are accepted at that value
+(``presence_penalty: 0``, ``best_of: 1`` ...) are accepted at that value
 and refused otherwise with a message saying so; any other unknown field is an error, as it is
 with OpenAI ("Unrecognized request argument supplied").
 """
@@ -21,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 MAX_SEED = 2**63 - 1
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256
+MAX_LOGPROBS = 20  # alternatives per token (vLLM's default limit; OpenAI's completions allow 5)
 
 
 class APIError(Exception):
@@ -56,12 +58,12 @@ class StreamOptions(BaseModel):
     """Put the usage so far in every chunk (a vLLM extension; the playground's tokens/s)."""
 
 
-class CompletionRequest(BaseModel):
+class GenerationFields(BaseModel):
+    """The fields completions and chat completions share: model, sampling, stop, stream."""
+
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
-    prompt: str | list[str] | list[int] | list[list[int]]
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
@@ -71,15 +73,31 @@ class CompletionRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    echo: bool = False
     # Accepted only at their neutral values (clients such as LangChain always send them).
-    logprobs: int | None = None
-    best_of: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
-    suffix: str | None = None
     user: str | None = None
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def check_common(self) -> None:
+        refuse_unsupported({
+            "presence_penalty": self.presence_penalty != 0,
+            "frequency_penalty": self.frequency_penalty != 0,
+            "logit_bias": bool(self.logit_bias),
+        })
+        check_stop_strings(self.stop_strings())
+
+
+class CompletionRequest(GenerationFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)
+    echo: bool = False
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = None  # accepted only at n
+    suffix: str | None = None  # accepted only when null
 
     def prompts(self) -> list[str] | list[list[int]]:
         """The prompts as a list of strings or a list of token-id lists."""
@@ -90,30 +108,27 @@ class CompletionRequest(BaseModel):
             return [p]  # type: ignore[list-item]
         return p  # type: ignore[return-value]
 
-    def stop_strings(self) -> list[str]:
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-
     def check_supported(self) -> None:
         """Refuse features this server does not implement, naming the field."""
-        unsupported = {
-            "logprobs": self.logprobs is not None,
-            "best_of": self.best_of not in (None, self.n),
-            "presence_penalty": self.presence_penalty != 0,
-            "frequency_penalty": self.frequency_penalty != 0,
-            "logit_bias": bool(self.logit_bias),
-            "suffix": self.suffix is not None,
-        }
-        for name, bad in unsupported.items():
-            if bad:
-                hint = " (use repetition_penalty)" if name.endswith("_penalty") else ""
-                raise APIError(400, f"{name} is not supported by this server{hint}", param=name)
+        refuse_unsupported({"best_of": self.best_of not in (None, self.n), "suffix": self.suffix is not None})
         if isinstance(self.prompt, list) and not self.prompt:
             raise APIError(400, "prompt must not be an empty list", param="prompt")
-        stop = self.stop_strings()
-        if len(stop) > MAX_STOP_STRINGS:
-            raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
-        if any(not s or len(s) > MAX_STOP_CHARS for s in stop):
-            raise APIError(400, f"stop strings must be 1 to {MAX_STOP_CHARS} characters long", param="stop")
+        self.check_common()
+
+
+def refuse_unsupported(fields: dict[str, bool]) -> None:
+    """A 400 naming the first field set (True) to a value this server does not implement."""
+    for name, bad in fields.items():
+        if bad:
+            hint = " (use repetition_penalty)" if name.endswith("_penalty") else ""
+            raise APIError(400, f"{name} is not supported by this server{hint}", param=name)
+
+
+def check_stop_strings(stop: list[str]) -> None:
+    if len(stop) > MAX_STOP_STRINGS:
+        raise APIError(400, f"stop takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", param="stop")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in stop):
+        raise APIError(400, f"stop strings must be 1 to {MAX_STOP_CHARS} characters long", param="stop")
 
 
 # How a wrongly typed union field is described (pydantic lists one error per union member).
@@ -141,12 +156,13 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     try:
         req = CompletionRequest.model_validate(body)
     except ValidationError as e:
-        raise _api_error(e, body) from None
+        raise validation_error(e, body) from None
     req.check_supported()
     return req
 
 
-def _api_error(e: ValidationError, body: dict[str, Any]) -> APIError:
+def validation_error(e: ValidationError, body: dict[str, Any]) -> APIError:
+    """The first of pydantic's complaints about ``body`` as a 400 naming the field."""
     err = e.errors(include_url=False)[0]
     loc = [str(p) for p in err["loc"]]
     field = loc[0] if loc else None

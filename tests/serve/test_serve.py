@@ -199,7 +199,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
         (json.dumps({"prompt": "x", "seed": -1}), 400),
         (json.dumps({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}), 400),
         (json.dumps({"prompt": "x", "stop": [""]}), 400),
-        (json.dumps({"prompt": "x", "logprobs": 3}), 400),
+        (json.dumps({"prompt": "x", "logprobs": 21}), 400),
+        (json.dumps({"prompt": "x", "logprobs": -1}), 400),
         (json.dumps({"prompt": "x", "frobnicate": 1}), 400),
         (json.dumps({"prompt": [10**6]}), 400),  # token id outside the vocabulary
         (json.dumps({"prompt": "the " * 200}), 400),  # longer than the context

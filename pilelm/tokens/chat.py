@@ -1,0 +1,148 @@
+"""Chat templates: a list of messages in, the prompt text a model continues out.
+
+``render_chat`` renders a Jinja chat template as ``transformers``'
+``PreTrainedTokenizerBase.apply_chat_template(..., tokenize=False)`` does
+(https://huggingface.co/docs/transformers/chat_templating; ``utils/chat_template_utils.py``):
+an ``ImmutableSandboxedEnvironment`` (templates from the Hub are untrusted code) with
+``trim_blocks`` and ``lstrip_blocks``, the loop-controls extension, the globals
+``raise_exception(message)`` and ``strftime_now(format)``, a ``tojson`` filter that does not
+escape HTML, ``{% generation %}`` blocks (rendered as their body; nothing tracks them here),
+and the variables ``messages``, ``add_generation_prompt``, ``tools`` and ``documents`` (None)
+plus the tokenizer's special tokens (``bos_token``, ``eos_token``, ...). Messages are passed
+as they are (transformers also copies a ``reasoning`` field to ``reasoning_content``; pilelm
+does not).
+
+A tokenizer has a template when its ``tokenizer_config.json`` holds ``chat_template`` (a
+string, or a list of ``{"name", "template"}`` of which the one named ``default`` is used) or
+a ``chat_template.jinja`` file lies beside it (where transformers saves it since 4.43).
+
+A base model has none and gets ``DEFAULT_CHAT_TEMPLATE``, a plain transcript::
+
+    You are terse.                 <- a system (or developer) message, as it is
+
+    User: What is the Pile?
+
+    Assistant: An 800 GB corpus.
+
+    User: Who made it?
+
+    Assistant:                     <- the generation prompt; the model continues " ..."
+
+Each message ends with a blank line. A plain transcript rather than ChatML, because a model
+pretrained on web text has seen dialogues written this way and has no special tokens to learn
+for it; a base model then tends to write the user's next turn, so a server ends the reply at
+``DEFAULT_CHAT_STOP`` ("\\nUser:"). Any other role is an error raised by the template.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] in ('system', 'developer') %}{{ message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ 'User: ' + message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Assistant: ' + message['content'] + '\\n\\n' }}"
+    "{% else %}{{ raise_exception('the plain chat template knows the roles system, developer, user and "
+    "assistant, not ' + message['role']) }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+DEFAULT_CHAT_STOP = ["\nUser:"]
+"""Where a reply rendered with ``DEFAULT_CHAT_TEMPLATE`` ends: the model starting the user's turn."""
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+def load_chat_template(tokenizer_dir: str | Path) -> str | None:
+    """The tokenizer's chat template, or None when it has none (a base model's tokenizer)."""
+    d = Path(tokenizer_dir)
+    config_path = d / "tokenizer_config.json"
+    if config_path.is_file():
+        try:
+            template = json.loads(config_path.read_text(encoding="utf-8")).get("chat_template")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path}: not valid JSON ({e})") from e
+        if isinstance(template, list):  # named templates (transformers' multi-template format)
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
+        if isinstance(template, str) and template:
+            return template
+    if (d / CHAT_TEMPLATE_FILE).is_file():
+        return (d / CHAT_TEMPLATE_FILE).read_text(encoding="utf-8")
+    return None
+
+
+def load_special_tokens(tokenizer_dir: str | Path) -> dict[str, str]:
+    """The special tokens a template sees (``bos_token``, ``eos_token``, ...), as
+    ``tokenizer_config.json`` names them."""
+    config_path = Path(tokenizer_dir) / "tokenizer_config.json"
+    if not config_path.is_file():
+        return {}
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    out: dict[str, str] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            value = value.get("content")
+        if key.endswith("_token") and isinstance(value, str):
+            out[key] = value
+    return out
+
+
+def render_chat(messages: list[dict], template: str | None, add_generation_prompt: bool = True,
+                special_tokens: dict | None = None) -> str:
+    """``messages`` rendered through ``template`` (None: ``DEFAULT_CHAT_TEMPLATE``).
+
+    Raises ``jinja2.TemplateError`` when the template is malformed or refuses the messages
+    (its ``raise_exception``)."""
+    compiled = _compile(template if template is not None else DEFAULT_CHAT_TEMPLATE)
+    return compiled.render(messages=messages, tools=None, documents=None,
+                           add_generation_prompt=add_generation_prompt, **(special_tokens or {}))
+
+
+class _GenerationBlock(jinja2.ext.Extension):
+    """``{% generation %}...{% endgeneration %}`` (transformers marks assistant text with it)."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Any) -> str:
+        return caller()
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:
+    # Jinja's own tojson escapes HTML characters; chat templates expect plain JSON.
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str) -> jinja2.Template:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(template)
