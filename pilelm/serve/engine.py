@@ -296,13 +296,16 @@ class Engine:
                 if lv.row.job.cancelled:  # cancelled during the step
                     self._leave([row_id])
                     st.rows_cancelled += 1
-                elif token == self.eos_id:
+                    continue
+                scored = self._batch.logprobs.get(row_id)
+                if token == self.eos_id:
+                    if scored is not None:  # eos has no text, but its log-probability counts (as in vLLM)
+                        _safe_emit(lv.row.job, TextDelta(lv.row.spec.index, "", lv.tokens, [scored]))
                     self._end(row_id, "stop")
                 else:
                     lv.tokens += 1
                     st.tokens_generated += 1
                     delta = lv.text.push(token)
-                    scored = self._batch.logprobs.get(row_id)
                     if delta or scored is not None:
                         _safe_emit(lv.row.job, TextDelta(lv.row.spec.index, delta, lv.tokens,
                                                          [] if scored is None else [scored]))
