@@ -52,7 +52,7 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None) 
     tokenizer_dir = Path(getattr(engine.tokenizer, "source", "") or "-")  # a run's tokenizer/ folder
     ctx = ServeContext(engine, cfg, name, Slots(cfg.max_concurrent), cfg.resolved_api_key(),
                        chat_template=load_chat_template(tokenizer_dir) if tokenizer_dir.is_dir() else None,
-                       special_tokens=load_special_tokens(tokenizer_dir) if tokenizer_dir.is_dir() else {})
+                       special_tokens=_special_tokens(engine.tokenizer, tokenizer_dir))
 
     app = FastAPI(title="pilelm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
@@ -119,3 +119,10 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None) 
                          name, ctx.check_key, ctx.check_model, ctx.slots, cfg.max_request_bytes, read_body,
                          engine.max_batch, engine.batch_window_s)
     return app
+
+
+def _special_tokens(tokenizer: Any, tokenizer_dir: Path) -> dict[str, str]:
+    """What a chat template sees as bos_token, eos_token, ...: the tokenizer's own, and those
+    its tokenizer_config.json names (an imported tokenizer's bos_token, say)."""
+    own = tokenizer.special_tokens_map() if hasattr(tokenizer, "special_tokens_map") else {}
+    return {**own, **(load_special_tokens(tokenizer_dir) if tokenizer_dir.is_dir() else {})}

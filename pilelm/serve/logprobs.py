@@ -8,7 +8,8 @@ the chosen one when it is not among them (as vLLM answers), so a reader can tell
 chosen token was the most likely (lm-evaluation-harness's ``is_greedy``).
 
 Chat (https://platform.openai.com/docs/api-reference/chat/object):
-``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}``.
+``{"content": [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]}``;
+``bytes`` are the token's own bytes, so a client can join the pieces of a split character.
 
 A token's string is its own decoding (a byte-level token that holds part of a UTF-8 character
 decodes to U+FFFD); ``text_offset`` is where its text starts in the choice's text (echoed
@@ -22,6 +23,7 @@ from typing import Any
 
 from pilelm.inference.logprobs import TokenLogprob
 from pilelm.inference.textstream import IncrementalDecoder, TextTokenizer
+from pilelm.tokens.fast_bpe import symbols_to_bytes
 
 
 class CompletionLogprobs:
@@ -62,11 +64,22 @@ def chat_logprobs(tokenizer: TextTokenizer, entries: Sequence[TokenLogprob]) -> 
     """The chat ``logprobs.content`` items of these generated tokens."""
 
     def item(token: int, logprob: float) -> dict[str, Any]:
-        text = token_text(tokenizer, token)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": token_text(tokenizer, token), "logprob": logprob, "bytes": list(token_bytes(tokenizer, token))}
 
     return [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]} for e in entries]
 
 
 def token_text(tokenizer: TextTokenizer, token: int) -> str:
     return tokenizer.decode([token], skip_special_tokens=False)
+
+
+def token_bytes(tokenizer: TextTokenizer, token: int) -> bytes:
+    """The token's own bytes: for a byte-level BPE the bytes its symbols stand for (so the
+    pieces of a character split over tokens join into it), else its text in UTF-8."""
+    hf = getattr(tokenizer, "hf", None)
+    if getattr(tokenizer, "kind", None) == "bpe" and hf is not None:
+        symbols = hf.id_to_token(token)
+        raw = None if symbols is None else symbols_to_bytes(symbols)
+        if raw is not None:
+            return raw
+    return token_text(tokenizer, token).encode("utf-8")

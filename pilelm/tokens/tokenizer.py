@@ -119,14 +119,19 @@ class PileTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def special_tokens_map(self) -> dict[str, str]:
+        """The special tokens by transformers' names (``eos_token``, ``pad_token``, ...)."""
+        special_map = {name: self.specials[role] for role, name in HF_SPECIAL_KEYS.items() if role in self.specials}
+        if self.kind == "bpe" and "eod" in self.specials:
+            special_map["bos_token"] = self.specials["eod"]  # GPT-NeoX-20B: bos = eos = <|endoftext|>
+        return special_map
+
     def save(self, directory: str | Path) -> Path:
         """Write tokenizer.json plus the side files ``transformers.AutoTokenizer`` reads."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         atomic_write_text(d / "tokenizer.json", self.hf.to_str(pretty=True))
-        special_map = {name: self.specials[role] for role, name in HF_SPECIAL_KEYS.items() if role in self.specials}
-        if self.kind == "bpe" and "eod" in self.specials:
-            special_map["bos_token"] = self.specials["eod"]  # GPT-NeoX-20B: bos = eos = <|endoftext|>
+        special_map = self.special_tokens_map()
         config: dict[str, Any] = {
             "tokenizer_class": "BertTokenizerFast" if self.kind == "wordpiece" else "PreTrainedTokenizerFast",
             "model_max_length": 1_000_000_000,
