@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import zstandard
@@ -157,3 +159,93 @@ def tiny_index(tiny_run, corpus_file, tmp_path_factory) -> Path:
             "--chunk-tokens", "24", "--chunk-stride", "16", "--part-docs", "3"]
     assert cli.main(argv) == 0
     return out
+
+
+# --- Serving (tests/serve) --------------------------------------------------------------------
+
+# A chat template that passes the messages' words through, so the fitted tiny model recites its
+# text in a chat reply ("the quick" -> " brown fox ...").
+PASS_THROUGH_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+
+
+@pytest.fixture(scope="session")
+def chat_template_run(tiny_run, tmp_path_factory) -> Path:
+    """``tiny_run`` with ``PASS_THROUGH_TEMPLATE`` in its tokenizer_config.json."""
+    import shutil
+
+    from pilelm.tokens.tokenizer import load_tokenizer
+
+    run = tmp_path_factory.mktemp("chat_run") / "run"
+    shutil.copytree(tiny_run, run)
+    load_tokenizer(run / "tokenizer").save(run / "tokenizer")
+    config_path = run / "tokenizer" / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "chat_template": PASS_THROUGH_TEMPLATE}))
+    return run
+
+
+@contextlib.contextmanager
+def serving(run: Path, api_key: str | None = None, **config):
+    """``pilelm serve RUN`` on a free loopback port from this process: yields its url, engine,
+    tokenizer and an httpx client that sends the key."""
+    import httpx
+
+    from pilelm.serve import BackgroundServer, ServeConfig, create_app, load_engine
+
+    cfg = ServeConfig(run=str(run), api_key=api_key, **config)
+    engine = load_engine(cfg)
+    engine.start()
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        with BackgroundServer(create_app(engine, cfg)) as srv, \
+                httpx.Client(base_url=srv.url, headers=headers, timeout=60) as http:
+            yield SimpleNamespace(url=srv.url, engine=engine, tok=engine.tokenizer, http=http)
+    finally:
+        engine.stop()
+
+
+LM_EVAL_ASSETS = ROOT / "tests" / "assets" / "lm_eval"
+
+
+def lm_eval_tiny_task(tmp_path: Path):
+    """A TaskManager holding only the tiny multiple-choice task of tests/assets/lm_eval, its
+    data path made absolute and its datasets cache under ``tmp_path`` (offline)."""
+    import yaml
+    from lm_eval.tasks import TaskManager
+
+    task = yaml.safe_load((LM_EVAL_ASSETS / "pilelm_tiny.yaml").read_text())
+    task["dataset_kwargs"]["data_files"]["test"] = str(LM_EVAL_ASSETS / "pilelm_tiny.jsonl")  # not cwd-relative
+    task["dataset_kwargs"]["cache_dir"] = str(tmp_path / "datasets")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "pilelm_tiny.yaml").write_text(yaml.safe_dump(task))
+    return TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False)
+
+
+def assert_lm_eval_matches_a_plain_forward(results: dict, run: Path) -> None:
+    """lm_eval's log-likelihoods of the tiny task equal those of one plain forward of ``run``'s
+    model, split as lm_eval splits (encode context + continuation whole, the continuation is
+    the rest), and its accuracy is the one those give."""
+    import torch
+
+    from pilelm.tokens.tokenizer import load_tokenizer
+    from pilelm.training.checkpoint import load_for_inference
+
+    samples = results["samples"]["pilelm_tiny"]
+    docs = [json.loads(line) for line in (LM_EVAL_ASSETS / "pilelm_tiny.jsonl").read_text().splitlines()]
+    assert len(samples) == len(docs)
+    model, _, tok_dir = load_for_inference(run)
+    tok = load_tokenizer(tok_dir)
+    correct = 0
+    for sample in samples:
+        doc = sample["doc"]
+        ours = []
+        for choice in doc["choices"]:
+            ctx = tok.encode(doc["context"])
+            whole = tok.encode(doc["context"] + " " + choice)
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole[:-1]]))[0][0].double(), -1)
+            ours.append(sum(logp[j - 1, whole[j]].item() for j in range(len(ctx), len(whole))))
+        theirs = [ll for ll, _ in sample["filtered_resps"]]
+        assert theirs == pytest.approx(ours, abs=1e-3)
+        correct += int(max(range(len(ours)), key=ours.__getitem__) == doc["label"])
+    assert results["results"]["pilelm_tiny"]["acc,none"] == pytest.approx(correct / len(docs))

@@ -22,7 +22,7 @@ from typing import Any
 import jinja2
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from pydantic import Field, ValidationError
+from pydantic import Field
 
 from pilelm.inference.sampling import SamplingParams
 from pilelm.inference.textstream import TextTokenizer
@@ -33,8 +33,8 @@ from pilelm.serve.schemas import (
     MAX_LOGPROBS,
     APIError,
     GenerationFields,
+    parse_request,
     refuse_unsupported,
-    validation_error,
 )
 from pilelm.tokens.chat import DEFAULT_CHAT_STOP, render_chat
 
@@ -67,12 +67,7 @@ class ChatCompletionRequest(GenerationFields):
 
 def parse_chat_request(body: Any) -> tuple[ChatCompletionRequest, list[dict[str, str]]]:
     """The request and its messages, checked and normalised to ``{"role", "content", "name"?}``."""
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    try:
-        req = ChatCompletionRequest.model_validate(body)
-    except ValidationError as e:
-        raise validation_error(e, body) from None
+    req = parse_request(ChatCompletionRequest, body)
     req.check_supported()
     return req, check_messages(req.messages)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 MAX_SEED = 2**63 - 1
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256
+RequestT = TypeVar("RequestT", bound=BaseModel)
 MAX_LOGPROBS = 20  # alternatives per token (vLLM's default limit; OpenAI's completions allow 5)
 
 
@@ -150,13 +151,18 @@ def parse_json_body(raw: bytes) -> Any:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
 
 
-def parse_completion_request(body: Any) -> CompletionRequest:
+def parse_request(model: type[RequestT], body: Any) -> RequestT:
+    """``body`` (parsed JSON) validated as ``model``, or a 400 naming the field."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
-        req = CompletionRequest.model_validate(body)
+        return model.model_validate(body)
     except ValidationError as e:
         raise validation_error(e, body) from None
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    req = parse_request(CompletionRequest, body)
     req.check_supported()
     return req
 

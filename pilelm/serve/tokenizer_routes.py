@@ -16,11 +16,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
 from pilelm.serve.chat import check_messages, render_prompt
 from pilelm.serve.respond import ServeContext
-from pilelm.serve.schemas import APIError, validation_error
+from pilelm.serve.schemas import APIError, parse_request
 from pilelm.tokens.chat import DEFAULT_CHAT_TEMPLATE
 
 
@@ -41,21 +41,12 @@ class DetokenizeRequest(BaseModel):
     tokens: list[int]
 
 
-def _parse(model: type[BaseModel], body: Any) -> Any:
-    if not isinstance(body, dict):
-        raise APIError(400, "the request body must be a JSON object")
-    try:
-        return model.model_validate(body)
-    except ValidationError as e:
-        raise validation_error(e, body) from None
-
-
 def add_tokenizer_routes(app: FastAPI, ctx: ServeContext) -> None:
     tokenizer = ctx.engine.tokenizer
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
-        req: TokenizeRequest = _parse(TokenizeRequest, await ctx.read_json(request))
+        req = parse_request(TokenizeRequest, await ctx.read_json(request))
         ctx.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "send either prompt (a string) or messages (a chat)", param="prompt")
@@ -66,7 +57,7 @@ def add_tokenizer_routes(app: FastAPI, ctx: ServeContext) -> None:
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
-        req: DetokenizeRequest = _parse(DetokenizeRequest, await ctx.read_json(request))
+        req = parse_request(DetokenizeRequest, await ctx.read_json(request))
         ctx.check_model(req.model)
         ctx.check_token_ids(req.tokens, "tokens")
         return {"prompt": tokenizer.decode(req.tokens)}

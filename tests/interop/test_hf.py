@@ -235,49 +235,17 @@ def test_bert_export_and_import(tmp_path):
 def test_exported_model_runs_under_lm_evaluation_harness(tiny_run, tmp_path, monkeypatch):
     """lm_eval --model hf on the shipped tiny task (offline), with the same log-likelihoods as
     pilelm computes for each choice."""
-    import json
-
-    import yaml
+    from conftest import assert_lm_eval_matches_a_plain_forward, lm_eval_tiny_task
 
     from pilelm.interop.hf import ExportConfig, run_export
-    from pilelm.tokens.tokenizer import load_tokenizer
-    from pilelm.training.checkpoint import load_for_inference
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     hf_dir = run_export(ExportConfig(run=str(tiny_run), output=str(tmp_path / "hf")))
-    assets = Path(__file__).parents[1] / "assets" / "lm_eval"
-    task = yaml.safe_load((assets / "pilelm_tiny.yaml").read_text())
-    task["dataset_kwargs"]["data_files"]["test"] = str(assets / "pilelm_tiny.jsonl")  # not cwd-relative
-    task["dataset_kwargs"]["cache_dir"] = str(tmp_path / "datasets")
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "pilelm_tiny.yaml").write_text(yaml.safe_dump(task))
     results = lm_eval.simple_evaluate(
         model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=["pilelm_tiny"], device="cpu",
-        batch_size=4, bootstrap_iters=0, log_samples=True,
-        task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+        batch_size=4, bootstrap_iters=0, log_samples=True, task_manager=lm_eval_tiny_task(tmp_path),
     )
-    samples = results["samples"]["pilelm_tiny"]
-    docs = [json.loads(line) for line in (assets / "pilelm_tiny.jsonl").read_text().splitlines()]
-    assert len(samples) == len(docs)
-
-    model, _, tok_dir = load_for_inference(tiny_run)
-    tok = load_tokenizer(tok_dir)
-    correct = 0
-    for sample in samples:
-        doc = sample["doc"]
-        ours = []
-        for choice in doc["choices"]:
-            # lm_eval's split: encode context + continuation whole, the continuation is the rest.
-            ctx = tok.encode(doc["context"])
-            whole = tok.encode(doc["context"] + " " + choice)
-            with torch.no_grad():
-                logp = torch.log_softmax(model(torch.tensor([whole[:-1]]))[0][0].double(), -1)
-            ours.append(sum(logp[j - 1, whole[j]].item() for j in range(len(ctx), len(whole))))
-        theirs = [ll for ll, _ in sample["filtered_resps"]]
-        assert theirs == pytest.approx(ours, abs=1e-3)
-        correct += int(max(range(len(ours)), key=ours.__getitem__) == doc["label"])
-    assert results["results"]["pilelm_tiny"]["acc,none"] == pytest.approx(correct / len(docs))
+    assert_lm_eval_matches_a_plain_forward(results, tiny_run)

@@ -3,57 +3,35 @@ through the official openai client and raw HTTP."""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
+from conftest import serving
 
-from pilelm.serve import BackgroundServer, ServeConfig, create_app, load_engine
 from pilelm.tokens.chat import render_chat
-from pilelm.tokens.tokenizer import load_tokenizer
 
 KEY = "sk-chat"
-# A template that passes the user's words through, so the fitted tiny model recites its text.
-PASS_THROUGH = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
 
 
-@contextlib.contextmanager
-def serving(run: Path):
-    cfg = ServeConfig(run=str(run), api_key=KEY, model_name="tiny", max_batch=8)
-    engine = load_engine(cfg)
-    engine.start()
-    try:
-        with BackgroundServer(create_app(engine, cfg)) as srv:
-            client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key=KEY, max_retries=0)
-            http = httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-            yield SimpleNamespace(url=srv.url, client=client, http=http, tok=engine.tokenizer)
-            http.close()
-    finally:
-        engine.stop()
+def with_client(s):
+    s.client = openai.OpenAI(base_url=f"{s.url}/v1", api_key=KEY, max_retries=0)
+    return s
 
 
 @pytest.fixture(scope="module")
 def base(tiny_run: Path):
     """A base model's tokenizer: no chat template, so the plain User:/Assistant: one."""
-    with serving(tiny_run) as s:
-        yield s
+    with serving(tiny_run, api_key=KEY, model_name="tiny", max_batch=8) as s:
+        yield with_client(s)
 
 
 @pytest.fixture(scope="module")
-def templated(tiny_run: Path, tmp_path_factory):
-    """The same model with a chat template in its tokenizer_config.json."""
-    run = tmp_path_factory.mktemp("chat_run") / "run"
-    shutil.copytree(tiny_run, run)
-    load_tokenizer(run / "tokenizer").save(run / "tokenizer")
-    config_path = run / "tokenizer" / "tokenizer_config.json"
-    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "chat_template": PASS_THROUGH}))
-    with serving(run) as s:
-        yield s
+def templated(chat_template_run: Path):
+    """The same model with a pass-through chat template in its tokenizer_config.json."""
+    with serving(chat_template_run, api_key=KEY, model_name="tiny", max_batch=8) as s:
+        yield with_client(s)
 
 
 def user(text: str) -> list[dict]:

@@ -10,27 +10,21 @@ from types import SimpleNamespace
 import httpx
 import pytest
 import torch
+from conftest import assert_lm_eval_matches_a_plain_forward, lm_eval_tiny_task, serving
 
 from pilelm.inference.decode_batch import DecodeBatch
 from pilelm.inference.sampling import SamplingParams
-from pilelm.serve import BackgroundServer, ServeConfig, create_app, load_engine
 from pilelm.tokens.tokenizer import load_tokenizer
 from pilelm.training.checkpoint import load_for_inference
 
 KEY = "sk-logprobs"
-ASSETS = Path(__file__).parents[1] / "assets" / "lm_eval"
 
 
 @pytest.fixture(scope="module")
 def server(tiny_run: Path):
-    cfg = ServeConfig(run=str(tiny_run), api_key=KEY, model_name="tiny", max_batch=16)
-    engine = load_engine(cfg)
-    engine.start()
-    with BackgroundServer(create_app(engine, cfg)) as srv:
-        client = httpx.Client(base_url=srv.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
-        yield SimpleNamespace(url=srv.url, engine=engine, client=client)
-        client.close()
-    engine.stop()
+    with serving(tiny_run, api_key=KEY, model_name="tiny", max_batch=16) as s:
+        s.client = s.http
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -156,44 +150,21 @@ def test_tokenizer_routes_match_the_served_tokenizer(server, reference):
     assert httpx.get(f"{server.url}/tokenizer_info").status_code == 401  # the key is required here too
 
 
-def test_lm_eval_local_completions_scores_loglikelihood_against_the_server(server, reference, tmp_path,
+def test_lm_eval_local_completions_scores_loglikelihood_against_the_server(server, tiny_run, tmp_path,
                                                                            monkeypatch):
     """lm-evaluation-harness's local-completions model (echo + logprobs, the server's tokenizer
-    through /tokenize) gives the log-likelihoods one plain forward gives."""
-    import yaml
-
+    through /tokenizer_info and /tokenize) gives the log-likelihoods one plain forward gives."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
-    task = yaml.safe_load((ASSETS / "pilelm_tiny.yaml").read_text())
-    task["dataset_kwargs"]["data_files"]["test"] = str(ASSETS / "pilelm_tiny.jsonl")
-    task["dataset_kwargs"]["cache_dir"] = str(tmp_path / "datasets")
-    (tmp_path / "tasks").mkdir()
-    (tmp_path / "tasks" / "pilelm_tiny.yaml").write_text(yaml.safe_dump(task))
     results = lm_eval.simple_evaluate(
         model="local-completions",
         model_args=f"model=tiny,base_url={server.url}/v1/completions,auth_token={KEY},num_concurrent=1,"
                    "max_retries=1,tokenized_requests=True,max_length=128",
         tasks=["pilelm_tiny"], batch_size=1, bootstrap_iters=0, log_samples=True,
-        task_manager=TaskManager(include_path=str(tmp_path / "tasks"), include_defaults=False),
+        task_manager=lm_eval_tiny_task(tmp_path),
     )
-    samples = results["samples"]["pilelm_tiny"]
-    docs = [json.loads(line) for line in (ASSETS / "pilelm_tiny.jsonl").read_text().splitlines()]
-    assert len(samples) == len(docs)
-    tok = reference.tok
-    correct = 0
-    for sample in samples:
-        doc = sample["doc"]
-        ours = []
-        for choice in doc["choices"]:
-            ctx = tok.encode(doc["context"])
-            whole = tok.encode(doc["context"] + " " + choice)
-            ref = reference.logprobs(whole)
-            ours.append(sum(ref[j - 1, whole[j]].item() for j in range(len(ctx), len(whole))))
-        theirs = [ll for ll, _ in sample["filtered_resps"]]
-        assert theirs == pytest.approx(ours, abs=1e-3)
-        correct += int(max(range(len(ours)), key=ours.__getitem__) == doc["label"])
-    assert results["results"]["pilelm_tiny"]["acc,none"] == pytest.approx(correct / len(docs))
+    assert_lm_eval_matches_a_plain_forward(results, tiny_run)
+    assert server.engine.snapshot()["rows_finished"] >= 8  # every choice went through the engine
