@@ -27,6 +27,7 @@ from pilelm.inference.textstream import unescape
 from pilelm.models import spec_for
 from pilelm.models.dtypes import DTYPES
 from pilelm.training.checkpoint import (
+    RUN_STAGES,
     list_checkpoints,
     load_for_inference,
     resolve_checkpoint,
@@ -99,7 +100,7 @@ def resolve_runs(specs: list[str], all_checkpoints: bool) -> list[RunSpec]:
     out: list[RunSpec] = []
     for spec in specs:
         path, step = split_checkpoint_path(spec)
-        require_stage(path, "train", "import", what="run")
+        require_stage(path, *RUN_STAGES, what="run")
         if step is not None:
             out.append(RunSpec(f"{path.name}@{step}", path, step))
             continue

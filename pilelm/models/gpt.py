@@ -416,7 +416,8 @@ class GPT(nn.Module):
             if cache.length >= cfg.block_size:  # positions never exceed the filled length
                 raise ValueError(f"sequence position {cache.length} exceeds block_size {cfg.block_size}")
             x = x + F.embedding(positions, self.wpe.weight)
-        fast = x.device.type == "cpu" and B <= DECODE_MAX_ROWS and can_repack(x, self.lm_head.weight)
+        # The embedding stands for every weight's dtype and provenance (a quantized lm_head has none).
+        fast = x.device.type == "cpu" and B <= DECODE_MAX_ROWS and can_repack(x, self.wte.weight)
         kind = repack_kind(B, x.dtype) if fast else None  # chosen once per step, not per layer
         mask = cache.key_mask[:, None, None, :S] if cache.has_padding() else None  # (B, 1, 1, S)
         rope = None

@@ -2,11 +2,12 @@
 
 Layout of a run directory (``pilelm train`` or ``pilelm import`` output):
 
-    RUN/manifest.json             stage "train" or "import"
+    RUN/manifest.json             stage "train" or "import" (or a compression stage: RUN_STAGES)
     RUN/tokenizer/tokenizer.json  the tokenizer the model was trained with
     RUN/checkpoints/step_00000100/
         model.safetensors         weights
-        model.json                {"family": NAME, "config": {...}} (pilelm/models/spec.py)
+        model.json                {"family": NAME, "config": {...}} (pilelm/models/spec.py;
+                                  + WEIGHT_FORMATS keys for compressed weights)
         train_state.pt            training state saved by train: step, optimizer, loader
                                   position, tokens seen (``torch.load(weights_only=True)``)
         rng_rank{R}.pt            each rank's torch (and CUDA) RNG state
@@ -25,6 +26,7 @@ This module is the one owner of "which checkpoint": the step-folder pattern, lis
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import re
@@ -46,6 +48,13 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+# Stages whose output is a run directory (this layout) that eval, generate and serve load.
+RUN_STAGES = ("train", "import", "distill", "prune", "quantize")
+# model.json entries that say the stored weights are not the plain model's, and the function
+# (module:name, imported by name since compression sits above training) that rebuilds the
+# model's modules to take them before the weights load.
+QUANTIZATION_KEY = "quantization"
+WEIGHT_FORMATS = {QUANTIZATION_KEY: "pilelm.compress.quantize:rebuild_quantized"}
 
 
 def step_dir_name(step: int) -> str:
@@ -66,12 +75,14 @@ def split_checkpoint_path(path: str | Path) -> tuple[Path, int | None]:
     return path, None
 
 
-def save_model(ckpt_dir: str | Path, model: nn.Module, cfg: Any) -> None:
-    """Write model.safetensors and model.json into ``ckpt_dir`` (each atomically)."""
-    save_weights(ckpt_dir, model.state_dict(), cfg)
+def save_model(ckpt_dir: str | Path, model: nn.Module, cfg: Any, extra_spec: dict[str, Any] | None = None) -> None:
+    """Write model.safetensors and model.json into ``ckpt_dir`` (each atomically);
+    ``extra_spec`` adds entries to model.json (e.g. ``WEIGHT_FORMATS`` keys)."""
+    save_weights(ckpt_dir, model.state_dict(), cfg, extra_spec)
 
 
-def save_weights(ckpt_dir: str | Path, state_dict: dict[str, torch.Tensor], cfg: Any) -> None:
+def save_weights(ckpt_dir: str | Path, state_dict: dict[str, torch.Tensor], cfg: Any,
+                 extra_spec: dict[str, Any] | None = None) -> None:
     """``save_model`` from a state dict (e.g. one gathered from FSDP shards)."""
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -79,7 +90,7 @@ def save_weights(ckpt_dir: str | Path, state_dict: dict[str, torch.Tensor], cfg:
     state = {k: v.detach().cpu().contiguous() for k, v in _dedup_tied(state_dict).items()}
     with atomic_path(ckpt_dir / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-    atomic_write_json(ckpt_dir / "model.json", model_spec(cfg))
+    atomic_write_json(ckpt_dir / "model.json", model_spec(cfg) | (extra_spec or {}))
 
 
 def _dedup_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,6 +111,10 @@ def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tupl
     spec = json.loads((ckpt_dir / "model.json").read_text())
     cfg = config_from_spec(spec)
     model = build_model(cfg)
+    for key, target in WEIGHT_FORMATS.items():
+        if key in spec:
+            module, name = target.split(":")
+            getattr(importlib.import_module(module), name)(model, spec[key])
     state = load_file(str(ckpt_dir / "model.safetensors"), device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
     # The only keys allowed to be missing are tied copies of stored weights.
@@ -178,7 +193,7 @@ def load_for_inference(
 ) -> tuple[nn.Module, Any, Path]:
     """(model in eval mode, its config, tokenizer directory) of a run's latest (or given) step."""
     run_dir = Path(run_dir)
-    require_stage(run_dir, "train", "import", what="run")
+    require_stage(run_dir, *RUN_STAGES, what="run")
     _, ckpt = resolve_checkpoint(run_dir, step)
     model, cfg = load_model(ckpt, device)
     model.eval()

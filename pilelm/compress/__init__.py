@@ -1,0 +1,1 @@
+"""Model compression: distillation, pruning, quantization, and the table that compares them."""
