@@ -173,6 +173,10 @@ def gpt_hf_config(cfg: GPTConfig, bos_id: int | None, eos_id: int | None, dtype:
     """The transformers config object of our GPT config."""
     import transformers
 
+    if cfg.attn_width != cfg.d_model:
+        raise ValueError(f"this model has {cfg.n_head} heads of width {cfg.head_size} (heads were pruned), which "
+                         f"transformers' GPT-2 and GPT-NeoX cannot express (they need n_head * head size == "
+                         f"d_model = {cfg.d_model}); prune MLP channels only (heads=0) to keep it exportable")
     common = dict(
         vocab_size=cfg.vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=cfg.tied,
         initializer_range=cfg.init_std,

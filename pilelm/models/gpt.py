@@ -44,6 +44,8 @@ class GPTConfig:
     """Residual stream width."""
     d_ff: int = 0
     """MLP hidden width; 0 means 4 * d_model."""
+    head_dim: int = 0
+    """Width of each attention head; 0 means d_model // n_head (other values come from pruning heads: pilelm prune)."""
     dropout: float = 0.0
     """Dropout on embeddings, attention output and MLP output (0 for pretraining at scale)."""
     bias: bool = True
@@ -64,7 +66,9 @@ class GPTConfig:
     def __post_init__(self) -> None:
         if self.arch not in ("gpt2", "neox"):
             raise ValueError(f"model.arch must be gpt2 or neox, got {self.arch!r}")
-        if self.d_model % self.n_head:
+        if self.head_dim < 0:
+            raise ValueError(f"model.head_dim must be >= 0 (0 = d_model // n_head), got {self.head_dim}")
+        if not self.head_dim and self.d_model % self.n_head:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_head ({self.n_head})")
         if not 0.0 <= self.rotary_pct <= 1.0:
             raise ValueError(f"model.rotary_pct must be in [0, 1], got {self.rotary_pct}")
@@ -75,7 +79,12 @@ class GPTConfig:
 
     @property
     def head_size(self) -> int:
-        return self.d_model // self.n_head
+        return self.head_dim or self.d_model // self.n_head
+
+    @property
+    def attn_width(self) -> int:
+        """Width of all heads side by side (d_model unless heads were pruned)."""
+        return self.n_head * self.head_size
 
     @property
     def ffn_size(self) -> int:
@@ -144,8 +153,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.qkv = Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
-        self.proj = Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.qkv = Linear(cfg.d_model, 3 * cfg.attn_width, bias=cfg.bias)
+        self.proj = Linear(cfg.attn_width, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout)
 
@@ -157,9 +166,9 @@ class Attention(nn.Module):
         layer: int,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         nh, hs = self.cfg.n_head, self.cfg.head_size
-        q, k, v = self.qkv(x).split(C, dim=2)
+        q, k, v = self.qkv(x).split(nh * hs, dim=2)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)
         v = v.view(B, T, nh, hs).transpose(1, 2)
@@ -182,7 +191,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, nh * hs)
         y = self.proj(y)
         return self.resid_drop(y) if self.training else y
 
@@ -203,7 +212,7 @@ class Attention(nn.Module):
             cache.kv[layer, 1, :, :, S - 1 : S] = qkv[:, 2]
         keys, values = cache.kv[layer, 0, :, :, :S], cache.kv[layer, 1, :, :, :S]  # (B, nh, S, hs)
         y = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask)
-        return self.proj.repacked_matmul(y.to(x.dtype).view(B, C), kind)
+        return self.proj.repacked_matmul(y.to(x.dtype).view(B, nh * hs), kind)
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,169 @@
+"""`pilelm prune RUN -o PRUNED`: magnitude (unstructured) or structured pruning of a GPT.
+
+- ``magnitude``: the ``sparsity`` fraction of smallest-magnitude weights of the linear layers
+  set to zero, by one threshold over all of them (``scope=global``) or one per layer
+  (``scope=layer``); Han et al. 2015. The model keeps its shape (and its speed: dense kernels
+  do not skip zeros); it compresses well and shows what the weights can lose.
+- ``structured``: whole attention heads and MLP channels removed, the same number in every
+  block (so the model stays a plain ``GPTConfig``: fewer ``n_head`` of unchanged ``head_dim``,
+  smaller ``d_ff``), choosing in each block the ones of least importance. The result is a
+  genuinely smaller dense model that decodes faster. Importance is data-free: a head's is the
+  norm of its query/key/value rows times the norm of its output-projection columns, a
+  channel's the norm of its input row times that of its output column (the magnitude
+  criterion of Li et al. 2017, "Pruning Filters for Efficient ConvNets", applied per unit).
+
+Removing heads leaves ``n_head * head_dim < d_model``, which transformers' GPT-2 and
+GPT-NeoX cannot express: such runs do not export (``pilelm export`` says so); pruning MLP
+channels only (``heads=0``) keeps a run exportable. A recovery fine-tune is a plain
+``pilelm train --data SHARDS -o RECOVERED init_from=PRUNED loop.max_steps=N``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn as nn
+
+from pilelm.core.manifest import Timer, write_manifest
+from pilelm.models.gpt import GPT, GPTConfig
+from pilelm.training.checkpoint import list_checkpoints, load_for_inference, mark_complete, save_model, step_dir_name
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneConfig:
+    run: str = ""
+    """Run directory to prune (pilelm train / import / distill output)."""
+    output: str = ""
+    """Run directory to write (-o)."""
+    method: Literal["magnitude", "structured"] = "structured"
+    """magnitude: zero the smallest weights (same shape); structured: remove heads and MLP channels (a smaller model)."""
+    sparsity: float = 0.5
+    """magnitude: fraction of linear-layer weights set to zero."""
+    scope: Literal["global", "layer"] = "global"
+    """magnitude: one threshold over all linear layers (global) or the same fraction in each (layer)."""
+    heads: float = 0.5
+    """structured: fraction of each block's attention heads removed (0 keeps them all, and the run exportable)."""
+    channels: float = 0.5
+    """structured: fraction of each block's MLP channels removed."""
+    step: int | None = None
+    """Checkpoint step to prune; None = the latest."""
+
+    def __post_init__(self) -> None:
+        for key in ("sparsity", "heads", "channels"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+
+
+def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """The prunable matrices: every linear layer but an output projection tied to the embedding."""
+    tied = getattr(getattr(model, "cfg", None), "tied", False)
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and not (tied and n == "lm_head")]
+
+
+def magnitude_prune(model: nn.Module, sparsity: float, scope: str = "global") -> float:
+    """Zero the smallest-|w| fraction ``sparsity`` of the linear weights in place; returns the
+    fraction actually zero."""
+    layers = _linear_layers(model)
+    with torch.no_grad():
+        if scope == "global":
+            mags = torch.cat([m.weight.detach().abs().flatten().float() for _, m in layers])
+            k = int(sparsity * mags.numel())
+            threshold = mags.kthvalue(k).values if k else None
+            for _, m in layers:
+                if threshold is not None:
+                    m.weight.masked_fill_(m.weight.abs() <= threshold, 0.0)
+        else:
+            for _, m in layers:
+                k = int(sparsity * m.weight.numel())
+                if k:
+                    threshold = m.weight.detach().abs().flatten().float().kthvalue(k).values
+                    m.weight.masked_fill_(m.weight.abs() <= threshold, 0.0)
+    zeros = sum(int((m.weight == 0).sum()) for _, m in layers)
+    return zeros / sum(m.weight.numel() for _, m in layers)
+
+
+def head_importance(model: GPT, layer: int) -> torch.Tensor:
+    """(n_head,) importance of each head of block ``layer`` (see the module docstring)."""
+    cfg = model.cfg
+    attn = model.blocks[layer].attn
+    nh, hs = cfg.n_head, cfg.head_size
+    qkv = attn.qkv.weight.detach().float().view(3, nh, hs, -1)  # (3, nh, hs, C)
+    proj = attn.proj.weight.detach().float().view(-1, nh, hs)  # (C, nh, hs)
+    return qkv.pow(2).sum(dim=(0, 2, 3)).sqrt() * proj.pow(2).sum(dim=(0, 2)).sqrt()
+
+
+def channel_importance(model: GPT, layer: int) -> torch.Tensor:
+    """(d_ff,) importance of each MLP channel of block ``layer``."""
+    mlp = model.blocks[layer].mlp
+    return mlp.fc.weight.detach().float().norm(dim=1) * mlp.proj.weight.detach().float().norm(dim=0)
+
+
+def keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
+    return scores.topk(n_keep).indices.sort().values
+
+
+def structured_prune(model: GPT, heads: float, channels: float) -> GPT:
+    """A new, smaller GPT without the least important ``heads`` fraction of heads and
+    ``channels`` fraction of MLP channels of every block; all else copied."""
+    cfg = model.cfg
+    if not isinstance(cfg, GPTConfig):
+        raise ValueError(f"structured pruning is for GPT models, not {type(cfg).__name__}: transformers' BERT "
+                         "cannot express blocks with pruned heads of other widths; use --method magnitude")
+    nh_keep = cfg.n_head - int(heads * cfg.n_head)
+    ff_keep = cfg.ffn_size - int(channels * cfg.ffn_size)
+    if nh_keep < 1 or ff_keep < 1:
+        raise ValueError("pruning would remove every head or channel; lower heads / channels")
+    hs = cfg.head_size
+    new_cfg = replace(cfg, n_head=nh_keep, head_dim=hs, d_ff=ff_keep)
+    if new_cfg.attn_width == cfg.d_model:
+        new_cfg = replace(new_cfg, head_dim=0)
+    pruned = GPT(new_cfg)
+    state = {k: v for k, v in model.state_dict().items()}
+    for i in range(cfg.n_layer):
+        p = f"blocks.{i}."
+        kept_heads = keep_top(head_importance(model, i), nh_keep)
+        rows = (kept_heads[:, None] * hs + torch.arange(hs)).flatten()  # kept rows of one of q, k, v
+        qkv_rows = torch.cat([rows + j * cfg.attn_width for j in range(3)])
+        state[p + "attn.qkv.weight"] = state[p + "attn.qkv.weight"][qkv_rows]
+        state[p + "attn.proj.weight"] = state[p + "attn.proj.weight"][:, rows]
+        kept = keep_top(channel_importance(model, i), ff_keep)
+        state[p + "mlp.fc.weight"] = state[p + "mlp.fc.weight"][kept]
+        state[p + "mlp.proj.weight"] = state[p + "mlp.proj.weight"][:, kept]
+        if cfg.bias:
+            state[p + "attn.qkv.bias"] = state[p + "attn.qkv.bias"][qkv_rows]
+            state[p + "mlp.fc.bias"] = state[p + "mlp.fc.bias"][kept]
+    pruned.load_state_dict(state)
+    return pruned.to(next(model.parameters()).dtype).eval()
+
+
+def run_prune(cfg: PruneConfig) -> Path:
+    if not cfg.run or not cfg.output:
+        raise ValueError("prune needs a run and an output: pilelm prune RUN_DIR -o PRUNED_DIR")
+    timer = Timer()
+    out = Path(cfg.output)
+    with timer("prune"):
+        model, model_cfg, tok_dir = load_for_inference(cfg.run, cfg.step)
+        n_before = sum(p.numel() for p in model.parameters())
+        counts: dict[str, float | int] = {"parameters_before": n_before}
+        if cfg.method == "magnitude":
+            counts["zero_fraction"] = round(magnitude_prune(model, cfg.sparsity, cfg.scope), 4)
+        else:
+            model = structured_prune(model, cfg.heads, cfg.channels)
+            model_cfg = model.cfg
+        counts["parameters"] = sum(p.numel() for p in model.parameters())
+        step = list_checkpoints(cfg.run)[-1][0] if cfg.step is None else cfg.step
+        ckpt = out / "checkpoints" / step_dir_name(step)
+        save_model(ckpt, model, model_cfg)
+        mark_complete(ckpt)
+        shutil.copytree(tok_dir, out / "tokenizer", dirs_exist_ok=True)
+    write_manifest(out, "prune", cfg, inputs=[cfg.run], counts=counts, timings=timer.timings)
+    log.info("pruned %s (%s): %d -> %d parameters, into %s", cfg.run, cfg.method, n_before, counts["parameters"], out)
+    return out
