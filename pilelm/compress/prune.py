@@ -31,7 +31,13 @@ import torch.nn as nn
 
 from pilelm.core.manifest import Timer, write_manifest
 from pilelm.models.gpt import GPT, GPTConfig
-from pilelm.training.checkpoint import list_checkpoints, load_for_inference, mark_complete, save_model, step_dir_name
+from pilelm.training.checkpoint import (
+    list_checkpoints,
+    load_for_inference,
+    mark_complete,
+    save_model,
+    step_dir_name,
+)
 
 log = logging.getLogger(__name__)
 

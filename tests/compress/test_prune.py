@@ -11,9 +11,9 @@ import torch
 
 from pilelm.compress.prune import (
     PruneConfig,
-    keep_top,
     channel_importance,
     head_importance,
+    keep_top,
     magnitude_prune,
     run_prune,
     structured_prune,
