@@ -1,0 +1,177 @@
+"""`pilelm compress report BASE RUN... --data SHARDS -o OUT`: one table of what each
+compressed run costs and gains against its base: parameters, bytes on disk, test BPB (overall
+and per Pile component, through ``pilelm eval``), and greedy decode tokens/s at batch 1 and 8,
+each also as a ratio to the base (the first run). Decoding runs interleaved, best of
+``repeats`` rounds, so load on a shared machine hits every run alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+
+from pilelm.compress.quantized_linear import QuantizedLinear
+from pilelm.core.manifest import Timer, atomic_write_json, atomic_write_text, write_manifest
+from pilelm.evaluation.evaluate import EvalConfig, run_eval
+from pilelm.inference.generate import SamplingParams, stream_batch
+from pilelm.models import build_model
+from pilelm.models.dtypes import DTYPES
+from pilelm.training.checkpoint import latest_checkpoint, load_for_inference
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressReportConfig:
+    runs: list[str] = field(default_factory=list)
+    """The base run first, then the compressed runs made from it."""
+    data: str = ""
+    """Shard dir (or prepared dir) whose split is scored for BPB; empty = no BPB columns."""
+    output: str = ""
+    """Output folder (-o): report.md, report.json, eval/."""
+    split: str = "test"
+    """Split scored for BPB."""
+    max_documents: int = 0
+    """Score only the first N documents (0 = all)."""
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    """Compute dtype of every run, for BPB and decoding (quantized layers keep their own weights)."""
+    prompt_len: int = 32
+    """Decode benchmark: prompt tokens (random ids)."""
+    new_tokens: int = 64
+    """Decode benchmark: tokens generated per row (greedy)."""
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    """Decode benchmark: batch sizes."""
+    repeats: int = 2
+    """Decode benchmark: interleaved rounds; the best of each run is kept."""
+
+    def __post_init__(self) -> None:
+        if self.prompt_len < 1 or self.new_tokens < 1 or self.repeats < 1 or not self.batch_sizes:
+            raise ValueError("prompt_len, new_tokens and repeats must be >= 1 and batch_sizes non-empty")
+
+
+def logical_parameters(model: nn.Module) -> int:
+    """Parameters of the model's architecture (a quantized layer counts its weight's values once)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(model.cfg).parameters())
+
+
+def greedy_decode(model: nn.Module, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    params = [SamplingParams(max_new_tokens=new_tokens, temperature=0.0)] * len(prompts)
+    with torch.inference_mode():
+        return list(stream_batch(model, prompts, params, eos_id=None))
+
+
+def race(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """Best wall time of each function over ``repeats`` interleaved rounds."""
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
+def decode_speeds(models: list[nn.Module], vocab: int, cfg: CompressReportConfig) -> list[dict[int, float]]:
+    """tok/s of each model at each batch size (prompt prefill included)."""
+    out: list[dict[int, float]] = [{} for _ in models]
+    for bs in cfg.batch_sizes:
+        gen = torch.Generator().manual_seed(bs)
+        prompts = torch.randint(0, vocab, (bs, cfg.prompt_len), generator=gen).tolist()
+        for m in models:  # warm up (kernel caches, packed weights)
+            greedy_decode(m, prompts, 2)
+        times = race([lambda m=m: greedy_decode(m, prompts, cfg.new_tokens) for m in models], cfg.repeats)
+        for i, t in enumerate(times):
+            out[i][bs] = bs * cfg.new_tokens / t
+    return out
+
+
+def describe(run: Path) -> str:
+    """What made a run: the stage and its method."""
+    import json
+
+    m = json.loads((run / "manifest.json").read_text())
+    c = m.get("config", {})
+    if m["stage"] == "quantize":
+        return f"quantize {c.get('method')}"
+    if m["stage"] == "prune":
+        if c.get("method") == "magnitude":
+            return f"prune magnitude {c.get('sparsity')}"
+        return f"prune heads {c.get('heads')} channels {c.get('channels')}"
+    return m["stage"]
+
+
+def report_markdown(rows: list[dict[str, Any]], batch_sizes: list[int], components: list[str]) -> str:
+    base = rows[0]
+
+    def ratio(key: str, row: dict[str, Any], sub: Any = None) -> str:
+        a, b = (row[key], base[key]) if sub is None else (row[key].get(sub), base[key].get(sub))
+        return f"{a / b:.2f}x" if a and b else "-"
+
+    head = ["run", "made by", "parameters", "bytes on disk", "test BPB"] + [f"tok/s b={b}" for b in batch_sizes]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
+    for r in rows:
+        bpb = f"{r['bpb']:.4f} ({ratio('bpb', r)})" if r.get("bpb") else "-"
+        cells = [r["name"], r["made_by"], f"{r['parameters'] / 1e6:.2f}M ({ratio('parameters', r)})",
+                 f"{r['bytes'] / 1e6:.2f} MB ({ratio('bytes', r)})", bpb]
+        cells += [f"{r['tok_s'][b]:.1f} ({ratio('tok_s', r, b)})" for b in batch_sizes]
+        lines.append("| " + " | ".join(cells) + " |")
+    if components:
+        lines += ["", "BPB per component:", "", "| run | " + " | ".join(components) + " |",
+                  "|---|" + "---:|" * len(components)]
+        for r in rows:
+            lines.append(f"| {r['name']} | " + " | ".join(f"{r['components'].get(c, float('nan')):.4f}"
+                                                         for c in components) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_compress_report(cfg: CompressReportConfig) -> Path:
+    if len(cfg.runs) < 2 or not cfg.output:
+        raise ValueError("compress report needs a base run, at least one compressed run and an output: "
+                         "pilelm compress report BASE_RUN COMPRESSED_RUN... --data SHARD_DIR -o REPORT_DIR")
+    out = Path(cfg.output)
+    timer = Timer()
+    runs = [Path(r) for r in cfg.runs]
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"runs must have distinct folder names (they label the table): {names}")
+    evals: dict[str, Any] = {}
+    if cfg.data:
+        with timer("bpb"):
+            run_eval(EvalConfig(runs=[str(r) for r in runs], data=cfg.data, output=str(out / "eval"),
+                                split=cfg.split, max_documents=cfg.max_documents, dtype=cfg.dtype, unigram=False))
+        import json
+
+        evals = json.loads((out / "eval" / "results.json").read_text())["runs"]
+    models, rows = [], []
+    for run, name in zip(runs, names, strict=True):
+        model, model_cfg, _ = load_for_inference(run)
+        models.append(model.to(DTYPES[cfg.dtype]))
+        ev = evals.get(name, {})
+        rows.append({
+            "name": name, "run": str(run), "made_by": describe(run),
+            "parameters": logical_parameters(model),
+            "bytes": (latest_checkpoint(run) / "model.safetensors").stat().st_size,
+            "quantized_layers": sum(isinstance(m, QuantizedLinear) for m in model.modules()),
+            "bpb": ev.get("overall", {}).get("bpb"),
+            "components": {k: v["bpb"] for k, v in ev.get("components", {}).items()},
+        })
+    with timer("decode"):
+        speeds = decode_speeds(models, min(m.cfg.vocab_size for m in models), cfg)
+    for row, s in zip(rows, speeds, strict=True):
+        row["tok_s"] = s
+    components = sorted({c for r in rows for c in r["components"]})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "report.json", {"rows": rows, "threads": torch.get_num_threads(), "dtype": cfg.dtype})
+    text = report_markdown(rows, cfg.batch_sizes, components)
+    atomic_write_text(out / "report.md", text)
+    write_manifest(out, "compress report", cfg, inputs=runs, counts={"runs": len(runs)}, timings=timer.timings)
+    log.info("compression report:\n%s", text)
+    return out
