@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -87,7 +88,7 @@ def decode_speeds(models: list[nn.Module], vocab: int, cfg: CompressReportConfig
         prompts = torch.randint(0, vocab, (bs, cfg.prompt_len), generator=gen).tolist()
         for m in models:  # warm up (kernel caches, packed weights)
             greedy_decode(m, prompts, 2)
-        times = race([lambda m=m: greedy_decode(m, prompts, cfg.new_tokens) for m in models], cfg.repeats)
+        times = race([partial(greedy_decode, m, prompts, cfg.new_tokens) for m in models], cfg.repeats)
         for i, t in enumerate(times):
             out[i][bs] = bs * cfg.new_tokens / t
     return out
