@@ -1,1 +1,1 @@
-"""Model compression: distillation, pruning, quantization, and the table that compares them."""
+"""Model compression: pruning, quantization, and the table that compares them."""

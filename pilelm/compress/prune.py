@@ -14,8 +14,7 @@
 
 Removing heads leaves ``n_head * head_dim < d_model``, which transformers' GPT-2 and
 GPT-NeoX cannot express: such runs do not export (``pilelm export`` says so); pruning MLP
-channels only (``heads=0``) keeps a run exportable. A recovery fine-tune is a plain
-``pilelm train --data SHARDS -o RECOVERED init_from=PRUNED loop.max_steps=N``.
+channels only (``heads=0``) keeps a run exportable. A recovery fine-tune is not built in.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class PruneConfig:
     run: str = ""
-    """Run directory to prune (pilelm train / import / distill output)."""
+    """Run directory to prune (pilelm train / import output)."""
     output: str = ""
     """Run directory to write (-o)."""
     method: Literal["magnitude", "structured"] = "structured"

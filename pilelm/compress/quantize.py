@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class QuantizeConfig:
     run: str = ""
-    """Run directory to quantize (pilelm train / import / distill / prune output)."""
+    """Run directory to quantize (pilelm train / import / prune output)."""
     output: str = ""
     """Run directory to write (-o); generate, eval and serve read it."""
     method: Literal["int8-weight", "int8-dynamic", "int4-weight"] = "int8-weight"
