@@ -20,7 +20,6 @@ channels only (``heads=0``) keeps a run exportable. A recovery fine-tune is not 
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -28,14 +27,11 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+from pilelm.compress.derived_run import write_derived_run
 from pilelm.core.manifest import Timer, write_manifest
 from pilelm.models.gpt import GPT, GPTConfig
 from pilelm.training.checkpoint import (
-    list_checkpoints,
     load_for_inference,
-    mark_complete,
-    save_model,
-    step_dir_name,
 )
 
 log = logging.getLogger(__name__)
@@ -164,11 +160,7 @@ def run_prune(cfg: PruneConfig) -> Path:
             model = structured_prune(model, cfg.heads, cfg.channels)
             model_cfg = model.cfg
         counts["parameters"] = sum(p.numel() for p in model.parameters())
-        step = list_checkpoints(cfg.run)[-1][0] if cfg.step is None else cfg.step
-        ckpt = out / "checkpoints" / step_dir_name(step)
-        save_model(ckpt, model, model_cfg)
-        mark_complete(ckpt)
-        shutil.copytree(tok_dir, out / "tokenizer", dirs_exist_ok=True)
+        write_derived_run(cfg.run, cfg.step, out, model, model_cfg, tok_dir)
     write_manifest(out, "prune", cfg, inputs=[cfg.run], counts=counts, timings=timer.timings)
     log.info("pruned %s (%s): %d -> %d parameters, into %s", cfg.run, cfg.method, n_before, counts["parameters"], out)
     return out

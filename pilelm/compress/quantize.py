@@ -12,7 +12,6 @@ packed int4 values, fp32 scales), never pickles. Embeddings and norms stay in ``
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -20,17 +19,11 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 
+from pilelm.compress.derived_run import write_derived_run
 from pilelm.compress.quantized_linear import INT4_GROUP_SIZES, METHODS, QuantizedLinear, int4_supported
 from pilelm.core.manifest import Timer, write_manifest
 from pilelm.models.dtypes import DTYPES
-from pilelm.training.checkpoint import (
-    QUANTIZATION_KEY,
-    list_checkpoints,
-    load_for_inference,
-    mark_complete,
-    save_model,
-    step_dir_name,
-)
+from pilelm.training.checkpoint import QUANTIZATION_KEY, load_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +118,8 @@ def run_quantize(cfg: QuantizeConfig) -> Path:
         if not modules:
             raise ValueError(f"no linear layer of {cfg.run} fits {cfg.method} with group_size {cfg.group_size}; "
                              "try a smaller group_size")
-        step = list_checkpoints(cfg.run)[-1][0] if cfg.step is None else cfg.step
-        ckpt = out / "checkpoints" / step_dir_name(step)
-        save_model(ckpt, model, model_cfg,
-                   extra_spec={QUANTIZATION_KEY: quantization_spec(cfg.method, cfg.group_size, modules)})
-        mark_complete(ckpt)
-        shutil.copytree(tok_dir, out / "tokenizer", dirs_exist_ok=True)
+        ckpt = write_derived_run(cfg.run, cfg.step, out, model, model_cfg, tok_dir,
+                                 {QUANTIZATION_KEY: quantization_spec(cfg.method, cfg.group_size, modules)})
     counts = {"parameters": n_params, "quantized_modules": len(modules),
               "bytes": (ckpt / "model.safetensors").stat().st_size}
     write_manifest(out, "quantize", cfg, inputs=[cfg.run], counts=counts, timings=timer.timings)

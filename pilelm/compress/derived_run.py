@@ -1,0 +1,26 @@
+"""Writing a compressed model as a run directory, the layout every loader reads.
+
+A compression stage's output is ``OUT/checkpoints/step_N/`` (N: the source checkpoint's step)
+plus the source run's ``tokenizer/``; the stage writes its manifest after this.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from pilelm.training.checkpoint import list_checkpoints, mark_complete, save_model, step_dir_name
+
+
+def write_derived_run(source_run: str | Path, step: int | None, out: Path, model: nn.Module, cfg: Any,
+                      tokenizer_dir: Path, extra_spec: dict[str, Any] | None = None) -> Path:
+    """Save ``model`` as ``out``'s one checkpoint and copy the tokenizer; returns the checkpoint folder."""
+    step = list_checkpoints(source_run)[-1][0] if step is None else step
+    ckpt = out / "checkpoints" / step_dir_name(step)
+    save_model(ckpt, model, cfg, extra_spec)
+    mark_complete(ckpt)
+    shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+    return ckpt
