@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from pilelm.compress.prune import structured_prune
 from pilelm.compress.quantize import cast_unquantized, quantize_model
 from pilelm.compress.report import greedy_decode, race
-from pilelm.interop.hf import gpt_hf_config, gpt_to_hf
+from pilelm.interop.gpt2_neox import gpt_hf_config, gpt_to_hf
 from pilelm.models.gpt import GPT, GPTConfig
 
 SHAPES = {

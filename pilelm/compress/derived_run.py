@@ -12,14 +12,14 @@ from typing import Any
 
 import torch.nn as nn
 
-from pilelm.training.checkpoint import list_checkpoints, mark_complete, save_model, step_dir_name
+from pilelm.training.checkpoint import checkpoint_dir, mark_complete, resolve_checkpoint, save_model
 
 
 def write_derived_run(source_run: str | Path, step: int | None, out: Path, model: nn.Module, cfg: Any,
                       tokenizer_dir: Path, extra_spec: dict[str, Any] | None = None) -> Path:
     """Save ``model`` as ``out``'s one checkpoint and copy the tokenizer; returns the checkpoint folder."""
-    step = list_checkpoints(source_run)[-1][0] if step is None else step
-    ckpt = out / "checkpoints" / step_dir_name(step)
+    step, _ = resolve_checkpoint(source_run, step)
+    ckpt = checkpoint_dir(out, step)
     save_model(ckpt, model, cfg, extra_spec)
     mark_complete(ckpt)
     shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)

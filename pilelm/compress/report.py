@@ -19,9 +19,11 @@ import torch
 import torch.nn as nn
 
 from pilelm.compress.quantized_linear import QuantizedLinear
-from pilelm.core.manifest import Timer, atomic_write_json, atomic_write_text, write_manifest
+from pilelm.core.atomic import atomic_write_json, atomic_write_text
+from pilelm.core.manifest import Timer, write_manifest
 from pilelm.evaluation.evaluate import EvalConfig, run_eval
-from pilelm.inference.generate import SamplingParams, stream_batch
+from pilelm.inference.decode_batch import stream_batch
+from pilelm.inference.sampling import SamplingParams
 from pilelm.models import build_model
 from pilelm.models.dtypes import DTYPES
 from pilelm.training.checkpoint import latest_checkpoint, load_for_inference

@@ -15,7 +15,8 @@ from pilelm.compress.quantize import QuantizeConfig, is_quantized, quantize_mode
 from pilelm.compress.quantized_linear import METHODS, QuantizedLinear
 from pilelm.core import cli
 from pilelm.inference.generate import GenerateConfig, SamplingParams, run_generate, stream_batch
-from pilelm.models.gpt import GPT, GPTConfig, Linear
+from pilelm.models.cpu_kernels import Linear
+from pilelm.models.gpt import GPT, GPTConfig
 from pilelm.serve import BackgroundServer, ServeConfig, create_app, load_engine
 from pilelm.training.checkpoint import latest_checkpoint, load_for_inference
 
@@ -95,7 +96,7 @@ def test_dynamic_int8_decoding_stays_close_to_its_full_forward():
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.inference_mode():
         full, _ = model(ids)
-        from pilelm.models.gpt import KVCache
+        from pilelm.models.kv_cache import KVCache
 
         cache = KVCache(cfg, 1, 16, "cpu", torch.float32)
         model(ids[:, :-1], cache=cache, last_only=True)
