@@ -249,3 +249,17 @@ def assert_lm_eval_matches_a_plain_forward(results: dict, run: Path) -> None:
         assert theirs == pytest.approx(ours, abs=1e-3)
         correct += int(max(range(len(ours)), key=ours.__getitem__) == doc["label"])
     assert results["results"]["pilelm_tiny"]["acc,none"] == pytest.approx(correct / len(docs))
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_run, tmp_path_factory) -> Path:
+    """Token shards (train, val) of ``TINY_TEXTS`` in the tiny run's tokenizer, for training
+    runs that start from or learn from ``tiny_run`` (distillation, recovery fine-tunes)."""
+    from pilelm.core.manifest import write_manifest
+    from pilelm.tokens.tokenize import TokenizeConfig, run_tokenize
+
+    root = tmp_path_factory.mktemp("tiny_shards")
+    for split, copies in (("train", 40), ("val", 4)):
+        docs = [{"text": t, "meta": {"pile_set_name": "Pile-CC"}} for t in TINY_TEXTS * copies]
+        write_pile_shard(root / "prep" / split / "00.jsonl.zst", docs)
+    write_manifest(root / "prep", "prepare", {})
+    return run_tokenize(TokenizeConfig(data=root / "prep", tokenizer=tiny_run / "tokenizer",
+                                       output=root / "shards", workers=1))

@@ -49,7 +49,7 @@ CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Stages whose output is a run directory (this layout) that eval, generate and serve load.
-RUN_STAGES = ("train", "import", "prune", "quantize")
+RUN_STAGES = ("train", "import", "distill", "prune", "quantize")
 # model.json entries that say the stored weights are not the plain model's, and the function
 # (module:name, imported by name since compression sits above training) that rebuilds the
 # model's modules to take them before the weights load.

@@ -198,8 +198,7 @@ class Trainer:
         for i, batch in enumerate(micro):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             with self._no_sync(last=i == len(micro) - 1), self.precision.autocast():
-                kwargs = self.spec.train_kwargs(batch, counts, loop.fused_loss)
-                _, loss = self.forward(batch["input_ids"], batch["labels"], **kwargs)
+                loss = self.step_loss(batch, self.spec.train_kwargs(batch, counts, loop.fused_loss))
             # Each rank's share of the global mean; DDP/FSDP average gradients over ranks,
             # so the backward pass takes the share times the world size.
             share = loss if global_count else loss / (len(micro) * world)
@@ -226,6 +225,17 @@ class Trainer:
         self.step += 1
         self.tokens_seen += self.loader.tokens_per_step
         return StepResult(self.step, loss_value, norm_value, cfg.optim.lr * mult, skipped)
+
+    def step_loss(self, batch: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> torch.Tensor:
+        """The loss of one micro-batch as the family's spec normalises it. A subclass may
+        override it (``pilelm distill`` mixes in a teacher's soft targets); the loop around it
+        (accumulation, clipping, checkpoints, resume) stays this one."""
+        _, loss = self.forward(batch["input_ids"], batch["labels"], **kwargs)
+        return loss
+
+    def manifest_entry(self) -> tuple[str, Any, list[str]]:
+        """(stage, config, inputs) the finished run's manifest records."""
+        return "train", self.cfg, [str(self.cfg.data)]
 
     def _no_sync(self, last: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of a step."""
@@ -434,7 +444,8 @@ class Trainer:
             tokens = self.tokens_seen - tokens_at_start
             counts = {"steps": self.step, "tokens": self.tokens_seen, "parameters": self.num_params,
                       "final_loss": last.loss if last else None, **evals}
-            write_manifest(out, "train", cfg, inputs=[cfg.data], counts=counts,
+            stage, manifest_cfg, inputs = self.manifest_entry()
+            write_manifest(out, stage, manifest_cfg, inputs=inputs, counts=counts,
                            timings={"total": time.perf_counter() - t_start, "train": train_time},
                            extra={"tokens_per_s": tokens / train_time if train_time else None,
                                   "precision": self.precision.name, "world": info.world,
