@@ -45,7 +45,7 @@ from pilelm.tokens.identity import require_same_tokenizer
 from pilelm.training.checkpoint import load_for_inference, resolve_checkpoint
 from pilelm.training.config import TrainConfig
 from pilelm.training.distributed import init_distributed
-from pilelm.training.trainer import Trainer
+from pilelm.training.trainer import ManifestEntry, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -207,9 +207,9 @@ class DistillTrainer(Trainer):
         loss, _, _ = distillation_loss(logits, batch["labels"], targets, self.distill_cfg.distill)
         return loss
 
-    def manifest_entry(self) -> tuple[str, Any, list[str]]:
+    def manifest_entry(self) -> ManifestEntry:
         cfg = self.distill_cfg
-        return "distill", cfg, [str(cfg.data), cfg.teacher]
+        return ManifestEntry("distill", cfg, [str(cfg.data), cfg.teacher])
 
 
 def _student_config(cfg: DistillConfig, teacher_cfg: Any) -> DistillConfig:

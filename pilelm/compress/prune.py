@@ -14,7 +14,8 @@
 
 Removing heads leaves ``n_head * head_dim < d_model``, which transformers' GPT-2 and
 GPT-NeoX cannot express: such runs do not export (``pilelm export`` says so); pruning MLP
-channels only (``heads=0``) keeps a run exportable. A recovery fine-tune is not built in.
+channels only (``heads=0``) keeps a run exportable. ``recovery_steps`` fine-tunes the pruned
+model afterwards (``compress/recovery.py``).
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ import torch
 import torch.nn as nn
 
 from pilelm.compress.derived_run import write_derived_run
-from pilelm.core.manifest import Timer, write_manifest
+from pilelm.core.manifest import MANIFEST, Timer, read_manifest, write_manifest
 from pilelm.models.gpt import GPT, GPTConfig
-from pilelm.training.checkpoint import (
-    load_for_inference,
-)
+from pilelm.training.checkpoint import load_for_inference
 
 log = logging.getLogger(__name__)
+
+PRUNED = "pruned"
+"""With a recovery fine-tune: the folder of OUTPUT holding the pruned model before it."""
 
 
 @dataclass
@@ -55,11 +57,23 @@ class PruneConfig:
     """structured: fraction of each block's MLP channels removed."""
     step: int | None = None
     """Checkpoint step to prune; None = the latest."""
+    recovery_steps: int = 0
+    """Fine-tune the pruned model this many steps on --data afterwards (0 = none); magnitude-pruned zeros stay zero."""
+    data: str = ""
+    """Token shards of the recovery fine-tune (tokenized with the run's tokenizer)."""
+    recovery_lr: float = 3e-4
+    """Peak learning rate of the recovery fine-tune (AdamW, short warmup, cosine)."""
+    recovery_micro_batch: int = 8
+    """Sequences (of the model's block_size) per recovery step."""
 
     def __post_init__(self) -> None:
         for key in ("sparsity", "heads", "channels"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.recovery_steps < 0 or self.recovery_micro_batch < 1 or self.recovery_lr <= 0:
+            raise ValueError("recovery_steps must be >= 0, recovery_micro_batch >= 1 and recovery_lr > 0")
+        if self.recovery_steps and not self.data:
+            raise ValueError("recovery_steps needs the token shards to fine-tune on: --data SHARD_DIR")
 
 
 def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -146,8 +160,30 @@ def structured_prune(model: GPT, heads: float, channels: float) -> GPT:
 
 
 def run_prune(cfg: PruneConfig) -> Path:
+    """Prune into ``cfg.output``; with ``recovery_steps`` the pruned model is a run of its own in
+    ``OUTPUT/pruned/`` and the output run is the fine-tuned one (rerunning resumes the fine-tune)."""
     if not cfg.run or not cfg.output:
         raise ValueError("prune needs a run and an output: pilelm prune RUN_DIR -o PRUNED_DIR")
+    out = Path(cfg.output)
+    if not cfg.recovery_steps:
+        return _prune(cfg)
+    pruned_dir = out / PRUNED
+    if not (pruned_dir / MANIFEST).is_file():  # a rerun after a kill keeps the pruned run
+        _prune(replace(cfg, output=str(pruned_dir), recovery_steps=0, data=""))
+    from pilelm.compress.recovery import Recovery, recover
+    from pilelm.training.trainer import ManifestEntry
+
+    masked = []
+    if cfg.method == "magnitude":
+        model, _, _ = load_for_inference(pruned_dir)
+        masked = [f"{name}.weight" for name, _ in _linear_layers(model)]
+    entry = ManifestEntry("prune", cfg, [cfg.run, cfg.data], read_manifest(pruned_dir)["counts"])
+    return recover(Recovery(init_from=pruned_dir, output=out, data=cfg.data, steps=cfg.recovery_steps,
+                            lr=cfg.recovery_lr, micro_batch=cfg.recovery_micro_batch, masked=masked,
+                            manifest=entry))
+
+
+def _prune(cfg: PruneConfig) -> Path:
     timer = Timer()
     out = Path(cfg.output)
     with timer("prune"):

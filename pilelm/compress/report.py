@@ -105,9 +105,11 @@ def describe(run: Path) -> str:
     if m["stage"] == "quantize":
         return f"quantize {c.get('method')}"
     if m["stage"] == "prune":
-        if c.get("method") == "magnitude":
-            return f"prune magnitude {c.get('sparsity')}"
-        return f"prune heads {c.get('heads')} channels {c.get('channels')}"
+        how = (f"prune magnitude {c.get('sparsity')}" if c.get("method") == "magnitude"
+               else f"prune heads {c.get('heads')} channels {c.get('channels')}")
+        return how + (f" + {c['recovery_steps']} recovery steps" if c.get("recovery_steps") else "")
+    if m["stage"] == "distill":
+        return f"distill T={c.get('distill', {}).get('temperature')} from {Path(c.get('teacher', '')).name}"
     return m["stage"]
 
 

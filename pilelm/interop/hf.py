@@ -28,7 +28,14 @@ from pilelm.core.manifest import MANIFEST, Timer, read_manifest, require_stage, 
 from pilelm.interop.adapter import HFAdapter
 from pilelm.models import build_model, families, get_spec, spec_for
 from pilelm.models.dtypes import DTYPES
-from pilelm.training.checkpoint import checkpoint_dir, load_for_inference, mark_complete, save_model
+from pilelm.training.checkpoint import (
+    checkpoint_dir,
+    load_for_inference,
+    mark_complete,
+    resolve_checkpoint,
+    save_model,
+    stored_weight_formats,
+)
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +160,18 @@ def export_state(model: torch.nn.Module, cfg: Any) -> tuple[HFAdapter, dict[str,
     return adapter, adapter.to_hf(cfg, dict(model.state_dict()))
 
 
+def _refuse_compressed_weights(run: str, step: int | None) -> None:
+    """transformers' GPT-2 / GPT-NeoX / BERT configs hold float weights only."""
+    _, ckpt = resolve_checkpoint(run, step)
+    formats = stored_weight_formats(ckpt)
+    if formats:
+        source = [i["path"] for i in read_manifest(run).get("inputs", [])][:1]
+        kinds = ", ".join(f"{k} {v.get('method', '')}".strip() for k, v in formats.items())
+        raise ValueError(f"{run} holds {kinds} weights, which a transformers model folder cannot "
+                         f"hold; export the run they were made from{f' ({source[0]})' if source else ''} "
+                         "and quantize on the transformers side")
+
+
 def run_export(cfg: ExportConfig) -> Path:
     if not cfg.run or not cfg.output:
         raise ValueError("export needs a run and an output: pilelm export RUN_DIR --format hf -o HF_DIR")
@@ -162,6 +181,7 @@ def run_export(cfg: ExportConfig) -> Path:
     out = Path(cfg.output)
     with timer("export"):
         model, model_cfg, tok_dir = load_for_inference(cfg.run, cfg.step)
+        _refuse_compressed_weights(cfg.run, cfg.step)
         adapter, hf_state = export_state(model, model_cfg)
         dtype = DTYPES[cfg.dtype]
         hf_state = {k: v.detach().to(dtype).contiguous() for k, v in hf_state.items()}

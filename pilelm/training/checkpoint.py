@@ -105,6 +105,12 @@ def _dedup_tied(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def stored_weight_formats(ckpt_dir: str | Path) -> dict[str, Any]:
+    """The ``WEIGHT_FORMATS`` entries of a checkpoint's model.json: {} for plain weights."""
+    spec = json.loads((Path(ckpt_dir) / "model.json").read_text())
+    return {k: spec[k] for k in WEIGHT_FORMATS if k in spec}
+
+
 def load_model(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """Build the model described by ``ckpt_dir/model.json`` and load its weights."""
     ckpt_dir = Path(ckpt_dir)

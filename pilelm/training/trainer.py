@@ -28,7 +28,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ from pilelm.training.optim import build_optimizer, lr_multiplier, set_lr
 from pilelm.training.precision import matmul_flops, resolve_precision
 
 # The stage table (pilelm/core/stages.py) and callers find the config here too.
-__all__ = ["LoopConfig", "NonFiniteLossError", "StepResult", "TrainConfig", "Trainer", "load_run_config",
+__all__ = ["LoopConfig", "ManifestEntry", "NonFiniteLossError", "StepResult", "TrainConfig", "Trainer", "load_run_config",
            "round_vocab", "run_train"]
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,16 @@ class StepResult:
     grad_norm: float
     lr: float
     skipped: bool
+
+
+class ManifestEntry(NamedTuple):
+    """The stage name, config, inputs and extra counts of a finished run's manifest (a
+    ``Trainer`` subclass that is another stage, e.g. ``pilelm distill``, says its own)."""
+
+    stage: str
+    config: Any
+    inputs: list[str]
+    counts: dict[str, Any] = {}
 
 
 def round_vocab(n: int, multiple: int = 64) -> int:
@@ -233,9 +243,9 @@ class Trainer:
         _, loss = self.forward(batch["input_ids"], batch["labels"], **kwargs)
         return loss
 
-    def manifest_entry(self) -> tuple[str, Any, list[str]]:
-        """(stage, config, inputs) the finished run's manifest records."""
-        return "train", self.cfg, [str(self.cfg.data)]
+    def manifest_entry(self) -> ManifestEntry:
+        """What the finished run's manifest records besides the loop's counts and timings."""
+        return ManifestEntry("train", self.cfg, [str(self.cfg.data)])
 
     def _no_sync(self, last: bool):
         """Skip the gradient all-reduce on all but the last micro-batch of a step."""
@@ -444,8 +454,8 @@ class Trainer:
             tokens = self.tokens_seen - tokens_at_start
             counts = {"steps": self.step, "tokens": self.tokens_seen, "parameters": self.num_params,
                       "final_loss": last.loss if last else None, **evals}
-            stage, manifest_cfg, inputs = self.manifest_entry()
-            write_manifest(out, stage, manifest_cfg, inputs=inputs, counts=counts,
+            entry = self.manifest_entry()
+            write_manifest(out, entry.stage, entry.config, inputs=entry.inputs, counts={**counts, **entry.counts},
                            timings={"total": time.perf_counter() - t_start, "train": train_time},
                            extra={"tokens_per_s": tokens / train_time if train_time else None,
                                   "precision": self.precision.name, "world": info.world,

@@ -150,6 +150,14 @@ def test_quantizing_a_quantized_run_is_refused(quantized_runs, tmp_path):
         run_quantize(QuantizeConfig(run=str(quantized_runs["int8-weight"]), output=str(tmp_path / "q2")))
 
 
+def test_exporting_a_quantized_run_says_what_to_export_instead(quantized_runs, tiny_run, tmp_path):
+    from pilelm.interop.hf import ExportConfig, run_export
+
+    with pytest.raises(ValueError, match=f"holds quantization int8-weight weights.*made from \\({tiny_run}\\)"):
+        run_export(ExportConfig(run=str(quantized_runs["int8-weight"]), output=str(tmp_path / "hf")))
+    assert not (tmp_path / "hf").exists()
+
+
 def test_quantize_command_line(tiny_run, tmp_path, capsys):
     out = tmp_path / "q"
     assert cli.main(["quantize", str(tiny_run), "-o", str(out), "--method", "int4-weight", "--group-size", "32"]) in (0, None)
