@@ -7,6 +7,7 @@ each also as a ratio to the base (the first run). Decoding runs interleaved, bes
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -98,8 +99,6 @@ def decode_speeds(models: list[nn.Module], vocab: int, cfg: CompressReportConfig
 
 def describe(run: Path) -> str:
     """What made a run: the stage and its method."""
-    import json
-
     m = json.loads((run / "manifest.json").read_text())
     c = m.get("config", {})
     if m["stage"] == "quantize":
@@ -152,8 +151,6 @@ def run_compress_report(cfg: CompressReportConfig) -> Path:
         with timer("bpb"):
             run_eval(EvalConfig(runs=[str(r) for r in runs], data=cfg.data, output=str(out / "eval"),
                                 split=cfg.split, max_documents=cfg.max_documents, dtype=cfg.dtype, unigram=False))
-        import json
-
         evals = json.loads((out / "eval" / "results.json").read_text())["runs"]
     models, rows = [], []
     for run, name in zip(runs, names, strict=True):
