@@ -10,9 +10,9 @@ where ``_T`` is the softmax at temperature T and the KL is averaged over target 
 keeps the soft-target gradients' scale independent of T, as the paper notes). The teacher's
 logits are computed on the fly (in ``teacher_dtype``, bf16 by default) from the same windows
 the student sees. With ``top_k`` > 0 only the teacher's k largest logits per position are used
-(its distribution renormalised over them, the "sparse" targets of e.g. MiniLLM-style caches);
-``cache=true`` then keeps them on disk under ``STUDENT/teacher_topk/`` (safetensors, one file
-per window, keyed by the window's tokens) so later epochs read instead of running the teacher.
+(its distribution renormalised over them); ``cache=true`` then keeps them on disk under
+``STUDENT/teacher_topk/`` (safetensors, one file per window, keyed by the window's tokens) so
+later epochs read them instead of running the teacher.
 
 Training is ``pilelm train``'s ``Trainer``: ``DistillTrainer`` overrides only its per-batch loss
 (``Trainer.step_loss``) and the manifest's stage, so accumulation, clipping, precision,
