@@ -249,6 +249,8 @@ def assert_lm_eval_matches_a_plain_forward(results: dict, run: Path) -> None:
         assert theirs == pytest.approx(ours, abs=1e-3)
         correct += int(max(range(len(ours)), key=ours.__getitem__) == doc["label"])
     assert results["results"]["pilelm_tiny"]["acc,none"] == pytest.approx(correct / len(docs))
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tiny_run, tmp_path_factory) -> Path:
     """Token shards (train, val) of ``TINY_TEXTS`` in the tiny run's tokenizer, for training
