@@ -5,7 +5,7 @@
 loads); it is also the slowest here. Two faster libraries can stand in for it on byte-level
 BPE:
 
-1. **fastokens** (Rust, reads ``tokenizer.json`` itself): 7-10x tiktoken per CPU-second on
+1. **fastokens** (Rust, reads ``tokenizer.json`` itself): about 10x tiktoken per CPU-second on
    minipile (README, "tokenize throughput"); the batch call returns one flat uint32 buffer.
 2. **tiktoken** over the same ranks (``pilelm.tokens.fast_bpe``), when the merges are in rank
    order.
