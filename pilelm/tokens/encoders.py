@@ -216,6 +216,11 @@ def choose_encoder(hf: Tokenizer, spec: dict[str, Any] | None = None, prefer: st
         except (EncoderUnavailable, UnicodeError, ValueError) as e:
             passed_over[name] = str(e)
             log.info("encoder %s not used for this tokenizer: %s", name, passed_over[name])
+        except BaseException as e:  # a Rust panic (pyo3's PanicException is a BaseException)
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise
+            passed_over[name] = f"failed on the probe ({type(e).__name__}: {e})"
+            log.warning("encoder %s not used for this tokenizer: it %s", name, passed_over[name])
     if prefer != "auto":
         raise ValueError(f"encoder: {prefer} cannot stand in for tokenizers on this tokenizer "
                          f"({passed_over[prefer]}); use encoder=auto")

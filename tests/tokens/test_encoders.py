@@ -110,6 +110,16 @@ def test_a_stand_in_that_differs_on_the_probe_is_passed_over(bpe, monkeypatch, c
         choose_encoder(tok.hf, prefer="fastokens")
     assert first_difference(tok.hf, good(tok.hf, json.loads(tok.hf.to_str()))) is None
 
+    class Crashing(Encoder):
+        name = "fastokens"
+
+        def encode(self, text: str) -> np.ndarray:
+            raise RuntimeError("internal error")
+
+    monkeypatch.setitem(encoders._BUILDERS, "fastokens", lambda hf, spec: Crashing())
+    enc, passed = choose_encoder(tok.hf)
+    assert enc.name == "tiktoken" and "failed on the probe (RuntimeError" in passed["fastokens"]
+
 
 def test_invalid_and_extreme_input(bpe):
     """Lone surrogates are refused by every encoder (the document is skipped with a reason);
