@@ -1,15 +1,18 @@
 """Tokenization throughput on ../shared/minipile, side by side in one run on the same cores.
 
-    .venv/bin/python benchmarks/tokenize_throughput.py [--vocab-size 32768] [--repeats 3]
+    .venv/bin/python benchmarks/tokenize_throughput.py [--vocab-size 8192] [--repeats 3]
 
 Compares, on the same text and the same byte-level BPE (trained here by `pilelm tokenizer
 train` on minipile's train split; training time is not part of any figure):
 
 - pilelm tokenize, end to end: read the .jsonl.zst, parse, encode, write .bin/.idx + sidecars
-  (``--workers`` processes);
-- the floor, in memory (texts already decoded, nothing written): the faster of
-  ``tokenizers``' ``encode_batch`` and tiktoken built from the same ranks
-  (``encode_ordinary_batch`` with one thread per core);
+  (``--workers`` processes), with the encoder it picks (fastokens) and with tiktoken;
+- the floor, in memory (texts already decoded, nothing written): the fastest of fastokens
+  (``encode_batch_flat``, its own threads, a fresh tokenizer each run as a tokenize worker
+  has), tiktoken built from the same ranks (``encode_ordinary_batch``, one thread per core)
+  and ``tokenizers``' ``encode_batch``;
+- the input side alone: read, decompress, cut into batches and parse the JSON in one process
+  (what pilelm does besides encoding and writing);
 - the tutorial recipe: ``datasets.load_dataset("json")`` then ``.map(tokenizer, batched=True,
   num_proc=2)`` writing Arrow (map alone, and load + map).
 
@@ -39,6 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pilelm.core.manifest import write_manifest  # noqa: E402
+from pilelm.data.prepared import parse_record  # noqa: E402
+from pilelm.tokens.encode import iter_line_batches  # noqa: E402
 from pilelm.tokens.shards import open_split  # noqa: E402
 from pilelm.tokens.tokenize import TokenizeConfig, run_tokenize  # noqa: E402
 from pilelm.tokens.tokenizer import load_tokenizer  # noqa: E402
@@ -64,7 +69,7 @@ def best_of(times: list[float]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "minipile")
-    ap.add_argument("--vocab-size", type=int, default=32768)
+    ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--repeats", type=int, default=7, help="runs of pilelm and tiktoken")
     ap.add_argument("--slow-repeats", type=int, default=2, help="runs of tokenizers and datasets")
     ap.add_argument("--workers", type=int, default=2)
@@ -81,7 +86,7 @@ def main() -> None:
                                                            vocab_size=args.vocab_size))
         print(f"trained byte-level BPE, vocab {args.vocab_size}, in {time.perf_counter() - t:.1f} s")
         tok = load_tokenizer(tok_dir)
-        assert tok.backend == "tiktoken", "the fast path did not engage"
+        assert tok.backend == "fastokens", f"the fastest encoder did not engage: {tok.passed_over}"
         files = {s: sorted((prep / s).glob("*.jsonl.zst")) for s in ("train", "val")}
         texts = [t for s in ("train", "val") for t, _ in iter_split_texts(files[s])]
         mb = sum(len(t.encode("utf-8")) for t in texts) / 1e6
@@ -92,13 +97,28 @@ def main() -> None:
         from tokenizers import Tokenizer
 
         hf = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-        fast = tok._fast
-        assert fast is not None
+        fast = load_tokenizer(tok_dir, encoder="tiktoken").encoder.fast  # type: ignore[attr-defined]
         enc = tiktoken.Encoding("bench", pat_str=fast.encoding._pat_str,
                                 mergeable_ranks=fast.encoding._mergeable_ranks,
                                 special_tokens=fast.encoding._special_tokens)
+        all_files = files["train"] + files["val"]
+        # fastokens reads its thread count once per process, and pilelm tokenize (run in this
+        # process) keeps it to one there; the in-memory fastokens runs in a process of its own.
+        import multiprocessing
 
-        names = ("pilelm", "tiktoken", "tokenizers", "datasets_map", "datasets_all")
+        fk_conn, child_conn = multiprocessing.Pipe()
+        fk_proc = multiprocessing.get_context("spawn").Process(
+            target=fastokens_in_memory, args=(child_conn, str(tok_dir / "tokenizer.json"), all_files), daemon=True)
+        fk_proc.start()
+
+        def read_and_parse() -> None:
+            for b in iter_line_batches(all_files, 500_000):
+                for line in b.data.split(b"\n")[:-1]:
+                    if line.strip():
+                        parse_record(line)
+
+        names = ("pilelm", "pilelm_tiktoken", "fastokens", "tiktoken", "tokenizers", "read_parse",
+                 "datasets_map", "datasets_all")
         times: dict[str, list[float]] = {k: [] for k in names}
         cpu: dict[str, list[float]] = {k: [] for k in names}
 
@@ -112,9 +132,17 @@ def main() -> None:
             out = work / f"shards{r}"
             if r > 1:
                 shutil.rmtree(work / f"shards{r - 1}")
+            shutil.rmtree(work / "shards_tiktoken", ignore_errors=True)
             timed("pilelm", lambda: run_tokenize(TokenizeConfig(data=prep, tokenizer=tok_dir, output=out,  # noqa: B023
                                                                 workers=args.workers)))
+            fk_conn.send(True)
+            wall, used = fk_conn.recv()
+            times["fastokens"].append(wall)
+            cpu["fastokens"].append(used)
+            timed("pilelm_tiktoken", lambda: run_tokenize(TokenizeConfig(
+                data=prep, tokenizer=tok_dir, output=work / "shards_tiktoken", workers=args.workers, encoder="tiktoken")))
             timed("tiktoken", lambda: enc.encode_ordinary_batch(texts, num_threads=args.workers))
+            timed("read_parse", read_and_parse)
             if r >= args.slow_repeats:  # tokenizers and datasets take minutes; fewer runs
                 continue
             timed("tokenizers", lambda: hf.encode_batch(texts, add_special_tokens=False))
@@ -137,15 +165,18 @@ def main() -> None:
         # the ratio within a repeat (contenders run back to back, under the same load).
         paired = {k: float(np.median([b / a for a, b in zip(times["pilelm"], v, strict=False)]))
                   for k, v in times.items() if v}
-        floor_name = max(("tiktoken", "tokenizers"), key=lambda k: rate[k])
+        floor_name = max(("fastokens", "tiktoken", "tokenizers"), key=lambda k: rate[k])
         print()
-        print(f"| contender (runs interleaved: {args.repeats} of pilelm and tiktoken, {args.slow_repeats} of "
+        print(f"| contender (runs interleaved: {args.repeats} of the fast ones, {args.slow_repeats} of "
               "the others) | best MB/s | pilelm / it, best | "
               "pilelm / it, median of paired runs | MB per CPU-second |")
         print("|---|---:|---:|---:|---:|")
         labels = {
-            "pilelm": f"pilelm tokenize, end to end ({args.workers} workers)",
+            "pilelm": f"pilelm tokenize, end to end ({args.workers} workers, fastokens)",
+            "pilelm_tiktoken": f"pilelm tokenize encoder=tiktoken, end to end ({args.workers} workers)",
+            "fastokens": "fastokens encode_batch_flat, in memory (its threads)",
             "tiktoken": f"tiktoken encode_ordinary_batch, in memory ({args.workers} threads)",
+            "read_parse": "read + decompress + parse JSON only, 1 process",
             "tokenizers": "tokenizers encode_batch, in memory",
             "datasets_map": "datasets .map(num_proc=2) -> Arrow",
             "datasets_all": "datasets load_dataset(json) + .map(num_proc=2)",
@@ -156,12 +187,32 @@ def main() -> None:
         print()
         print(f"pilelm / floor ({floor_name}): {rate['pilelm'] / rate[floor_name]:.2f}x best, "
               f"{paired[floor_name]:.2f}x median paired (target >= 0.85)")
+        print(f"pilelm (fastokens) / pilelm (tiktoken), end to end: {rate['pilelm'] / rate['pilelm_tiktoken']:.2f}x "
+              f"best, {paired['pilelm_tiktoken']:.2f}x median paired")
+        print(f"input side alone (read + decompress + parse, 1 process): {rate['read_parse']:.1f} MB/s; "
+              f"CPU-seconds per MB: pilelm {min(cpu['pilelm']) / mb:.4f}, fastokens in memory "
+              f"{min(cpu['fastokens']) / mb:.4f}, input side {min(cpu['read_parse']) / mb:.4f}")
         if "datasets_map" in rate:
             print(f"pilelm / datasets map: {rate['pilelm'] / rate['datasets_map']:.2f}x best, "
                   f"{paired['datasets_map']:.2f}x median paired (target >= 3)")
         print(f"load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+        fk_conn.send(False)
+        fk_proc.join()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def fastokens_in_memory(conn, tokenizer_json: str, files: list[Path]) -> None:
+    """In a process of its own: on each request, encode all texts with a fresh fastokens
+    tokenizer (its caches cold, as a tokenize worker starts) and send (wall s, CPU s) back."""
+    import fastokens
+
+    texts = [t for t, _ in iter_split_texts(files)]
+    while conn.recv():
+        fk = fastokens.Tokenizer.from_file(tokenizer_json)
+        t, c = time.perf_counter(), time.process_time()
+        fk.encode_batch_flat(texts)
+        conn.send((time.perf_counter() - t, time.process_time() - c))
 
 
 def cpu_seconds() -> float:

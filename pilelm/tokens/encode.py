@@ -1,9 +1,12 @@
 """Encoding prepared documents fast: raw JSON lines cut into batches, parsed and encoded in
 worker processes, results handed back in input order.
 
-The main process decompresses a split's files in canonical order and cuts the stream into
-batches of whole raw lines (``batch_bytes`` each) with bytes.find/count only; workers parse
-the JSON and encode (tiktoken for byte-level BPE, see ``pilelm.tokens.fast_bpe``). At most
+Three things run at once, so none waits on another: a reader thread decompresses a split's
+files in canonical order and cuts the stream into batches of whole raw lines (``batch_bytes``
+each, bytes.find/count only), up to ``workers + 2`` batches ahead (``read_ahead``); worker
+processes parse the JSON and encode a whole batch in one call to the encoder
+(``pilelm.tokens.encoders``: fastokens, tiktoken or tokenizers); the main thread hands
+batches out and appends the results, in input order, to the output files. At most
 ``2 * workers + 1`` batches are in flight, so memory stays bounded whatever the corpus size.
 Workers start by ``pilelm.core.workers``' policy: forked when safe, so they begin with the
 tokenizer already loaded.
@@ -13,21 +16,25 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
+import queue
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
 from pilelm.core.workers import process_pool
 from pilelm.data.document import COMPONENT_KEY
 from pilelm.data.prepared import BadRecord, parse_record
+from pilelm.tokens.encoders import flatten, one_thread_per_process
 from pilelm.tokens.tokenizer import PileTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # What a worker that is not a fork imports up front (pilelm.core.workers).
 PRELOAD = ("pilelm.tokens.encode",)
@@ -144,6 +151,55 @@ def iter_line_batches(files: list[Path], batch_bytes: int, start: tuple[int, int
             yield LineBatch(fi, part_first if parts else line, part_lines, b"".join(parts), skipped)
 
 
+@dataclass
+class _End:
+    error: BaseException | None = None
+
+
+def read_ahead(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``items``, produced by a daemon thread up to ``depth`` ahead of the consumer.
+
+    So reading and decompressing (zstandard releases the GIL) run while this thread waits
+    for encoded batches or writes them: neither waits on the other while the queue is
+    neither empty nor full. An error in ``items`` is raised here; a consumer that stops
+    early stops the thread.
+    """
+    q: queue.Queue[T | _End] = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(item: T | _End) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_End())
+        except BaseException as e:  # handed to the consumer, raised there
+            put(_End(e))
+
+    thread = threading.Thread(target=produce, name="pilelm-read-ahead", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if isinstance(item, _End):
+                if item.error is not None:
+                    raise item.error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
 # ---------------------------------------------------------------- encoding (in workers)
 
 
@@ -160,12 +216,12 @@ class EncodedBatch:
 _WORKER_TOKENIZER: PileTokenizer | None = None
 
 
-def _init_worker(tokenizer_path: str, fast: bool) -> None:
+def _init_worker(tokenizer_path: str, encoder: str) -> None:
     global _WORKER_TOKENIZER
-    # One process per core already: keep tokenizers' own thread pool out of the way.
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # One process per core already: keep the encoders' own thread pools out of the way.
+    one_thread_per_process()
     if _WORKER_TOKENIZER is None:  # not a fork (a forked worker inherits the parent's)
-        _WORKER_TOKENIZER = load_tokenizer(tokenizer_path, fast=fast)
+        _WORKER_TOKENIZER = load_tokenizer(tokenizer_path, encoder=encoder)
 
 
 def _encode_in_worker(data: bytes, first_line: int, source: str, eod_id: int, dtype: str) -> EncodedBatch:
@@ -173,10 +229,16 @@ def _encode_in_worker(data: bytes, first_line: int, source: str, eod_id: int, dt
     return encode_lines(_WORKER_TOKENIZER, data, first_line, source, eod_id, np.dtype(dtype))
 
 
+def _utf8_length(text: str) -> int:
+    # An ASCII str knows it is ASCII (a flag, no scan): its length is its UTF-8 length.
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def encode_lines(tok: PileTokenizer, data: bytes, first_line: int, source: str, eod_id: int,
                  dtype: np.dtype) -> EncodedBatch:
     """Parse prepared JSON lines (``data``, numbered from ``first_line``) and encode each
-    document followed by ``eod_id``; bad lines are skipped and counted by reason."""
+    document followed by ``eod_id``, in one batch call to the encoder; bad lines are skipped
+    and counted by reason."""
     texts: list[str] = []
     comps: list[str] = []
     kept: list[int] = []
@@ -194,37 +256,33 @@ def encode_lines(tok: PileTokenizer, data: bytes, first_line: int, source: str, 
         texts.append(text)
         kept.append(number)
     try:
-        encoded = tok.encode_many(texts)
+        ids, offsets = tok.encode_flat(texts)
     except (UnicodeEncodeError, TypeError):
         # Text that is not valid Unicode (JSON allows lone surrogates, no tokenizer does):
         # find the culprits one by one, skip them with a reason.
-        encoded, good = [], []
+        parts, good = [], []
         for i, text in enumerate(texts):
             try:
-                encoded.append(tok.encode_to_numpy(text))
+                parts.append(tok.encode_to_numpy(text))
                 good.append(i)
             except (UnicodeEncodeError, TypeError) as e:
                 skipped["invalid_unicode"] += 1
                 log.warning("%s:%d: skipped (invalid_unicode: %s)", source, kept[i], e)
         texts, comps = [texts[i] for i in good], [comps[i] for i in good]
-    limit = np.iinfo(dtype).max
-    parts: list[np.ndarray] = []
-    eod = np.array([eod_id], dtype=np.int64)
-    for ids in encoded:
-        parts.append(ids)
-        parts.append(eod)
-    tokens = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    if len(tokens) and int(tokens.max()) > limit:
-        raise ValueError(f"{source}: token id {int(tokens.max())} does not fit {dtype}")
-    sizes = np.fromiter((len(x) + 1 for x in encoded), dtype=np.int32, count=len(encoded))
-    nbytes = np.fromiter((len(t.encode("utf-8")) for t in texts), dtype=np.int64, count=len(texts))
-    return EncodedBatch(tokens.astype(dtype), sizes, nbytes, comps, skipped)
+        ids, offsets = flatten(parts)
+    if len(ids) and int(ids.max()) > np.iinfo(dtype).max:
+        raise ValueError(f"{source}: token id {int(ids.max())} does not fit {dtype}")
+    # Each document's ids, then one EOD: insert the EOD at every document's end offset.
+    tokens = np.insert(ids.astype(dtype), offsets[1:], eod_id)
+    sizes = (np.diff(offsets) + 1).astype(np.int32)
+    nbytes = np.fromiter((_utf8_length(t) for t in texts), dtype=np.int64, count=len(texts))
+    return EncodedBatch(tokens, sizes, nbytes, comps, skipped)
 
 
 class BatchEncoder:
     """Encodes batches in order: in this process (workers=1) or over a process pool."""
 
-    def __init__(self, tok: PileTokenizer, tokenizer_path: Path, workers: int, fast: bool):
+    def __init__(self, tok: PileTokenizer, tokenizer_path: Path, workers: int):
         self.tok = tok
         self.workers = workers
         self.pool: ProcessPoolExecutor | None = None
@@ -232,13 +290,16 @@ class BatchEncoder:
             global _WORKER_TOKENIZER
             _WORKER_TOKENIZER = tok  # what forked workers start with; others load it
             try:
-                self.pool = process_pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path), fast),
+                self.pool = process_pool(workers, initializer=_init_worker, initargs=(str(tokenizer_path), tok.backend),
                                          inherit=True, preload=PRELOAD, warm_up=True)
             finally:
                 _WORKER_TOKENIZER = None
 
     def map(self, batches: Iterator[LineBatch], files: list[Path], eod_id: int, dtype: np.dtype
             ) -> Iterator[tuple[LineBatch, EncodedBatch]]:
+        """(batch, its encoding) in input order; ``batches`` is read in a thread of its own,
+        up to ``workers + 2`` batches ahead."""
+        batches = read_ahead(batches, self.workers + 2)
         if self.pool is None:
             for b in batches:
                 yield b, encode_lines(self.tok, b.data, b.first_line, str(files[b.file_index]), eod_id, dtype)

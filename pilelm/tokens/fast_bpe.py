@@ -2,11 +2,11 @@
 
 - **Encoding fast**: for a byte-level BPE tokenizer, ``fast_bpe`` builds a tiktoken
   ``Encoding`` from the same ranks (token id = merge rank, the same split regex, NFC applied
-  in Python), several times faster than ``tokenizers`` on this corpus and token-identical to
-  it. The equivalence is checked on probe texts when it is built; a tokenizer tiktoken cannot
-  mirror, or a mismatch, gives None (then ``tokenizers`` encodes). Texts holding
+  in Python), several times faster than ``tokenizers`` and token-identical to it; a
+  tokenizer tiktoken cannot mirror raises ``EncoderUnavailable``. Texts holding
   special-token strings (``<|endoftext|>``) encode them as the special token, as
-  ``tokenizers`` does.
+  ``tokenizers`` does. ``require_byte_level_bpe`` is the structural check the fast encoders
+  share; which encoder is used, and the probe that proves it, is ``pilelm.tokens.encoders``.
 - **Reading tiktoken's files**: ``load_tiktoken_file`` turns a ``*.tiktoken`` rank file into
   the equivalent ``tokenizers`` byte-level BPE (what transformers' tiktoken converter does).
 """
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import re
 import unicodedata
@@ -96,8 +95,14 @@ class FastBPE:
         return np.concatenate(parts).astype(np.uint32)
 
 
+class EncoderUnavailable(Exception):
+    """A fast encoder cannot stand in for ``tokenizers`` on this tokenizer; the message says why."""
+
+
 def _tiktoken_split_pattern(pre: dict[str, Any] | None) -> str | None:
-    """The split regex of a byte-level pre-tokenizer, or None if tiktoken cannot mirror it."""
+    """The split regex of a byte-level pre-tokenizer, or None if it is not one of the two
+    shapes below (GPT-2's ByteLevel with its own regex; a regex Split then a plain ByteLevel,
+    as tiktoken-converted and Llama-3-style tokenizers have)."""
     if not pre:
         return None
     if pre.get("type") == "ByteLevel":
@@ -114,33 +119,48 @@ def _tiktoken_split_pattern(pre: dict[str, Any] | None) -> str | None:
     return None
 
 
-def fast_bpe(tok: Tokenizer, spec: dict[str, Any] | None = None) -> FastBPE | None:
-    """A tiktoken encoder equivalent to ``tok`` (``spec``: its parsed JSON, if at hand), or
-    None when ``tok`` is not a byte-level BPE that tiktoken can express (then ``tokenizers``
-    encodes)."""
-    try:
-        import tiktoken
-    except ImportError:
-        return None
-    if spec is None:
-        spec = json.loads(tok.to_str())
-    model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("dropout") or model.get("byte_fallback"):
-        return None
-    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix") or model.get("ignore_merges"):
-        return None
+def require_byte_level_bpe(spec: dict[str, Any]) -> str:
+    """Check that ``spec`` (a parsed tokenizer.json) is a byte-level BPE of the shape the fast
+    encoders are proven on: plain BPE (no dropout, byte fallback or subword affixes), NFC or
+    no normalizer, one of the two byte-level pre-tokenizers, added tokens matched as plain
+    strings, no truncation or padding. Returns the split regex; raises
+    ``EncoderUnavailable`` naming the first thing that does not fit."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise EncoderUnavailable(f"model is {model.get('type')}, not BPE")
+    for key in ("dropout", "byte_fallback", "continuing_subword_prefix", "end_of_word_suffix"):
+        if model.get(key):
+            raise EncoderUnavailable(f"BPE with {key}={model[key]!r}")
     norm = spec.get("normalizer")
     if norm and not (norm.get("type") == "NFC" or (norm.get("type") == "Sequence" and all(
             n.get("type") == "NFC" for n in norm.get("normalizers", [])))):
-        return None
+        raise EncoderUnavailable(f"normalizer {norm.get('type')} (only NFC or none)")
     pattern = _tiktoken_split_pattern(spec.get("pre_tokenizer"))
     if pattern is None:
-        return None
-    added = spec.get("added_tokens", [])
-    if any(a.get("lstrip") or a.get("rstrip") or a.get("single_word") for a in added):
-        return None
-    if any(a.get("normalized") and unicodedata.normalize("NFC", a["content"]) != a["content"] for a in added):
-        return None
+        raise EncoderUnavailable("pre-tokenizer is not byte-level (ByteLevel, or Split + ByteLevel)")
+    for a in spec.get("added_tokens") or []:
+        if a.get("lstrip") or a.get("rstrip") or a.get("single_word"):
+            raise EncoderUnavailable(f"added token {a['content']!r} has lstrip/rstrip/single_word")
+        if a.get("normalized") and unicodedata.normalize("NFC", a["content"]) != a["content"]:
+            raise EncoderUnavailable(f"added token {a['content']!r} changes under NFC")
+    if spec.get("truncation") or spec.get("padding"):
+        raise EncoderUnavailable("truncation or padding is set in tokenizer.json")
+    return pattern
+
+
+def fast_bpe(spec: dict[str, Any]) -> FastBPE:
+    """A tiktoken encoder over the ranks of ``spec`` (a parsed byte-level BPE tokenizer.json);
+    raises ``EncoderUnavailable`` when tiktoken cannot express it. Whether it really encodes
+    as ``tokenizers`` does is checked by the caller (``pilelm.tokens.encoders``)."""
+    try:
+        import tiktoken
+    except ImportError:
+        raise EncoderUnavailable("tiktoken is not installed") from None
+    pattern = require_byte_level_bpe(spec)
+    model = spec["model"]
+    if model.get("ignore_merges"):
+        raise EncoderUnavailable("BPE with ignore_merges")
+    added = spec.get("added_tokens") or []
     special = {a["content"]: int(a["id"]) for a in added}
     vocab: dict[str, int] = model["vocab"]
     ranks: dict[bytes, int] = {}
@@ -149,10 +169,10 @@ def fast_bpe(tok: Tokenizer, spec: dict[str, Any] | None = None) -> FastBPE | No
             continue
         b = symbols_to_bytes(symbols)
         if b is None:
-            return None
+            raise EncoderUnavailable(f"vocabulary entry {symbols!r} is not byte-level")
         ranks[b] = int(i)
     if len(ranks) != len(set(ranks.values())) or any(bytes([b]) not in ranks for b in range(256)):
-        return None
+        raise EncoderUnavailable("ranks are not one id per byte string covering all 256 bytes")
     # tiktoken merges the adjacent pair whose concatenation has the lowest id; tokenizers the
     # pair earliest in the merge list. They agree when the merge results' ids rise with the
     # merge order and no token is the result of two merges.
@@ -162,39 +182,12 @@ def fast_bpe(tok: Tokenizer, spec: dict[str, Any] | None = None) -> FastBPE | No
         a, b = m.split(" ", 1) if isinstance(m, str) else m
         rid = vocab.get(a + b)
         if rid is None or rid <= last or (a + b) in results:
-            return None
+            raise EncoderUnavailable("merge result ids do not rise with the merge order")
         results.add(a + b)
         last = rid
     enc = tiktoken.Encoding(name="pilelm", pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
     special_re = re.compile("|".join(re.escape(s) for s in sorted(special, key=len, reverse=True))) if special else None
-    fast = FastBPE(enc, nfc=bool(norm), special_re=special_re)
-    mismatch = _check_equivalence(tok, fast)
-    if mismatch is not None:
-        log.warning("tiktoken and tokenizers disagree on %r; encoding with tokenizers (slower)", mismatch)
-        return None
-    return fast
-
-
-# Text covering what the fast path must get right: contractions, digits, punctuation runs,
-# whitespace runs and trailing whitespace, tabs/newlines/form feeds, non-Latin scripts,
-# combining marks that NFC composes, special-token strings, code.
-_PROBE = [
-    "Hello world! It's John's 3rd day; they'll've gone, we'd re-try.   Spaces   here \t\t\n\n\n",
-    "def f(x):\n    return x**2  # comment\n\n\tif a != b: pass\r\n",
-    "Ünïcödé: naïve café, Zürich, 東京都, Москва, عربى, हिन्दी, 한국어 😀👍🏽 ",
-    "A\u030a e\u0301 n\u0303 (decomposed)  <|endoftext|>x<|endoftext|> <|padding|>\u0338",
-    "1234567890 3.14159 -42 1e-9 0xFF ½ ² ٣ 𝟘\u00a0nbsp\u2003em\u3000ideo\x0cff\x0bvt\x1cfs\x85nel",
-    "' 's 'S 'll 'LL ''' ,,, ... !!! ??? ---  ===\n \n  \n",
-]
-
-
-def _check_equivalence(tok: Tokenizer, fast: FastBPE) -> str | None:
-    """The first probe text the two encode differently, or None."""
-    for text in _PROBE:
-        for piece in (text, text.strip(), text[::-1]):
-            if tok.encode(piece, add_special_tokens=False).ids != fast.encode(piece).tolist():
-                return piece
-    return None
+    return FastBPE(enc, nfc=bool(spec.get("normalizer")), special_re=special_re)
 
 
 # ---------------------------------------------------------------- tiktoken rank files

@@ -21,6 +21,7 @@ The finished files are renamed into place, then the manifest is written last.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ from pilelm.core.manifest import MANIFEST, Timer, content_hash, read_manifest, r
 from pilelm.core.workers import worker_count
 from pilelm.data.prepared import SHARD_SUFFIX, SPLITS, split_files
 from pilelm.tokens.encode import BatchEncoder, EncodedBatch, LineBatch, iter_line_batches
+from pilelm.tokens.encoders import ENCODERS, no_encoder_threads
 from pilelm.tokens.identity import tokenizer_fingerprint
 from pilelm.tokens.mmidx import AppendFile, IndexedDataset, IndexedDatasetWriter, token_dtype
 from pilelm.tokens.shards import TOKENIZER_DIR, has_split, save_split_sidecars, split_prefix
@@ -68,8 +70,9 @@ class TokenizeConfig:
     """Raw JSON bytes per batch handed to a worker."""
     checkpoint_seconds: float = 30.0
     """Make progress durable (fsync + position) this often; a killed run resumes from it."""
-    fast: bool = True
-    """Encode byte-level BPE with tiktoken (identical ids, faster); false: tokenizers only."""
+    encoder: str = "auto"
+    """Library that encodes: auto (the fastest proven at load time to give tokenizers' ids
+    for this tokenizer: fastokens, then tiktoken, then tokenizers) or one of those names."""
 
     def __post_init__(self) -> None:
         bad = [s for s in self.splits if s not in SPLITS]
@@ -81,6 +84,8 @@ class TokenizeConfig:
             raise ValueError(f"batch_bytes must be positive, got {self.batch_bytes}")
         if self.checkpoint_seconds < 0:
             raise ValueError(f"checkpoint_seconds must be >= 0, got {self.checkpoint_seconds}")
+        if self.encoder not in ("auto", *ENCODERS):
+            raise ValueError(f"encoder: {self.encoder!r} is not auto or one of {', '.join(ENCODERS)}")
 
 
 # ---------------------------------------------------------------- one split, resumable
@@ -187,7 +192,8 @@ def split_stats(prefix: Path, component: np.ndarray, nbytes: np.ndarray, names: 
 def _fingerprint(cfg: TokenizeConfig, split: str, files: list[Path], tokenizer: str, dtype: np.dtype) -> str:
     """Identifies the work of one split: a saved position is only valid for the same one."""
     h = hashlib.sha256()
-    h.update(json.dumps([__version__, split, str(dtype), tokenizer, cfg.fast,
+    # The encoder is left out: every one in use is proven to give the same ids.
+    h.update(json.dumps([__version__, split, str(dtype), tokenizer,
                          [(f.name, f.stat().st_size) for f in files]]).encode())
     return h.hexdigest()
 
@@ -247,8 +253,8 @@ def run_tokenize(cfg: TokenizeConfig) -> Path:
     if (out / MANIFEST).is_file():
         old = read_manifest(out)
         same_inputs = [i.get("hash") for i in old.get("inputs", [])] == [content_hash(p) for p in inputs]
-        # workers, batch_bytes and checkpoint_seconds change how, not what, is written.
-        what = ("data", "tokenizer", "splits", "fast")
+        # workers, batch_bytes, checkpoint_seconds and encoder change how, not what, is written.
+        what = ("data", "tokenizer", "splits")
         same_config = {k: old.get("config", {}).get(k) for k in what} == {k: to_dict(cfg)[k] for k in what}
         if old.get("stage") == "tokenize" and same_config and same_inputs:
             log.info("%s is up to date with %s; nothing to do", out, prep)
@@ -256,8 +262,10 @@ def run_tokenize(cfg: TokenizeConfig) -> Path:
         (out / MANIFEST).unlink()  # rewriting: the dir is unfinished until the new manifest
 
     timer = Timer()
-    with timer("load_tokenizer"):
-        tok = load_tokenizer(cfg.tokenizer, fast=cfg.fast)
+    workers = worker_count(cfg.workers)
+    # With a pool of workers (forked from this process) this one only checks the encoder.
+    with timer("load_tokenizer"), no_encoder_threads() if workers > 1 else contextlib.nullcontext():
+        tok = load_tokenizer(cfg.tokenizer, encoder=cfg.encoder)
     if tok.eod_id is None:
         raise ValueError(f"tokenizer {cfg.tokenizer} has no end-of-document token "
                          "(<|endoftext|>, </s> or [SEP]); the shards need one after every document")
@@ -265,10 +273,9 @@ def run_tokenize(cfg: TokenizeConfig) -> Path:
     copy_tokenizer(cfg.tokenizer, out / TOKENIZER_DIR)
     fingerprint = tokenizer_fingerprint(tok)
     dtype = token_dtype(tok.vocab_size)
-    workers = worker_count(cfg.workers)
     log.info("tokenizing %s with %s (%s, vocab %d, %s) on %d worker(s)", ", ".join(splits), cfg.tokenizer,
              tok.backend, tok.vocab_size, dtype.name, workers)
-    enc = BatchEncoder(tok, out / TOKENIZER_DIR, workers, cfg.fast)
+    enc = BatchEncoder(tok, out / TOKENIZER_DIR, workers)
     stats: dict[str, Any] = {}
     try:
         for split in splits:
@@ -293,7 +300,9 @@ def run_tokenize(cfg: TokenizeConfig) -> Path:
     }
     extra = {"tokenizer": {"kind": tok.kind, "vocab_size": tok.vocab_size, "eod_id": int(tok.eod_id),
                            "pad_id": tok.pad_id, "fingerprint": fingerprint, "backend": tok.backend,
-                           "source": str(cfg.tokenizer)},
+                           "source": str(cfg.tokenizer),
+                           "encoder": {"name": tok.encoder.name, "version": tok.encoder.version,
+                                       "passed_over": tok.passed_over}},
              "dtype": dtype.name, "workers": workers}
     write_manifest(out, "tokenize", cfg, inputs=inputs, counts=counts, timings=timer.timings, extra=extra)
     return out

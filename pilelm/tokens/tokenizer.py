@@ -2,8 +2,8 @@
 special-token ids pilelm asks for and a fast encoder), ``load_tokenizer`` (ours, any
 tokenizer.json or Hugging Face folder, tiktoken rank files) and ``copy_tokenizer``.
 
-Encoding: a byte-level BPE encodes through tiktoken when it can (``pilelm.tokens.fast_bpe``:
-token-identical, several times faster); everything else through ``tokenizers``.
+Encoding goes through the fastest library proven identical to ``tokenizers`` for the
+tokenizer at hand (``pilelm.tokens.encoders``: fastokens, then tiktoken, then tokenizers).
 Training a tokenizer is ``pilelm.tokens.tokenizer_train``; its identity, ``pilelm.tokens.identity``.
 """
 
@@ -19,7 +19,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from pilelm.core.atomic import atomic_write_json, atomic_write_text
-from pilelm.tokens.fast_bpe import FastBPE, fast_bpe, load_tiktoken_file
+from pilelm.tokens.encoders import Encoder, choose_encoder
+from pilelm.tokens.fast_bpe import load_tiktoken_file
 
 # Role -> token strings to look for in tokenizers we did not train (first match wins).
 _ROLE_CANDIDATES = {
@@ -39,11 +40,14 @@ class PileTokenizer:
     """A ``tokenizers.Tokenizer`` with the ids pilelm needs and a fast encoder.
 
     ``encode`` never adds special tokens (documents are encoded as they are; ``pilelm
-    tokenize`` appends one EOD per document).
+    tokenize`` appends one EOD per document). ``encoder``: ``auto`` (the fastest one proven
+    identical, see ``pilelm.tokens.encoders``) or a name; ``fast=False`` means ``tokenizers``
+    with no check (for callers that only read the vocabulary).
     """
 
     def __init__(self, tokenizer: Tokenizer, kind: str, specials: dict[str, str] | None = None,
-                 fast: bool = True, source: str = "", spec: dict[str, Any] | None = None):
+                 fast: bool = True, source: str = "", spec: dict[str, Any] | None = None,
+                 encoder: str = "auto"):
         self.hf = tokenizer
         self.kind = kind
         self.source = source
@@ -58,7 +62,9 @@ class PileTokenizer:
         if kind == "wordpiece":
             specials.setdefault("sep", specials.get("eod", "[SEP]"))
         self.specials = {role: tok for role, tok in specials.items() if tok in vocab}
-        self._fast: FastBPE | None = fast_bpe(tokenizer, spec) if fast else None
+        self.encoder: Encoder
+        self.encoder, self.passed_over = choose_encoder(tokenizer, spec, encoder if fast else "tokenizers")
+        """The encoder in use, and why each faster one was not."""
 
     # ids of the roles; None when the tokenizer has no such token
     def _id(self, role: str) -> int | None:
@@ -91,30 +97,25 @@ class PileTokenizer:
 
     @property
     def backend(self) -> str:
-        """``tiktoken`` when the fast byte-level BPE encoder is in use, else ``tokenizers``."""
-        return "tiktoken" if self._fast is not None else "tokenizers"
+        """The name of the encoder in use: ``fastokens``, ``tiktoken`` or ``tokenizers``."""
+        return self.encoder.name
 
     def encode(self, text: str) -> list[int]:
-        if self._fast is not None:
-            return self._fast.encode(text).tolist()
-        return self.hf.encode(text, add_special_tokens=False).ids
+        return self.encoder.encode(text).tolist()
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        if self._fast is not None:
-            return [self._fast.encode(t).tolist() for t in texts]
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        ids, offsets = self.encoder.encode_flat(texts)
+        flat = ids.tolist()
+        return [flat[offsets[i] : offsets[i + 1]] for i in range(len(texts))]
 
     def encode_to_numpy(self, text: str) -> np.ndarray:
-        """Token ids of one text as a numpy array (uint32 from tiktoken, else int64)."""
-        if self._fast is not None:
-            return self._fast.encode(text)
-        return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+        """Token ids of one text as a uint32 array."""
+        return self.encoder.encode(text)
 
-    def encode_many(self, texts: list[str]) -> list[np.ndarray]:
-        """``encode_to_numpy`` of each text; one ``tokenizers`` batch call on the slow path."""
-        if self._fast is not None:
-            return [self._fast.encode(t) for t in texts]
-        return [np.asarray(e.ids, dtype=np.int64) for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids in one uint32 array and offsets (int64, len(texts) + 1): text i's
+        ids are ``ids[offsets[i]:offsets[i + 1]]`` (one batch call in the encoder)."""
+        return self.encoder.encode_flat(texts)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.hf.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
@@ -154,16 +155,16 @@ def _bert_lowercase(tok: Tokenizer) -> bool:
 # ---------------------------------------------------------------- loading
 
 
-def load_tokenizer(path: str | Path, fast: bool = True) -> PileTokenizer:
+def load_tokenizer(path: str | Path, fast: bool = True, encoder: str = "auto") -> PileTokenizer:
     """A tokenizer from a pilelm tokenizer dir, a ``tokenizer.json`` file, a Hugging Face
     tokenizer folder (tokenizer.json, or vocab.json + merges.txt, or vocab.txt), or a
-    tiktoken rank file (``*.tiktoken``)."""
+    tiktoken rank file (``*.tiktoken``). ``fast``/``encoder``: see ``PileTokenizer``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer {path} does not exist; train one with "
                                 "`pilelm tokenizer train PREPARED_DIR -o TOKENIZER_DIR`")
     if path.is_file() and path.suffix == ".tiktoken":
-        return _from_tiktoken_file(path, fast)
+        return _from_tiktoken_file(path, fast, encoder)
     config: dict[str, Any] = {}
     if path.is_dir():
         cfg_path = path / "tokenizer_config.json"
@@ -173,7 +174,7 @@ def load_tokenizer(path: str | Path, fast: bool = True) -> PileTokenizer:
         if (path / "tokenizer.json").is_file():
             tok, spec = _read_tokenizer_json(path / "tokenizer.json")
         elif rank_files:
-            return _from_tiktoken_file(rank_files[0], fast)
+            return _from_tiktoken_file(rank_files[0], fast, encoder)
         else:
             tok = _from_transformers(path)
             spec = json.loads(tok.to_str())
@@ -189,12 +190,12 @@ def load_tokenizer(path: str | Path, fast: bool = True) -> PileTokenizer:
                 value = value.get("content")
             if isinstance(value, str) and value:
                 specials[role] = value
-    return PileTokenizer(tok, kind, specials, fast=fast, source=str(path), spec=spec)
+    return PileTokenizer(tok, kind, specials, fast=fast, source=str(path), spec=spec, encoder=encoder)
 
 
-def _from_tiktoken_file(path: Path, fast: bool) -> PileTokenizer:
+def _from_tiktoken_file(path: Path, fast: bool, encoder: str) -> PileTokenizer:
     tok, specials = load_tiktoken_file(path)
-    return PileTokenizer(tok, "bpe", specials, fast=fast, source=str(path))
+    return PileTokenizer(tok, "bpe", specials, fast=fast, source=str(path), encoder=encoder)
 
 
 def _read_tokenizer_json(path: Path) -> tuple[Tokenizer, dict[str, Any]]:
