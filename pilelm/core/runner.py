@@ -122,6 +122,8 @@ class PipelineConfig:
     """Keys set on every `export` stage."""
     finetune: dict[str, Any] = field(default_factory=dict)
     """Keys set on every `finetune` stage, e.g. finetune.loop.max_steps=100."""
+    audit: dict[str, Any] = field(default_factory=dict)
+    """Keys set on every `audit` stage, e.g. audit.candidates=200."""
 
     def overrides(self) -> dict[str, dict[str, Any]]:
         return {name: getattr(self, name) for name in SECTIONS if getattr(self, name)}

@@ -93,30 +93,37 @@ def test_exposure_arithmetic():
     assert extrapolated_exposure(-1e9, sample, 26.6) == 26.6  # capped at the size of the space
 
 
-def _pilelm(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "pilelm", *args], check=True, capture_output=True)
-
-
 @pytest.mark.slow
 def test_audit_finds_a_canary_trained_100_times(tmp_path):
-    prep = prepare(corpus(tmp_path / "raw", n_train=120), tmp_path / "prep", canaries=2, repetitions=[1, 100])
-    _pilelm("tokenizer", "train", str(prep), "-o", str(tmp_path / "tok"), "--kind", "bpe", "--vocab-size", "320")
-    _pilelm("tokenize", str(prep), "--tokenizer", str(tmp_path / "tok"), "-o", str(tmp_path / "shards"))
-    _pilelm("train", "--data", str(tmp_path / "shards"), "-o", str(tmp_path / "run"), "--config", "tiny",
-            "model.block_size=64", "loop.max_steps=150", "loop.micro_batch=8", "loop.eval_every=0",
-            "loop.num_threads=1", "loop.tensorboard=false", "loop.precision=fp32", "loop.peak_flops=1e12")
-    _pilelm("audit", str(tmp_path / "run"), "--canaries", str(prep / "canaries.json"), "-o",
-            str(tmp_path / "audit"), "candidates=200", "pii_originals=0")
-    results = json.loads((tmp_path / "audit" / "results.json").read_text())
+    # The whole road in one pipeline: prepare with canaries -> tokenizer -> tokenize -> train -> audit.
+    inputs = corpus(tmp_path / "raw", n_train=120)
+    pipeline = {"work_dir": str(tmp_path / "work"), "stages": [
+        {"stage": "prepare", "inputs": inputs, "executor": {"workers": 1}, "decontam": {"enabled": False},
+         "filters": {"gopher_quality": [], "gopher_repetition": [], "c4": []},
+         "privacy": {"canaries": 2, "repetitions": [1, 100]}},
+        {"stage": "tokenizer train", "data": "prepared", "kind": "bpe", "vocab_size": 320},
+        {"stage": "tokenize", "data": "prepared", "tokenizer": "tokenizer"},
+        {"stage": "train", "config": "tiny", "data": "shards", "model": {"block_size": 64},
+         "loop": {"max_steps": 150, "micro_batch": 8, "eval_every": 0, "num_threads": 1, "tensorboard": False,
+                  "precision": "fp32", "peak_flops": 1e12}},
+        {"stage": "audit", "run": "run", "canaries": "prepared/canaries.json", "candidates": 200,
+         "pii_originals": 0},
+    ]}
+    (tmp_path / "pipeline.yaml").write_text(json.dumps(pipeline))
+    subprocess.run([sys.executable, "-m", "pilelm", "run", str(tmp_path / "pipeline.yaml")], check=True,
+                   capture_output=True)
+    audit = tmp_path / "work" / "audit"
+    results = json.loads((audit / "results.json").read_text())
     groups = {g["repetitions"]: g for g in results["groups"]}
     assert set(groups) == {0, 1, 100} and all(g["canaries"] == 2 for g in groups.values())
     # Trained 100 times without DP: at the top of 200 random look-alikes, far above chance.
     assert groups[100]["exposure_rank"] > math.log2(201) - 1
     assert groups[100]["exposure"] > groups[0]["exposure"] + 5
     assert groups[0]["exposure_rank"] < 5
-    assert (tmp_path / "audit" / "results.md").read_text().startswith("| canary repetitions")
-    manifest = json.loads((tmp_path / "audit" / "manifest.json").read_text())
+    assert (audit / "results.md").read_text().startswith("| canary repetitions")
+    manifest = json.loads((audit / "manifest.json").read_text())
     assert manifest["stage"] == "audit" and manifest["counts"]["canaries"] == 6
+    assert "## Memorization audit" in (tmp_path / "work" / "report.md").read_text()
 
 
 def test_audit_errors_name_the_fix(tmp_path, tiny_run):

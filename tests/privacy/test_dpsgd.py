@@ -130,6 +130,10 @@ def test_private_training_logs_and_stores_epsilon(shards, tmp_path):
     assert record["per_sample"] == "vmap" and record["sampling"] == "poisson"
     assert (checkpoint.latest_checkpoint(run) / "privacy.json").is_file()
     assert list((run / "tensorboard").iterdir())
+    from pilelm.core.report import StageResult, write_report
+
+    report = write_report(tmp_path, [StageResult("train", run, "ran", 1.0)]).read_text()
+    assert f"| DP-SGD epsilon (delta) | {record['epsilon']:.2f} ({record['delta']:.2g}) |" in report
 
 
 def test_resume_keeps_the_accountant_exact(shards, tmp_path):
