@@ -235,6 +235,9 @@ def _train_section(run_dir: Path, work_dir: Path, metrics: list[dict[str, Any]])
             "final train loss": last.get("loss"),
             "tokens/s (last)": last.get("tokens_per_s"),
         }
+        privacy = m.get("extra", {}).get("privacy")
+        if privacy:  # DP-SGD (pilelm/privacy/dpsgd.py)
+            facts["DP-SGD epsilon (delta)"] = f"{privacy['epsilon']:.2f} ({privacy['delta']:.2g})"
         if vals:
             facts["final val loss"] = vals[-1]["val_loss"]
             if vals[-1].get("val_bpb") is not None:

@@ -75,6 +75,7 @@ SECTIONS = {
     "generate": "generate",
     "export": "export",
     "finetune": "finetune",
+    "audit": "audit",
 }
 STAGE_SECTION = {v: k for k, v in SECTIONS.items()} | {"import": "import"}
 DEFAULT_OUTPUT = {
@@ -87,10 +88,11 @@ DEFAULT_OUTPUT = {
     "export": "hf",
     "import": "run",
     "finetune": "finetune",
+    "audit": "audit",
 }
 # Keys that hold paths even when a stage types them as plain strings.
 PATH_KEYS = {"inputs", "input", "data", "output", "tokenizer", "run", "runs", "source", "prompt_file", "bleu_data",
-             "val_data", "test_data"}
+             "val_data", "test_data", "canaries"}
 
 
 @dataclass
@@ -120,6 +122,8 @@ class PipelineConfig:
     """Keys set on every `export` stage."""
     finetune: dict[str, Any] = field(default_factory=dict)
     """Keys set on every `finetune` stage, e.g. finetune.loop.max_steps=100."""
+    audit: dict[str, Any] = field(default_factory=dict)
+    """Keys set on every `audit` stage, e.g. audit.candidates=200."""
 
     def overrides(self) -> dict[str, dict[str, Any]]:
         return {name: getattr(self, name) for name in SECTIONS if getattr(self, name)}

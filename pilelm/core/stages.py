@@ -115,6 +115,10 @@ COMMANDS: dict[str, Command] = {
         Command("compress report", "pilelm.compress.report", "CompressReportConfig", "run_compress_report",
                 "one table: parameters, bytes, BPB and decode tokens/s of compressed runs vs their base",
                 ("runs",), "pilelm compress report BASE_RUN COMPRESSED_RUN... --data SHARD_DIR -o REPORT_DIR"),
+        Command("audit", "pilelm.privacy.audit", "AuditConfig", "run_audit",
+                "memorization audit: canary exposure, greedy extraction, scrubbed-PII completion",
+                ("run",), "pilelm audit RUN_DIR --canaries PREPARED_DIR/canaries.json -o AUDIT_DIR",
+                report="pilelm.privacy.audit:report_section"),
         Command("run", "pilelm.core.runner", "PipelineConfig", "run_pipeline",
                 "run a pipeline YAML that chains stages (resumes finished ones)",
                 ("pipeline",), "pilelm run PIPELINE.yaml [-o WORK_DIR] [stage.key=value ...]"),
@@ -123,6 +127,19 @@ COMMANDS: dict[str, Command] = {
                 (), "pilelm demo [-o runs/demo]"),
     ]
 }
+
+# Extension points of a lower layer that a higher package implements: the lower layer asks
+# for a hook by name, so it never imports the higher package (the stage table's lazy loading).
+HOOKS: dict[str, str] = {
+    "train.privacy": "pilelm.privacy.dpsgd:PrivateTraining",
+    "prepare.canaries": "pilelm.privacy.canaries:plant_canaries",
+}
+
+
+def load_hook(name: str) -> typing.Callable[..., Any]:
+    """The object registered in ``HOOKS`` under ``name`` (its module imported now)."""
+    module, _, attr = HOOKS[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def resolve_config_path(name: str) -> Path:

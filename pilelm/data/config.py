@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pilelm.data.canary_config import CanaryConfig
 from pilelm.data.decontam import DecontamConfig
 from pilelm.data.dedup import DedupConfig
 from pilelm.data.executor import ExecutorConfig
@@ -32,6 +33,8 @@ class PrepareConfig:
     """Decontamination of train against evaluation text."""
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     """Where tasks run."""
+    privacy: CanaryConfig = field(default_factory=CanaryConfig)
+    """Canaries planted in the train split for the memorization audit (`pilelm audit`)."""
     compression_level: int = 3
     """zstd level of the output shards."""
     overwrite: bool = False

@@ -36,6 +36,7 @@ from typing import Any
 from pilelm.core.atomic import atomic_write_bytes, atomic_write_json
 from pilelm.core.config import to_dict
 from pilelm.core.manifest import MANIFEST, Timer, read_manifest, write_manifest
+from pilelm.core.stages import load_hook
 from pilelm.data.config import PrepareConfig
 from pilelm.data.executor import make_executor
 from pilelm.data.plan import PrepareJob, plan_tasks
@@ -156,6 +157,10 @@ def run_prepare(cfg: PrepareConfig) -> Path:
             executor.map(functools.partial(write_task, job), todo, "write")
     finally:
         executor.close()
+    canaries = None
+    if cfg.privacy.canaries:  # pilelm/privacy/canaries.py
+        with timer("canaries"):
+            canaries = load_hook("prepare.canaries")(cfg.privacy, out, job.work, cfg.compression_level)
     with timer("report"):
         counts, report_files = _finish(job)
     n_idx = n_ignored = 0
@@ -175,6 +180,8 @@ def run_prepare(cfg: PrepareConfig) -> Path:
         "dedup_threshold": round(cfg.dedup.threshold(), 4),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if canaries:
+        extra["canaries"] = canaries
     if not cfg.keep_work:
         shutil.rmtree(job.work, ignore_errors=True)
     inputs = [s.path for s in sources if s.format != "hf"]

@@ -5,6 +5,7 @@
                                        canonical document order (the input order)
     PREPARED/rejects.jsonl.zst         every dropped record: reason, file:line, preview
     PREPARED/stats.md, *.png           what each step did, per component
+    PREPARED/canaries.json             the canaries planted in train (``privacy.canaries=N``)
     PREPARED/.work/                    intermediate files of a run not finished yet
     PREPARED/manifest.json             written last
 
@@ -32,6 +33,7 @@ REJECTS = "rejects.jsonl.zst"
 STATS = "stats.md"
 PLOTS = ("lengths.png", "removed.png")
 WORK = ".work"
+CANARIES = "canaries.json"
 
 
 def shard_path(prep: str | Path, split: str, index: int) -> Path:
@@ -66,7 +68,7 @@ def document_files(prep: str | Path) -> list[Path]:
 
 def output_names() -> tuple[str, ...]:
     """Everything a prepare run puts in its output directory (what ``--overwrite`` clears)."""
-    return (*SPLITS, WORK, MANIFEST, REJECTS, STATS, *PLOTS)
+    return (*SPLITS, WORK, MANIFEST, REJECTS, STATS, *PLOTS, CANARIES)
 
 
 def encode_record(text: str, meta: dict[str, Any]) -> bytes:

@@ -17,6 +17,7 @@ from pilelm.models.bert import BertConfig
 from pilelm.models.gpt import GPTConfig
 from pilelm.models.spec import Objective
 from pilelm.training.optim import OptimConfig, ScheduleConfig
+from pilelm.training.privacy_config import PrivacyConfig
 
 
 @dataclass
@@ -99,6 +100,8 @@ class TrainConfig:
     """Learning-rate schedule."""
     loop: LoopConfig = field(default_factory=LoopConfig)
     """Batching, precision, logging, evaluation and checkpoint cadence."""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    """Differentially private training (DP-SGD); off by default."""
     resume: bool = True
     """Resume from the newest intact checkpoint in the output directory if there is one."""
     init_from: str = ""

@@ -25,7 +25,7 @@ window; ``[CLS] A [SEP] B [SEP]`` with token types 0/1, padded.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,15 +179,19 @@ class BatchLoader:
 
     def batch(self, g: int, n: int) -> dict[str, torch.Tensor]:
         """The collated global samples g .. g+n-1."""
-        windows = self.sampler.windows(g, n)
+        return self.collate(self.sampler.windows(g, n), [self.sampler.epoch_of(g + k) for k in range(n)])
+
+    def collate(self, windows: np.ndarray, epochs: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The training examples of ``windows``; a masked objective draws the mask of window
+        ``windows[k]`` from ``(seed, epochs[k], window)``."""
         if self.objective == "clm":
-            starts = windows * self.stride
+            starts = np.asarray(windows, dtype=np.int64) * self.stride
             rows = np.stack([self.tokens[s : s + self.span + 1] for s in starts]).astype(np.int64)
             x = torch.from_numpy(rows)
             return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}
         examples = []
-        for k, w in enumerate(windows):
-            rng = np.random.default_rng([self.seed, self.sampler.epoch_of(g + k), int(w)])
+        for epoch, w in zip(epochs, windows, strict=True):
+            rng = np.random.default_rng([self.seed, int(epoch), int(w)])
             if self.objective == "mlm":
                 examples.append(self._mlm_example(int(w), rng))
             else:

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from pilelm.core.atomic import atomic_write_json, atomic_write_text
 from pilelm.core.config import dump_yaml, to_dict
 from pilelm.core.manifest import require_stage, write_manifest
+from pilelm.core.stages import load_hook
 from pilelm.models import build_model, model_spec
 from pilelm.models.spec import IGNORE_INDEX
 from pilelm.training import checkpoint as ckpt_io
@@ -182,6 +183,8 @@ class Trainer:
         self.raw_model = unwrap(self.model)
         self.optimizer = self.precision.wrap_optimizer(build_optimizer(self.raw_model, cfg.optim), self.raw_model)
         self.forward = torch.compile(self.model) if loop.compile else self.model
+        # DP-SGD (pilelm/privacy/dpsgd.py) replaces the gradient computation of a step.
+        self.private = load_hook("train.privacy")(self) if cfg.privacy.enabled else None
         torch.manual_seed(loop.seed + 1 + self.info.rank)  # dropout streams differ per rank
         self.step = 0
         self.tokens_seen = 0
@@ -194,7 +197,34 @@ class Trainer:
         self.model.train()
         mult = lr_multiplier(self.step, loop.max_steps, cfg.schedule)
         set_lr(self.optimizer, mult)
-        micro = self.loader.next_step()
+        if self.private is not None:
+            loss_sum, grad_norm, tokens = self.private.gradients()
+        else:
+            loss_sum, grad_norm = self._gradients(self.loader.next_step())
+            tokens = self.loader.tokens_per_step
+        loss_value, norm_value = float(loss_sum), float(grad_norm)  # one host sync per step
+        skipped = False
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self.skips_in_a_row += 1
+            if loop.on_nonfinite == "stop" or self.skips_in_a_row > loop.max_skips:
+                raise NonFiniteLossError(
+                    f"step {self.step + 1}: loss {loss_value}, gradient norm {norm_value}; lower optim.lr, "
+                    f"raise schedule.warmup_steps or use loop.precision=fp32 (last checkpoint: "
+                    f"{ckpt_io.latest_checkpoint(self.out)})")
+            log.warning("step %d: non-finite loss/gradient (%s, %s); update skipped",
+                        self.step + 1, loss_value, norm_value)
+            skipped = True
+        else:
+            self.skips_in_a_row = 0
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += tokens
+        return StepResult(self.step, loss_value, norm_value, cfg.optim.lr * mult, skipped)
+
+    def _gradients(self, micro: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward over this rank's micro-batches, reduce, clip: (loss, grad norm)."""
+        loop = self.cfg.loop
         world = self.info.world
         counts = (0.0, 0.0)
         global_count = self.spec.loss_normalisation == "global_target_count"
@@ -216,25 +246,7 @@ class Trainer:
             loss_sum += share.detach().float()
         grad_norm = self._clip()
         all_reduce_sum(loss_sum, self.info)
-        loss_value, norm_value = float(loss_sum), float(grad_norm)  # one host sync per step
-        skipped = False
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            self.skips_in_a_row += 1
-            if loop.on_nonfinite == "stop" or self.skips_in_a_row > loop.max_skips:
-                raise NonFiniteLossError(
-                    f"step {self.step + 1}: loss {loss_value}, gradient norm {norm_value}; lower optim.lr, "
-                    f"raise schedule.warmup_steps or use loop.precision=fp32 (last checkpoint: "
-                    f"{ckpt_io.latest_checkpoint(self.out)})")
-            log.warning("step %d: non-finite loss/gradient (%s, %s); update skipped",
-                        self.step + 1, loss_value, norm_value)
-            skipped = True
-        else:
-            self.skips_in_a_row = 0
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.tokens_seen += self.loader.tokens_per_step
-        return StepResult(self.step, loss_value, norm_value, cfg.optim.lr * mult, skipped)
+        return loss_sum, grad_norm
 
     def step_loss(self, batch: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> torch.Tensor:
         """The loss of one micro-batch as the family's spec normalises it. A subclass may
@@ -316,6 +328,8 @@ class Trainer:
                 "loader": self.loader.state_dict(),
                 "world": self.info.world,
             })
+            if self.private is not None:
+                self.private.save(step_dir)
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -373,6 +387,8 @@ class Trainer:
                                     if state.get("world", 1) != self.info.world else state["loader"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
+        if self.private is not None:
+            self.private.load(step_dir)
         rng_path = step_dir / ckpt_io.rng_file(self.info.rank)
         if rng_path.is_file():
             rng = ckpt_io.load_torch(rng_path)
@@ -416,10 +432,10 @@ class Trainer:
         window_t, window_tokens = time.perf_counter(), 0
         try:
             while self.step < end:
-                t0 = time.perf_counter()
+                t0, tokens_before = time.perf_counter(), self.tokens_seen
                 last = self.train_step()
                 train_time += time.perf_counter() - t0
-                window_tokens += self.loader.tokens_per_step
+                window_tokens += self.tokens_seen - tokens_before
                 row: dict[str, Any] = {}
                 if self.step % loop.log_every == 0 or self.step == end:
                     now = time.perf_counter()
@@ -431,6 +447,8 @@ class Trainer:
                            "grad_norm": round(last.grad_norm, 4), "epoch": round(self.loader.epoch(), 4)}
                     if last.skipped:
                         row["skipped"] = True
+                    if self.private is not None:
+                        row.update(self.private.metrics())
                     bar.set_postfix(loss=f"{last.loss:.4f}", lr=f"{last.lr:.2e}", tok_s=f"{tps:,.0f}",
                                     mfu=f"{100 * mfu:.1f}%", refresh=False)
                 if loop.eval_every and (self.step % loop.eval_every == 0 or self.step == loop.max_steps):
@@ -459,7 +477,8 @@ class Trainer:
                            timings={"total": time.perf_counter() - t_start, "train": train_time},
                            extra={"tokens_per_s": tokens / train_time if train_time else None,
                                   "precision": self.precision.name, "world": info.world,
-                                  "peak_flops": peak})
+                                  "peak_flops": peak,
+                                  **({"privacy": self.private.summary()} if self.private is not None else {})})
         barrier(info)
         return out
 

@@ -1,0 +1,135 @@
+"""Canaries and the memorization audit: planting (exact counts, kill-safe), exposure arithmetic,
+and `pilelm prepare privacy.canaries` -> tokenize -> train -> `pilelm audit` end to end, where a
+canary repeated 100 times is memorized by a model trained without DP."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pilelm.core.config import load_config
+from pilelm.data.canary_config import CanaryConfig
+from pilelm.data.pipeline import PrepareConfig, run_prepare
+from pilelm.data.prepared import read_split
+from pilelm.privacy.canaries import load_canaries, make_canaries, plant_canaries
+from pilelm.privacy.exposure import extrapolated_exposure, rank_exposure
+from tests.conftest import write_pile_shard
+
+WORDS = ("river stone cloud maple harbor lantern meadow copper violet thunder orchard velvet "
+         "signal candle prairie marble falcon ember willow granite").split()
+
+
+def corpus(root: Path, n_train: int = 150, seed: int = 0) -> list[str]:
+    """Raw Pile-format inputs: distinct multi-line word documents, a val and a test file."""
+    rng = np.random.default_rng(seed)
+
+    def doc(i: int) -> dict:
+        lines = [" ".join(rng.choice(WORDS, 8)) + f" {i}." for _ in range(3)]
+        return {"text": "\n".join(lines), "meta": {"pile_set_name": "Pile-CC"}}
+
+    write_pile_shard(root / "train" / "00.jsonl.zst", [doc(i) for i in range(n_train)])
+    write_pile_shard(root / "val.jsonl.zst", [doc(10_000 + i) for i in range(10)])
+    write_pile_shard(root / "test.jsonl.zst", [doc(20_000 + i) for i in range(10)])
+    return [str(root / "train"), str(root / "val.jsonl.zst"), str(root / "test.jsonl.zst")]
+
+
+def prepare(inputs: list[str], out: Path, **privacy) -> Path:
+    cfg = load_config(PrepareConfig, overrides={
+        "inputs": inputs, "output": str(out), "executor": {"workers": 1},
+        "filters": {"gopher_quality": [], "gopher_repetition": [], "c4": []},
+        "decontam": {"enabled": False}, "privacy": privacy})
+    return run_prepare(cfg)
+
+
+def test_make_canaries_groups_and_references():
+    cs = make_canaries(CanaryConfig(canaries=3, repetitions=[1, 10], seed=5))
+    assert [c.repetitions for c in cs.canaries] == [1, 1, 1, 10, 10, 10, 0, 0, 0]
+    assert len({c.key for c in cs.canaries}) == 9
+    for c in cs.canaries:
+        assert len(c.secret) == 8 and c.secret.isdigit()
+        assert c.text == f"the account number of customer {c.key} is {c.secret}" and c.text.startswith(c.prefix)
+    assert make_canaries(CanaryConfig(canaries=3, repetitions=[1, 10], seed=5)) == cs  # seeded
+
+
+def test_planting_counts_are_exact_and_survive_a_kill(tmp_path):
+    prep = prepare(corpus(tmp_path / "raw"), tmp_path / "prep", canaries=2, repetitions=[1, 5, 30])
+    cs = load_canaries(prep / "canaries.json")
+    texts = [d.text for d in read_split(prep, "train")]
+    assert len(texts) == 150
+    for c in cs.canaries:
+        holding = [t for t in texts if c.text in t]
+        assert len(holding) == c.repetitions  # distinct documents, one copy each
+        assert all(c.text in t.split("\n") for t in holding)  # a line of its own
+    manifest = json.loads((prep / "manifest.json").read_text())
+    assert manifest["extra"]["canaries"]["copies"] == 2 * (1 + 5 + 30)
+    assert manifest["config"]["privacy"]["canaries"] == 2
+
+    # A run killed after staging but before moving every file: the rerun plants once.
+    clean = prepare(corpus(tmp_path / "raw"), tmp_path / "clean")
+    work = tmp_path / "work"
+    cfg = CanaryConfig(canaries=2, repetitions=[1, 5, 30])
+    plant_canaries(cfg, clean, work)
+    once = [d.text for d in read_split(clean, "train")]
+    plant_canaries(cfg, clean, work)  # the staged record is done: nothing is planted twice
+    assert [d.text for d in read_split(clean, "train")] == once == texts
+
+
+def test_exposure_arithmetic():
+    candidates = np.arange(1.0, 1001.0)  # NLLs 1 .. 1000
+    top, rank = rank_exposure(0.5, candidates)
+    assert rank == 1 and top == pytest.approx(math.log2(1001))
+    middle, rank = rank_exposure(500.5, candidates)
+    assert rank == 501 and middle == pytest.approx(math.log2(1001) - math.log2(501))
+    rng = np.random.default_rng(0)
+    sample = rng.normal(50.0, 2.0, 2000)
+    assert extrapolated_exposure(50.0, sample, 26.6) == pytest.approx(1.0, abs=0.15)  # the median: 1 bit
+    assert extrapolated_exposure(50.0 - 2.0 * 4.0, sample, 26.6) > 12  # 4 sigma below: rarer than 1 in 2^12
+    assert extrapolated_exposure(-1e9, sample, 26.6) == 26.6  # capped at the size of the space
+
+
+@pytest.mark.slow
+def test_audit_finds_a_canary_trained_100_times(tmp_path):
+    # The whole road in one pipeline: prepare with canaries -> tokenizer -> tokenize -> train -> audit.
+    inputs = corpus(tmp_path / "raw", n_train=120)
+    pipeline = {"work_dir": str(tmp_path / "work"), "stages": [
+        {"stage": "prepare", "inputs": inputs, "executor": {"workers": 1}, "decontam": {"enabled": False},
+         "filters": {"gopher_quality": [], "gopher_repetition": [], "c4": []},
+         "privacy": {"canaries": 2, "repetitions": [1, 100]}},
+        {"stage": "tokenizer train", "data": "prepared", "kind": "bpe", "vocab_size": 320},
+        {"stage": "tokenize", "data": "prepared", "tokenizer": "tokenizer"},
+        {"stage": "train", "config": "tiny", "data": "shards", "model": {"block_size": 64},
+         "loop": {"max_steps": 150, "micro_batch": 8, "eval_every": 0, "num_threads": 1, "tensorboard": False,
+                  "precision": "fp32", "peak_flops": 1e12}},
+        {"stage": "audit", "run": "run", "canaries": "prepared/canaries.json", "candidates": 200,
+         "pii_originals": 0},
+    ]}
+    (tmp_path / "pipeline.yaml").write_text(json.dumps(pipeline))
+    subprocess.run([sys.executable, "-m", "pilelm", "run", str(tmp_path / "pipeline.yaml")], check=True,
+                   capture_output=True)
+    audit = tmp_path / "work" / "audit"
+    results = json.loads((audit / "results.json").read_text())
+    groups = {g["repetitions"]: g for g in results["groups"]}
+    assert set(groups) == {0, 1, 100} and all(g["canaries"] == 2 for g in groups.values())
+    # Trained 100 times without DP: at the top of 200 random look-alikes, far above chance.
+    assert groups[100]["exposure_rank"] > math.log2(201) - 1
+    assert groups[100]["exposure"] > groups[0]["exposure"] + 5
+    assert groups[0]["exposure_rank"] < 5
+    assert (audit / "results.md").read_text().startswith("| canary repetitions")
+    manifest = json.loads((audit / "manifest.json").read_text())
+    assert manifest["stage"] == "audit" and manifest["counts"]["canaries"] == 6
+    assert "## Memorization audit" in (tmp_path / "work" / "report.md").read_text()
+
+
+def test_audit_errors_name_the_fix(tmp_path, tiny_run):
+    from pilelm.privacy.audit import AuditConfig, run_audit
+
+    with pytest.raises(FileNotFoundError, match="privacy.canaries=N"):
+        run_audit(AuditConfig(run=tiny_run, canaries=tmp_path / "none.json", output=tmp_path / "a"))
+    with pytest.raises(ValueError, match="canaries"):
+        run_audit(AuditConfig(run=tiny_run, output=tmp_path / "a"))
