@@ -284,6 +284,25 @@ def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment ids -> (B, T) positions counted from each segment's first token."""
+    B, T = segments.shape
+    t = torch.arange(T, device=segments.device).expand(B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values  # (B, T) start of my segment
+    return t - first
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(B, T) segment ids -> (B, 1, T, T) boolean attention mask: causal within a segment
+    (True = may attend). Every query sees at least itself, so no row of scores is all -inf."""
+    T = segments.size(1)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()  # (T, T)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    return (same & causal)[:, None]
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -337,6 +356,7 @@ class GPT(nn.Module):
         positions: torch.Tensor | None = None,
         last_only: bool = False,
         return_logits: bool = True,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, V) or (B, 1, V) if last_only, mean loss or None).
 
@@ -345,11 +365,16 @@ class GPT(nn.Module):
         ``cache.key_mask`` (left padding); ``positions`` (B, T) default to consecutive ones.
         ``return_logits=False`` with targets computes the loss chunk by chunk without the
         (B, T, V) logits (``models/fused_ce.py``; training) and returns None for them.
+
+        ``segments`` (B, T) packs several sequences into one row (supervised fine-tuning): a
+        token attends only to earlier tokens of its own segment (a block-diagonal causal mask)
+        and positions restart at each segment's first token, so every packed sequence is
+        computed as if it were alone (tests/models/test_gpt.py checks packed == separate).
         """
         B, T = idx.shape
         if cache is not None and T == 1 and not self.training and not torch.is_grad_enabled() and last_only:
             return self._decode_one(idx[:, 0], None if positions is None else positions[:, 0], cache)[:, None], None
-        x = self._trunk(idx, cache, positions)
+        x = self._trunk(idx, cache, positions, segments)
         if targets is not None and not return_logits and not last_only:
             return None, linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
         if last_only:
@@ -368,10 +393,18 @@ class GPT(nn.Module):
         """
         return self._trunk(idx, None, None)
 
-    def _trunk(self, idx: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None) -> torch.Tensor:
+    def _trunk(self, idx: torch.Tensor, cache: KVCache | None, positions: torch.Tensor | None,
+               segments: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings, blocks and the final norm: (B, T) ids -> (B, T, C)."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
+        mask = None
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("segments (packed sequences) are for training and scoring, not with a KV cache")
+            mask = segment_mask(segments)
+            if positions is None:
+                positions = segment_positions(segments)
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device).unsqueeze(0).expand(B, T)
             last_position = start + T - 1  # known without reading the device (no host sync)
@@ -384,7 +417,6 @@ class GPT(nn.Module):
             x = x + self.wpe(positions)
         if self.training:
             x = self.drop(x)
-        mask = None
         if cache is not None:
             if start + T > cache.max_len:
                 raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} needed")
