@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from pilelm.finetune.model import Pooling
+from pilelm.finetune.sft.config import SftConfig
 from pilelm.finetune.tasks import TASKS
 from pilelm.training.optim import OptimConfig, ScheduleConfig
 
@@ -91,9 +92,9 @@ class FinetuneConfig:
     run: str = ""
     """The pretrained run directory (`pilelm train` or `pilelm import` output, e.g. an imported Hugging Face model)."""
     task: str = "classify"
-    """The task: classify, ner or punct (see the README's Fine-tuning section)."""
+    """The task: classify, ner, punct, sft or contrastive (see the README's Fine-tuning and Supervised fine-tuning sections)."""
     data: list[str] = field(default_factory=list)
-    """Labelled files (classify: JSONL/CSV/Parquet; ner: CoNLL or JSONL {tokens, tags}; punct: .txt or JSONL text), or one prepared directory whose train/val/test splits are used."""
+    """Labelled files (classify: JSONL/CSV/Parquet; ner: CoNLL or JSONL {tokens, tags}; punct: .txt or JSONL text; sft: JSONL conversations, or documents with sft.examples), or one prepared directory whose train/val/test splits are used."""
     val_data: list[str] = field(default_factory=list)
     """Validation files; empty = val_ratio of the records of data (or a prepared dir's val split)."""
     test_data: list[str] = field(default_factory=list)
@@ -111,7 +112,7 @@ class FinetuneConfig:
     scheme: Literal["auto", "bio", "bioes"] = "auto"
     """ner: tag scheme; auto = bioes if any tag starts with S- or E-, else bio. Sequences that break it are errors."""
     max_length: int = 128
-    """Tokens per example (special tokens included); longer texts are truncated. At most the model's block_size."""
+    """Tokens per example (special tokens included); longer texts are truncated (sft: from the left of the prompt; also the length of a packed row). At most the model's block_size."""
     words_per_example: int = 48
     """punct: words per training example (documents are cut into runs of this many words)."""
     max_train_examples: int = 0
@@ -122,6 +123,8 @@ class FinetuneConfig:
     """Task head: pooling and dropout."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Optional LoRA (lora.r=8) instead of full fine-tuning."""
+    sft: SftConfig = field(default_factory=SftConfig)
+    """--task sft: mined examples, packing, evaluation decoding."""
     optim: OptimConfig = field(default_factory=_finetune_optim)
     """Optimizer (weight_decay is configurable here)."""
     schedule: ScheduleConfig = field(default_factory=_finetune_schedule)

@@ -21,15 +21,17 @@ DEFAULT_TARGETS = {
 
 
 def add_lora(model: nn.Module, family: str, cfg: LoraConfig) -> None:
-    """Inject adapters into ``model.trunk`` in place and freeze the trunk's own weights."""
+    """Inject adapters into ``model.trunk`` (a task model's; else the model itself) in place
+    and freeze the trunk's own weights."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import inject_adapter_in_model
 
     targets = list(cfg.targets) or DEFAULT_TARGETS[family]
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                               bias="none")
-    inject_adapter_in_model(peft_cfg, model.trunk)
-    for name, p in model.trunk.named_parameters():
+    trunk = getattr(model, "trunk", model)
+    inject_adapter_in_model(peft_cfg, trunk)
+    for name, p in trunk.named_parameters():
         p.requires_grad = "lora_" in name
 
 

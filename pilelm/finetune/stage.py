@@ -281,6 +281,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     from pilelm.finetune.results import write_results
     from pilelm.tokens.tokenizer import copy_tokenizer
 
+    own_loop = TASKS[cfg.task].load_runner()
+    if own_loop is not None:
+        return own_loop(cfg)
     ft = Finetuner(cfg)
     out = ft.out
     out.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,11 @@
 """The fine-tuning tasks: how each reads its data, what its head is, how it is scored.
 
 ``TASKS`` is the one place a task registers (``register_task``); ``pilelm finetune --task NAME``
-looks it up there. A task gives a head kind (``sequence`` or ``token``), a loader that turns
-the user's files into encoded train/val/test examples with their gold answers, and a scorer.
+looks it up there. A head task gives a head kind (``sequence`` or ``token``), a loader that
+turns the user's files into encoded train/val/test examples with their gold answers, and a
+scorer. A task with a training loop of its own (``sft``: the causal LM on conversations;
+``contrastive``: pooled states for retrieval) names its runner instead, ``module:function``
+taking the ``FinetuneConfig``, imported only when the task runs.
 
 Splits: ``data`` may be a prepared directory (``pilelm prepare`` output: its own train/val/test
 splits, made by document) or files; files not given as ``val_data`` / ``test_data`` are split
@@ -46,10 +49,20 @@ class TaskData:
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: Literal["sequence", "token"]
-    load: Callable[[FinetuneConfig, TaskEncoder], TaskData]
-    score: Callable[[list[Any], list[Any], tuple[str, ...]], dict[str, Any]]
+    kind: Literal["sequence", "token", "causal", "embedding"]
+    load: Callable[[FinetuneConfig, TaskEncoder], TaskData] | None
+    score: Callable[[list[Any], list[Any], tuple[str, ...]], dict[str, Any]] | None
     summary: str
+    runner: str = ""
+    """``module:function`` running the whole task from the config (tasks that are not a head)."""
+
+    def load_runner(self) -> Callable[[FinetuneConfig], Path] | None:
+        if not self.runner:
+            return None
+        import importlib
+
+        module, _, name = self.runner.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 TASKS: dict[str, Task] = {}
@@ -197,3 +210,6 @@ register_task(Task("ner", "token", load_ner, score_ner,
                    "named-entity recognition (BIO/BIOES): entity P/R/F1 per type (seqeval)"))
 register_task(Task("punct", "token", load_punct, score_punct,
                    "punctuation and casing restoration: per-mark P/R/F1, micro-F1"))
+register_task(Task("sft", "causal", None, None,
+                   "supervised fine-tuning on conversations (summaries, dialogue): ROUGE, BLEU/chrF, reply loss",
+                   runner="pilelm.finetune.sft.stage:run_sft"))

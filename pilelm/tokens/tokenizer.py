@@ -19,6 +19,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from pilelm.core.atomic import atomic_write_json, atomic_write_text
+from pilelm.tokens.chat import load_chat_template
 from pilelm.tokens.encoders import Encoder, choose_encoder
 from pilelm.tokens.fast_bpe import load_tiktoken_file
 
@@ -47,8 +48,11 @@ class PileTokenizer:
 
     def __init__(self, tokenizer: Tokenizer, kind: str, specials: dict[str, str] | None = None,
                  fast: bool = True, source: str = "", spec: dict[str, Any] | None = None,
-                 encoder: str = "auto"):
+                 encoder: str = "auto", chat_template: str | None = None):
         self.hf = tokenizer
+        self.chat_template = chat_template
+        """The Jinja chat template (``pilelm.tokens.chat``) saved as ``chat_template`` in
+        tokenizer_config.json; None for a base model's tokenizer."""
         self.kind = kind
         self.source = source
         vocab = tokenizer.get_vocab(with_added_tokens=True)
@@ -142,6 +146,8 @@ class PileTokenizer:
         }
         if self.kind == "wordpiece":
             config["do_lower_case"] = _bert_lowercase(self.hf)
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
         atomic_write_json(d / "tokenizer_config.json", config)
         atomic_write_json(d / "special_tokens_map.json", special_map)
         return d
@@ -190,7 +196,9 @@ def load_tokenizer(path: str | Path, fast: bool = True, encoder: str = "auto") -
                 value = value.get("content")
             if isinstance(value, str) and value:
                 specials[role] = value
-    return PileTokenizer(tok, kind, specials, fast=fast, source=str(path), spec=spec, encoder=encoder)
+    template = load_chat_template(path) if path.is_dir() else None
+    return PileTokenizer(tok, kind, specials, fast=fast, source=str(path), spec=spec, encoder=encoder,
+                         chat_template=template)
 
 
 def _from_tiktoken_file(path: Path, fast: bool, encoder: str) -> PileTokenizer:
@@ -232,7 +240,7 @@ def copy_tokenizer(src: str | Path, dst: str | Path) -> Path:
     src, dst = Path(src), Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     if src.is_dir() and (src / "tokenizer.json").is_file() and (src / "tokenizer_config.json").is_file():
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
             if (src / name).is_file():
                 shutil.copyfile(src / name, dst / name)
         return dst
