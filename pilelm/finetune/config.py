@@ -40,6 +40,16 @@ class LoraConfig:
 
 
 @dataclass
+class ContrastiveSection:
+    temperature: float = 0.05
+    """--task contrastive: softmax temperature of the in-batch InfoNCE logits."""
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"contrastive.temperature must be > 0, got {self.temperature}")
+
+
+@dataclass
 class FinetuneLoopConfig:
     max_steps: int = 300
     """Optimizer steps at most (early stopping may end sooner); the schedule spans them."""
@@ -125,6 +135,8 @@ class FinetuneConfig:
     """Optional LoRA (lora.r=8) instead of full fine-tuning."""
     sft: SftConfig = field(default_factory=SftConfig)
     """--task sft: mined examples, packing, evaluation decoding."""
+    contrastive: ContrastiveSection = field(default_factory=ContrastiveSection)
+    """--task contrastive: the InfoNCE temperature (pooling is head.pooling; auto = mean)."""
     optim: OptimConfig = field(default_factory=_finetune_optim)
     """Optimizer (weight_decay is configurable here)."""
     schedule: ScheduleConfig = field(default_factory=_finetune_schedule)

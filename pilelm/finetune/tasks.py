@@ -213,3 +213,6 @@ register_task(Task("punct", "token", load_punct, score_punct,
 register_task(Task("sft", "causal", None, None,
                    "supervised fine-tuning on conversations (summaries, dialogue): ROUGE, BLEU/chrF, reply loss",
                    runner="pilelm.finetune.sft.stage:run_sft"))
+register_task(Task("contrastive", "embedding", None, None,
+                   "pooled states for retrieval: in-batch InfoNCE on query/positive pairs (JSONL) or mined pairs",
+                   runner="pilelm.retrieval.contrastive:run_contrastive_task"))

@@ -11,6 +11,10 @@ corpus: a StackExchange question and its first answer, and for other documents t
 paragraph and the rest (the "inverse cloze" idea of Lee et al. 2019, ORQA). Each epoch visits
 the pairs in a seeded permutation, so a batch never holds one pair twice.
 
+``pilelm finetune RUN --task contrastive --data PAIRS_OR_CORPUS -o OUT`` runs the same training
+from the fine-tuning config (``run_contrastive_task``); ``pilelm finetune-contrastive`` is the
+same command with its own flags (--pairs, --corpus, --splits, --temperature, ...).
+
 The output is a run directory (stage ``train``: eval, embed, generate and serve read it as any
 run) whose tokenizer is the base run's; a checkpoint every ``save_every`` steps holds the
 optimizer state, so a killed fine-tune resumes where it stopped.
@@ -23,7 +27,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -37,6 +41,9 @@ from pilelm.inference.embed import TextEncoder
 from pilelm.models import model_spec
 from pilelm.retrieval.embed import iter_corpus
 from pilelm.training import checkpoint
+
+if TYPE_CHECKING:
+    from pilelm.finetune.config import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +164,34 @@ def _save(out: Path, step: int, encoder: TextEncoder, opt: torch.optim.Optimizer
                                                            "losses": losses})
     checkpoint.finalize_checkpoint(ckpt)
     checkpoint.prune_checkpoints(out, keep_last=1)
+
+
+def is_pairs_file(path: str | Path) -> bool:
+    """A JSONL file whose first record has a ``query`` (else: documents to mine pairs from)."""
+    p = Path(path)
+    if not p.is_file() or not p.name.endswith(".jsonl"):
+        return False
+    with open(p, encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        return isinstance(record := json.loads(first), dict) and "query" in record
+    except json.JSONDecodeError:
+        return False
+
+
+def run_contrastive_task(cfg: FinetuneConfig) -> Path:
+    """``pilelm finetune --task contrastive``: the fine-tuning config mapped onto
+    ``ContrastiveConfig`` (data: pair files and/or documents to mine; max_length -> max_tokens;
+    loop.max_steps, batch_size, seed, eval_every -> save_every; optim.lr and weight_decay;
+    schedule.warmup_steps; max_train_examples -> max_pairs; head.pooling, auto = mean)."""
+    pairs = [d for d in cfg.data if is_pairs_file(d)]
+    return run_contrastive(ContrastiveConfig(
+        run=cfg.run, pairs=pairs, corpus=[d for d in cfg.data if d not in pairs], output=cfg.output,
+        pooling="mean" if cfg.head.pooling == "auto" else cfg.head.pooling, steps=cfg.loop.max_steps,
+        batch_size=cfg.loop.batch_size, lr=cfg.optim.lr, warmup_steps=cfg.schedule.warmup_steps,
+        weight_decay=cfg.optim.weight_decay, temperature=cfg.contrastive.temperature, max_tokens=cfg.max_length,
+        max_pairs=cfg.max_train_examples, save_every=cfg.loop.eval_every, seed=cfg.loop.seed,
+        device="cpu" if cfg.loop.device == "auto" else cfg.loop.device))
 
 
 def run_contrastive(cfg: ContrastiveConfig) -> Path:

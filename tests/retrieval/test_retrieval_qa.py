@@ -123,3 +123,18 @@ def test_mined_pairs_come_from_threads_and_first_paragraphs():
     rest = "The rest of the document, also long enough to be a positive."
     assert contrastive.mined_pair(f"{head}\n\n{rest}", "Wikipedia (en)") == (head, rest)
     assert contrastive.mined_pair("short\n\nrest", "Pile-CC") is None
+
+
+def test_finetune_task_contrastive_runs_the_same_training(tiny_run, tmp_path):
+    """`pilelm finetune --task contrastive` maps its config onto finetune-contrastive's."""
+    pairs = _pairs_file(tmp_path / "pairs.jsonl")
+    common = ["--lr", "3e-3", "--warmup-steps", "2"]
+    assert cli.main(["finetune-contrastive", str(tiny_run), "--pairs", str(pairs), "-o", str(tmp_path / "old"),
+                     "--steps", "6", "--batch-size", "6", "--save-every", "6", *common]) == 0
+    assert cli.main(["finetune", str(tiny_run), "--task", "contrastive", "--data", str(pairs), "-o",
+                     str(tmp_path / "new"), "loop.max_steps=6", "loop.batch_size=6", "loop.eval_every=6",
+                     "optim.lr=3e-3", "schedule.warmup_steps=2", "optim.weight_decay=0.01", "loop.seed=0",
+                     "max_length=128"]) == 0
+    old, new = read_manifest(tmp_path / "old"), read_manifest(tmp_path / "new")
+    assert new["extra"]["objective"] == "contrastive" and new["counts"]["pairs"] == old["counts"]["pairs"]
+    assert new["counts"]["final_loss"] == pytest.approx(old["counts"]["final_loss"], rel=1e-6)

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from pilelm.finetune.sft.trainer import SftTrainer
 from pilelm.finetune.tasks import split_sources
 from pilelm.models import spec_for
 from pilelm.tokens.chat import load_special_tokens
+from pilelm.tokens.tokenizer import PileTokenizer
 from pilelm.training import checkpoint as ckpt_io
 from pilelm.training.distributed import pick_device
 
@@ -71,7 +73,24 @@ def _without_replies(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "replies"}
 
 
-def run_sft(cfg: FinetuneConfig) -> Path:
+@dataclass
+class SftSetup:
+    """What fine-tuning starts from: the resolved config, the chat tokenizer, the model with
+    rows for the new tokens, the encoded splits."""
+
+    cfg: FinetuneConfig
+    tokenizer: PileTokenizer
+    model: torch.nn.Module
+    model_cfg: Any
+    new_ids: list[int]
+    splits: dict[str, list[SftExample]]
+    counts: Counter[str]
+    pad_id: int
+    device: torch.device
+
+
+def setup_sft(cfg: FinetuneConfig) -> SftSetup:
+    """Check the config, write FT_DIR/tokenizer, grow the model, read and encode the data."""
     if not cfg.run or not cfg.output:
         raise ValueError("finetune needs a run and an output: pilelm finetune RUN_DIR --task sft --data FILES -o FT_DIR")
     if not cfg.data and not cfg.sft.examples:
@@ -82,14 +101,14 @@ def run_sft(cfg: FinetuneConfig) -> Path:
     loop = cfg.loop
     if loop.num_threads:
         torch.set_num_threads(loop.num_threads)
-    device = pick_device(loop.device)
     out = Path(cfg.output)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-
     trunk, trunk_cfg, tok_dir = ckpt_io.load_for_inference(cfg.run)
     if not spec_for(trunk_cfg).causal:
         raise ValueError(f"--task sft fine-tunes a causal LM; {cfg.run} holds a {spec_for(trunk_cfg).family} model")
+    if cfg.sft.max_new_tokens >= trunk_cfg.block_size:
+        raise ValueError(f"sft.max_new_tokens ({cfg.sft.max_new_tokens}) must be below the model's context "
+                         f"({trunk_cfg.block_size}) to leave room for the prompt")
     tokenizer, new_ids, trained_rows = chat_tokenizer(tok_dir, out / "tokenizer")
     torch.manual_seed(loop.seed)
     model, model_cfg = grow_vocabulary(trunk, trunk_cfg, new_ids, trained_rows)
@@ -98,6 +117,15 @@ def run_sft(cfg: FinetuneConfig) -> Path:
     counts: Counter[str] = Counter()
     splits = load_splits(cfg, encoder, counts)
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eod_id
+    return SftSetup(cfg, tokenizer, model, model_cfg, new_ids, splits, counts, pad_id, pick_device(loop.device))
+
+
+def run_sft(cfg: FinetuneConfig) -> Path:
+    s = setup_sft(cfg)
+    cfg, loop, out = s.cfg, s.cfg.loop, Path(s.cfg.output)
+    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    tokenizer, model, model_cfg, splits, pad_id, device = s.tokenizer, s.model, s.model_cfg, s.splits, s.pad_id, s.device
+    new_ids, counts = s.new_ids, s.counts
     eval_split = "test" if splits.get("test") else "val"
     scored = splits[eval_split][: cfg.sft.eval_generations or None]
 

@@ -1,0 +1,168 @@
+"""Supervised fine-tuning throughput: `pilelm finetune --task sft` against transformers'
+`Trainer`, side by side, with the same reply-only masking.
+
+Data: lead summaries mined from the bundled sample (an encyclopedia entry's body -> its first
+sentence; ``sft.examples=lead``), rendered with the same chat template into the same token ids
+and the same loss masks (prompt tokens -100). The model: the demo's GPT-2 shape (4 layers,
+d=256, the sample's 4096-token BPE) briefly pretrained on the sample, grown by the three role
+tokens exactly as `pilelm finetune` grows it, and exported so transformers loads the very same
+weights (``AutoModelForCausalLM``).
+
+Each side trains ``--epochs`` passes over the same training conversations with AdamW (same
+lr, betas, weight decay, clip), warmup + cosine, bf16 autocast, one after the other in one
+process:
+
+- ``pilelm packed``: rows of ``--max-length`` tokens packed with several conversations
+  (block-diagonal attention, so packing changes no conversation's loss), ``--rows`` rows a step;
+- ``pilelm padded``: one conversation per row, ``--batch`` rows a step (the Trainer's batches);
+- ``Trainer``: transformers' ``Trainer``, ``--batch`` conversations a step, right-padded,
+  ``labels`` -100 outside the replies (its causal-LM loss shifts them itself).
+
+Reported: training conversations/s of each, the ratio to the Trainer, and the mean reply loss
+per token on the test conversations (teacher-forced, the same code for all three).
+
+    python benchmarks/sft_throughput.py [--epochs 1] [--batch 16] [--rows 4]
+
+Not part of CI; the figures go in the README's Supervised fine-tuning section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from finetune_throughput import base_run, run_stage
+
+from pilelm.core.config import load_config
+from pilelm.core.manifest import write_manifest
+from pilelm.finetune.config import FinetuneConfig
+from pilelm.finetune.sft.encoding import IGNORE
+from pilelm.finetune.sft.stage import setup_sft
+from pilelm.finetune.sft.trainer import SftTrainer, reply_loss, rows_of
+from pilelm.training import checkpoint as ckpt_io
+from pilelm.training.precision import resolve_precision
+
+
+def grown_hf(setup, work: Path) -> Path:
+    """The grown model (role-token rows at the mean) as a run, then exported for transformers."""
+    run = work / "grown_run"
+    if run.exists():
+        shutil.rmtree(run)
+    ckpt = ckpt_io.checkpoint_dir(run, 0)
+    ckpt_io.save_model(ckpt, setup.model, setup.model_cfg)
+    ckpt_io.mark_complete(ckpt)
+    shutil.copytree(Path(setup.cfg.output) / "tokenizer", run / "tokenizer")
+    write_manifest(run, "train", {}, counts={"steps": 0})
+    shutil.rmtree(work / "grown_hf", ignore_errors=True)
+    return run_stage("export", run=str(run), output=str(work / "grown_hf"))
+
+
+def test_loss(model, setup) -> float:
+    test = setup.splits["test"]
+    precision = resolve_precision("bf16-autocast", torch.device("cpu"))
+    loss, _ = reply_loss(model, test, rows_of(test, setup.cfg.max_length, False, 0), 32, setup.pad_id, False,
+                         precision, torch.device("cpu"))
+    return loss
+
+
+def pilelm_side(cfg: FinetuneConfig, packed: bool, epochs: int) -> tuple[float, float, int]:
+    import dataclasses
+
+    setup = setup_sft(cfg)
+    rows = rows_of(setup.splits["train"], setup.cfg.max_length, packed, cfg.loop.seed)
+    steps = max(1, math.ceil(epochs * len(rows) / cfg.loop.batch_size))
+    run_cfg = dataclasses.replace(setup.cfg, loop=dataclasses.replace(setup.cfg.loop, max_steps=steps))
+    trainer = SftTrainer(run_cfg, setup.model, setup.model_cfg, setup.splits, setup.pad_id, setup.device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    seconds = time.perf_counter() - t0
+    return trainer.examples_seen / seconds, test_loss(trainer.model, setup), steps
+
+
+def trainer_side(cfg: FinetuneConfig, epochs: int, work: Path) -> tuple[float, float]:
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    setup = setup_sft(cfg)
+    hf_dir = grown_hf(setup, work)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    pad = setup.pad_id
+    train = [{"ids": e.ids, "trained": e.trained} for e in setup.splits["train"]]
+
+    def collator(rows: list[dict]) -> dict[str, torch.Tensor]:
+        T = max(len(r["ids"]) for r in rows)
+        ids = torch.full((len(rows), T), pad)
+        labels = torch.full((len(rows), T), IGNORE)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["ids"])
+            ids[i, :n] = torch.tensor(r["ids"])
+            labels[i, :n] = torch.tensor([t if k else IGNORE for t, k in zip(r["ids"], r["trained"], strict=True)])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    o, s = cfg.optim, cfg.schedule
+    args = TrainingArguments(
+        output_dir=str(work / "trainer_sft"), per_device_train_batch_size=cfg.loop.batch_size,
+        num_train_epochs=epochs, learning_rate=o.lr, weight_decay=o.weight_decay, adam_beta1=o.beta1,
+        adam_beta2=o.beta2, adam_epsilon=o.eps, max_grad_norm=o.grad_clip, warmup_steps=s.warmup_steps,
+        lr_scheduler_type="cosine", bf16=True, use_cpu=True, save_strategy="no", eval_strategy="no", report_to=[],
+        logging_steps=50, dataloader_num_workers=0, seed=cfg.loop.seed, remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    out = trainer.train()
+    rate = len(train) * epochs / out.metrics["train_runtime"]
+    # Scored by the same code as pilelm's side: load the trained weights back into pilelm.
+    from pilelm.interop.hf import adapter_of
+
+    ours = setup.model
+    state = adapter_of(setup.model_cfg).from_hf(setup.model_cfg, dict(model.state_dict()), str(hf_dir))
+    resolve_precision("fp32", torch.device("cpu")).load_model_state(ours, state)
+    return rate, test_loss(ours.eval(), setup)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--work-dir", default="runs/bench_sft")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=16, help="conversations per step (padded sides)")
+    ap.add_argument("--rows", type=int, default=4, help="packed rows per step (pilelm packed)")
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--max-train", type=int, default=0, help="use at most this many training conversations")
+    ap.add_argument("--pretrain-steps", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for all sides (0 = torch's default)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    _, run, _ = base_run(work, args.pretrain_steps)
+
+    def config(name: str, batch: int, pack: bool) -> FinetuneConfig:
+        return load_config(FinetuneConfig, overrides={
+            "run": str(run), "task": "sft", "output": str(work / name), "max_length": args.max_length,
+            "max_train_examples": args.max_train, "max_eval_examples": 200, "optim": {"lr": args.lr},
+            "sft": {"examples": "lead", "pack": pack},
+            "loop": {"batch_size": batch, "precision": "bf16-autocast", "tensorboard": False}})
+
+    print(f"sft on lead summaries of the sample, {args.epochs} epoch(s), max_length {args.max_length}, bf16 autocast, "
+          f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
+    theirs, their_loss = trainer_side(config("ft_trainer", args.batch, False), args.epochs, work)
+    print(f"{'side':<15} {'conv/s':>8} {'vs Trainer':>10} {'test reply loss':>16}", flush=True)
+    print(f"{'Trainer':<15} {theirs:8.2f} {1.0:9.2f}x {their_loss:16.4f}", flush=True)
+    for name, batch, pack in (("pilelm padded", args.batch, False), ("pilelm packed", args.rows, True)):
+        rate, loss, steps = pilelm_side(config(name.replace(" ", "_"), batch, pack), pack, args.epochs)
+        print(f"{name:<15} {rate:8.2f} {rate / theirs:9.2f}x {loss:16.4f}   ({steps} steps)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
