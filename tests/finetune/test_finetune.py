@@ -202,8 +202,8 @@ def test_bad_input_errors(tiny_run, cls_files, tmp_path, capsys):
     bad.write_text("Alice B-PER\n\nlives VBZ O\n")
     assert main(["finetune", str(tiny_run), "-o", str(tmp_path / "y"), "--task", "ner", "--data", str(bad)]) == 1
     assert "bad.conll:3: 3 columns, but line 1 has 2" in capsys.readouterr().err
-    assert main(["finetune", str(tiny_run), "-o", str(tmp_path / "z"), "--task", "sft"]) == 2
-    assert "use one of classify, ner, punct" in capsys.readouterr().err
+    assert main(["finetune", str(tiny_run), "-o", str(tmp_path / "z"), "--task", "summarize"]) == 2
+    assert "use one of classify, ner, punct, sft, contrastive" in capsys.readouterr().err
 
 
 def test_finetune_from_an_imported_hf_model(tiny_run, cls_files, tmp_path):
