@@ -22,7 +22,6 @@ resumed run draws the same batches as an uninterrupted one.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import shutil
 import time
@@ -30,16 +29,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from pilelm.core.atomic import atomic_write_json, atomic_write_text
 from pilelm.core.config import dump_yaml
 from pilelm.core.manifest import require_stage, write_manifest
 from pilelm.finetune.config import FinetuneConfig
 from pilelm.finetune.encoding import IGNORE, Encoded, TaskEncoder, collate
+from pilelm.finetune.loop import ValidatedLoop, batch_indices
 from pilelm.finetune.model import HeadSpec, TaskModel, build_task_model, resolve_pooling, save_task_model
 from pilelm.finetune.tasks import TASKS, Task, TaskData
 from pilelm.models import spec_for
@@ -47,23 +45,10 @@ from pilelm.training import checkpoint as ckpt_io
 from pilelm.training.distributed import pick_device
 from pilelm.training.optim import build_optimizer, lr_multiplier, set_lr
 from pilelm.training.precision import Precision, resolve_precision
-from pilelm.training.trainer import MetricsLog
 
 log = logging.getLogger(__name__)
 
 BEST = "best"
-
-
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """The examples of optimizer step ``step``: consecutive slices of per-epoch permutations."""
-    out = []
-    perms: dict[int, np.ndarray] = {}
-    for pos in range(step * batch_size, (step + 1) * batch_size):
-        epoch, i = divmod(pos, n)
-        if epoch not in perms:
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append(int(perms[epoch][i]))
-    return out
 
 
 def predict(model: TaskModel, examples: list[Encoded], batch_size: int, precision: Precision,
@@ -98,7 +83,7 @@ def score(task: Task, data: TaskData, split: str, pred: list[Any]) -> dict[str, 
     return task.score(gold, names, data.labels)
 
 
-class Finetuner:
+class Finetuner(ValidatedLoop):
     def __init__(self, cfg: FinetuneConfig):
         if not cfg.run or not cfg.output or not cfg.data:
             raise ValueError("finetune needs a run, data and an output: "
@@ -136,24 +121,11 @@ class Finetuner:
         self.model.to(self.device)
         self.precision.prepare_model(self.model)
         self.optimizer = self.precision.wrap_optimizer(build_optimizer(self.model, cfg.optim), self.model)
-        self.step = 0
-        self.best = -math.inf
-        self.best_step = 0
-        self.bad_evals = 0
-        self.done = False
-        self.examples_seen = 0
-        self.preempted = False
-        self.train_seconds = 0.0
+        self.state_root = self.out
+        self.metric_name = _metric_name(cfg.task)
+        self.init_progress()
 
     # --- checkpoints -----------------------------------------------------------------------
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        """The weights to keep: fp32 masters if any, adapters merged."""
-        if self.cfg.lora.r:
-            from pilelm.finetune.lora import merged_state
-
-            return merged_state(self.model)
-        return self.precision.model_state(self.model)
 
     def save_best(self) -> None:
         tmp, best, old = self.out / ".best.tmp", self.out / BEST, self.out / ".best.old"
@@ -164,36 +136,14 @@ class Finetuner:
         os.replace(tmp, best)
         shutil.rmtree(old, ignore_errors=True)
 
-    def save(self) -> None:
-        d = self.out / ckpt_io.CHECKPOINTS / ckpt_io.step_dir_name(self.step)
-        shutil.rmtree(d, ignore_errors=True)
+    def save_weights_to(self, d: Path) -> None:
         save_task_model(d, self.model, self.precision.model_state(self.model))
-        ckpt_io.save_torch(d / ckpt_io.TRAIN_STATE, {
-            "step": self.step, "optimizer": self.optimizer.state_dict(), "best": self.best,
-            "best_step": self.best_step, "bad_evals": self.bad_evals, "done": self.done,
-            "examples_seen": self.examples_seen,
-        })
-        ckpt_io.save_torch(d / ckpt_io.rng_file(0), {"cpu": torch.get_rng_state()})
-        ckpt_io.finalize_checkpoint(d)
-        ckpt_io.prune_checkpoints(self.out, keep_last=1)
 
     def resume(self) -> None:
         best_old = self.out / ".best.old"
         if not (self.out / BEST).exists() and best_old.exists():
             os.replace(best_old, self.out / BEST)  # killed between the two renames of save_best
-        found = ckpt_io.find_resumable(self.out) if self.cfg.resume else None
-        if found is None:
-            return
-        step, d = found
-        from safetensors.torch import load_file
-
-        self.precision.load_model_state(self.model, load_file(str(d / "model.safetensors")))
-        state = ckpt_io.load_torch(d / ckpt_io.TRAIN_STATE)
-        self.optimizer.load_state_dict(state["optimizer"])
-        for key in ("step", "best", "best_step", "bad_evals", "done", "examples_seen"):
-            setattr(self, key, state[key])
-        torch.set_rng_state(ckpt_io.load_torch(d / ckpt_io.rng_file(0))["cpu"])
-        log.info("resumed from %s (step %d, best %.4f at step %d)", d, step, self.best, self.best_step)
+        super().resume()
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -222,54 +172,9 @@ class Finetuner:
                        self.device)
         return score(self.task, self.data, split, pred)
 
-    def validate(self, metrics_log: MetricsLog) -> None:
+    def validation_metric(self) -> tuple[float, dict[str, Any]]:
         result = self.evaluate("val")
-        main = result["main"]
-        improved = main > self.best + self.cfg.loop.min_delta
-        if improved:
-            self.best, self.best_step, self.bad_evals = main, self.step, 0
-            self.save_best()
-        else:
-            self.bad_evals += 1
-        row = {"step": self.step, "val_metric": main}
-        row |= {f"val_{k}": v for k, v in result.items() if isinstance(v, float) and k != "main"}
-        metrics_log.write(row)
-        log.info("step %d: val %s %.4f (best %.4f at step %d)", self.step, _metric_name(self.task.name), main,
-                 self.best, self.best_step)
-        patience = self.cfg.loop.patience
-        if patience and self.bad_evals >= patience:
-            log.info("early stop: %d validations without improvement", self.bad_evals)
-            self.done = True
-
-    def fit(self) -> None:
-        loop = self.cfg.loop
-        self.resume()
-        metrics_log = MetricsLog(self.out, self.step, True, loop.tensorboard)
-        bar = tqdm(total=loop.max_steps, initial=self.step, desc=f"finetune {self.task.name}", unit="step",
-                   disable=None)
-        t0, seen0 = time.perf_counter(), self.examples_seen
-        try:
-            while not self.done and self.step < loop.max_steps:
-                loss = self.train_step()
-                bar.update(1)
-                if self.step % loop.log_every == 0:
-                    rate = (self.examples_seen - seen0) / max(1e-9, time.perf_counter() - t0)
-                    bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.0f}")
-                    metrics_log.write({"step": self.step, "loss": loss, "examples_per_s": rate,
-                                       "lr": self.optimizer.param_groups[0]["lr"]})
-                if self.step % loop.eval_every == 0 or self.step == loop.max_steps:
-                    self.validate(metrics_log)
-                    self.done = self.done or self.step >= loop.max_steps
-                    self.save()
-                if loop.stop_at_step and self.step >= loop.stop_at_step and not self.done:
-                    self.save()
-                    self.preempted = True
-                    log.info("stopped at step %d (loop.stop_at_step); rerun the same command to resume", self.step)
-                    break
-        finally:
-            bar.close()
-            metrics_log.close()
-        self.train_seconds = time.perf_counter() - t0
+        return result["main"], {f"val_{k}": v for k, v in result.items() if isinstance(v, float) and k != "main"}
 
 
 def _metric_name(task: str) -> str:
@@ -290,7 +195,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     if not (out / "tokenizer").is_dir():
         copy_tokenizer(ft.tok_dir, out / "tokenizer")
-    ft.fit()
+    ft.fit(f"finetune {ft.task.name}")
     if ft.preempted:
         return out
     best = load_task_model(out / BEST, ft.device)

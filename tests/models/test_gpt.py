@@ -206,6 +206,7 @@ def test_packed_sequences_give_the_logits_and_loss_of_separate_ones(arch):
     sequence compute exactly what it computes alone (no attention across sequences)."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(arch=arch, vocab_size=97, n_layer=2, n_head=2, d_model=32, block_size=32)).eval()
+    model.requires_grad_(False)
     seqs = [torch.randint(0, 97, (n,)) for n in (7, 5, 9)]
     pad = 3
     row = torch.cat([*seqs, torch.zeros(pad, dtype=torch.long)])[None]  # (1, 24)

@@ -69,8 +69,8 @@ def write_sft_results(ft_dir: Path, results: dict[str, Any], examples: list[SftE
             lines.append(f"| {name} | {r['reply_loss']:.4f} | {r['rouge1']:.2f} | {r['rouge2']:.2f} | {r['rougeL']:.2f} "
                          f"| {r['bleu']:.2f} | {r['chrf']:.2f} |")
     lines.append("")
-    if plot_curves(ft_dir, "reply loss"):
-        lines += ["![train loss and validation reply loss](curves.png)", ""]
+    if plot_curves(ft_dir, "-(reply loss)"):
+        lines += ["![train loss and the negated validation reply loss](curves.png)", ""]
     if samples:
         lines += ["| prompt (end) | reference | before | after |", "|---|---|---|---|"]
         for i, e in enumerate(examples[:samples]):

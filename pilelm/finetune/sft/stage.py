@@ -149,7 +149,7 @@ def run_sft(cfg: FinetuneConfig) -> Path:
 
     trainable, total = trainable_parameters(model)
     trainer = SftTrainer(cfg, model, model_cfg, splits, pad_id, device)
-    trainer.fit()
+    trainer.fit("finetune sft")
     if trainer.preempted:
         return out
 
@@ -157,7 +157,7 @@ def run_sft(cfg: FinetuneConfig) -> Path:
     after = score_replies(best.eval(), tokenizer, scored, cfg, pad_id, trainer.precision, device)
     results: dict[str, Any] = {
         "task": "sft", "metric": METRIC, "split": eval_split, "best_step": trainer.best_step,
-        "best_val_loss": trainer.best, "steps": trainer.step, "num_beams": cfg.sft.num_beams,
+        "best_val_loss": trainer.best_loss, "steps": trainer.step, "num_beams": cfg.sft.num_beams,
         "trainable_parameters": trainable, "parameters": total, "lora_r": cfg.lora.r,
         "before": before and _without_replies(before), "after": _without_replies(after),
         eval_split: _without_replies(after),
@@ -174,8 +174,8 @@ def run_sft(cfg: FinetuneConfig) -> Path:
                           "trainable_parameters": trainable, "parameters": total})
     write_manifest(out, "train", cfg, inputs=[cfg.run, *cfg.data, *cfg.val_data, *cfg.test_data],
                    counts=manifest_counts, timings={"train": trainer.train_seconds},
-                   extra={"objective": "sft", "task": "sft", "best_val_loss": trainer.best,
+                   extra={"objective": "sft", "task": "sft", "best_val_loss": trainer.best_loss,
                           "packed_row_fill": fill, f"{eval_split}_rougeL": after["rougeL"]})
-    log.info("sft: best val reply loss %.4f at step %d; %s ROUGE-L %.2f -> %.2f", trainer.best, trainer.best_step,
+    log.info("sft: best val reply loss %.4f at step %d; %s ROUGE-L %.2f -> %.2f", trainer.best_loss, trainer.best_step,
              eval_split, before["rougeL"] if before else float("nan"), after["rougeL"])
     return out
