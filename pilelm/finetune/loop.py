@@ -86,6 +86,17 @@ class ValidatedLoop:
         return self.precision.model_state(self.model)
 
 
+    def update(self, loss: torch.Tensor, examples: int) -> float:
+        """Backward, clip (optim.grad_clip), optimizer step; counts the step and its examples."""
+        loss.backward()
+        if self.cfg.optim.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.examples_seen += examples
+        return float(loss.detach())
+
     def save(self) -> None:
         d = ckpt_io.checkpoint_dir(self.state_root, self.step)
         shutil.rmtree(d, ignore_errors=True)

@@ -158,14 +158,7 @@ class Finetuner(ValidatedLoop):
             logits = self.model(batch["input_ids"], batch["attention_mask"])
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch["labels"].reshape(-1),
                                ignore_index=IGNORE)
-        loss.backward()
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.examples_seen += len(idx)
-        return float(loss.detach())
+        return self.update(loss, len(idx))
 
     def evaluate(self, split: str) -> dict[str, Any]:
         pred = predict(self.model, self.data.examples[split], self.cfg.loop.eval_batch_size, self.precision,

@@ -101,14 +101,7 @@ class SftTrainer(ValidatedLoop):
                                  segments=_segments(batch, self.device), return_logits=False)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"step {self.step + 1}: training loss is {float(loss)}; lower optim.lr")
-        loss.backward()
-        if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
-        self.examples_seen += sum(len(r) for r in picked)
-        return float(loss.detach())
+        return self.update(loss, sum(len(r) for r in picked))
 
     def loss_on(self, split: str) -> tuple[float, int]:
         return reply_loss(self.model, self.splits[split], self.rows[split], self.cfg.loop.eval_batch_size,
