@@ -238,3 +238,25 @@ def test_sft_on_mined_titles_without_data(tiny_run, tmp_path):
                  "sft.max_new_tokens=4", "max_train_examples=8", "max_eval_examples=4"]) == 0
     m = read_manifest(out)
     assert m["counts"]["train_examples"] == 8 and any("sample" in p["path"] for p in m["inputs"])
+
+
+def test_serve_chats_with_the_fine_tuned_run(sft_run):
+    """`pilelm serve FT_RUN`: /v1/chat/completions renders the stored template into the ids the
+    model was trained on and replies as `generate` does on that prompt."""
+    from conftest import serving
+
+    from pilelm.inference.generate import generate
+    from pilelm.inference.sampling import SamplingParams
+
+    messages = [{"role": "user", "content": "repeat: moon red cat"}]
+    with serving(sft_run, max_batch=4) as s:
+        r = s.http.post("/v1/chat/completions", json={"messages": messages, "temperature": 0, "max_tokens": 12})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        prompt = render_chat(messages, load_chat_template(sft_run / "tokenizer"), True,
+                             load_special_tokens(sft_run / "tokenizer"))
+        assert body["usage"]["prompt_tokens"] == len(s.tok.encode(prompt))
+        reply = body["choices"][0]["message"]["content"]
+        model, _, _ = ckpt_io.load_for_inference(sft_run)
+        ours = generate(model, s.tok, [prompt], SamplingParams(max_new_tokens=12, temperature=0.0))[0]
+        assert reply.strip() == ours.strip() and reply.strip()
