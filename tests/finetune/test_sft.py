@@ -95,6 +95,10 @@ def test_long_prompts_are_cut_on_the_left_and_long_replies_skipped(encoder):
     assert not e.trained[0]
     assert encoder.encode(conv(("user", "hi"), ("assistant", long_prompt)), counts) is None
     assert counts["response_too_long"] == 1
+    # Too long only because of a trailing user turn: that turn goes, the rest stays whole.
+    e = encoder.encode(conv(("user", "hi"), ("assistant", "cat dog"), ("user", long_prompt)), counts)
+    assert counts["tail_dropped"] == 1 and e.ids[0] == encoder.tok.hf.token_to_id("<|user|>")
+    assert len(e.ids) < encoder.max_length and e.trained[-1]
 
 
 def test_bad_records_are_errors_naming_the_line_and_empty_replies_are_counted(tmp_path):

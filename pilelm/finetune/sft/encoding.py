@@ -9,9 +9,9 @@ only. Both renderings must encode to prefixes of the whole; a template and token
 which they do not would train on ids the model never sees when it is prompted, so such a
 conversation is refused (``unstable_boundary``).
 
-Too long for ``max_length``: tokens after the last reply are dropped, then tokens are cut from
-the left (the start of the prompt, never the reply) and the conversation is counted as
-``prompt_truncated``; a last reply that cannot fit with one token of prompt before it is
+Too long for ``max_length``: tokens after the last reply are dropped (``tail_dropped`` when
+that is enough), then tokens are cut from the left (the start of the prompt, never the reply)
+and the conversation is counted as ``prompt_truncated``; a last reply that cannot fit with one token of prompt before it is
 skipped (``response_too_long``).
 
 Batches: ``packed_rows`` groups examples into rows of at most ``length`` tokens (the
@@ -81,8 +81,8 @@ class ChatEncoder:
         if end - start + 1 > self.max_length:
             counts["response_too_long"] += 1
             return None
-        cut = end - self.max_length
-        counts["prompt_truncated"] += 1
+        cut = max(0, end - self.max_length)  # 0: dropping what follows the last reply was enough
+        counts["prompt_truncated" if cut else "tail_dropped"] += 1
         return SftExample(ids[cut:end], trained[cut:end], example.prompt, example.reference)
 
 
