@@ -2,8 +2,10 @@
 `Trainer`, side by side, with the same reply-only masking.
 
 Data: lead summaries mined from the bundled sample (an encyclopedia entry's body -> its first
-sentence; ``sft.examples=lead``), rendered with the same chat template into the same token ids
-and the same loss masks (prompt tokens -100). The model: the demo's GPT-2 shape (4 layers,
+sentence, as ``sft.examples=lead`` mines them) with each source cut to its first
+``--source-words`` words, so conversations are short and of varied length (what packing is
+for), written to JSONL; rendered with the same chat template into the same token ids and the
+same loss masks (prompt tokens -100) for every side. The model: the demo's GPT-2 shape (4 layers,
 d=256, the sample's 4096-token BPE) briefly pretrained on the sample, grown by the three role
 tokens exactly as `pilelm finetune` grows it, and exported so transformers loads the very same
 weights (``AutoModelForCausalLM``).
@@ -13,7 +15,8 @@ lr, betas, weight decay, clip), warmup + cosine, bf16 autocast, one after the ot
 process:
 
 - ``pilelm packed``: rows of ``--max-length`` tokens packed with several conversations
-  (block-diagonal attention, so packing changes no conversation's loss), ``--rows`` rows a step;
+  (block-diagonal attention, so packing changes no conversation's loss), as many rows a step
+  as hold ``--batch`` conversations on average;
 - ``pilelm padded``: one conversation per row, ``--batch`` rows a step (the Trainer's batches);
 - ``Trainer``: transformers' ``Trainer``, ``--batch`` conversations a step, right-padded,
   ``labels`` -100 outside the replies (its causal-LM loss shifts them itself).
@@ -21,7 +24,7 @@ process:
 Reported: training conversations/s of each, the ratio to the Trainer, and the mean reply loss
 per token on the test conversations (teacher-forced, the same code for all three).
 
-    python benchmarks/sft_throughput.py [--epochs 1] [--batch 16] [--rows 4]
+    python benchmarks/sft_throughput.py [--epochs 1] [--batch 16] [--max-length 256] [--max-train 0]
 
 Not part of CI; the figures go in the README's Supervised fine-tuning section.
 """
@@ -29,6 +32,7 @@ Not part of CI; the figures go in the README's Supervised fine-tuning section.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -37,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from finetune_throughput import base_run, run_stage
+from finetune_throughput import SAMPLE, base_run, run_stage
 
 from pilelm.core.config import load_config
 from pilelm.core.manifest import write_manifest
@@ -47,6 +51,25 @@ from pilelm.finetune.sft.stage import setup_sft
 from pilelm.finetune.sft.trainer import SftTrainer, reply_loss, rows_of
 from pilelm.training import checkpoint as ckpt_io
 from pilelm.training.precision import resolve_precision
+
+
+def short_leads(work: Path, words: int) -> dict[str, Path]:
+    """train/val/test JSONL of lead conversations from the sample, sources cut to ``words``."""
+    from collections import Counter
+
+    from pilelm.finetune.sft.conversations import mine_conversations
+
+    files = {"train": SAMPLE / "train", "val": SAMPLE / "val.jsonl.zst", "test": SAMPLE / "test.jsonl.zst"}
+    out = {}
+    for split, src in files.items():
+        out[split] = work / f"lead_{split}.jsonl"
+        lines = []
+        for c in mine_conversations("lead", [src], Counter()):
+            user, reply = c.messages
+            lines.append(json.dumps({"prompt": " ".join(user["content"].split(" ")[:words]),
+                                     "response": reply["content"]}))
+        out[split].write_text("\n".join(lines) + "\n")
+    return out
 
 
 def grown_hf(setup, work: Path) -> Path:
@@ -71,19 +94,25 @@ def test_loss(model, setup) -> float:
     return loss
 
 
-def pilelm_side(cfg: FinetuneConfig, packed: bool, epochs: int) -> tuple[float, float, int]:
+def pilelm_side(cfg: FinetuneConfig, packed: bool, epochs: int) -> tuple[float, float, str]:
     import dataclasses
 
     setup = setup_sft(cfg)
-    rows = rows_of(setup.splits["train"], setup.cfg.max_length, packed, cfg.loop.seed)
-    steps = max(1, math.ceil(epochs * len(rows) / cfg.loop.batch_size))
-    run_cfg = dataclasses.replace(setup.cfg, loop=dataclasses.replace(setup.cfg.loop, max_steps=steps))
+    train = setup.splits["train"]
+    rows = rows_of(train, setup.cfg.max_length, packed, cfg.loop.seed)
+    # Packed: as many rows a step as hold --batch conversations on average, so both sides take
+    # about the same optimizer steps over the same conversations.
+    batch = max(1, round(cfg.loop.batch_size * len(rows) / len(train)))
+    steps = max(1, math.ceil(epochs * len(rows) / batch))
+    run_cfg = dataclasses.replace(setup.cfg, loop=dataclasses.replace(setup.cfg.loop, max_steps=steps,
+                                                                      batch_size=batch))
     trainer = SftTrainer(run_cfg, setup.model, setup.model_cfg, setup.splits, setup.pad_id, setup.device)
     t0 = time.perf_counter()
     for _ in range(steps):
         trainer.train_step()
     seconds = time.perf_counter() - t0
-    return trainer.examples_seen / seconds, test_loss(trainer.model, setup), steps
+    return trainer.examples_seen / seconds, test_loss(trainer.model, setup), f"{steps} steps x {batch} rows, " \
+        f"{len(train) / len(rows):.2f} conversations a row"
 
 
 def trainer_side(cfg: FinetuneConfig, epochs: int, work: Path) -> tuple[float, float]:
@@ -133,10 +162,10 @@ def main() -> None:
     ap.add_argument("--work-dir", default="runs/bench_sft")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch", type=int, default=16, help="conversations per step (padded sides)")
-    ap.add_argument("--rows", type=int, default=4, help="packed rows per step (pilelm packed)")
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--max-train", type=int, default=0, help="use at most this many training conversations")
+    ap.add_argument("--source-words", type=int, default=60, help="words of each summarised text kept")
     ap.add_argument("--pretrain-steps", type=int, default=100)
     ap.add_argument("--threads", type=int, default=0, help="torch threads for all sides (0 = torch's default)")
     args = ap.parse_args()
@@ -146,22 +175,25 @@ def main() -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     _, run, _ = base_run(work, args.pretrain_steps)
+    data = short_leads(work, args.source_words)
 
     def config(name: str, batch: int, pack: bool) -> FinetuneConfig:
         return load_config(FinetuneConfig, overrides={
             "run": str(run), "task": "sft", "output": str(work / name), "max_length": args.max_length,
             "max_train_examples": args.max_train, "max_eval_examples": 200, "optim": {"lr": args.lr},
-            "sft": {"examples": "lead", "pack": pack},
+            "data": [str(data["train"])], "val_data": [str(data["val"])], "test_data": [str(data["test"])],
+            "sft": {"pack": pack},
             "loop": {"batch_size": batch, "precision": "bf16-autocast", "tensorboard": False}})
 
-    print(f"sft on lead summaries of the sample, {args.epochs} epoch(s), max_length {args.max_length}, bf16 autocast, "
+    print(f"sft on lead summaries of the sample (sources cut to {args.source_words} words), {args.epochs} epoch(s), max_length {args.max_length}, bf16 autocast, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs", flush=True)
     theirs, their_loss = trainer_side(config("ft_trainer", args.batch, False), args.epochs, work)
     print(f"{'side':<15} {'conv/s':>8} {'vs Trainer':>10} {'test reply loss':>16}", flush=True)
-    print(f"{'Trainer':<15} {theirs:8.2f} {1.0:9.2f}x {their_loss:16.4f}", flush=True)
-    for name, batch, pack in (("pilelm padded", args.batch, False), ("pilelm packed", args.rows, True)):
-        rate, loss, steps = pilelm_side(config(name.replace(" ", "_"), batch, pack), pack, args.epochs)
-        print(f"{name:<15} {rate:8.2f} {rate / theirs:9.2f}x {loss:16.4f}   ({steps} steps)", flush=True)
+    print(f"{'Trainer':<15} {theirs:8.2f} {1.0:9.2f}x {their_loss:16.4f}   ({args.batch} conversations a step)",
+          flush=True)
+    for name, pack in (("pilelm padded", False), ("pilelm packed", True)):
+        rate, loss, shape = pilelm_side(config(name.replace(" ", "_"), args.batch, pack), pack, args.epochs)
+        print(f"{name:<15} {rate:8.2f} {rate / theirs:9.2f}x {loss:16.4f}   ({shape})", flush=True)
 
 
 if __name__ == "__main__":
