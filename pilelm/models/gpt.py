@@ -137,11 +137,18 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 CPU_EXPLICIT_ATTENTION_MAX_T = 512
 
 
-def causal_attention_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float) -> torch.Tensor:
-    """Causal softmax attention written out; q, k, v (B, nh, T, hs) -> (B, nh, T, hs)."""
+def causal_attention_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float,
+                              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal softmax attention written out; q, k, v (B, nh, T, hs) -> (B, nh, T, hs).
+    ``mask`` (B, 1, T, T) boolean, True = may attend, replaces the plain causal one (packed
+    sequences: ``segment_mask``)."""
     B, nh, T, hs = q.shape
-    future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1)  # (T, T)
-    scores = torch.baddbmm(future.expand(B * nh, T, T), q.reshape(B * nh, T, hs),
+    if mask is None:
+        future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu(1).expand(B * nh, T, T)
+    else:
+        future = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        future = future.expand(B, nh, T, T).reshape(B * nh, T, T)
+    scores = torch.baddbmm(future, q.reshape(B * nh, T, hs),
                            k.reshape(B * nh, T, hs).transpose(1, 2), alpha=hs**-0.5)  # (B*nh, T, T)
     att = torch.softmax(scores, dim=-1)
     if dropout_p:
@@ -184,9 +191,8 @@ class Attention(nn.Module):
             # The model built the mask: causal + padding for several tokens; for one new token,
             # which sees every filled position, padding only (None without padding).
             y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, dropout_p=drop).to(x.dtype)
-        elif mask is None and x.device.type == "cpu" and T <= CPU_EXPLICIT_ATTENTION_MAX_T \
-                and torch.is_grad_enabled():
-            y = causal_attention_explicit(q, k, v, drop)
+        elif x.device.type == "cpu" and T <= CPU_EXPLICIT_ATTENTION_MAX_T and torch.is_grad_enabled():
+            y = causal_attention_explicit(q, k, v, drop, mask)  # without a cache, a mask is a packing mask
         elif mask is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
         else:
