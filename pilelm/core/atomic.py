@@ -2,7 +2,9 @@
 
 Every artefact pilelm writes goes to a temporary file beside its target and is renamed into
 place (``os.replace`` is atomic on POSIX within one file system), so a stage killed mid-write
-(``kill -9`` included) leaves no torn file behind.
+(``kill -9`` included) leaves no torn file behind. The file gets the mode a plain ``open``
+would give it (0666 less the umask), not ``mkstemp``'s private 0600, so a team sharing a
+data directory reads manifests, indexes and checkpoints like the ``.bin`` files beside them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,21 @@ from pathlib import Path
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux exposes it (/proc, kernel >= 4.7);
+    elsewhere set and restored at once."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it into place (atomic on POSIX).
@@ -25,7 +42,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path

@@ -102,6 +102,13 @@ def write_manifest(
     return m
 
 
+def clear_manifest(out_dir: str | Path) -> None:
+    """Remove ``out_dir``'s manifest before a stage rewrites its artefacts there: until the new
+    manifest lands the directory reads as unfinished, so a run that dies mid-rewrite never
+    leaves an old manifest vouching for new (or half-written) files."""
+    (Path(out_dir) / MANIFEST).unlink(missing_ok=True)
+
+
 def read_manifest(stage_dir: str | Path) -> dict[str, Any]:
     path = Path(stage_dir) / MANIFEST
     with open(path) as f:

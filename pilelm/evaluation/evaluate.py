@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pilelm.core.manifest import Timer, require_stage, write_manifest
+from pilelm.core.manifest import Timer, clear_manifest, require_stage, write_manifest
 from pilelm.data.prepared import SPLITS
 from pilelm.evaluation.bleu import run_bleu
 from pilelm.evaluation.bpb import aggregate, score_documents, score_unigram, unigram_logprobs
@@ -179,6 +179,7 @@ def run_eval(cfg: EvalConfig) -> Path:
             results["baselines"]["unigram"] = aggregate(*score_unigram(logp, first_docs), first_docs)
     if first_docs is not None:
         settings.update(documents=len(first_docs.tokens), context=cfg.context or "model", stride=cfg.stride or "context/2")
+    clear_manifest(out)
     write_results(out, results, settings)
     inputs = list(dict.fromkeys([r.run_dir for r in runs]))
     inputs += [Path(p) for p in (cfg.data, cfg.bleu_data) if p]

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from pilelm.core.atomic import atomic_path, atomic_write_text
 from pilelm.core.config import dump_yaml, to_dict
-from pilelm.core.manifest import MANIFEST, Timer, read_manifest, require_stage, write_manifest
+from pilelm.core.manifest import MANIFEST, Timer, clear_manifest, read_manifest, require_stage, write_manifest
 from pilelm.interop.adapter import HFAdapter
 from pilelm.models import build_model, families, get_spec, spec_for
 from pilelm.models.dtypes import DTYPES
@@ -185,6 +185,7 @@ def run_export(cfg: ExportConfig) -> Path:
         adapter, hf_state = export_state(model, model_cfg)
         dtype = DTYPES[cfg.dtype]
         hf_state = {k: v.detach().to(dtype).contiguous() for k, v in hf_state.items()}
+        clear_manifest(out)
         out.mkdir(parents=True, exist_ok=True)
         bos, eos = _export_tokenizer(Path(tok_dir), out)
         hf_cfg = adapter.hf_config(model_cfg, bos, eos, cfg.dtype)
@@ -219,6 +220,7 @@ def export_finetuned(cfg: ExportConfig) -> Path:
         adapter, lm_state = export_state(model.trunk, trunk_cfg)
         architecture, state = task_model_to_hf(model, lm_state)
         state = {k: v.to(DTYPES[cfg.dtype]).contiguous() for k, v in state.items()}
+        clear_manifest(out)
         out.mkdir(parents=True, exist_ok=True)
         bos, eos = _export_tokenizer(ft_dir / "tokenizer", out)
         hf_cfg = adapter.hf_config(trunk_cfg, bos, eos, cfg.dtype)
@@ -256,6 +258,7 @@ def run_import(cfg: ImportConfig) -> Path:
         if missing or unexpected:
             raise ValueError(f"{source}: converted weights do not fit: missing {missing}, unexpected {unexpected}")
         model.to(DTYPES[cfg.dtype])
+        clear_manifest(out)
         _import_tokenizer(Path(cfg.tokenizer) if cfg.tokenizer else source, out / "tokenizer")
         ckpt = checkpoint_dir(out, 0)
         save_model(ckpt, model, model_cfg)
