@@ -89,9 +89,9 @@ class EvalData:
     def train_token_counts(self, tokenizer_dir: Path, vocab_size: int) -> np.ndarray | None:
         """Token frequencies of the train split (without EOD), or None if there is none."""
         if self.stage == "tokenize":
-            from pilelm.tokens.shards import open_split
+            from pilelm.tokens.shards import listed_splits, open_split
 
-            if not (self.path / "train.idx").is_file():
+            if "train" not in listed_splits(self.path):
                 return None
             ts = open_split(self.path, "train")
             counts = np.zeros(max(vocab_size, int(ts.vocab_size)), dtype=np.int64)
@@ -131,10 +131,11 @@ def _read_prepared(prep: Path, split: str, limit: int) -> Iterator[tuple[str, st
 
 
 def open_eval_data(path: str | Path, split: str, max_documents: int) -> EvalData:
+    from pilelm.tokens.shards import listed_splits
+
     path = Path(path)
     manifest = require_stage(path, "tokenize", "prepare", what="eval data")
     stage = manifest["stage"]
-    if stage == "tokenize" and not (path / f"{split}.idx").is_file():
-        have = sorted(p.stem for p in path.glob("*.idx"))
+    if stage == "tokenize" and split not in (have := listed_splits(path)):
         raise FileNotFoundError(f"{path} has no {split} split ({split}.bin/.idx); splits here: {have}")
     return EvalData(path, stage, split, max_documents)

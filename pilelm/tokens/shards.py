@@ -8,7 +8,10 @@
     SHARDS/tokenizer/                  the tokenizer the ids belong to
     SHARDS/manifest.json               ``extra.tokenizer``: eod_id, vocab_size, fingerprint ...
 
-``open_split`` opens one split with everything a trainer or evaluator needs.
+``open_split`` opens one split with everything a trainer or evaluator needs; a split is part
+of a shard dir only when the manifest lists it (``counts.splits``), so a stray ``val.bin``
+left by another run or copied in is never read. ``remove_split`` deletes a split's files (a
+rewrite that writes fewer splits removes the others).
 """
 
 from __future__ import annotations
@@ -34,6 +37,24 @@ def split_prefix(shard_dir: str | Path, split: str) -> Path:
 
 def has_split(shard_dir: str | Path, split: str) -> bool:
     return split_prefix(shard_dir, split).with_suffix(".idx").is_file()
+
+
+def listed_splits(shard_dir: str | Path) -> list[str]:
+    """The splits a finished shard dir holds: those its manifest lists."""
+    manifest = require_stage(shard_dir, "tokenize", what="token shard")
+    return sorted(manifest.get("counts", {}).get("splits", {}))
+
+
+def split_paths(shard_dir: str | Path, split: str) -> list[Path]:
+    """Every file of one split (tokens, index, sidecars)."""
+    prefix = split_prefix(shard_dir, split)
+    return [prefix.with_suffix(".bin"), prefix.with_suffix(".idx"), _docmeta_path(shard_dir, split),
+            _components_path(shard_dir, split)]
+
+
+def remove_split(shard_dir: str | Path, split: str) -> None:
+    for path in split_paths(shard_dir, split):
+        path.unlink(missing_ok=True)
 
 
 def _docmeta_path(shard_dir: str | Path, split: str) -> Path:
@@ -67,8 +88,8 @@ def open_split(shard_dir: str | Path, split: str) -> TokenSplit:
     shard_dir = Path(shard_dir)
     manifest = require_stage(shard_dir, "tokenize", what="token shard")
     prefix = split_prefix(shard_dir, split)
-    if not has_split(shard_dir, split):
-        have = sorted(p.stem for p in shard_dir.glob("*.idx"))
+    have = sorted(manifest.get("counts", {}).get("splits", {}))
+    if split not in have or not has_split(shard_dir, split):
         raise FileNotFoundError(f"{shard_dir} has no split {split!r} (splits: {', '.join(have) or 'none'})")
     ds = IndexedDataset(prefix)
     meta_path = _docmeta_path(shard_dir, split)

@@ -45,7 +45,7 @@ from pilelm.tokens.encode import BatchEncoder, EncodedBatch, LineBatch, iter_lin
 from pilelm.tokens.encoders import ENCODERS, no_encoder_threads
 from pilelm.tokens.identity import tokenizer_fingerprint
 from pilelm.tokens.mmidx import AppendFile, IndexedDataset, IndexedDatasetWriter, token_dtype
-from pilelm.tokens.shards import TOKENIZER_DIR, has_split, save_split_sidecars, split_prefix
+from pilelm.tokens.shards import TOKENIZER_DIR, has_split, remove_split, save_split_sidecars, split_prefix
 from pilelm.tokens.tokenizer import copy_tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,8 @@ def run_tokenize(cfg: TokenizeConfig) -> Path:
         raise ValueError(f"tokenizer {cfg.tokenizer} has no end-of-document token "
                          "(<|endoftext|>, </s> or [SEP]); the shards need one after every document")
     out.mkdir(parents=True, exist_ok=True)
+    for stale in set(SPLITS) - set(splits):  # an old split (maybe another vocabulary) must not outlive a rewrite
+        remove_split(out, stale)
     copy_tokenizer(cfg.tokenizer, out / TOKENIZER_DIR)
     fingerprint = tokenizer_fingerprint(tok)
     dtype = token_dtype(tok.vocab_size)

@@ -112,7 +112,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, info: DistInfo | None = None):
-        from pilelm.tokens.shards import open_split
+        from pilelm.tokens.shards import listed_splits, open_split
 
         self.info = info or DistInfo()
         loop = cfg.loop
@@ -129,7 +129,7 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.out = Path(cfg.output)
         self.train_split = open_split(cfg.data, "train")
-        self.val_split = open_split(cfg.data, "val") if (Path(cfg.data) / "val.idx").is_file() else None
+        self.val_split = open_split(cfg.data, "val") if "val" in listed_splits(cfg.data) else None
 
         init_step = None
         if cfg.init_from:
