@@ -41,7 +41,7 @@ from pilelm.data.config import PrepareConfig
 from pilelm.data.executor import make_executor
 from pilelm.data.plan import PrepareJob, plan_tasks
 from pilelm.data.prepared import REJECTS, SPLITS, STATS, WORK, output_names, split_files
-from pilelm.data.sources import SourceFile, expand_inputs
+from pilelm.data.sources import SkippedFile, SourceFile, expand_inputs
 from pilelm.data.stats import TaskStats, write_report
 from pilelm.data.tasks import (
     clean_task,
@@ -112,7 +112,10 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     out = Path(cfg.output)
     timer = Timer()
     with timer("plan"):
-        sources = expand_inputs(cfg.inputs, cfg.reader.default_component)
+        skipped: list[SkippedFile] | None = [] if cfg.reader.on_bad_file == "skip" else None
+        sources = expand_inputs(cfg.inputs, cfg.reader.default_component, skipped)
+        if not sources:
+            raise ValueError(f"inputs: no readable file among {cfg.inputs} (all skipped; see the warnings above)")
         fp = _fingerprint(cfg, sources)
         if _prepare_output(cfg, out, fp):
             log.info("%s already holds this prepared dataset; nothing to do", out)
@@ -161,8 +164,12 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     if cfg.privacy.canaries:  # pilelm/privacy/canaries.py
         with timer("canaries"):
             canaries = load_hook("prepare.canaries")(cfg.privacy, out, job.work, cfg.compression_level)
+    file_notes = {
+        "skipped_files": [{"file": f.path, "reason": f.reason} for f in skipped or []],
+        "read_by_content": [{"file": s.display, "note": s.note} for s in sources if s.note],
+    }
     with timer("report"):
-        counts, report_files = _finish(job)
+        counts, report_files = _finish(job, file_notes)
     n_idx = n_ignored = 0
     if (job.work / "index" / "done.json").is_file():
         n_idx = json.loads((job.work / "index" / "done.json").read_text())["ngrams"]
@@ -179,6 +186,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
         "decontam_ignored_ngrams": n_ignored,
         "dedup_threshold": round(cfg.dedup.threshold(), 4),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **file_notes,
     }
     if canaries:
         extra["canaries"] = canaries
@@ -191,7 +199,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     return out
 
 
-def _finish(job: PrepareJob) -> tuple[dict[str, Any], list[str]]:
+def _finish(job: PrepareJob, file_notes: dict[str, list[dict[str, str]]]) -> tuple[dict[str, Any], list[str]]:
     """Merge task stats, concatenate the rejects logs (zstd frames concatenate), report."""
     per_split: dict[str, list[dict[str, Any]]] = {}
     rejects = []
@@ -204,7 +212,8 @@ def _finish(job: PrepareJob) -> tuple[dict[str, Any], list[str]]:
     atomic_write_bytes(job.out / REJECTS, b"".join(rejects))
     split_stats = {s: TaskStats.merge(p) for s, p in per_split.items()}
     total = TaskStats.merge([p for parts in per_split.values() for p in parts])
-    files = write_report(job.out, total, split_stats)
+    files = write_report(job.out, total, split_stats, file_notes=file_notes)
     counts = total.manifest_counts()
+    counts["files_skipped"] = len(file_notes["skipped_files"])
     counts["splits"] = {s: st.totals() | {"shards": len(job.split_tasks(s))} for s, st in split_stats.items()}
     return counts, files

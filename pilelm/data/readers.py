@@ -4,6 +4,8 @@ silent drop. Which files to read is ``pilelm.data.sources``' business.
 
 - ``.zst`` is read with a streaming decompressor: the Pile's frames carry no content size.
   A stream that ``sources`` found cut off yields a ``truncated_file`` rejection where it ends.
+  Every decompression is capped (``pilelm.data.decompress``): a stream expanding beyond
+  ``reader.max_decompression_ratio`` ends in a ``decompression_bomb`` rejection.
 - Memory stays bounded: data is read in 8 MiB chunks and one line is held at most
   ``max_line_bytes`` long; a longer line is skipped (and counted) without being buffered.
 - A file can be read by byte range (offsets in the decompressed stream): a range owns the
@@ -13,7 +15,6 @@ silent drop. Which files to read is ``pilelm.data.sources``' business.
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import zlib
@@ -24,6 +25,7 @@ from typing import Any, BinaryIO, Literal
 
 import zstandard
 
+from pilelm.data.decompress import DEFAULT_MAX_RATIO, DecompressionBombError, open_decompressed
 from pilelm.data.document import COMPONENT_KEY, LONE_SURROGATE, Document
 from pilelm.data.sources import SourceFile, expand_inputs, parse_hf_spec
 
@@ -50,6 +52,14 @@ class ReaderConfig:
     on_bad_unicode: Literal["skip", "replace"] = "skip"
     """Records with invalid UTF-8 or lone surrogates: `skip` them (counted, logged) or
     `replace` the bad code points with U+FFFD and keep them."""
+    on_bad_file: Literal["error", "skip"] = "error"
+    """An input file that cannot be read as named (a .parquet or .txt holding something else, an
+    unreadable file): `error` stops before any work starts; `skip` leaves it out, named with its
+    reason in the manifest and stats.md, and goes on. (Gzip or plain JSON lines behind a .zst
+    name are read by their content either way.)"""
+    max_decompression_ratio: int = DEFAULT_MAX_RATIO
+    """A compressed stream producing more than this many times its compressed bytes is cut off as
+    `decompression_bomb` (text compresses 3-10x; bombs millions)."""
 
     def __post_init__(self) -> None:
         if not self.text_field:
@@ -58,6 +68,11 @@ class ReaderConfig:
             raise ValueError(f"reader.max_line_bytes={self.max_line_bytes} is too small; use >= 1024")
         if self.on_bad_unicode not in ("skip", "replace"):
             raise ValueError("reader.on_bad_unicode must be skip or replace")
+        if self.on_bad_file not in ("error", "skip"):
+            raise ValueError("reader.on_bad_file must be error or skip")
+        if self.max_decompression_ratio < 10:
+            raise ValueError(f"reader.max_decompression_ratio={self.max_decompression_ratio} is below what "
+                             "text compresses to; use >= 10")
 
 
 @dataclass(slots=True)
@@ -75,16 +90,10 @@ class Rejected:
 # ---------------------------------------------------------------- byte streams and lines
 
 
-def open_stream(src: SourceFile) -> BinaryIO:
-    """The decompressed byte stream of a file; ``read(n)`` never returns more than n bytes."""
-    if src.compression == "zst":
-        fh = open(src.path, "rb")
-        return zstandard.ZstdDecompressor().stream_reader(  # type: ignore[return-value]
-            fh, read_size=1 << 20, read_across_frames=True, closefd=True
-        )
-    if src.compression == "gz":
-        return gzip.open(src.path, "rb")  # type: ignore[return-value]
-    return open(src.path, "rb")
+def open_stream(src: SourceFile, max_ratio: float = DEFAULT_MAX_RATIO) -> BinaryIO:
+    """The decompressed byte stream of a file; ``read(n)`` never returns more than n bytes,
+    and the output is capped at ``max_ratio`` x the input (``DecompressionBombError``)."""
+    return open_decompressed(src.path, src.compression, max_ratio)
 
 
 @dataclass(slots=True)
@@ -195,6 +204,8 @@ class _RecordParser:
                 record = json.loads(data.decode("utf-8", "replace"))
             except ValueError as e2:
                 return self.reject(line.number, "invalid_json", str(e2)[:200], data, nbytes=len(data))
+            except RecursionError:
+                return self.reject(line.number, "invalid_json", "nested too deeply", data, nbytes=len(data))
         except ValueError as e:  # json.JSONDecodeError, RecursionError is not expected here
             return self.reject(line.number, "invalid_json", str(e)[:200], data, nbytes=len(data))
         except RecursionError:
@@ -254,7 +265,7 @@ def iter_source(src: SourceFile, cfg: ReaderConfig | None = None, start: int = 0
 def _iter_jsonl(src: SourceFile, parser: _RecordParser, start: int, end: int | None
                 ) -> Iterator[Document | Rejected]:
     last: Line | None = None
-    stream = open_stream(src)
+    stream = open_stream(src, parser.cfg.max_decompression_ratio)
     try:
         lines = iter_lines(stream, start, end, parser.cfg.max_line_bytes)
         while True:
@@ -262,6 +273,10 @@ def _iter_jsonl(src: SourceFile, parser: _RecordParser, start: int, end: int | N
                 line = next(lines)
             except StopIteration:
                 break
+            except DecompressionBombError as e:
+                number = last.number + 1 if last else 1
+                yield parser.reject(number, "decompression_bomb", f"{e}; the rest of this file is skipped")
+                return
             except (zstandard.ZstdError, OSError, EOFError, zlib.error) as e:
                 # Corrupt or cut-off compressed data: keep what was read, count the loss.
                 number = last.number + 1 if last else 1

@@ -6,8 +6,11 @@ and how to cut them into pieces of work.
   stands for its documents. Each file belongs to a split: a file named ``val*`` /
   ``validation*`` / ``test*`` or inside a folder named ``val`` / ``valid`` / ``validation`` /
   ``test`` is eval data, all else train.
-- A file's format comes from its extension and is checked against its first bytes, so a
-  file whose content does not match its name is a clear error before any work starts.
+- A file's format comes from its extension; its compression from its first bytes
+  (``pilelm.data.decompress``), so gzip or plain JSON lines behind a ``.zst`` name are read as
+  what they are (logged, and noted in the manifest). A file that cannot be read as named (a
+  ``.parquet`` or ``.txt`` holding something else, an unreadable file) is a clear error before
+  any work starts, or with ``reader.on_bad_file=skip`` a named, reasoned skip (``SkippedFile``).
 - A damaged ``.zst`` is found here, before reading, by walking the frame and block headers
   (RFC 8878 §3.1): the streaming decompressor returns a cut-off frame's data without an error.
 - Big files are cut into pieces (``plan_ranges``): decompressed byte ranges of JSON lines,
@@ -20,23 +23,23 @@ import glob
 import logging
 import os
 import re
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import zstandard
-
+from pilelm.data.decompress import (
+    DEFAULT_MAX_RATIO,
+    PARQUET_MAGIC,
+    ZSTD_MAGIC,
+    content_compression,
+    estimate_ratio,
+)
 from pilelm.data.prepared import document_files, is_prepared
 
 log = logging.getLogger(__name__)
 
 _SPLIT_FILE = re.compile(r"^(val|valid|validation|test)(?![a-z])")
 _SPLIT_DIRS = {"val": "val", "valid": "val", "validation": "val", "test": "test"}
-
-ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-GZIP_MAGIC = b"\x1f\x8b"
-PARQUET_MAGIC = b"PAR1"
 
 # extension -> (format, compression)
 _EXTENSIONS: dict[str, tuple[str, str]] = {
@@ -65,7 +68,20 @@ class SourceFile:
     """Component for records that name none."""
     damage: str = ""
     """Set when the compressed stream is cut off or corrupt: what is wrong and where."""
+    note: str = ""
+    """Set when the content's compression differs from the name's (it is read by content)."""
 
+
+class BadInputFile(ValueError):
+    """An input file that cannot be read as what its name says."""
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """An input file left out under ``reader.on_bad_file=skip``, and why."""
+
+    path: str
+    reason: str
 
 
 def split_of(path: Path, root: Path | None) -> str:
@@ -102,26 +118,42 @@ def _strip_extensions(name: str) -> str:
     return name[: -len(ext)]
 
 
-def _sniff(path: Path, fmt: str, compression: str) -> None:
-    """Raise ValueError if the first bytes of ``path`` contradict its extension."""
-    with open(path, "rb") as f:
-        head = f.read(4)
+_DESCRIBE = {"zst": "zstd-compressed", "gz": "gzip-compressed", "": "plain text"}
+
+
+def _read_as(path: Path, fmt: str, compression: str) -> tuple[str, str]:
+    """(compression to read ``path`` with, a note when it differs from the name's) from the
+    file's first bytes; raises BadInputFile when the content cannot be what the name says."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise BadInputFile(f"{path}: cannot be read ({e})") from e
     if not head:
-        return  # empty: nothing to contradict
-    looks = (
-        "zstd-compressed" if head == ZSTD_MAGIC or (head[0] & 0xF0 == 0x50 and head[1:] == b"\x2a\x4d\x18")
-        else "gzip-compressed" if head[:2] == GZIP_MAGIC
-        else "Parquet" if head == PARQUET_MAGIC
-        else "plain text"
-    )
-    expected = {"zst": "zstd-compressed", "gz": "gzip-compressed"}.get(compression) or (
-        "Parquet" if fmt == "parquet" else "plain text"
-    )
+        return compression, ""  # empty: nothing to contradict
+    actual = content_compression(head)
+    if fmt == "jsonl":
+        if actual == compression:
+            return compression, ""
+        note = (f"named like {_DESCRIBE[compression]} data but holds {_DESCRIBE[actual]}; "
+                f"read as {_DESCRIBE[actual]}")
+        log.warning("%s: %s", path, note)
+        return actual, note
+    looks = "Parquet" if head == PARQUET_MAGIC else _DESCRIBE[actual]
+    expected = "Parquet" if fmt == "parquet" else "plain text"
     if looks != expected:
-        raise ValueError(
+        raise BadInputFile(
             f"{path}: the file is named like {expected} data but its content is {looks} "
             f"(first bytes {head!r}); rename it to match its content or re-export it"
         )
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            pq.ParquetFile(path).metadata  # noqa: B018 - reading the footer is the check
+        except Exception as e:  # pyarrow raises ArrowInvalid/OSError for corrupt files
+            raise BadInputFile(f"{path}: not a readable Parquet file ({e})") from e
+    return compression, ""
 
 
 def check_zstd_frames(path: str | Path) -> str:
@@ -178,21 +210,33 @@ def check_zstd_frames(path: str | Path) -> str:
     return ""
 
 
-def _source(path: Path, display: str, split: str, component: str) -> SourceFile | None:
+def _source(path: Path, display: str, split: str, component: str,
+            skipped: list[SkippedFile] | None) -> SourceFile | None:
+    """The SourceFile of a file with a known extension; None for other files, and for a bad
+    file when ``skipped`` collects those (else BadInputFile is raised)."""
     fmt = format_of(path.name)
     if fmt is None:
         return None
-    _sniff(path, *fmt)
+    try:
+        compression, note = _read_as(path, *fmt)
+    except BadInputFile as e:
+        if skipped is None:
+            raise
+        log.warning("skipping %s (reader.on_bad_file=skip)", e)
+        skipped.append(SkippedFile(display, str(e)))
+        return None
     size = path.stat().st_size
-    damage = check_zstd_frames(path) if fmt[1] == "zst" and size else ""
-    return SourceFile(str(path), display, split, fmt[0], fmt[1], size, component, damage)
+    damage = check_zstd_frames(path) if compression == "zst" and size else ""
+    return SourceFile(str(path), display, split, fmt[0], compression, size, component, damage, note)
 
 
-def expand_inputs(inputs: Iterable[str], default_component: str | None = None) -> list[SourceFile]:
+def expand_inputs(inputs: Iterable[str], default_component: str | None = None,
+                  skipped: list[SkippedFile] | None = None) -> list[SourceFile]:
     """Resolve files, folders, globs and ``hf:`` names to SourceFiles (sorted within each
     input; inputs keep their order). ``default_component``: the component of records that
     name none (None: the input's own name). Raises ValueError naming any input that matches
-    nothing or whose content contradicts its extension."""
+    nothing; a file that cannot be read as named raises BadInputFile, or, when ``skipped`` is
+    given, is appended there and left out."""
     out: list[SourceFile] = []
     seen: set[str] = set()
     for spec in inputs:
@@ -201,34 +245,35 @@ def expand_inputs(inputs: Iterable[str], default_component: str | None = None) -
             continue
         p = Path(spec)
         found: list[SourceFile] = []
+        n_skipped = len(skipped) if skipped is not None else 0
         if p.is_dir():
             comp = default_component or p.resolve().name
             files = _folder_files(p)
             for f in files:
-                src = _source(f, f"{p.name}/{f.relative_to(p)}", split_of(f, p), comp)
+                src = _source(f, f"{p.name}/{f.relative_to(p)}", split_of(f, p), comp, skipped)
                 if src is not None:
                     found.append(src)
-            ignored = len(files) - len(found)
+            ignored = len(files) - len(found) - ((len(skipped) - n_skipped) if skipped is not None else 0)
             if ignored:
                 log.warning("%s: ignored %d files with unknown extensions", p, ignored)
         elif p.is_file():
             if format_of(p.name) is None:
                 raise ValueError(f"{p}: unknown file type; expected one of {', '.join(sorted(_EXTENSIONS))}")
             comp = default_component or _strip_extensions(p.name)
-            src = _source(p, str(p), split_of(p, None), comp)
-            assert src is not None
-            found.append(src)
+            src = _source(p, str(p), split_of(p, None), comp, skipped)
+            if src is not None:
+                found.append(src)
         elif any(ch in spec for ch in "*?["):
             for m in sorted(glob.glob(spec, recursive=True)):
                 mp = Path(m)
                 if mp.is_file() and format_of(mp.name) is not None:
                     comp = default_component or mp.parent.resolve().name
-                    src = _source(mp, m, split_of(mp, None), comp)
-                    assert src is not None
-                    found.append(src)
+                    src = _source(mp, m, split_of(mp, None), comp, skipped)
+                    if src is not None:
+                        found.append(src)
         else:
             raise ValueError(f"input {spec!r} does not exist")
-        if not found:
+        if not found and (skipped is None or len(skipped) == n_skipped):
             raise ValueError(f"input {spec!r} holds no readable files (.jsonl[.zst|.gz], .parquet, .txt)")
         for src in found:
             key = os.path.realpath(src.path)
@@ -266,22 +311,13 @@ def _hf_source(spec: str, default_component: str | None) -> SourceFile:
     return SourceFile(spec, spec, ours, "hf", "", 0, comp)
 
 
-def estimate_size(src: SourceFile, sample: int = 1 << 20) -> int:
+def estimate_size(src: SourceFile, sample: int = 1 << 20, max_ratio: float = DEFAULT_MAX_RATIO) -> int:
     """Decompressed bytes of a file: exact for plain files, else extrapolated from the
-    compression ratio of its first ``sample`` compressed bytes."""
+    compression ratio of its first ``sample`` compressed bytes (decompressed in bounded
+    chunks, the ratio capped at ``max_ratio``: a hostile file cannot make planning expand it)."""
     if not src.compression or src.size == 0:
         return src.size
-    with open(src.path, "rb") as f:
-        head = f.read(sample)
-    try:
-        if src.compression == "zst":
-            out = zstandard.ZstdDecompressor().decompressobj().decompress(head)
-        else:
-            out = zlib.decompressobj(wbits=31).decompress(head, 64 * sample)
-    except (zstandard.ZstdError, zlib.error):
-        return src.size
-    return int(src.size * max(1.0, len(out) / max(1, len(head))))
-
+    return int(src.size * estimate_ratio(src.path, src.compression, sample, max_ratio))
 
 
 def plan_ranges(src: SourceFile, task_bytes: int) -> list[tuple[int, int | None, int]]:

@@ -158,9 +158,11 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f}"
 
 
-def write_report(out_dir: Path, stats: TaskStats, splits: dict[str, TaskStats], title: str = "prepare") -> list[str]:
+def write_report(out_dir: Path, stats: TaskStats, splits: dict[str, TaskStats], title: str = "prepare",
+                 file_notes: dict[str, list[dict[str, str]]] | None = None) -> list[str]:
     """Write ``stats.md`` and its plots into ``out_dir``; returns the files written, the
-    markdown first."""
+    markdown first. ``file_notes``: input files skipped (``skipped_files``: file, reason) and
+    read by their content rather than their name (``read_by_content``: file, note)."""
     from pilelm.core.atomic import atomic_write_text
 
     files = _plots(out_dir, stats)
@@ -199,6 +201,13 @@ def write_report(out_dir: Path, stats: TaskStats, splits: dict[str, TaskStats], 
         lines.append(f"| {step} | {n:,} | {_mb(b)} |")
     if stats.pii:
         lines += ["", "PII replaced: " + ", ".join(f"{k} {v:,}" for k, v in sorted(stats.pii.items())) + "."]
+    notes = file_notes or {}
+    if notes.get("skipped_files"):
+        lines += ["", "## Input files skipped (reader.on_bad_file=skip)", "", "| file | reason |", "|---|---|"]
+        lines += [f"| {f['file']} | {f['reason']} |" for f in notes["skipped_files"]]
+    if notes.get("read_by_content"):
+        lines += ["", "## Input files read by their content, not their name", "", "| file | note |", "|---|---|"]
+        lines += [f"| {f['file']} | {f['note']} |" for f in notes["read_by_content"]]
     lines += ["", "## Plots", ""] + [f"![{Path(f).stem}]({f})" for f in files] + [""]
     atomic_write_text(out_dir / STATS, "\n".join(lines))
     return [STATS, *files]

@@ -170,12 +170,13 @@ def test_crlf_line_endings(tmp_path: Path) -> None:
 
 
 def test_content_that_contradicts_the_extension_is_a_clear_error(tmp_path: Path) -> None:
-    (tmp_path / "plain.jsonl.zst").write_bytes(b'{"text": "not compressed"}\n')
-    with pytest.raises(ValueError, match=r"plain\.jsonl\.zst.*zstd-compressed.*plain text"):
-        expand_inputs([str(tmp_path / "plain.jsonl.zst")])
-    (tmp_path / "z.jsonl").write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "x"}\n'))
-    with pytest.raises(ValueError, match=r"z\.jsonl.*content is zstd"):
-        expand_inputs([str(tmp_path / "z.jsonl")])
+    # JSON lines are read by their content (tests/data/test_data_hostile.py); other formats are checked.
+    (tmp_path / "plain.parquet").write_bytes(b'{"text": "not parquet"}\n')
+    with pytest.raises(ValueError, match=r"plain\.parquet.*Parquet.*plain text"):
+        expand_inputs([str(tmp_path / "plain.parquet")])
+    (tmp_path / "z.txt").write_bytes(zstandard.ZstdCompressor().compress(b"some text"))
+    with pytest.raises(ValueError, match=r"z\.txt.*content is zstd"):
+        expand_inputs([str(tmp_path / "z.txt")])
     with pytest.raises(ValueError, match="does not exist"):
         expand_inputs([str(tmp_path / "missing.jsonl")])
 
