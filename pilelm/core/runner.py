@@ -34,7 +34,9 @@ Resume: before running a stage the runner builds its full config; if the output 
 already holds a manifest of that stage made from the same config (the manifest's own, or the
 one the runner recorded in ``work_dir/pipeline_state.json`` when it ran the stage) and the
 inputs the manifest lists still have the same hashes, the stage is skipped. Otherwise it runs again in the same directory (stages resume
-their own unfinished work). Stages without a manifest (``generate``) always run. Every key
+their own unfinished work). A stage with a ``restart`` key (``train``) whose output was made,
+or started, from another config or other inputs runs with ``restart=true``: it discards the
+old run and trains anew, since resuming it would mix two configs. Stages without a manifest (``generate``) always run. Every key
 of every stage is validated before the first one starts, so a typo fails in a second.
 """
 
@@ -311,6 +313,17 @@ def finished_output(stage: PlannedStage, state: dict[str, Any] | None = None) ->
     return True
 
 
+def _needs_restart(stage: PlannedStage, planned: Any, state: dict[str, Any]) -> bool:
+    """A stage that can restart (a ``restart`` key) and whose output holds work from another
+    config or inputs: a finished output ``finished_output`` refused, or an unfinished one this
+    runner started with another config."""
+    out = stage.output
+    if out is None or not out.exists() or "restart" not in {f.name for f in dataclasses.fields(stage.config)}:
+        return False
+    record = state.get(str(out))
+    return (out / MANIFEST).is_file() or (record is not None and record.get("config") != planned)
+
+
 def execute(pipeline: Pipeline) -> list[StageResult]:
     """Run (or skip, when finished) every stage in order; return what happened to each."""
     work_dir = pipeline.work_dir
@@ -326,15 +339,22 @@ def execute(pipeline: Pipeline) -> list[StageResult]:
             continue
         log.info("%s -> %s", label, stage.output or "(no output directory)")
         _, runner = stage.command.load()
+        planned = _normalised(to_dict(stage.config))
+        config = stage.config
+        if _needs_restart(stage, planned, state):
+            log.info("%s: %s was made from another config or other inputs; starting it anew", label, stage.output)
+            config = dataclasses.replace(config, restart=True)
+        if stage.output is not None:  # what this output is being made from, should the stage die
+            state[str(stage.output)] = {"stage": stage.name, "config": planned, "manifest": None}
+            atomic_write_json(work_dir / STATE_FILE, state)
         t0 = time.perf_counter()
-        returned = runner(stage.config)
+        returned = runner(config)
         seconds = time.perf_counter() - t0
         out = stage.output or (Path(returned) if isinstance(returned, str | Path) else None)
         log.info("%s: done in %.1f s", label, seconds)
         results.append(StageResult(stage.name, out, "ran", seconds))
         if out is not None and (out / MANIFEST).is_file():
-            state[str(out)] = {"stage": stage.name, "config": _normalised(to_dict(stage.config)),
-                               "manifest": content_hash(out)}
+            state[str(out)] = {"stage": stage.name, "config": planned, "manifest": content_hash(out)}
             atomic_write_json(work_dir / STATE_FILE, state)
     return results
 

@@ -103,7 +103,9 @@ class TrainConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     """Differentially private training (DP-SGD); off by default."""
     resume: bool = True
-    """Resume from the newest intact checkpoint in the output directory if there is one."""
+    """Resume from the newest intact checkpoint in the output directory if there is one (only with the config and data the run started with; see restart)."""
+    restart: bool = False
+    """Discard the run already in the output directory (checkpoints, metrics, manifest) and train anew: the way to retrain after changing the config or the data."""
     init_from: str = ""
     """Start from the weights of a run directory (its newest intact checkpoint) or of one checkpoint folder, e.g. what `pilelm import` wrote, instead of random ones. The model section comes from there (dropout from this config); optimizer, schedule and data order start fresh. A run that has checkpoints of its own resumes from them instead."""
 

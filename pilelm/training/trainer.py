@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from pilelm.core.atomic import atomic_write_json, atomic_write_text
 from pilelm.core.config import dump_yaml, to_dict
-from pilelm.core.manifest import require_stage, write_manifest
+from pilelm.core.manifest import MANIFEST, clear_manifest, require_stage, write_manifest
 from pilelm.core.stages import load_hook
 from pilelm.models import build_model, model_spec
 from pilelm.models.spec import IGNORE_INDEX
@@ -58,6 +58,7 @@ from pilelm.training.memory import enable_activation_checkpointing, keep_freed_m
 from pilelm.training.metrics import MetricsLog
 from pilelm.training.optim import build_optimizer, lr_multiplier, set_lr
 from pilelm.training.precision import matmul_flops, resolve_precision
+from pilelm.training.resume import discard_run, record_run_inputs, require_same_run
 
 # The stage table (pilelm/core/stages.py) and callers find the config here too.
 __all__ = ["LoopConfig", "ManifestEntry", "NonFiniteLossError", "StepResult", "TrainConfig", "Trainer", "load_run_config",
@@ -401,20 +402,29 @@ class Trainer:
     def fit(self) -> Path:
         cfg, loop, info = self.cfg, self.cfg.loop, self.info
         out = self.out
+        if cfg.restart and out.exists():
+            if info.is_main:
+                discard_run(out)
+            barrier(info)
+        cfg = self.cfg = replace(cfg, restart=False)  # an action, not part of the run's config
         found = ckpt_io.find_resumable(out) if out.exists() else None
         if found and not cfg.resume:
-            raise ValueError(f"output {out} already holds checkpoints; give a new --output or resume=true")
+            raise ValueError(f"output {out} already holds checkpoints; give a new --output, resume=true or --restart")
         if found:
+            require_same_run(out, cfg)
             self.load(found[1])
-            if self.step >= loop.max_steps and (out / "manifest.json").is_file():
+            if self.step >= loop.max_steps and (out / MANIFEST).is_file():
                 log.info("%s already finished %d steps; nothing to do (raise loop.max_steps to train on)",
                          out, self.step)
                 return out
             log.info("resumed from %s (step %d)", found[1], self.step)
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
+            clear_manifest(out)  # training on: the old manifest no longer describes the run
             shutil.copytree(self.train_split.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
             atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+            if not found:
+                record_run_inputs(out, cfg.data)
         peak = loop.peak_flops or self._peak_flops()
         metrics = MetricsLog(out, self.step, enabled=info.is_main, tensorboard=loop.tensorboard)
         end = min(loop.max_steps, loop.stop_at_step) if loop.stop_at_step else loop.max_steps

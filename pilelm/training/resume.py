@@ -1,0 +1,113 @@
+"""Resume only what was started: a run directory continues with the config and data it began
+with, or not at all.
+
+A run records what it was started from: ``RUN/config.yaml`` (the resolved config) and
+``RUN/inputs.json`` (the content hash of its token shards, ``pilelm.core.manifest.content_hash``).
+Before resuming from a checkpoint (finished or not), the trainer compares the new config and
+data with those; any difference that changes what is trained (optimizer, model, data, seed,
+batching ...) is refused with an error naming each difference, the fix being ``--restart``
+(discard the old run and train anew in the same directory) or a new ``-o``. Keys that change
+only how long or how visibly the run goes on (``RESUME_NEUTRAL``) may differ: raising
+``loop.max_steps`` trains on, as documented.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pilelm.core.atomic import atomic_write_json
+from pilelm.core.config import to_dict
+from pilelm.core.manifest import MANIFEST, content_hash
+from pilelm.training.checkpoint import CHECKPOINTS
+
+log = logging.getLogger(__name__)
+
+INPUTS_FILE = "inputs.json"
+CONFIG_FILE = "config.yaml"
+# What a run may change between resumes: where and whether to resume, how far to train, and
+# how often to log, evaluate and save. Everything else shapes the weights.
+RESUME_NEUTRAL = frozenset({
+    "data",  # the shards are compared by content hash (a moved shard dir is the same data)
+    "output", "resume", "restart",
+    "loop.max_steps", "loop.stop_at_step", "loop.eval_every", "loop.eval_windows", "loop.save_every",
+    "loop.keep_last", "loop.log_every", "loop.num_threads", "loop.peak_flops", "loop.tensorboard",
+    "loop.compile",
+})
+# What --restart removes (hardware.json, a measurement of the machine, stays).
+RUN_STATE = (CHECKPOINTS, "metrics.jsonl", "tensorboard", MANIFEST, CONFIG_FILE, INPUTS_FILE)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every key outside ``RESUME_NEUTRAL`` that differs."""
+    a = _flatten(json.loads(json.dumps(old, default=str)))
+    b = _flatten(json.loads(json.dumps(new, default=str)))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+            if k not in RESUME_NEUTRAL and a.get(k) != b.get(k)]
+
+
+def data_identity(data: str | Path) -> dict[str, str]:
+    return {"path": str(data), "hash": content_hash(data)}
+
+
+def record_run_inputs(run_dir: Path, data: str | Path) -> None:
+    """Write ``RUN/inputs.json`` when a run starts from scratch."""
+    atomic_write_json(run_dir / INPUTS_FILE, {"data": data_identity(data)})
+
+
+def resume_differences(run_dir: Path, cfg: Any) -> list[str]:
+    """What differs between the run in ``run_dir`` and resuming it with ``cfg`` (resolved)."""
+    import yaml
+
+    problems = []
+    config_path = run_dir / CONFIG_FILE
+    if config_path.is_file():
+        old = yaml.safe_load(config_path.read_text()) or {}
+        problems += config_differences(old, to_dict(cfg))
+    inputs_path = run_dir / INPUTS_FILE
+    if inputs_path.is_file():
+        old_data = json.loads(inputs_path.read_text()).get("data", {})
+        new_data = data_identity(cfg.data)
+        if old_data.get("hash") != new_data["hash"]:
+            problems.append(f"data: the token shards changed ({old_data.get('path')} was {old_data.get('hash')}, "
+                            f"{new_data['path']} is {new_data['hash']})")
+    else:
+        log.info("%s has no %s (an older run): its data cannot be compared", run_dir, INPUTS_FILE)
+    return problems
+
+
+def require_same_run(run_dir: Path, cfg: Any) -> None:
+    """Raise ValueError naming each difference if ``cfg`` is not the config and data of the run
+    in ``run_dir`` (see the module docstring)."""
+    problems = resume_differences(run_dir, cfg)
+    if problems:
+        listed = "\n  ".join(problems)
+        raise ValueError(
+            f"{run_dir} holds a run started with another config or other data, so it cannot be resumed:\n"
+            f"  {listed}\nRerun with --restart to discard it and train anew there, give a new -o, or "
+            f"rerun with the run's own {CONFIG_FILE} to continue it")
+
+
+def discard_run(run_dir: Path) -> None:
+    """``--restart``: remove a run's checkpoints, metrics, manifest and recorded config/inputs."""
+    for name in RUN_STATE:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    log.info("%s: discarded the previous run (--restart)", run_dir)
