@@ -13,8 +13,9 @@ Routes:
 - ``GET /``: the web playground (``static/``; no external resources, so it works offline).
 
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status, as
-the OpenAI API answers, so clients raise their usual exceptions. What a generation request
-goes through (limits, slots, events to responses) is ``respond.py``.
+the OpenAI API answers, so clients raise their usual exceptions; a server error says only that
+(the details go to the server log). What a generation request goes through (limits, slots,
+events to responses) is ``respond.py``; what a web page may ask is ``browser_guard.py``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pilelm.inference.embed import TextEncoder
+from pilelm.serve.browser_guard import BrowserGuard, BrowserGuardMiddleware
 from pilelm.serve.chat import add_chat_route
 from pilelm.serve.completions import add_completions_route
 from pilelm.serve.config import ServeConfig
@@ -57,6 +59,12 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None) 
     app = FastAPI(title="pilelm", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.slots = ctx.slots
+    app.add_middleware(BrowserGuardMiddleware, guard=BrowserGuard(cfg.host, cfg.allow_origin))
+    if cfg.allow_origin:  # pages of these origins may read the API's answers (CORS)
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cfg.allow_origin), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:

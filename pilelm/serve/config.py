@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 API_KEY_ENV = "PILELM_API_KEY"
@@ -21,6 +21,10 @@ class ServeConfig:
     """TCP port."""
     api_key: str | None = None
     """Require 'Authorization: Bearer KEY' on /v1/*; None = the PILELM_API_KEY environment variable, or no key when that is unset too."""
+    insecure_no_key: bool = False
+    """Serve on a non-loopback address without an API key (refused otherwise: anyone who can reach the port could use the model)."""
+    allow_origin: list[str] = field(default_factory=list)
+    """Web origins (e.g. http://localhost:3000) whose pages may call the API from a browser (CORS), and whose host names are accepted in the Host header; '*' = any page and any Host (turns the browser checks off). Empty: only the playground this server serves."""
     model_name: str = ""
     """Model id in /v1/models and responses; empty = the run directory's name."""
     device: str = "cpu"

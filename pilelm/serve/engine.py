@@ -344,7 +344,7 @@ class Engine:
             return "the server is shutting down"
         log.exception("generation failed for a batch of %d rows", n_rows, exc_info=e)
         self.stats.errors += 1
-        return f"generation failed: {type(e).__name__}: {e}"
+        return "generation failed: internal server error; the server log has the details"  # not the exception text
 
     def _fail(self, jobs: list[Submission], message: str) -> None:
         """End these requests with ``message`` (once each); their other rows are cancelled."""

@@ -9,7 +9,8 @@ share (id, created, model, usage; chunks ending with ``data: [DONE]``); ``comple
 ``chat.py`` subclass it to write their choices.
 
 A request holds one of ``max_concurrent`` slots from submission until its response ends,
-however it ends: a client that disconnects cancels its rows in the engine and frees the slot.
+however it ends: a client that disconnects, streaming or not, cancels its rows in the engine
+and frees the slot at once.
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from pilelm.serve.engine import (
 from pilelm.serve.schemas import APIError, StreamOptions, parse_json_body
 
 DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default when max_tokens is omitted
-DISCONNECT_POLL_S = 0.25  # how often a non-streaming request checks that its client is still there
 
 
 class Slots:
@@ -280,14 +280,19 @@ class Result:
         return all(f is not None for f in self.finish)
 
     async def collect(self, queue: asyncio.Queue[Event], request: Request) -> dict[str, Any]:
-        while not self._done():
-            try:
-                ev = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    raise APIError(499, "client closed the request") from None
-                continue
-            self._apply(ev)
+        # Watch for the client leaving while events arrive (they may never pause): the request
+        # ends, and its rows are cancelled, the moment the disconnect message comes.
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            while not self._done():
+                event = asyncio.ensure_future(queue.get())
+                await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not event.done():
+                    event.cancel()
+                    raise APIError(499, "client closed the request")
+                self._apply(event.result())
+        finally:
+            gone.cancel()
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": [self.choice(i) for i in range(len(self.rows))], "usage": self.usage()}
 
@@ -315,3 +320,10 @@ class Result:
         if include_usage:
             yield self._chunk([], self.usage())
         yield "data: [DONE]\n\n"
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body was read already, so the next ASGI message
+    is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -149,6 +149,8 @@ def parse_json_body(raw: bytes) -> Any:
         return json.loads(raw, parse_constant=no_constants)
     except (UnicodeDecodeError, ValueError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
 
 
 def parse_request(model: type[RequestT], body: Any) -> RequestT:

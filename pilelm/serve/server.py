@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import socket
 import threading
@@ -14,6 +13,7 @@ import torch
 from pilelm.models.dtypes import DTYPES
 from pilelm.models.gpt import GPT
 from pilelm.serve.app import create_app
+from pilelm.serve.browser_guard import is_loopback
 from pilelm.serve.config import API_KEY_ENV, ServeConfig
 from pilelm.serve.engine import Engine
 from pilelm.tokens.tokenizer import load_tokenizer
@@ -37,13 +37,13 @@ def load_engine(cfg: ServeConfig) -> Engine:
                   continuous=cfg.continuous)
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def require_key_off_loopback(cfg: ServeConfig) -> None:
+    """A server reachable from other machines needs an API key, unless --insecure-no-key says
+    that is meant (a closed network, a proxy that authenticates)."""
+    if not is_loopback(cfg.host) and cfg.resolved_api_key() is None and not cfg.insecure_no_key:
+        raise ValueError(f"host={cfg.host} exposes the server beyond this machine without an API key: set "
+                         f"--api-key KEY (or {API_KEY_ENV}), bind 127.0.0.1, or pass --insecure-no-key if "
+                         "anyone who can reach the port may use the model")
 
 
 class BackgroundServer:
@@ -94,11 +94,12 @@ def run_serve(cfg: ServeConfig) -> None:
     """Serve until interrupted (Ctrl-C)."""
     import uvicorn
 
+    require_key_off_loopback(cfg)
     engine = load_engine(cfg)
     app = create_app(engine, cfg)
-    if not _is_loopback(cfg.host) and cfg.resolved_api_key() is None:
-        log.warning("serving on %s without an API key: anyone who can reach this port can use the model "
-                    "(set --api-key or %s)", cfg.host, API_KEY_ENV)
+    if not is_loopback(cfg.host) and cfg.resolved_api_key() is None:
+        log.warning("serving on %s without an API key (--insecure-no-key): anyone who can reach this port "
+                    "can use the model", cfg.host)
     log.info("serving %s at http://%s:%d/ (playground) and /v1/completions", cfg.run, cfg.host, cfg.port)
     engine.start()
     try:
