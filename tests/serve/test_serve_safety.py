@@ -118,3 +118,18 @@ def test_a_non_loopback_bind_needs_a_key_or_insecure_no_key(tiny_run, monkeypatc
                 ServeConfig(run=str(tiny_run), host="0.0.0.0", insecure_no_key=True),
                 ServeConfig(run=str(tiny_run), host="127.0.0.1"), ServeConfig(run=str(tiny_run), host="::1")):
         require_key_off_loopback(cfg)
+
+
+def test_the_reliability_flags_parse_on_the_command_line():
+    from pilelm.core.cli import parse_args
+    from pilelm.core.config import load_config
+    from pilelm.core.stages import COMMANDS
+    from pilelm.training.config import TrainConfig
+
+    serve = COMMANDS["serve"]
+    path, overrides = parse_args(serve, ServeConfig, ["RUN", "--host", "0.0.0.0", "--insecure-no-key",
+                                                     "--allow-origin", "http://a.example", "--allow-origin", "*"])
+    cfg = load_config(ServeConfig, path, overrides)
+    assert cfg.insecure_no_key and cfg.allow_origin == ["http://a.example", "*"] and cfg.run == "RUN"
+    path, overrides = parse_args(COMMANDS["train"], TrainConfig, ["--data", "S", "-o", "R", "--restart"])
+    assert load_config(TrainConfig, path, overrides).restart
