@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pilelm.core.atomic import atomic_path, atomic_write_json, atomic_write_text
-from pilelm.core.manifest import MANIFEST, Timer, read_manifest, write_manifest
+from pilelm.core.manifest import MANIFEST, Timer, clear_manifest, read_manifest, write_manifest
 from pilelm.models.dtypes import DTYPES
 
 if TYPE_CHECKING:
@@ -173,6 +173,7 @@ def run_retrieval_eval(cfg: EvalConfig, runs: list[RunSpec]) -> Path:
         log.info("%s: MRR@10 %.3f", spec.name, results["runs"][spec.name][f"mrr@{MRR_AT}"])
     with timer("bm25"):
         results["baselines"]["bm25"] = rank_metrics(gold_ranks(bm25_scores(questions, answers)))
+    clear_manifest(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", results_markdown(results))

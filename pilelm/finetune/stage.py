@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from pilelm.core.atomic import atomic_write_json, atomic_write_text
 from pilelm.core.config import dump_yaml
-from pilelm.core.manifest import require_stage, write_manifest
+from pilelm.core.manifest import clear_manifest, require_stage, write_manifest
 from pilelm.finetune.config import FinetuneConfig
 from pilelm.finetune.encoding import IGNORE, Encoded, TaskEncoder, collate
 from pilelm.finetune.loop import ValidatedLoop, batch_indices
@@ -185,6 +185,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     ft = Finetuner(cfg)
     out = ft.out
     out.mkdir(parents=True, exist_ok=True)
+    clear_manifest(out)  # the dir is unfinished until the new manifest lands
     atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     if not (out / "tokenizer").is_dir():
         copy_tokenizer(ft.tok_dir, out / "tokenizer")

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pilelm.core.config import to_dict
-from pilelm.core.manifest import Timer, write_manifest
+from pilelm.core.manifest import Timer, clear_manifest, write_manifest
 from pilelm.evaluation.retrieval import STACKEXCHANGE, qa_pair
 from pilelm.inference.embed import TextEncoder
 from pilelm.models import model_spec
@@ -217,6 +217,7 @@ def run_contrastive(cfg: ContrastiveConfig) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, losses = 0, []
     resumable = checkpoint.find_resumable(out) if out.is_dir() else None
+    clear_manifest(out)  # training (on): the dir is unfinished until the new manifest lands
     if resumable is not None:
         step, ckpt = resumable
         model.load_state_dict(checkpoint.load_model(ckpt, cfg.device)[0].state_dict())

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from pilelm.core.atomic import atomic_path, atomic_write_json, atomic_write_text
-from pilelm.core.manifest import Timer, write_manifest
+from pilelm.core.manifest import Timer, clear_manifest, write_manifest
 from pilelm.retrieval.index import CHUNKS, VectorIndex, import_faiss
 
 log = logging.getLogger(__name__)
@@ -162,6 +162,7 @@ def run_topics(cfg: TopicsConfig) -> Path:
         topics.append({"topic": c, "size": int(len(members)), "words": [(w, round(s, 6)) for w, s in words[c]],
                        "components": dict(comp.most_common())})
     topics.sort(key=lambda t: -t["size"])
+    clear_manifest(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "topics.json", {"k": k, "documents": len(x), "topics": topics})
     atomic_write_text(out / "topics.md", topics_markdown(topics, components))

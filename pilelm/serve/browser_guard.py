@@ -5,7 +5,7 @@ when none is set (and the first needs none even with one, if the browser holds n
 
 - **Cross-site requests.** A page can POST a form (``text/plain`` or
   ``application/x-www-form-urlencoded``) to ``http://127.0.0.1:8000/v1/completions`` without
-  a CORS preflight and spend the machine's compute. ``/v1/*`` POSTs must be
+  a CORS preflight and spend the machine's compute. Every POST must be
   ``application/json``, which a page can only send after a preflight this server does not
   grant (unless ``--allow-origin`` lists the page's origin); and a request whose ``Origin``
   header names a site other than this server is refused.
@@ -95,17 +95,22 @@ def is_json(content_type: str | None) -> bool:
 
 
 class BrowserGuardMiddleware:
-    """ASGI middleware answering 403 to requests ``BrowserGuard`` refuses (a plain ASGI
-    wrapper: it leaves ``receive`` untouched, so disconnects reach the endpoints)."""
+    """ASGI middleware answering 403 to requests ``BrowserGuard`` refuses and 415 to POSTs that
+    are not JSON (a plain ASGI wrapper: it leaves ``receive`` untouched, so
+    disconnects reach the endpoints)."""
 
     def __init__(self, app: ASGIApp, guard: BrowserGuard):
         self.app, self.guard = app, guard
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            problem = self.guard.problem(Headers(scope=scope))
-            if problem is not None:
-                body = APIError(403, problem, code="forbidden_origin").body()
-                await JSONResponse(body, status_code=403)(scope, receive, send)
+            headers = Headers(scope=scope)
+            problem = self.guard.problem(headers)
+            error = APIError(403, problem, code="forbidden_origin") if problem is not None else None
+            if error is None and scope["method"] == "POST" and not is_json(headers.get("content-type")):
+                error = APIError(415, "send the request body as JSON with the header "
+                                      "'Content-Type: application/json'", code="unsupported_media_type")
+            if error is not None:
+                await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

@@ -9,31 +9,22 @@ import time
 import httpx
 import pytest
 import uvicorn
-from test_serve import LetterTokenizer, own_server, wait_until
+from test_serve import own_server, wait_until
 
-from pilelm.serve import BackgroundServer, ServeConfig, create_app
+from pilelm.serve import BackgroundServer, ServeConfig, create_app, load_engine
 from pilelm.serve.engine import Finished, TextDelta
 from pilelm.serve.server import require_key_off_loopback, run_serve
 
 
-class TickingEngine:
-    """An engine stand-in whose rows send a token every 5 ms until cancelled (at most 25 s):
-    events never pause, as with a large batch decoding fast."""
+def ticking_submit(cancelled: list[int]):
+    """An engine's ``submit`` whose rows send a token every 5 ms until cancelled (at most 25 s):
+    events never pause, as with a large batch decoding fast. Cancelled rows are counted."""
 
-    block_size, max_batch, continuous, vocab_size, eos_id = 128, 64, True, 26, None
-    tokenizer = LetterTokenizer()
-
-    def __init__(self) -> None:
-        self.cancelled_rows = 0
-
-    def snapshot(self) -> dict:
-        return {"cancelled_rows": self.cancelled_rows}
-
-    def submit(self, job) -> None:
+    def submit(job) -> None:
         def tick() -> None:
             for step in range(1, 5000):
                 if job.cancelled:
-                    self.cancelled_rows += len(job.rows)
+                    cancelled.append(len(job.rows))
                     return
                 for row in job.rows:
                     job.emit(TextDelta(row.index, "a", step))
@@ -43,16 +34,20 @@ class TickingEngine:
 
         threading.Thread(target=tick, daemon=True).start()
 
+    return submit
 
-def test_a_non_streaming_client_that_leaves_frees_its_rows_at_once():
-    engine = TickingEngine()
-    app = create_app(engine, ServeConfig(run="ticking", max_tokens=100))
-    with BackgroundServer(app) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
+
+def test_a_non_streaming_client_that_leaves_frees_its_rows_at_once(tiny_run):
+    cfg = ServeConfig(run=str(tiny_run))
+    engine = load_engine(cfg)  # never started: the ticking submit stands in for decoding
+    cancelled: list[int] = []
+    engine.submit = ticking_submit(cancelled)
+    with BackgroundServer(create_app(engine, cfg)) as srv, httpx.Client(base_url=srv.url, timeout=60) as client:
         body = {"prompt": "the", "n": 16, "max_tokens": 100}
         with pytest.raises(httpx.ReadTimeout):
             client.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
         wait_until(lambda: client.get("/health").json()["active_requests"] == 0, "the slot to be freed")
-        wait_until(lambda: engine.cancelled_rows == 16, "the rows to be cancelled")
+        wait_until(lambda: cancelled == [16], "the rows to be cancelled")
 
 
 def test_parser_failures_are_400_and_server_errors_hide_their_cause(tiny_run):
@@ -76,8 +71,9 @@ def test_api_posts_must_be_json(tiny_run):
         body = '{"prompt": "the", "max_tokens": 2}'
         for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None):
             headers = {"Content-Type": content_type} if content_type else {}
-            r = client.post("/v1/completions", content=body, headers=headers)
-            assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], content_type
+            for path in ("/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/tokenize"):
+                r = client.post(path, content=body, headers=headers)
+                assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], content_type
         r = client.post("/v1/completions", content=body, headers={"Content-Type": "application/json; charset=utf-8"})
         assert r.status_code == 200
 
