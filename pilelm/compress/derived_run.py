@@ -12,6 +12,7 @@ from typing import Any
 
 import torch.nn as nn
 
+from pilelm.core.manifest import clear_manifest
 from pilelm.training.checkpoint import checkpoint_dir, mark_complete, resolve_checkpoint, save_model
 
 
@@ -20,6 +21,7 @@ def write_derived_run(source_run: str | Path, step: int | None, out: Path, model
     """Save ``model`` as ``out``'s one checkpoint and copy the tokenizer; returns the checkpoint folder."""
     step, _ = resolve_checkpoint(source_run, step)
     ckpt = checkpoint_dir(out, step)
+    clear_manifest(out)  # unfinished until the stage writes its new manifest
     save_model(ckpt, model, cfg, extra_spec)
     mark_complete(ckpt)
     shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)

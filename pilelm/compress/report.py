@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from pilelm.compress.quantized_linear import QuantizedLinear
 from pilelm.core.atomic import atomic_write_json, atomic_write_text
-from pilelm.core.manifest import Timer, write_manifest
+from pilelm.core.manifest import Timer, clear_manifest, write_manifest
 from pilelm.evaluation.evaluate import EvalConfig, run_eval
 from pilelm.inference.decode_batch import stream_batch
 from pilelm.inference.sampling import SamplingParams
@@ -170,6 +170,7 @@ def run_compress_report(cfg: CompressReportConfig) -> Path:
     for row, s in zip(rows, speeds, strict=True):
         row["tok_s"] = s
     components = sorted({c for r in rows for c in r["components"]})
+    clear_manifest(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "report.json", {"rows": rows, "threads": torch.get_num_threads(), "dtype": cfg.dtype})
     text = report_markdown(rows, cfg.batch_sizes, components)
