@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pilelm.core.atomic import atomic_write_json, atomic_write_text
-from pilelm.core.manifest import read_manifest, write_manifest
+from pilelm.core.manifest import clear_manifest, read_manifest, write_manifest
 from pilelm.core.report import ReportSection, display_path
 from pilelm.privacy.canaries import CanarySet, load_canaries
 from pilelm.privacy.exposure import extrapolated_exposure, rank_exposure, sequence_nll
@@ -189,6 +189,7 @@ def run_audit(cfg: AuditConfig) -> Path:
                "canaries": rows, "pii": {"tried": len(pii_rows), "completed": sum(r["completed"] for r in pii_rows),
                                          "items": pii_rows}}
     out = Path(cfg.output)
+    clear_manifest(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / RESULTS, results)
     atomic_write_text(out / RESULTS_MD, "\n".join(results_table(results)) + "\n")
