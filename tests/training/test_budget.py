@@ -10,6 +10,7 @@ import logging
 import numpy as np
 import pytest
 import torch
+from test_train import losses, make_shards, tiny_config
 
 from pilelm.training import checkpoint
 from pilelm.training.budget import TrainingBudget
@@ -18,8 +19,6 @@ from pilelm.training.loader import BatchLoader, document_window_starts
 from pilelm.training.mfu import PeakFlops, resolve_peak
 from pilelm.training.optim import ScheduleConfig
 from pilelm.training.trainer import Trainer, run_train
-
-from test_train import losses, make_shards, tiny_config
 
 TOKENS_PER_STEP = 4 * 32  # tiny_config: micro_batch 4 x block_size 32
 
