@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.nn as nn
 
 
 class WeightEMA:
@@ -47,7 +48,19 @@ class WeightEMA:
     def state_dict(self) -> dict[str, torch.Tensor]:
         return dict(self.shadow)
 
+    def state_dict_of(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The average under every name of ``model``'s state dict (tied aliases too)."""
+        canonical = {id(p): n for n, p in model.named_parameters()}
+        return {n: self.shadow[canonical[id(p)]] for n, p in model.named_parameters(remove_duplicate=False)}
+
     def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
         for n in self.shadow:
             self.shadow[n].copy_(state[n])
         self.updates = updates
+
+
+def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What an EMA averages: the parameters, or their fp32 masters under pure bf16
+    (``training/precision.py``)."""
+    masters = getattr(model, "_pilelm_masters", {})
+    return {n: masters.get(p, p) for n, p in model.named_parameters()}

@@ -19,7 +19,6 @@ and reproduces the uninterrupted run's losses exactly (same device and world siz
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -32,7 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from tqdm.auto import tqdm
 
 from pilelm.core.atomic import atomic_write_text
@@ -49,10 +47,11 @@ from pilelm.training.distributed import (
     barrier,
     close_distributed,
     init_distributed,
+    no_sync,
     unwrap,
     wrap_model,
 )
-from pilelm.training.ema import WeightEMA
+from pilelm.training.ema import WeightEMA, trained_tensors
 from pilelm.training.init_from import init_source
 from pilelm.training.loader import (
     BatchLoader,
@@ -191,24 +190,13 @@ class Trainer:
         if loop.ema:
             if loop.distributed == "fsdp" and self.info.enabled:
                 raise ValueError("loop.ema needs whole weights on every rank; use loop.distributed=ddp or loop.ema=0")
-            self.ema = WeightEMA(self._ema_source(), loop.ema)
+            self.ema = WeightEMA(trained_tensors(self.raw_model), loop.ema)
         torch.manual_seed(loop.seed + 1 + self.info.rank)  # dropout streams differ per rank
         self.step = 0
         self.tokens_seen = 0
         self.skips_in_a_row = 0
         self.elapsed = 0.0  # seconds of training loop, carried over resumes (training/budget.py)
         self.clock = time.perf_counter  # tests inject a fake one
-
-    def _ema_state(self) -> dict[str, torch.Tensor]:
-        """The averaged weights under every name of the model's state dict (tied aliases too)."""
-        canonical = {id(p): n for n, p in self.raw_model.named_parameters()}
-        shadow = self.ema.state_dict()
-        return {n: shadow[canonical[id(p)]] for n, p in self.raw_model.named_parameters(remove_duplicate=False)}
-
-    def _ema_source(self) -> dict[str, torch.Tensor]:
-        """The tensors the EMA averages: the parameters, or their fp32 masters under bf16."""
-        masters = getattr(self.raw_model, "_pilelm_masters", {})
-        return {n: masters.get(p, p) for n, p in self.raw_model.named_parameters()}
 
     # --- the step --------------------------------------------------------------------------
 
@@ -230,7 +218,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         for i, batch in enumerate(micro):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with self._no_sync(last=i == len(micro) - 1), self.precision.autocast():
+            with no_sync(self.model, self.info, last=i == len(micro) - 1), self.precision.autocast():
                 kwargs = self.spec.train_kwargs(batch, counts, loop.fused_loss)
                 _, loss = self.forward(batch["input_ids"], batch["labels"], **kwargs)
             # Each rank's share of the global mean; DDP/FSDP average gradients over ranks,
@@ -256,21 +244,11 @@ class Trainer:
             self.skips_in_a_row = 0
             self.optimizer.step()
             if self.ema is not None:
-                self.ema.update(self._ema_source())
+                self.ema.update(trained_tensors(self.raw_model))
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.loader.tokens_per_step
         return StepResult(self.step, loss_value, norm_value, cfg.optim.lr * mult, skipped)
-
-    def _no_sync(self, last: bool):
-        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-        if not self.info.enabled or last:
-            return contextlib.nullcontext()
-        if hasattr(self.model, "no_sync"):
-            return self.model.no_sync()
-        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
-            return _fsdp_no_sync(self.model)
-        return contextlib.nullcontext()
 
     def _clip(self) -> torch.Tensor:
         # The optimizer's parameters: with fp32 master weights the gradients live on those.
@@ -333,7 +311,7 @@ class Trainer:
                      "loader": self.loader.state_dict(), "world": self.info.world, "elapsed_s": self.elapsed}
             if self.ema is not None:  # the average is the model; the raw weights resume training
                 state["raw_model"], state["ema_updates"] = model_state, self.ema.updates
-                model_state = {**model_state, **self._ema_state()}
+                model_state = {**model_state, **self.ema.state_dict_of(self.raw_model)}
             ckpt_io.save_weights(step_dir, model_state, self.mcfg)
             ckpt_io.save_torch(step_dir / ckpt_io.TRAIN_STATE, state)
         rng = {"torch": torch.get_rng_state()}
@@ -511,15 +489,6 @@ class Trainer:
             t = torch.tensor([self.elapsed], dtype=torch.float64, device=self.device)
             self.elapsed = float(all_reduce_sum(t, self.info)) / self.info.world
         return self.elapsed
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(model: nn.Module):
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
 
 
 def run_train(cfg: TrainConfig) -> Path:
