@@ -40,10 +40,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from gpu_train_check import run_stage  # a stage run unless its output is complete (benchmarks/)
 
 from pilelm.core.config import load_config
 from pilelm.core.manifest import MANIFEST
-from pilelm.core.stages import COMMANDS, resolve_config_path
+from pilelm.core.stages import resolve_config_path
 from pilelm.training.loader import ByteCounter, eval_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,14 +72,6 @@ LEVERS: dict[str, dict[str, Any]] = {
 }
 
 log = logging.getLogger("quality_10min")
-
-
-def run_stage(name: str, **overrides) -> Path:
-    cls, runner = COMMANDS[name].load()
-    out = Path(overrides["output"])
-    if (out / MANIFEST).is_file():
-        return out
-    return runner(load_config(cls, overrides=overrides))
 
 
 def build_data(work: Path, minipile: Path, policy: str = "default") -> tuple[Path, Path]:

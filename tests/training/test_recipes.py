@@ -46,15 +46,16 @@ def test_cpu_10min_trains_to_its_time_budget(tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[-1]["lr"] < rows[4]["lr"]  # decayed in the last 40 %
 
 
-def _benchmark():
+def _benchmark(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     spec = importlib.util.spec_from_file_location("quality_10min", ROOT / "benchmarks" / "quality_10min.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_every_ablation_lever_is_a_valid_change_of_cpu_10min(tmp_path):
-    bench = _benchmark()
+def test_every_ablation_lever_is_a_valid_change_of_cpu_10min(monkeypatch):
+    bench = _benchmark(monkeypatch)
     base = load_config(TrainConfig, resolve_config_path("cpu-10min"))
     for lever, change in bench.LEVERS.items():
         cfg = load_config(TrainConfig, resolve_config_path("cpu-10min"), overrides=change)
