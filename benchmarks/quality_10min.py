@@ -19,7 +19,9 @@ Every pilelm recipe gets ``loop.max_minutes`` (so its schedule spans the budget)
 ``--steps``, ``loop.max_steps`` (equal-step comparisons). On a shared, busy machine wall-clock
 budgets are unfair (another job's load lands on whichever recipe runs then):
 ``--cpu-minutes M`` budgets M minutes of this process's CPU time instead (all threads: on an
-idle 2-core machine 20 CPU-minutes are 10 minutes), through the trainer's clock. ``--ablate``
+idle 2-core machine 20 CPU-minutes are 10 minutes), through the trainer's clock; with
+``--threads 1`` (no thread spins waiting for a descheduled sibling, which burns CPU time
+without work under load). ``--ablate``
 trains cpu-10min with one lever changed at a time and prints each lever's BPB delta;
 ``--policy`` also trains cpu-10min on data prepared with the web rules for every component
 (the old default) to show what the data policy does to quality. Data, runs and results are
@@ -143,7 +145,7 @@ def pilelm_recipe(name: str, shards: Path, out: Path, args: argparse.Namespace,
                  "loop": {"micro_batch": 16, "fused_loss": False}}
     else:
         path = resolve_config_path(name)
-    loop = {"eval_every": 0, "save_every": 200, "tensorboard": False, "log_every": 10, **budget_overrides(args)}
+    loop = {"num_threads": args.threads, "eval_every": 0, "save_every": 200, "tensorboard": False, "log_every": 10, **budget_overrides(args)}
     over["loop"] = {**over.get("loop", {}), **loop}
     for section, values in (extra or {}).items():
         over[section] = {**over.get(section, {}), **values}
@@ -282,6 +284,7 @@ def main() -> None:
     ap.add_argument("--ablate", action="store_true", help="cpu-10min with one lever changed at a time")
     ap.add_argument("--levers", default="", help="comma-separated subset of the ablation levers")
     ap.add_argument("--policy", action="store_true", help="also cpu-10min on data prepared with web rules everywhere")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--eval-windows", type=int, default=200, help="val windows of 256 tokens to score")
     ap.add_argument("--minipile", type=Path, default=MINIPILE)
     ap.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "quality_10min")
@@ -291,6 +294,8 @@ def main() -> None:
     if not args.minipile.is_dir():
         raise SystemExit(f"minipile not found at {args.minipile} (--minipile PATH)")
     work = args.work_dir
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shards, val = build_data(work, args.minipile)
     if args.prepare_only:
         return
