@@ -3,8 +3,9 @@
 Recipes, all on the same data (../shared/minipile's train split through the default
 ``pilelm prepare``, an 8192-token BPE trained on it) and scored on the same windows of
 minipile's val split (prepared with the quality filters off, so every recipe and data policy
-is scored on the same text; ``--eval-windows`` sequential windows of 256 tokens, bits per byte
-= summed NLL / ln 2 / UTF-8 bytes, through one scoring function):
+is scored on the same text; ``--eval-windows`` windows of 256 tokens spread evenly over the
+split, so every component is in them; bits per byte = summed NLL / ln 2 / UTF-8 bytes of the
+predicted tokens, through one scoring function):
 
 - ``hf-trainer``: transformers ``Trainer`` + ``GPT2LMHeadModel`` (6 layers, d=384, 6 heads,
   context 256, batch 16, dropout 0, bf16 where native; AdamW lr 1e-3, betas 0.9/0.95,
@@ -47,7 +48,7 @@ from gpu_train_check import run_stage  # a stage run unless its output is comple
 from pilelm.core.config import load_config
 from pilelm.core.manifest import MANIFEST
 from pilelm.core.stages import resolve_config_path
-from pilelm.training.loader import ByteCounter, eval_batches
+from pilelm.training.loader import ByteCounter
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIPILE = ROOT.parent / "shared" / "minipile"
@@ -96,18 +97,25 @@ def build_data(work: Path, minipile: Path, policy: str = "default") -> tuple[Pat
 
 @torch.no_grad()
 def score(model: torch.nn.Module, val_shards: Path, windows: int) -> float:
-    """Bits per byte of ``model`` (a pilelm GPT) on the first ``windows`` val windows."""
+    """Bits per byte of ``model`` (a pilelm GPT) on ``windows`` val windows spread evenly over
+    the split (every recipe the same windows)."""
     from pilelm.tokens.shards import open_split
 
     split = open_split(val_shards, "val")
+    tokens = split.dataset.tokens
     counter = ByteCounter(np.asarray(split.dataset.sizes), np.asarray(split.nbytes))
+    total = (len(tokens) - 1) // CONTEXT
+    starts = np.unique(np.linspace(0, total - 1, min(windows, total)).astype(np.int64)) * CONTEXT
     model.eval()
     nll, nbytes = 0.0, 0.0
-    for x, y, b in eval_batches(split.dataset.tokens, CONTEXT, 16, windows, counter=counter):
+    for i in range(0, len(starts), 16):
+        rows = torch.from_numpy(np.stack([tokens[s : s + CONTEXT + 1] for s in starts[i : i + 16]]).astype(np.int64))
+        x, y = rows[:, :-1], rows[:, 1:]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=_bf16()):
             _, loss = model(x, y, return_logits=False)
         nll += float(loss) * y.numel()
-        nbytes += b
+        s = starts[i : i + 16]
+        nbytes += float((counter.offset(s + CONTEXT + 1) - counter.offset(s + 1)).sum())
     return nll / math.log(2) / nbytes
 
 
@@ -174,6 +182,14 @@ def hf_recipe(shards: Path, out: Path, args: argparse.Namespace) -> dict[str, An
     from pilelm.training.loader import BatchLoader
 
     transformers.logging.set_verbosity_error()
+    cached = out / "pilelm_model.safetensors"
+    if cached.is_file():  # trained before: the converted model and its figures
+        from safetensors.torch import load_file
+
+        saved = json.loads((out / "result.json").read_text())
+        ours = GPT(gpt_config_from_hf(saved.pop("hf_config")))
+        ours.load_state_dict(load_file(str(cached)), strict=False)
+        return {**saved, "model": ours}
     tokens = open_split(shards, "train").dataset.tokens
     loader = BatchLoader(tokens, CONTEXT, 16, 1, seed=1337)
 
@@ -216,8 +232,14 @@ def hf_recipe(shards: Path, out: Path, args: argparse.Namespace) -> dict[str, An
     cfg = gpt_config_from_hf(model.config.to_dict())
     ours = GPT(cfg)
     ours.load_state_dict(gpt_from_hf(cfg, {k: v.float() for k, v in model.state_dict().items()}), strict=False)
-    return {"steps": done, "tokens": done * 16 * CONTEXT, "train_minutes": spent / 60, "wall_minutes": wall / 60,
-            "model": ours, "planned_steps": steps}
+    from safetensors.torch import save_file
+
+    result = {"steps": done, "tokens": done * 16 * CONTEXT, "train_minutes": spent / 60, "wall_minutes": wall / 60,
+              "planned_steps": steps}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ours.state_dict().items() if k != "lm_head.weight"}, str(cached))
+    (out / "result.json").write_text(json.dumps({**result, "hf_config": model.config.to_dict()}))
+    return {**result, "model": ours}
 
 
 def _probe_steps(model: torch.nn.Module, loader, minutes: float, now) -> int:

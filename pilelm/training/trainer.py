@@ -6,7 +6,9 @@ and the validation step. The config lives in ``training/config.py``.
 
 One optimizer step = ``accum`` micro-batches per rank (``accum`` from ``loop.tokens_per_step``),
 gradients reduced across ranks (DDP or FSDP2), clipped, checked for non-finite values, then
-the step. The loss of a step is the exact mean over every target token of the global batch
+the step. The run ends at the first budget reached (steps, tokens or minutes:
+``training/budget.py``, which also gives each step's learning-rate factor). The loss of a
+step is the exact mean over every target token of the global batch
 (``ModelSpec.loss_normalisation``), so 1 process x 4 micro-batches and 2 processes x 2
 micro-batches compute the same numbers.
 
