@@ -59,16 +59,16 @@ RECIPES = ["hf-trainer", "nanogpt", "cpu-bench", "cpu-10min"]
 NO_FILTERS = {"gopher_quality": [], "gopher_repetition": [], "c4": [], "light": []}
 WEB_EVERYWHERE = {"gopher_quality": ["*"], "gopher_repetition": ["*"], "c4": ["Pile-CC"], "light": []}
 
-# Each lever of cpu-10min and the override that takes it away (or, for ema, adds it).
+# Each lever of cpu-10min and the override that takes it away (or adds one it left out).
 LEVERS: dict[str, dict[str, Any]] = {
     "muon -> adamw": {"optim": {"name": "adamw", "lr": 1e-3}},
     "wsd -> cosine": {"schedule": {"kind": "cosine"}},
     "qk_norm off": {"model": {"qk_norm": False}},
-    "relu2 -> gelu": {"model": {"mlp": "gelu"}},
-    "swiglu instead of relu2": {"model": {"mlp": "swiglu"}},
-    "logit softcap off": {"model": {"logit_softcap": 0.0}},
-    "z-loss on (1e-4)": {"model": {"z_loss": 1e-4}},
-    "untied -> tied head": {"model": {"tie_embeddings": True}},
+    "gelu -> relu2": {"model": {"mlp": "relu2"}},
+    "gelu -> swiglu": {"model": {"mlp": "swiglu"}},
+    "logit softcap 15 on": {"model": {"logit_softcap": 15.0}},
+    "z-loss 1e-4 on": {"model": {"z_loss": 1e-4}},
+    "tied -> untied head": {"model": {"tie_embeddings": False}},
     "rope -> learned positions": {"model": {"arch": "gpt2"}},
     "document windows -> stride": {"loop": {"window_start": "stride"}},
     "ema 0.99 on": {"loop": {"ema": 0.99}},
