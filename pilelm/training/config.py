@@ -150,3 +150,8 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     import yaml
 
     return from_dict(TrainConfig, yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
+
+
+def round_vocab(n: int, multiple: int = 64) -> int:
+    """Vocabulary padded up to a multiple of 64: matmul-friendly shapes (nanoGPT: 50257 -> 50304)."""
+    return (n + multiple - 1) // multiple * multiple

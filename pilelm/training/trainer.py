@@ -27,9 +27,9 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +43,7 @@ from pilelm.models import build_model, config_from_spec, model_spec
 from pilelm.models.spec import IGNORE_INDEX
 from pilelm.training import checkpoint as ckpt_io
 from pilelm.training.budget import TrainingBudget
-from pilelm.training.config import LoopConfig, TrainConfig, load_run_config
+from pilelm.training.config import LoopConfig, TrainConfig, load_run_config, round_vocab
 from pilelm.training.distributed import (
     DistInfo,
     all_reduce_sum,
@@ -67,6 +67,7 @@ from pilelm.training.memory import enable_activation_checkpointing, keep_freed_m
 from pilelm.training.metrics import MetricsLog
 from pilelm.training.mfu import resolve_peak
 from pilelm.training.optim import build_optimizer, set_lr
+from pilelm.training.outcomes import ManifestEntry, NonFiniteLossError, StepResult
 from pilelm.training.precision import resolve_precision
 from pilelm.training.resume import discard_run, record_run_inputs, require_same_run
 
@@ -75,34 +76,6 @@ __all__ = ["LoopConfig", "ManifestEntry", "NonFiniteLossError", "StepResult", "T
            "round_vocab", "run_train"]
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss or gradient (loop.on_nonfinite=stop)."""
-
-
-@dataclass
-class StepResult:
-    step: int
-    loss: float
-    grad_norm: float
-    lr: float
-    skipped: bool
-
-
-class ManifestEntry(NamedTuple):
-    """The stage name, config, inputs and extra counts of a finished run's manifest (a
-    ``Trainer`` subclass that is another stage, e.g. ``pilelm distill``, says its own)."""
-
-    stage: str
-    config: Any
-    inputs: list[str]
-    counts: dict[str, Any] = {}
-
-
-def round_vocab(n: int, multiple: int = 64) -> int:
-    """Vocabulary padded up to a multiple of 64: matmul-friendly shapes (nanoGPT: 50257 -> 50304)."""
-    return (n + multiple - 1) // multiple * multiple
 
 
 def _special_tokens(tokenizer_dir: Path, family: str) -> SpecialTokens:
