@@ -33,19 +33,10 @@ from pathlib import Path
 import torch
 
 from pilelm.core.config import load_config
-from pilelm.core.manifest import MANIFEST
-from pilelm.core.stages import COMMANDS
+from pilelm.core.stages import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "pilelm" / "sample"
-
-
-def run_stage(name: str, **overrides) -> Path:
-    cls, runner = COMMANDS[name].load()
-    out = Path(overrides["output"])
-    if (out / MANIFEST).is_file():
-        return out
-    return runner(load_config(cls, overrides=overrides))
 
 
 def silver_ner(prepared: Path, out_dir: Path, words: int = 32) -> dict[str, Path]:

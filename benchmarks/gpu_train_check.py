@@ -27,21 +27,13 @@ import torch
 
 from pilelm.core.config import load_config
 from pilelm.core.manifest import MANIFEST
-from pilelm.core.stages import COMMANDS, resolve_config_path
+from pilelm.core.stages import resolve_config_path, run_stage
 from pilelm.training.mfu import DATASHEET_BF16
 from pilelm.training.precision import matmul_flops
 from pilelm.training.trainer import TrainConfig, run_train
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "pilelm" / "sample"
-
-
-def run_stage(name: str, **overrides) -> Path:
-    cls, runner = COMMANDS[name].load()
-    out = Path(overrides["output"])
-    if (out / MANIFEST).is_file():
-        return out
-    return runner(load_config(cls, overrides=overrides))
 
 
 def build_shards(work: Path, vocab: int) -> Path:
