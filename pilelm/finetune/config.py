@@ -55,6 +55,8 @@ class FinetuneLoopConfig:
     """Optimizer steps at most (early stopping may end sooner); the schedule spans them."""
     batch_size: int = 16
     """Examples per optimizer step."""
+    group_by_length: bool = True
+    """Batch training examples of similar length together (less padding, faster steps): each batch comes from a window of 50 batches of the shuffled epoch sorted by length, as transformers' group_by_length. false = plain shuffled batches."""
     eval_batch_size: int = 64
     """Examples per forward pass when evaluating."""
     eval_every: int = 50

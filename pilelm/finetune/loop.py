@@ -31,15 +31,41 @@ log = logging.getLogger(__name__)
 _STATE_KEYS = ("step", "best", "best_step", "bad_evals", "done", "examples_seen")
 
 
-def batch_indices(step: int, batch_size: int, n: int, seed: int) -> list[int]:
-    """The examples of optimizer step ``step``: consecutive slices of per-epoch permutations."""
+# Length grouping draws each batch from a window of this many batches of the epoch's shuffled
+# order sorted by length (transformers' ``LengthGroupedSampler`` uses the same 50): batches of
+# similar lengths pad little, and the order stays random at the scale of windows.
+GROUP_BATCHES = 50
+
+
+def epoch_order(epoch: int, n: int, seed: int, lengths: np.ndarray | None = None,
+                batch_size: int = 1) -> np.ndarray:
+    """The examples of one epoch in training order: a seeded permutation, or with ``lengths``
+    the permutation grouped by length (windows of ``GROUP_BATCHES`` batches, each sorted by
+    length and cut into batches, the batches of a window in seeded random order)."""
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    if lengths is None:
+        return perm
+    rng = np.random.default_rng([seed, epoch, 1])
+    window = batch_size * GROUP_BATCHES
     out = []
-    perms: dict[int, np.ndarray] = {}
+    for start in range(0, n, window):
+        part = perm[start:start + window]
+        part = part[np.argsort(lengths[part], kind="stable")]
+        batches = [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+        out += [batches[j] for j in rng.permutation(len(batches))]
+    return np.concatenate(out)
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int, lengths: np.ndarray | None = None) -> list[int]:
+    """The examples of optimizer step ``step``: consecutive slices of per-epoch orders
+    (``epoch_order``; grouped by length when ``lengths`` is given)."""
+    out = []
+    orders: dict[int, np.ndarray] = {}
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, i = divmod(pos, n)
-        if epoch not in perms:
-            perms[epoch] = np.random.default_rng([seed, epoch]).permutation(n)
-        out.append(int(perms[epoch][i]))
+        if epoch not in orders:
+            orders[epoch] = epoch_order(epoch, n, seed, lengths, batch_size)
+        out.append(int(orders[epoch][i]))
     return out
 
 

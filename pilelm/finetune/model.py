@@ -29,6 +29,7 @@ from safetensors.torch import load_file
 
 from pilelm.core.atomic import atomic_write_json
 from pilelm.models import build_model, config_from_spec, spec_for
+from pilelm.models.dropout import Dropout
 from pilelm.training.checkpoint import save_weights
 
 HEAD_FILE = "head.json"
@@ -81,7 +82,7 @@ class TaskModel(nn.Module):
                 else:
                     nn.init.normal_(self.pooler.weight, std=trunk.cfg.init_std)
                     nn.init.zeros_(self.pooler.bias)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         # transformers' causal-LM sequence heads (``score``) have no bias; every other head has one.
         bias = not (head.kind == "sequence" and self.causal)
         self.classifier = nn.Linear(width, len(head.labels), bias=bias)

@@ -16,7 +16,8 @@ Output (``FT_DIR``):
 
 Validation runs every ``loop.eval_every`` steps; after ``loop.patience`` validations without
 a better metric training stops. The batches of step s are a function of (seed, s) alone, so a
-resumed run draws the same batches as an uninterrupted one.
+resumed run draws the same batches as an uninterrupted one; with ``loop.group_by_length`` (the
+default) each batch holds examples of similar length, so batches pad little.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -103,6 +105,8 @@ class Finetuner(ValidatedLoop):
         self.encoder = TaskEncoder(load_tokenizer(tok_dir), spec.causal, max_length)
         t0 = time.perf_counter()
         self.data = self.task.load(cfg, self.encoder)
+        self.train_lengths = (np.array([len(e.ids) for e in self.data.examples["train"]])
+                              if loop.group_by_length else None)
         self.load_seconds = time.perf_counter() - t0
         pooling = resolve_pooling(cfg.head.pooling, spec.causal) if self.task.kind == "sequence" else "none"
         head = HeadSpec(self.task.name, self.task.kind, self.data.labels, pooling, self.encoder.pad_id,
@@ -152,7 +156,7 @@ class Finetuner(ValidatedLoop):
         self.model.train()
         set_lr(self.optimizer, lr_multiplier(self.step, loop.max_steps, cfg.schedule))
         train = self.data.examples["train"]
-        idx = batch_indices(self.step, loop.batch_size, len(train), loop.seed)
+        idx = batch_indices(self.step, loop.batch_size, len(train), loop.seed, self.train_lengths)
         batch = {k: v.to(self.device) for k, v in collate([train[i] for i in idx], self.encoder.pad_id).items()}
         with self.precision.autocast():
             logits = self.model(batch["input_ids"], batch["attention_mask"])

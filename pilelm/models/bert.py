@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pilelm.models.dropout import Dropout
 from pilelm.models.spec import IGNORE_INDEX
 
 
@@ -71,7 +72,7 @@ class EncoderBlock(nn.Module):
         self.fc = nn.Linear(cfg.d_model, cfg.ffn_size)
         self.fc_out = nn.Linear(cfg.ffn_size, cfg.d_model)
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, C = x.shape
@@ -94,7 +95,7 @@ class Bert(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model)
         self.wtt = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
         self.ln_emb = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_layer))
         # MLM head: transform, then a decoder tied to the token embedding with its own bias.
         self.mlm_dense = nn.Linear(cfg.d_model, cfg.d_model)

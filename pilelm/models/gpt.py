@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pilelm.models.cpu_kernels import DECODE_MAX_ROWS, Linear, can_repack, repack_kind
+from pilelm.models.dropout import Dropout, dropout
 from pilelm.models.fused_ce import linear_cross_entropy
 from pilelm.models.kv_cache import KVCache
 
@@ -152,7 +153,7 @@ def causal_attention_explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            k.reshape(B * nh, T, hs).transpose(1, 2), alpha=hs**-0.5)  # (B*nh, T, T)
     att = torch.softmax(scores, dim=-1)
     if dropout_p:
-        att = F.dropout(att, dropout_p)
+        att = dropout(att, dropout_p)
     return (att @ v.reshape(B * nh, T, hs)).view(B, nh, T, hs)
 
 
@@ -163,7 +164,7 @@ class Attention(nn.Module):
         self.qkv = Linear(cfg.d_model, 3 * cfg.attn_width, bias=cfg.bias)
         self.proj = Linear(cfg.attn_width, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
-        self.resid_drop = nn.Dropout(cfg.dropout)
+        self.resid_drop = Dropout(cfg.dropout)
 
     def forward(
         self,
@@ -243,7 +244,7 @@ class MLP(nn.Module):
         super().__init__()
         self.fc = Linear(cfg.d_model, cfg.ffn_size, bias=cfg.bias)
         self.proj = Linear(cfg.ffn_size, cfg.d_model, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         # GPT-2 used the tanh approximation ("gelu_new"); GPT-NeoX uses exact GELU.
         self.approximate = "tanh" if cfg.arch == "gpt2" else "none"
 
@@ -317,7 +318,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.arch == "gpt2" else None
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
