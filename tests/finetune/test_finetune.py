@@ -214,6 +214,41 @@ def test_finetune_from_an_imported_hf_model(tiny_run, cls_files, tmp_path):
     assert res["steps"] == 10
 
 
+@pytest.mark.parametrize("family", ["gpt2", "neox", "bert"])
+def test_finetune_from_a_folder_made_by_transformers(family, tiny_run, bert_run, tmp_path):
+    """A random-init transformers model saved with save_pretrained (as a hub folder is), then
+    `pilelm import` and `pilelm finetune` on it: NER (first sub-token labels) for each family."""
+    import transformers
+
+    torch.manual_seed(0)
+    folder = tmp_path / "hf"
+    if family == "bert":
+        tok = transformers.PreTrainedTokenizerFast(
+            tokenizer_file=str(bert_run / "tokenizer" / "tokenizer.json"), unk_token="[UNK]", pad_token="[PAD]",
+            cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+        hf = transformers.BertForMaskedLM(transformers.BertConfig(
+            vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+            max_position_embeddings=64))
+    else:
+        tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tiny_run / "tokenizer" / "tokenizer.json"),
+                                                   eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+        if family == "neox":
+            hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+                vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=256, max_position_embeddings=64, rotary_pct=0.25))
+        else:
+            hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+                vocab_size=len(tok), n_positions=64, n_embd=64, n_layer=2, n_head=4))
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    assert main(["import", str(folder), "-o", str(tmp_path / "imported")]) == 0
+    conll = str(DATA / "tiny.conll")
+    res = finetune(tmp_path / "imported", tmp_path / "ft", "--task", "ner", "--data", conll, "--val-data", conll,
+                   "--test-data", conll, "loop.max_steps=6", "loop.eval_every=3", "loop.batch_size=4")
+    assert res["steps"] == 6 and 0.0 <= res["test"]["f1"] <= 1.0
+    assert read_manifest(tmp_path / "ft")["stage"] == "finetune"
+
+
 def test_pipeline_stage_and_report(tiny_run, cls_files, tmp_path):
     import yaml
 

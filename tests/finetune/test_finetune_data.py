@@ -96,3 +96,24 @@ def test_metrics():
     p = punctuation_metrics(["COMMA+lower", "O+Cap", "PERIOD+lower"], ["COMMA+lower", "O+lower", "COMMA+lower"])
     assert p["per_mark"]["COMMA"]["precision"] == 0.5 and p["per_mark"]["PERIOD"]["recall"] == 0.0
     assert p["micro_f1"] == pytest.approx(0.5) and p["case_f1"] == 0.0
+
+
+def test_length_grouped_batches_cover_each_epoch_and_pad_little():
+    import numpy as np
+
+    from pilelm.finetune.loop import batch_indices
+
+    rng = np.random.default_rng(0)
+    n, bs = 1000, 16
+    lengths = rng.integers(5, 200, n)
+    steps = range(n // bs + 5)  # past the epoch boundary
+    grouped = [batch_indices(s, bs, n, 7, lengths) for s in steps]
+    plain = [batch_indices(s, bs, n, 7) for s in steps]
+    flat = [i for b in grouped for i in b]
+    assert sorted(flat[:n]) == list(range(n))  # each example once per epoch
+    assert grouped == [batch_indices(s, bs, n, 7, lengths) for s in steps]  # a function of (seed, step)
+
+    def padding(batches):
+        return sum(int(lengths[b].max()) * len(b) - int(lengths[b].sum()) for b in batches)
+
+    assert padding(grouped) < padding(plain) / 5
