@@ -165,7 +165,7 @@ def main() -> None:
         # the ratio within a repeat (contenders run back to back, under the same load).
         paired = {k: float(np.median([b / a for a, b in zip(times["pilelm"], v, strict=False)]))
                   for k, v in times.items() if v}
-        floor_name = max(("fastokens", "tiktoken", "tokenizers"), key=lambda k: rate[k])
+        floor_name = max((k for k in ("fastokens", "tiktoken", "tokenizers") if k in rate), key=lambda k: rate[k])
         print()
         print(f"| contender (runs interleaved: {args.repeats} of the fast ones, {args.slow_repeats} of "
               "the others) | best MB/s | pilelm / it, best | "

@@ -50,6 +50,8 @@ ENCODERS = ("fastokens", "tiktoken", "tokenizers")
 # Threads fastokens starts inside one encode call (read at its first encode). Where pilelm
 # runs one encoding process per core, more would only contend for the same cores.
 FASTOKENS_THREADS_ENV = "FASTOKENS_BPE_THREADS"
+_fastokens_first_threads: str | None = None
+"""``FASTOKENS_THREADS_ENV`` at fastokens' first encode in this process (None: none yet)."""
 
 
 def _version(package: str) -> str:
@@ -120,6 +122,9 @@ class FastokensEncoder(Encoder):
         return self.encode_flat([text])[0]
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        global _fastokens_first_threads
+        if _fastokens_first_threads is None:  # what its thread pool is sized by, once per process
+            _fastokens_first_threads = os.environ.get(FASTOKENS_THREADS_ENV, "default")
         ids, offsets = self.tok.encode_batch_flat(texts, add_special_tokens=False)
         return np.frombuffer(ids, dtype="<u4"), np.frombuffer(offsets, dtype="<u8").astype(np.int64)
 
@@ -235,11 +240,11 @@ def one_thread_per_process() -> None:
 
 
 @contextlib.contextmanager
-def no_encoder_threads() -> Iterator[None]:
-    """Within: fastokens starts no threads of its own in this process (for a parent about to
-    fork workers: its load-time probe then leaves no native thread behind to fork beside)."""
+def encoder_threads(threads: int) -> Iterator[None]:
+    """Within: fastokens' first encode in this process starts ``threads`` threads in all (it
+    reads the number once per process, at its first encode; later calls change nothing)."""
     saved = os.environ.get(FASTOKENS_THREADS_ENV)
-    os.environ[FASTOKENS_THREADS_ENV] = "1"
+    os.environ[FASTOKENS_THREADS_ENV] = str(max(1, threads))
     try:
         yield
     finally:
@@ -247,3 +252,9 @@ def no_encoder_threads() -> Iterator[None]:
             os.environ.pop(FASTOKENS_THREADS_ENV, None)
         else:
             os.environ[FASTOKENS_THREADS_ENV] = saved
+
+
+def encoder_threads_started() -> bool:
+    """Whether fastokens has started threads of its own in this process (a fork beside them
+    could copy a lock one holds: pools then start workers another way)."""
+    return _fastokens_first_threads not in (None, "1")

@@ -7,9 +7,11 @@ For every split present (``train``, ``val``, ``test``) it writes ``SHARD_DIR/<sp
 ``<split>.docmeta.npz`` (component code and UTF-8 bytes per document) and
 ``<split>.components.json``; the tokenizer is copied into ``SHARD_DIR/tokenizer/``.
 
-How it runs: batches of raw JSON lines are encoded in worker processes
-(``pilelm.tokens.encode``); the main process appends the results in input order to spill
-files under ``SHARD_DIR/.partial/``. The manifest records the tokenizer's fingerprint
+How it runs (``pilelm.tokens.encode``): with fastokens, in this process: a reader thread
+reads and parses batches of JSON lines while the main thread encodes them (fastokens' own
+``workers`` threads) and appends the ids in input order to spill files under
+``SHARD_DIR/.partial/``; with tiktoken or tokenizers, ``workers`` processes parse and encode
+the batches and this one appends the results. The manifest records the tokenizer's fingerprint
 (``pilelm.tokens.identity``), which training and evaluation check the ids against.
 
 Resuming: every ``checkpoint_seconds`` the spill files are fsynced and the position (file,
@@ -21,7 +23,6 @@ The finished files are renamed into place, then the manifest is written last.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -42,7 +43,7 @@ from pilelm.core.manifest import MANIFEST, Timer, content_hash, read_manifest, r
 from pilelm.core.workers import worker_count
 from pilelm.data.prepared import SHARD_SUFFIX, SPLITS, split_files
 from pilelm.tokens.encode import BatchEncoder, EncodedBatch, LineBatch, iter_line_batches
-from pilelm.tokens.encoders import ENCODERS, no_encoder_threads
+from pilelm.tokens.encoders import ENCODERS, encoder_threads, encoder_threads_started
 from pilelm.tokens.identity import tokenizer_fingerprint
 from pilelm.tokens.mmidx import AppendFile, IndexedDataset, IndexedDatasetWriter, token_dtype
 from pilelm.tokens.shards import TOKENIZER_DIR, has_split, remove_split, save_split_sidecars, split_prefix
@@ -65,9 +66,11 @@ class TokenizeConfig:
     splits: list[str] = field(default_factory=list)
     """Splits to tokenize; empty: every split the prepared dir has."""
     workers: int = 0
-    """Encoding processes; 0: one per CPU core; 1: encode in this process."""
+    """Cores to encode on; 0: every core this process may use. fastokens encodes in this
+    process on that many threads; tiktoken and tokenizers in that many processes (1: in this
+    process)."""
     batch_bytes: int = 500_000
-    """Raw JSON bytes per batch handed to a worker."""
+    """Raw JSON bytes per batch (one encode call)."""
     checkpoint_seconds: float = 30.0
     """Make progress durable (fsync + position) this often; a killed run resumes from it."""
     encoder: str = "auto"
@@ -263,9 +266,11 @@ def run_tokenize(cfg: TokenizeConfig) -> Path:
 
     timer = Timer()
     workers = worker_count(cfg.workers)
-    # With a pool of workers (forked from this process) this one only checks the encoder.
-    with timer("load_tokenizer"), no_encoder_threads() if workers > 1 else contextlib.nullcontext():
+    # fastokens sizes its thread pool at its first encode in a process (the load-time probe):
+    # if it is the encoder, it runs here on `workers` threads; the others run in processes.
+    with timer("load_tokenizer"), encoder_threads(workers):
         tok = load_tokenizer(cfg.tokenizer, encoder=cfg.encoder)
+    processes = 1 if tok.encoder.name == "fastokens" else workers
     if tok.eod_id is None:
         raise ValueError(f"tokenizer {cfg.tokenizer} has no end-of-document token "
                          "(<|endoftext|>, </s> or [SEP]); the shards need one after every document")
@@ -275,9 +280,11 @@ def run_tokenize(cfg: TokenizeConfig) -> Path:
     copy_tokenizer(cfg.tokenizer, out / TOKENIZER_DIR)
     fingerprint = tokenizer_fingerprint(tok)
     dtype = token_dtype(tok.vocab_size)
-    log.info("tokenizing %s with %s (%s, vocab %d, %s) on %d worker(s)", ", ".join(splits), cfg.tokenizer,
-             tok.backend, tok.vocab_size, dtype.name, workers)
-    enc = BatchEncoder(tok, out / TOKENIZER_DIR, workers)
+    log.info("tokenizing %s with %s (%s, vocab %d, %s) on %d core(s), %d process(es)", ", ".join(splits),
+             cfg.tokenizer, tok.backend, tok.vocab_size, dtype.name, workers, processes)
+    # Forked workers start with the tokenizer loaded, unless a native thread pool (a probed,
+    # passed-over fastokens) makes forking unsafe.
+    enc = BatchEncoder(tok, out / TOKENIZER_DIR, processes, inherit=not encoder_threads_started())
     stats: dict[str, Any] = {}
     try:
         for split in splits:
@@ -305,6 +312,6 @@ def run_tokenize(cfg: TokenizeConfig) -> Path:
                            "source": str(cfg.tokenizer),
                            "encoder": {"name": tok.encoder.name, "version": tok.encoder.version,
                                        "passed_over": tok.passed_over}},
-             "dtype": dtype.name, "workers": workers}
+             "dtype": dtype.name, "workers": workers, "processes": processes}
     write_manifest(out, "tokenize", cfg, inputs=inputs, counts=counts, timings=timer.timings, extra=extra)
     return out

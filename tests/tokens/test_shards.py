@@ -383,15 +383,17 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_resume_after_sigkill_gives_identical_output(tmp_path):
-    """kill -9 a `pilelm tokenize` mid-split, rerun it: the output equals an uninterrupted run's."""
+@pytest.mark.parametrize("encoder", ["fastokens", "tiktoken"])
+def test_resume_after_sigkill_gives_identical_output(tmp_path, encoder):
+    """kill -9 a `pilelm tokenize` mid-split, rerun it: the output equals an uninterrupted run's
+    (fastokens: one process, its reader thread ahead; tiktoken: a pool of worker processes)."""
     docs = [d for p in sorted((SAMPLE / "train").glob("*.zst"))[:2] for d in read_pile_shard(p)]
     prep = _prepared(tmp_path / "prep", {"train/00.jsonl.zst": docs[::2], "train/01.jsonl.zst": docs[1::2]})
     tok = run_tokenizer_train(TokenizerTrainConfig(data=prep, output=tmp_path / "tok", vocab_size=300,
                                                    sample_bytes=200_000))
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pilelm", "tokenize", str(prep), "--tokenizer", str(tok), "-o", str(out),
-           "--workers", "2", "--batch-bytes", "20000", "--checkpoint-seconds", "0"]
+           "--workers", "2", "--batch-bytes", "20000", "--checkpoint-seconds", "0", "--encoder", encoder]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = out / ".partial" / "train.progress.json"
@@ -408,7 +410,8 @@ def test_resume_after_sigkill_gives_identical_output(tmp_path):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(_alive(p) for p in children):
         time.sleep(0.05)
-    assert children and not any(_alive(p) for p in children)
+    assert not any(_alive(p) for p in children)
+    assert bool(children) == (encoder == "tiktoken")  # fastokens runs in the one process
     saved = json.loads(progress.read_text())
     assert 0 < saved["documents"] < len(docs) and not (out / "manifest.json").exists()
     run_tokenize(TokenizeConfig(data=prep, tokenizer=tok, output=out, workers=1))
