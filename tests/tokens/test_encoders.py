@@ -15,8 +15,9 @@ from conftest import ROOT, read_pile_shard, write_pile_shard
 from test_tokenizer import TRICKY
 
 from pilelm.core.manifest import read_manifest, write_manifest
+from pilelm.data.prepared import BadRecord, parse_record
 from pilelm.tokens import encoders
-from pilelm.tokens.encode import encode_lines, read_ahead
+from pilelm.tokens.encode import encode_lines, read_ahead, text_and_component
 from pilelm.tokens.encoders import ENCODERS, Encoder, choose_encoder, first_difference
 from pilelm.tokens.shards import open_split
 from pilelm.tokens.tokenize import TokenizeConfig, run_tokenize
@@ -195,3 +196,27 @@ def test_read_ahead_keeps_order_raises_errors_and_stops_early():
     it.close()  # the consumer stops: the thread ends, having read at most depth + 2 ahead
     assert not [t for t in threading.enumerate() if t.name == "pilelm-read-ahead"]
     assert len(produced) <= 5 + 2 + 2
+
+
+def test_fast_json_reads_every_line_as_the_standard_parser_does():
+    """orjson parses, json decides whatever orjson rejects or reads differently: the text and
+    component (or the reason a line is skipped) equal parse_record's for every odd line."""
+    lines = [b'{"text": "plain", "meta": {"pile_set_name": "Pile-CC"}}', b'{"text": "no meta"}',
+             b'{"text": "meta not a dict", "meta": [1]}', b'{"meta": {"pile_set_name": "x"}}', b'[1, 2]',
+             b'{"text": 3}', SURROGATE.encode(), b'{"text": "a\\udc00\\ud800b"}', b'{"text": "\xed\xa0\x80"}',
+             b'{"text": "nan meta", "meta": {"v": NaN, "pile_set_name": "P"}}', b'\xef\xbb\xbf{"text": "bom"}',
+             b'{"text": "big", "meta": {"pile_set_name": 123456789012345678901234567890}}',
+             b'{"text": "int", "meta": {"pile_set_name": 7}}', b'{"text": "f", "meta": {"pile_set_name": 1e400}}',
+             b'{"text": "dup", "text": "last"}', b'{"text": "\xff"}', b'not json', b'{"text": "x"} trailing',
+             b'  {"text": "\\u0000 nul \\ud83d\\ude00"}\r', b'{"text": "' + "é東".encode() * 100 + b'"}']
+    for raw in lines:
+        try:
+            text, meta = parse_record(raw)
+            want: object = (text, str(meta.get("pile_set_name", "")))
+        except BadRecord as e:
+            want = e.reason
+        try:
+            got: object = text_and_component(raw)
+        except BadRecord as e:
+            got = e.reason
+        assert got == want, raw
