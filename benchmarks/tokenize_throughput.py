@@ -6,13 +6,15 @@ Compares, on the same text and the same byte-level BPE (trained here by `pilelm 
 train` on minipile's train split; training time is not part of any figure):
 
 - pilelm tokenize, end to end: read the .jsonl.zst, parse, encode, write .bin/.idx + sidecars
-  (``--workers`` processes), with the encoder it picks (fastokens) and with tiktoken;
+  (on ``--workers`` cores), with the encoder it picks (fastokens: one process, its threads)
+  and with tiktoken (worker processes); each run in a fresh process, as the CLI runs (the
+  process start and imports are not timed);
 - the floor, in memory (texts already decoded, nothing written): the fastest of fastokens
   (``encode_batch_flat``, its own threads, a fresh tokenizer each run as a tokenize worker
   has), tiktoken built from the same ranks (``encode_ordinary_batch``, one thread per core)
   and ``tokenizers``' ``encode_batch``;
 - the input side alone: read, decompress, cut into batches and parse the JSON in one process
-  (what pilelm does besides encoding and writing);
+  (what pilelm does besides encoding and writing), with pilelm's own functions;
 - the tutorial recipe: ``datasets.load_dataset("json")`` then ``.map(tokenizer, batched=True,
   num_proc=2)`` writing Arrow (map alone, and load + map).
 
@@ -21,7 +23,9 @@ Throughput is MB of UTF-8 text (10^6 bytes) per wall-clock second; each contende
 one's best run and, since the machine may be shared, the median over repeats of the ratio
 between runs made back to back; the last column is text per CPU-second of all the processes
 and threads a contender used (immune to other load, blind to parallel efficiency).
-It also checks that the shards hold exactly the ids ``tokenizers`` gives for every document.
+It also checks that the shards hold exactly the ids ``tokenizers`` gives for every document,
+and prints where pilelm's CPU time goes: each phase alone (decompress, cut into batches, parse
+the JSON, encode in pilelm's batches, load + prove the tokenizer) in CPU-seconds per MB.
 """
 
 from __future__ import annotations
@@ -42,8 +46,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pilelm.core.manifest import write_manifest  # noqa: E402
+from pilelm.data.decompress import open_decompressed  # noqa: E402
 from pilelm.data.prepared import parse_record  # noqa: E402
-from pilelm.tokens.encode import iter_line_batches  # noqa: E402
+from pilelm.tokens.encode import iter_line_batches, parse_lines  # noqa: E402
 from pilelm.tokens.shards import open_split  # noqa: E402
 from pilelm.tokens.tokenize import TokenizeConfig, run_tokenize  # noqa: E402
 from pilelm.tokens.tokenizer import load_tokenizer  # noqa: E402
@@ -70,6 +75,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "minipile")
     ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--tokenizer", type=Path, help="a byte-level BPE tokenizer dir to use instead of training one")
     ap.add_argument("--repeats", type=int, default=7, help="runs of pilelm and tiktoken")
     ap.add_argument("--slow-repeats", type=int, default=2, help="runs of tokenizers and datasets")
     ap.add_argument("--workers", type=int, default=2)
@@ -82,9 +88,12 @@ def main() -> None:
     try:
         prep = prepared_view(args.data, work)
         t = time.perf_counter()
-        tok_dir = run_tokenizer_train(TokenizerTrainConfig(data=prep, output=work / "tok", kind="bpe",
-                                                           vocab_size=args.vocab_size))
-        print(f"trained byte-level BPE, vocab {args.vocab_size}, in {time.perf_counter() - t:.1f} s")
+        if args.tokenizer is not None:
+            tok_dir = args.tokenizer
+        else:
+            tok_dir = run_tokenizer_train(TokenizerTrainConfig(data=prep, output=work / "tok", kind="bpe",
+                                                               vocab_size=args.vocab_size))
+            print(f"trained byte-level BPE, vocab {args.vocab_size}, in {time.perf_counter() - t:.1f} s")
         tok = load_tokenizer(tok_dir)
         assert tok.backend == "fastokens", f"the fastest encoder did not engage: {tok.passed_over}"
         files = {s: sorted((prep / s).glob("*.jsonl.zst")) for s in ("train", "val")}
@@ -111,11 +120,11 @@ def main() -> None:
             target=fastokens_in_memory, args=(child_conn, str(tok_dir / "tokenizer.json"), all_files), daemon=True)
         fk_proc.start()
 
+        batch_bytes = TokenizeConfig.batch_bytes
+
         def read_and_parse() -> None:
-            for b in iter_line_batches(all_files, 500_000):
-                for line in b.data.split(b"\n")[:-1]:
-                    if line.strip():
-                        parse_record(line)
+            for b in iter_line_batches(all_files, batch_bytes):
+                parse_lines(b.data, b.first_line, "")
 
         names = ("pilelm", "pilelm_tiktoken", "fastokens", "tiktoken", "tokenizers", "read_parse",
                  "datasets_map", "datasets_all")
@@ -128,19 +137,23 @@ def main() -> None:
             times[name].append(time.perf_counter() - t)
             cpu[name].append(cpu_seconds() - c)
 
+        def fresh(name: str, cfg: TokenizeConfig) -> None:
+            wall, used = in_fresh_process(cfg)
+            times[name].append(wall)
+            cpu[name].append(used)
+
         for r in range(args.repeats):
             out = work / f"shards{r}"
             if r > 1:
                 shutil.rmtree(work / f"shards{r - 1}")
             shutil.rmtree(work / "shards_tiktoken", ignore_errors=True)
-            timed("pilelm", lambda: run_tokenize(TokenizeConfig(data=prep, tokenizer=tok_dir, output=out,  # noqa: B023
-                                                                workers=args.workers)))
+            fresh("pilelm", TokenizeConfig(data=prep, tokenizer=tok_dir, output=out, workers=args.workers))
             fk_conn.send(True)
             wall, used = fk_conn.recv()
             times["fastokens"].append(wall)
             cpu["fastokens"].append(used)
-            timed("pilelm_tiktoken", lambda: run_tokenize(TokenizeConfig(
-                data=prep, tokenizer=tok_dir, output=work / "shards_tiktoken", workers=args.workers, encoder="tiktoken")))
+            fresh("pilelm_tiktoken", TokenizeConfig(data=prep, tokenizer=tok_dir, output=work / "shards_tiktoken",
+                                                    workers=args.workers, encoder="tiktoken"))
             timed("tiktoken", lambda: enc.encode_ordinary_batch(texts, num_threads=args.workers))
             timed("read_parse", read_and_parse)
             if r >= args.slow_repeats:  # tokenizers and datasets take minutes; fewer runs
@@ -172,8 +185,8 @@ def main() -> None:
               "pilelm / it, median of paired runs | MB per CPU-second |")
         print("|---|---:|---:|---:|---:|")
         labels = {
-            "pilelm": f"pilelm tokenize, end to end ({args.workers} workers, fastokens)",
-            "pilelm_tiktoken": f"pilelm tokenize encoder=tiktoken, end to end ({args.workers} workers)",
+            "pilelm": f"pilelm tokenize, end to end (fastokens, 1 process, {args.workers} threads)",
+            "pilelm_tiktoken": f"pilelm tokenize encoder=tiktoken, end to end ({args.workers} processes)",
             "fastokens": "fastokens encode_batch_flat, in memory (its threads)",
             "tiktoken": f"tiktoken encode_ordinary_batch, in memory ({args.workers} threads)",
             "read_parse": "read + decompress + parse JSON only, 1 process",
@@ -192,6 +205,7 @@ def main() -> None:
         print(f"input side alone (read + decompress + parse, 1 process): {rate['read_parse']:.1f} MB/s; "
               f"CPU-seconds per MB: pilelm {min(cpu['pilelm']) / mb:.4f}, fastokens in memory "
               f"{min(cpu['fastokens']) / mb:.4f}, input side {min(cpu['read_parse']) / mb:.4f}")
+        phases(all_files, tok_dir, mb, batch_bytes, min(cpu["pilelm"]))
         if "datasets_map" in rate:
             print(f"pilelm / datasets map: {rate['pilelm'] / rate['datasets_map']:.2f}x best, "
                   f"{paired['datasets_map']:.2f}x median paired (target >= 3)")
@@ -213,6 +227,81 @@ def fastokens_in_memory(conn, tokenizer_json: str, files: list[Path]) -> None:
         t, c = time.perf_counter(), time.process_time()
         fk.encode_batch_flat(texts)
         conn.send((time.perf_counter() - t, time.process_time() - c))
+
+
+def in_fresh_process(cfg: TokenizeConfig) -> tuple[float, float]:
+    """Run ``pilelm tokenize`` in a fresh process, as the CLI does (fastokens sizes its thread
+    pool once per process; worker pools fork only beside no native threads): (wall s, CPU s
+    of that process and its workers), the process start and imports not included."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_tokenize_and_report, args=(child, cfg))
+    proc.start()
+    wall, used = parent.recv()
+    proc.join()
+    return wall, used
+
+
+def _tokenize_and_report(conn, cfg: TokenizeConfig) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    t, c = time.perf_counter(), cpu_seconds()
+    run_tokenize(cfg)
+    conn.send((time.perf_counter() - t, cpu_seconds() - c))
+
+
+def phases(files: list[Path], tok_dir: Path, mb: float, batch_bytes: int, pilelm_cpu: float, runs: int = 3) -> None:
+    """Where pilelm's CPU time goes: each phase alone, in this process (best of ``runs``)."""
+    import fastokens
+
+    from pilelm.tokens.identity import tokenizer_fingerprint
+
+    def best(fn) -> float:
+        used = []
+        for _ in range(runs):
+            c = time.process_time()
+            fn()
+            used.append(time.process_time() - c)
+        return min(used)
+
+    def decompress() -> None:
+        for f in files:
+            with open_decompressed(f, "zst") as s:
+                while s.read(batch_bytes):
+                    pass
+
+    batches = list(iter_line_batches(files, batch_bytes))
+    parsed = [parse_lines(b.data, b.first_line, "") for b in batches]
+
+    def encode() -> None:  # a fresh tokenizer, as each run starts
+        fk = fastokens.Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+        for p in parsed:
+            fk.encode_batch_flat(p.texts, add_special_tokens=False)
+
+    def json_std() -> None:
+        for b in batches:
+            for line in b.data.split(b"\n")[:-1]:
+                if line.strip():
+                    parse_record(line)
+
+    rows = {"decompress (zstandard)": best(decompress),
+            "cut into batches of lines": best(lambda: list(iter_line_batches(files, batch_bytes))),
+            "parse JSON (orjson, pilelm's parse_lines)": best(lambda: [parse_lines(b.data, b.first_line, "")
+                                                                        for b in batches]),
+            "encode (fastokens, pilelm's batches, fresh tokenizer)": best(encode),
+            "load + prove the tokenizer, fingerprint (fixed)": best(lambda: tokenizer_fingerprint(load_tokenizer(tok_dir))),
+            }
+    rows["cut into batches of lines"] -= rows["decompress (zstandard)"]
+    print()
+    print(f"| where pilelm's CPU goes (each phase alone, best of {runs}) | CPU-s per MB |")
+    print("|---|---:|")
+    for name, used in rows.items():
+        print(f"| {name} | {used / mb:.4f} |")
+    print(f"| sum of the phases | {sum(rows.values()) / mb:.4f} |")
+    print(f"| pilelm tokenize, end to end (best run) | {pilelm_cpu / mb:.4f} |")
+    print(f"| rest: arrays, writing + fsync, queues, thread hand-offs | {(pilelm_cpu - sum(rows.values())) / mb:.4f} |")
+    print(f"(for comparison, parsing with the standard json module: {best(json_std) / mb:.4f} CPU-s per MB)")
 
 
 def cpu_seconds() -> float:
