@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 ENCODERS = ("fastokens", "tiktoken", "tokenizers")
 """The encoders in the order ``auto`` tries them (fastest first)."""
 
-# Threads fastokens starts inside one encode call (read at its first encode). Where pilelm
-# runs one encoding process per core, more would only contend for the same cores.
+# Threads fastokens encodes on in all (read once per process, at its first encode): pilelm
+# tokenize sets it to its `workers`; a process of a pool with one per core sets 1.
 FASTOKENS_THREADS_ENV = "FASTOKENS_BPE_THREADS"
 _fastokens_first_threads: str | None = None
 """``FASTOKENS_THREADS_ENV`` at fastokens' first encode in this process (None: none yet)."""
