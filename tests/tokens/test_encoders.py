@@ -145,8 +145,11 @@ def test_shards_are_byte_identical_whichever_encoder_and_workers(bpe, sample_pre
     for name, workers in (("tokenizers", 1), ("tiktoken", 2), ("fastokens", 1), ("fastokens", 2)):
         out = run_tokenize(TokenizeConfig(data=sample_prep, tokenizer=bpe, output=tmp_path / f"{name}{workers}",
                                           workers=workers, encoder=name, batch_bytes=60_000))
-        tokenizer = read_manifest(out)["extra"]["tokenizer"]
+        extra = read_manifest(out)["extra"]
+        tokenizer = extra["tokenizer"]
         assert tokenizer["backend"] == tokenizer["encoder"]["name"] == name
+        # fastokens encodes in this process on its own threads; the others in worker processes.
+        assert extra["processes"] == (1 if name == "fastokens" else workers)
         assert tokenizer["encoder"]["version"] not in ("", "unknown")
         outs[name, workers] = out
     ref = outs["tokenizers", 1]
