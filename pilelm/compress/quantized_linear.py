@@ -67,9 +67,14 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return out
 
 
+INT4_ROW_BLOCK = 16
+"""aten's CPU int4 kernel tiles output rows in blocks of 16; other row counts are padded with
+zero rows in the kernel's copy (GPT-2's 50257-row LM head) and the extra outputs dropped."""
+
+
 def int4_supported(in_features: int, out_features: int, group_size: int) -> bool:
-    """Shapes aten's CPU int4 kernel takes: whole groups, and rows in blocks of 16 (its tiling)."""
-    return in_features % group_size == 0 and out_features % 16 == 0 and in_features % 2 == 0
+    """Shapes int4-weight takes: whole groups of input channels."""
+    return in_features % group_size == 0 and in_features % 2 == 0
 
 
 def _identity(t: torch.Tensor) -> tuple[int, int]:
@@ -115,7 +120,7 @@ class QuantizedLinear(nn.Module):
         if method == "int4-weight":
             if not int4_supported(in_features, out_features, group_size):
                 raise ValueError(f"int4-weight needs in_features ({in_features}) divisible by group_size "
-                                 f"({group_size}) and out_features ({out_features}) by 16")
+                                 f"({group_size})")
             groups = in_features // group_size
             self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
             self.register_buffer("scales", torch.ones(out_features, groups))
@@ -175,6 +180,8 @@ class QuantizedLinear(nn.Module):
         elif self.method == "int4-weight":
             packed, scales_and_mins = self._kernel_inputs(x.dtype)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, self.group_size, scales_and_mins)
+            if y.size(1) != self.out_features:  # padded rows
+                y = y[:, : self.out_features]
         else:
             (packed,) = self._kernel_inputs(torch.float32)
             # fp32 in and out (the kernel's contract); reduce_range: 7-bit activations, which
@@ -193,10 +200,11 @@ class QuantizedLinear(nn.Module):
                 made: tuple[torch.Tensor, ...] = (self.scales.to(dtype),)
             elif self.method == "int4-weight":
                 # The kernel computes (q - 8) * scale + zero, so its zero is min + 8 * scale.
-                q = unpack_nibbles(self.qweight).to(torch.int32)
+                pad = -self.out_features % INT4_ROW_BLOCK
+                q = F.pad(unpack_nibbles(self.qweight).to(torch.int32), (0, 0, 0, pad))
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-                scales = self.scales.float()
-                zeros = self.mins.float() + 8 * scales
+                scales = F.pad(self.scales.float(), (0, 0, 0, pad), value=1.0)
+                zeros = F.pad(self.mins.float(), (0, 0, 0, pad)) + 8 * scales
                 scales_and_mins = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
                 made = (packed, scales_and_mins)  # (in / group, out, 2)
             else:
