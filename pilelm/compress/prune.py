@@ -181,7 +181,9 @@ def run_prune(cfg: PruneConfig) -> Path:
         return _prune(cfg)
     pruned_dir = out / PRUNED
     if not (pruned_dir / MANIFEST).is_file():  # a rerun after a kill keeps the pruned run
-        _prune(replace(cfg, output=str(pruned_dir), recovery_steps=0, data=""))
+        # The pruning stage proper: no fine-tune (its data only when it ranks by calibration batches).
+        _prune(replace(cfg, output=str(pruned_dir), recovery_steps=0,
+                       data=cfg.data if cfg.importance in NEEDS_DATA else ""))
     from pilelm.compress.recovery import Recovery, recover
     from pilelm.training.trainer import ManifestEntry
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pilelm.compress.importance import activation_scores, calibration_batches, taylor_scores
-from pilelm.compress.prune import PruneConfig, keep_top, structured_prune
+from pilelm.compress.prune import PruneConfig, keep_top, run_prune, structured_prune
 from pilelm.core import cli
 from pilelm.models.gpt import GPT, GPTConfig
 from pilelm.training.checkpoint import load_for_inference
@@ -113,6 +113,16 @@ def test_prune_stage_with_data_driven_importance(tiny_run, tiny_shards, tmp_path
     batches = calibration_batches(tiny_shards, 16, 2, 2)
     assert len(batches) == 2 and batches[0][0].shape == (2, 16)
     assert torch.equal(batches[0][1][:, :-1], batches[0][0][:, 1:])
+
+
+def test_taylor_pruning_with_a_recovery_fine_tune(tiny_run, tiny_shards, tmp_path):
+    out = run_prune(PruneConfig(run=str(tiny_run), output=str(tmp_path / "out"), heads=0.5, channels=0.5,
+                                importance="taylor", data=str(tiny_shards), calibration_batches=1,
+                                calibration_batch_size=2, calibration_seq_len=16, recovery_steps=2,
+                                recovery_micro_batch=2))
+    assert json.loads((out / "pruned" / "manifest.json").read_text())["config"]["importance"] == "taylor"
+    _, cfg, _ = load_for_inference(out)
+    assert cfg.n_head == 1
 
 
 def test_data_driven_importance_needs_data_and_structured_pruning():
