@@ -12,21 +12,11 @@ import torch
 from pilelm.compress.importance import activation_scores, calibration_batches, taylor_scores
 from pilelm.compress.prune import PruneConfig, keep_top, run_prune, structured_prune
 from pilelm.core import cli
-from pilelm.models.gpt import GPT, GPTConfig
+from pilelm.models.gpt import GPT
 from pilelm.training.checkpoint import load_for_inference
+from tests.compress.test_prune import _model
 
 NH, HS, FF = 4, 16, 256
-
-
-def _model(arch: str = "gpt2") -> GPT:
-    torch.manual_seed(0)
-    cfg = GPTConfig(arch=arch, vocab_size=96, block_size=48, n_layer=2, n_head=NH, d_model=64, tie_embeddings=False)
-    model = GPT(cfg).eval()
-    with torch.no_grad():  # biases are zero at init; make them matter
-        for p in model.parameters():
-            if p.dim() == 1:
-                p.normal_(0, 0.1)
-    return model
 
 
 def _batches(n: int = 3) -> list[tuple[torch.Tensor, torch.Tensor]]:
