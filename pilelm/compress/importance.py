@@ -93,8 +93,11 @@ def taylor_scores(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor
     cfg = model.cfg
     scores = [(torch.zeros(cfg.n_head), torch.zeros(cfg.ffn_size)) for _ in range(cfg.n_layer)]
     was_training = model.training
+    frozen = [p for p in model.parameters() if not p.requires_grad]
     model.eval()  # no dropout: the score of the model as it will run
     try:
+        for p in frozen:
+            p.requires_grad_(True)
         with torch.enable_grad():
             for x, y in batches:
                 model.zero_grad(set_to_none=True)
@@ -106,6 +109,8 @@ def taylor_scores(model: GPT, batches: Iterable[tuple[torch.Tensor, torch.Tensor
                     c += dc
     finally:
         model.zero_grad(set_to_none=True)
+        for p in frozen:
+            p.requires_grad_(False)
         model.train(was_training)
     return scores
 

@@ -42,7 +42,7 @@ def _masked(model: GPT, small: GPT, scores) -> GPT:
 
 @pytest.mark.parametrize("arch", ["gpt2", "neox"])
 def test_a_head_and_channel_without_output_have_zero_taylor_importance_and_go_first(arch):
-    model = _model(arch)
+    model = _model(arch).requires_grad_(False)  # as loaded for inference: gradients come on and off
     with torch.no_grad():
         model.blocks[0].attn.proj.weight[:, 2 * HS : 3 * HS] = 0  # head 2 of block 0 writes nothing
         model.blocks[1].mlp.proj.weight[:, 7] = 0  # channel 7 of block 1 writes nothing
@@ -51,7 +51,7 @@ def test_a_head_and_channel_without_output_have_zero_taylor_importance_and_go_fi
     assert scores[0][0][2] == 0 and (scores[0][0][[0, 1, 3]] > 0).all()
     assert scores[1][1][7] == 0 and (scores[1][1] > 0).sum() == FF - 1
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # weights untouched
-    assert all(p.grad is None for p in model.parameters()) and not model.training
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters()) and not model.training
 
     small = structured_prune(model, heads=0.25, channels=0.25, scores=scores)
     assert torch.equal(keep_top(scores[0][0], NH - 1), torch.tensor([0, 1, 3]))  # head 2 goes first
