@@ -6,11 +6,10 @@
   do not skip zeros); it compresses well and shows what the weights can lose.
 - ``structured``: whole attention heads and MLP channels removed, the same number in every
   block (so the model stays a plain ``GPTConfig``: fewer ``n_head`` of unchanged ``head_dim``,
-  smaller ``d_ff``), choosing in each block the ones of least importance. The result is a
-  genuinely smaller dense model that decodes faster. Importance is data-free: a head's is the
-  norm of its query/key/value rows times the norm of its output-projection columns, a
-  channel's the norm of its input row times that of its output column (the magnitude
-  criterion of Li et al. 2017, "Pruning Filters for Efficient ConvNets", applied per unit).
+  smaller ``d_ff``), choosing in each block the ones of least importance (``--importance``:
+  the data-free weight norms, or the Taylor or mean-activation scores on a few calibration
+  batches of ``--data``; ``compress/importance.py``). The result is a genuinely smaller dense
+  model that decodes faster.
 
 Removing heads leaves ``n_head * head_dim < d_model``, which transformers' GPT-2 and
 GPT-NeoX cannot express: such runs do not export (``pilelm export`` says so); pruning MLP
@@ -29,6 +28,14 @@ import torch
 import torch.nn as nn
 
 from pilelm.compress.derived_run import write_derived_run
+from pilelm.compress.importance import (
+    IMPORTANCE,
+    NEEDS_DATA,
+    Importance,
+    Scores,
+    calibration_batches,
+    importance_scores,
+)
 from pilelm.core.manifest import MANIFEST, Timer, read_manifest, write_manifest
 from pilelm.models.gpt import GPT, GPTConfig
 from pilelm.training.checkpoint import load_for_inference
@@ -55,12 +62,20 @@ class PruneConfig:
     """structured: fraction of each block's attention heads removed (0 keeps them all, and the run exportable)."""
     channels: float = 0.5
     """structured: fraction of each block's MLP channels removed."""
+    importance: Importance = "weight"
+    """structured: how heads and channels are ranked: weight (norms, no data), taylor (sum |w * dL/dw| on calibration batches of --data) or activation (mean |activation| on them)."""
+    calibration_batches: int = 4
+    """taylor / activation: batches of the train split of --data scored."""
+    calibration_batch_size: int = 8
+    """taylor / activation: windows per calibration batch."""
+    calibration_seq_len: int = 256
+    """taylor / activation: tokens per calibration window (at most the model's block_size)."""
     step: int | None = None
     """Checkpoint step to prune; None = the latest."""
     recovery_steps: int = 0
     """Fine-tune the pruned model this many steps on --data afterwards (0 = none); magnitude-pruned zeros stay zero."""
     data: str = ""
-    """Token shards of the recovery fine-tune (tokenized with the run's tokenizer)."""
+    """Token shards (tokenized with the run's tokenizer) of the recovery fine-tune and of taylor / activation calibration."""
     recovery_lr: float = 3e-4
     """Peak learning rate of the recovery fine-tune (AdamW, short warmup, cosine)."""
     recovery_micro_batch: int = 8
@@ -74,6 +89,16 @@ class PruneConfig:
             raise ValueError("recovery_steps must be >= 0, recovery_micro_batch >= 1 and recovery_lr > 0")
         if self.recovery_steps and not self.data:
             raise ValueError("recovery_steps needs the token shards to fine-tune on: --data SHARD_DIR")
+        if self.importance not in IMPORTANCE:
+            raise ValueError(f"importance must be one of {', '.join(IMPORTANCE)}, got {self.importance!r}")
+        if self.importance in NEEDS_DATA and not self.data:
+            raise ValueError(f"importance={self.importance} scores heads and channels on calibration batches: "
+                             "give the token shards with --data SHARD_DIR (or use importance=weight)")
+        if self.importance != "weight" and self.method != "structured":
+            raise ValueError(f"importance={self.importance} ranks heads and channels for method=structured; "
+                             "magnitude pruning ranks single weights by |w|")
+        if min(self.calibration_batches, self.calibration_batch_size, self.calibration_seq_len) < 1:
+            raise ValueError("calibration_batches, calibration_batch_size and calibration_seq_len must be >= 1")
 
 
 def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
@@ -105,29 +130,14 @@ def magnitude_prune(model: nn.Module, sparsity: float, scope: str = "global") ->
     return zeros / sum(m.weight.numel() for _, m in layers)
 
 
-def head_importance(model: GPT, layer: int) -> torch.Tensor:
-    """(n_head,) importance of each head of block ``layer`` (see the module docstring)."""
-    cfg = model.cfg
-    attn = model.blocks[layer].attn
-    nh, hs = cfg.n_head, cfg.head_size
-    qkv = attn.qkv.weight.detach().float().view(3, nh, hs, -1)  # (3, nh, hs, C)
-    proj = attn.proj.weight.detach().float().view(-1, nh, hs)  # (C, nh, hs)
-    return qkv.pow(2).sum(dim=(0, 2, 3)).sqrt() * proj.pow(2).sum(dim=(0, 2)).sqrt()
-
-
-def channel_importance(model: GPT, layer: int) -> torch.Tensor:
-    """(d_ff,) importance of each MLP channel of block ``layer``."""
-    mlp = model.blocks[layer].mlp
-    return mlp.fc.weight.detach().float().norm(dim=1) * mlp.proj.weight.detach().float().norm(dim=0)
-
-
 def keep_top(scores: torch.Tensor, n_keep: int) -> torch.Tensor:
     return scores.topk(n_keep).indices.sort().values
 
 
-def structured_prune(model: GPT, heads: float, channels: float) -> GPT:
+def structured_prune(model: GPT, heads: float, channels: float, scores: Scores | None = None) -> GPT:
     """A new, smaller GPT without the least important ``heads`` fraction of heads and
-    ``channels`` fraction of MLP channels of every block; all else copied."""
+    ``channels`` fraction of MLP channels of every block; all else copied. ``scores`` (per
+    block: head scores, channel scores; ``compress/importance.py``) default to the weight norms."""
     cfg = model.cfg
     if not isinstance(cfg, GPTConfig):
         raise ValueError(f"structured pruning is for GPT models, not {type(cfg).__name__}: transformers' BERT "
@@ -136,6 +146,8 @@ def structured_prune(model: GPT, heads: float, channels: float) -> GPT:
     ff_keep = cfg.ffn_size - int(channels * cfg.ffn_size)
     if nh_keep < 1 or ff_keep < 1:
         raise ValueError("pruning would remove every head or channel; lower heads / channels")
+    if scores is None:
+        scores = importance_scores(model, "weight")
     hs = cfg.head_size
     new_cfg = replace(cfg, n_head=nh_keep, head_dim=hs, d_ff=ff_keep)
     if new_cfg.attn_width == cfg.d_model:
@@ -144,12 +156,12 @@ def structured_prune(model: GPT, heads: float, channels: float) -> GPT:
     state = {k: v for k, v in model.state_dict().items()}
     for i in range(cfg.n_layer):
         p = f"blocks.{i}."
-        kept_heads = keep_top(head_importance(model, i), nh_keep)
+        kept_heads = keep_top(scores[i][0], nh_keep)
         rows = (kept_heads[:, None] * hs + torch.arange(hs)).flatten()  # kept rows of one of q, k, v
         qkv_rows = torch.cat([rows + j * cfg.attn_width for j in range(3)])
         state[p + "attn.qkv.weight"] = state[p + "attn.qkv.weight"][qkv_rows]
         state[p + "attn.proj.weight"] = state[p + "attn.proj.weight"][:, rows]
-        kept = keep_top(channel_importance(model, i), ff_keep)
+        kept = keep_top(scores[i][1], ff_keep)
         state[p + "mlp.fc.weight"] = state[p + "mlp.fc.weight"][kept]
         state[p + "mlp.proj.weight"] = state[p + "mlp.proj.weight"][:, kept]
         if cfg.bias:
@@ -169,7 +181,9 @@ def run_prune(cfg: PruneConfig) -> Path:
         return _prune(cfg)
     pruned_dir = out / PRUNED
     if not (pruned_dir / MANIFEST).is_file():  # a rerun after a kill keeps the pruned run
-        _prune(replace(cfg, output=str(pruned_dir), recovery_steps=0, data=""))
+        # The pruning stage proper: no fine-tune (its data only when it ranks by calibration batches).
+        _prune(replace(cfg, output=str(pruned_dir), recovery_steps=0,
+                       data=cfg.data if cfg.importance in NEEDS_DATA else ""))
     from pilelm.compress.recovery import Recovery, recover
     from pilelm.training.trainer import ManifestEntry
 
@@ -183,6 +197,20 @@ def run_prune(cfg: PruneConfig) -> Path:
                             manifest=entry))
 
 
+def _scores(cfg: PruneConfig, model: nn.Module, tok_dir: Path) -> Scores | None:
+    """The importance scores ``cfg.importance`` ranks by (None: structured_prune's default)."""
+    if cfg.importance not in NEEDS_DATA or not isinstance(model, GPT):
+        return None
+    from pilelm.tokens.identity import require_same_tokenizer
+
+    require_same_tokenizer(tok_dir, cfg.data, what=f"prune importance={cfg.importance}")
+    seq_len = min(cfg.calibration_seq_len, model.cfg.block_size)
+    batches = calibration_batches(cfg.data, seq_len, cfg.calibration_batch_size, cfg.calibration_batches)
+    log.info("%s importance on %d calibration batches of %d x %d tokens", cfg.importance, len(batches),
+             cfg.calibration_batch_size, seq_len)
+    return importance_scores(model, cfg.importance, batches)
+
+
 def _prune(cfg: PruneConfig) -> Path:
     timer = Timer()
     out = Path(cfg.output)
@@ -193,7 +221,7 @@ def _prune(cfg: PruneConfig) -> Path:
         if cfg.method == "magnitude":
             counts["zero_fraction"] = round(magnitude_prune(model, cfg.sparsity, cfg.scope), 4)
         else:
-            model = structured_prune(model, cfg.heads, cfg.channels)
+            model = structured_prune(model, cfg.heads, cfg.channels, _scores(cfg, model, tok_dir))
             model_cfg = model.cfg
         counts["parameters"] = sum(p.numel() for p in model.parameters())
         write_derived_run(cfg.run, cfg.step, out, model, model_cfg, tok_dir)

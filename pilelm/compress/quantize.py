@@ -66,7 +66,7 @@ def quantize_model(model: nn.Module, method: str, group_size: int = 128, lm_head
         if not isinstance(mod, nn.Linear) or (name == "lm_head" and not lm_head):
             continue
         if method == "int4-weight" and not int4_supported(mod.in_features, mod.out_features, group_size):
-            log.warning("%s (%d -> %d) stays unquantized: int4 needs in %% %d == 0 and out %% 16 == 0",
+            log.warning("%s (%d -> %d) stays unquantized: int4 needs in_features %% %d == 0",
                         name, mod.in_features, mod.out_features, group_size)
             continue
         model.set_submodule(name, QuantizedLinear.from_linear(mod, method, group_size))

@@ -9,9 +9,13 @@ Three methods, each a drop-in for ``models.gpt.Linear`` (same ``forward`` and th
   scale and a minimum per group), GPTQ/AWQ's storage without their calibration.
   ``aten._weight_int4pack_mm_for_cpu`` (the kernel torchao's ``Int4CPULayout`` calls).
 - ``int8-dynamic``: int8 weights as ``int8-weight``, and the activations quantized on the fly
-  to uint8 (one asymmetric scale per call), so the product is oneDNN's u8 x s8 -> s32 GEMM
-  (``onednn.qlinear_pointwise``, the kernel of PyTorch's x86 quantization; VNNI where the CPU
-  has it), as in LLM.int8() without the outlier split (Dettmers et al. 2022).
+  to uint8 (one asymmetric scale per call, inside the kernel), so the product is an
+  u8 x s8 -> s32 GEMM: PyTorch's dynamic quantized linear (``quantized.linear_dynamic``, the
+  kernel of ``torch.ao``'s dynamic quantization; the ``x86`` engine, oneDNN/fbgemm with VNNI
+  where the CPU has it), as in LLM.int8() without the outlier split (Dettmers et al. 2022).
+
+Each kernel was picked per method from per-linear timings at GPT-2 124M shapes
+(``benchmarks/compress_kernels.py``, README "Compressing a model").
 
 The stored form is what the state dict holds (safetensors): ``qweight`` (int8, or two 4-bit
 values per uint8 byte, low nibble first), ``scales`` (and ``mins`` for int4), ``bias``. The
@@ -19,6 +23,9 @@ kernels' packed layouts are caches made on first use, never saved.
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
 
 import torch
 import torch.nn as nn
@@ -60,14 +67,45 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
     return out
 
 
+INT4_ROW_BLOCK = 16
+"""aten's CPU int4 kernel tiles output rows in blocks of 16; other row counts are padded with
+zero rows in the kernel's copy (GPT-2's 50257-row LM head) and the extra outputs dropped."""
+
+
 def int4_supported(in_features: int, out_features: int, group_size: int) -> bool:
-    """Shapes aten's CPU int4 kernel takes: whole groups, and rows in blocks of 16 (its tiling)."""
-    return in_features % group_size == 0 and out_features % 16 == 0 and in_features % 2 == 0
+    """Shapes int4-weight takes: whole groups of input channels."""
+    return in_features % group_size == 0 and in_features % 2 == 0
 
 
 def _identity(t: torch.Tensor) -> tuple[int, int]:
     """Address and version of a buffer (tensors made under inference_mode have no version)."""
     return t.data_ptr(), (-1 if t.is_inference() else t._version)
+
+
+DYNAMIC_ENGINES = ("x86", "fbgemm", "onednn")
+"""Quantized engines for int8-dynamic, in order of preference (all VNNI u8 x s8 GEMMs on x86)."""
+
+
+@functools.cache
+def dynamic_engine() -> str | None:
+    """The quantized engine int8-dynamic's kernel packs its weights for (None: none built in)."""
+    return next((e for e in DYNAMIC_ENGINES if e in torch.backends.quantized.supported_engines), None)
+
+
+def _prepack_dynamic(qweight: torch.Tensor, scales: torch.Tensor) -> torch.ScriptObject:
+    """The packed weight of ``quantized.linear_dynamic`` for int8 values and per-row scales."""
+    engine, previous = dynamic_engine(), torch.backends.quantized.engine
+    zeros = torch.zeros(qweight.size(0), dtype=torch.long)
+    with warnings.catch_warnings():
+        # Quantized tensors are deprecated as a user-facing type; here one only carries the
+        # values and scales into the kernel's packing, which is what the kernel reads.
+        warnings.simplefilter("ignore", UserWarning)
+        qw = torch._make_per_channel_quantized_tensor(qweight, scales.double(), zeros, 0)
+    try:
+        torch.backends.quantized.engine = engine
+        return torch.ops.quantized.linear_prepack(qw, None)
+    finally:
+        torch.backends.quantized.engine = previous
 
 
 class QuantizedLinear(nn.Module):
@@ -82,7 +120,7 @@ class QuantizedLinear(nn.Module):
         if method == "int4-weight":
             if not int4_supported(in_features, out_features, group_size):
                 raise ValueError(f"int4-weight needs in_features ({in_features}) divisible by group_size "
-                                 f"({group_size}) and out_features ({out_features}) by 16")
+                                 f"({group_size})")
             groups = in_features // group_size
             self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
             self.register_buffer("scales", torch.ones(out_features, groups))
@@ -132,7 +170,7 @@ class QuantizedLinear(nn.Module):
         """x (rows, in) -> (rows, out); ``kind`` (the float layers' layout choice) is ignored:
         each method has one kernel."""
         if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) or (
-                self.method == "int8-dynamic" and not torch.backends.mkldnn.is_available()):
+                self.method == "int8-dynamic" and dynamic_engine() is None):
             # Other devices, or a gradient through the activations (quantization-aware
             # fine-tuning is not offered): the dequantized weight through F.linear.
             return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -142,17 +180,13 @@ class QuantizedLinear(nn.Module):
         elif self.method == "int4-weight":
             packed, scales_and_mins = self._kernel_inputs(x.dtype)
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, self.group_size, scales_and_mins)
+            if y.size(1) != self.out_features:  # padded rows
+                y = y[:, : self.out_features]
         else:
-            packed, w_scales, w_zeros = self._kernel_inputs(x.dtype)
-            # Activations: one asymmetric uint8 scale per call (what oneDNN's u8 x s8 kernel takes).
-            xf = x.float()
-            lo, hi = min(float(xf.min()), 0.0), max(float(xf.max()), 0.0)
-            x_scale = max((hi - lo) / 255.0, 1e-12)
-            x_zero = round(-lo / x_scale)
-            xq = torch.clamp(torch.round(xf / x_scale) + x_zero, 0, 255).to(torch.uint8)
-            out_dtype = torch.float32 if x.dtype == torch.float32 else torch.bfloat16
-            y = torch.ops.onednn.qlinear_pointwise(xq, x_scale, x_zero, packed, w_scales, w_zeros, None, 1.0, 0,
-                                                   out_dtype, "none", [], "").to(x.dtype)
+            (packed,) = self._kernel_inputs(torch.float32)
+            # fp32 in and out (the kernel's contract); reduce_range: 7-bit activations, which
+            # keep fbgemm's u8 x s8 pairwise sums from saturating int16 on CPUs without VNNI.
+            y = torch.ops.quantized.linear_dynamic(x.float(), packed, True).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def _kernel_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -166,15 +200,14 @@ class QuantizedLinear(nn.Module):
                 made: tuple[torch.Tensor, ...] = (self.scales.to(dtype),)
             elif self.method == "int4-weight":
                 # The kernel computes (q - 8) * scale + zero, so its zero is min + 8 * scale.
-                q = unpack_nibbles(self.qweight).to(torch.int32)
+                pad = -self.out_features % INT4_ROW_BLOCK
+                q = F.pad(unpack_nibbles(self.qweight).to(torch.int32), (0, 0, 0, pad))
                 packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-                scales = self.scales.float()
-                zeros = self.mins.float() + 8 * scales
+                scales = F.pad(self.scales.float(), (0, 0, 0, pad), value=1.0)
+                zeros = F.pad(self.mins.float(), (0, 0, 0, pad)) + 8 * scales
                 scales_and_mins = torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
                 made = (packed, scales_and_mins)  # (in / group, out, 2)
             else:
-                packed = torch.ops.onednn.qlinear_prepack(self.qweight, [1, self.in_features])
-                zeros = torch.zeros(self.out_features, dtype=torch.long)
-                made = (packed, self.scales.float(), zeros)
+                made = (_prepack_dynamic(self.qweight, self.scales),)
         self._kernel_cache = (key, made)
         return made

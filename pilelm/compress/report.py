@@ -72,15 +72,23 @@ def greedy_decode(model: nn.Module, prompts: list[list[int]], new_tokens: int) -
         return list(stream_batch(model, prompts, params, eos_id=None))
 
 
-def race(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
-    """Best wall time of each function over ``repeats`` interleaved rounds."""
-    best = [float("inf")] * len(fns)
+def race_rounds(fns: list[Callable[[], Any]], repeats: int,
+                clock: Callable[[], float] = time.perf_counter) -> list[list[float]]:
+    """Times of each function in ``repeats`` interleaved rounds (A B C, A B C, ...), so load on
+    a shared machine hits the functions of one round alike: ``times[i][round]``. ``clock`` is
+    the wall clock, or ``time.process_time`` (CPU time) for one-thread runs on a loaded machine."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            best[i] = min(best[i], time.perf_counter() - t0)
-    return best
+            times[i].append(clock() - t0)
+    return times
+
+
+def race(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """Best wall time of each function over ``repeats`` interleaved rounds."""
+    return [min(t) for t in race_rounds(fns, repeats)]
 
 
 def decode_speeds(models: list[nn.Module], vocab: int, cfg: CompressReportConfig) -> list[dict[int, float]]:

@@ -9,10 +9,9 @@ import json
 import pytest
 import torch
 
+from pilelm.compress.importance import channel_importance, head_importance
 from pilelm.compress.prune import (
     PruneConfig,
-    channel_importance,
-    head_importance,
     keep_top,
     magnitude_prune,
     run_prune,

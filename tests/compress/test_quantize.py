@@ -61,6 +61,20 @@ def test_quantized_layer_multiplies_by_its_dequantized_weight(method, dtype):
     assert (y - want).abs().max() <= tol * want.abs().max()
 
 
+def test_int4_rows_not_in_blocks_of_16_are_padded_for_the_kernel():
+    # GPT-2's LM head has 50257 rows; the kernel tiles 16: zero rows pad its copy, outputs drop.
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 50)
+    q = QuantizedLinear.from_linear(lin, "int4-weight", group_size=32)
+    assert q.qweight.shape == (50, 32)  # the stored form is not padded
+    x = torch.randn(3, 64)
+    with torch.inference_mode():
+        y = q(x)
+    want = x @ q.dequantize().T + q.bias
+    assert y.shape == (3, 50)
+    assert (y - want).abs().max() <= 0.02 * want.abs().max()
+
+
 def _greedy_full_forward(model: GPT, prompt: list[int], n: int) -> list[int]:
     ids = list(prompt)
     with torch.inference_mode():
