@@ -18,10 +18,12 @@ Rules, with their sources and default thresholds:
   citation markers; drop pages with "lorem ipsum", a curly bracket, or < 5 sentences left.
 - **language** (optional, needs ``py3langid``): keep documents whose language is listed.
 
+- **light** (``data/policy.py``): repeats of 10-grams cover <= 50 % of the characters.
+
 Each rule group applies to the components listed in ``<group>`` (``*`` = all) minus those
-in ``<group>_skip``. Defaults spare code and generated maths from the prose rules: Github
-and DM Mathematics skip the Gopher rules, and the C4 rules (made for web pages) apply to
-Pile-CC only.
+in ``<group>_skip``. The default policy per Pile component is ``pilelm/data/policy.py``'s:
+web rules (Gopher, C4) for raw web text (Pile-CC, OpenWebText2), the light rule for the
+curated components, nothing but length limits for code and generated maths.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from pilelm.data.document import Document
+from pilelm.data.policy import CODE_AND_MATHS, WEB_COMPONENTS, light_repetition
 from pilelm.data.words import Words, mix64, tokenize
 
 DropFn = Callable[[Document, str, str], None]
@@ -52,7 +55,7 @@ _SENTENCE_END = re.compile(r"[.!?]+(?:[\"')\]]*)(?=\s|$)")
 _POLICY = ("terms of use", "privacy policy", "cookie policy", "uses cookies", "use of cookies", "use cookies")
 _END_PUNCT = (".", "!", "?", '"', "\u201d")
 
-PROSE_SKIP = ["Github", "DM Mathematics"]
+PROSE_SKIP = CODE_AND_MATHS
 
 
 @dataclass
@@ -68,8 +71,8 @@ class FilterConfig:
     max_chars: int | None = None
     """Drop documents longer than this many characters (None: no limit)."""
 
-    gopher_quality: list[str] = field(default_factory=lambda: ["*"])
-    """Components the Gopher quality rules apply to (`*` = all, [] = off)."""
+    gopher_quality: list[str] = field(default_factory=lambda: list(WEB_COMPONENTS))
+    """Components the Gopher quality rules apply to (`*` = all, [] = off); default raw web text."""
     gopher_quality_skip: list[str] = field(default_factory=lambda: list(PROSE_SKIP))
     """Components exempt from the Gopher quality rules."""
     min_words: int = 50
@@ -91,8 +94,8 @@ class FilterConfig:
     min_stop_words: int = 2
     """Gopher: fewest English stop words (the, be, to, of, and, that, have, with)."""
 
-    gopher_repetition: list[str] = field(default_factory=lambda: ["*"])
-    """Components the Gopher repetition rules apply to (`*` = all, [] = off)."""
+    gopher_repetition: list[str] = field(default_factory=lambda: list(WEB_COMPONENTS))
+    """Components the Gopher repetition rules apply to (`*` = all, [] = off); default raw web text."""
     gopher_repetition_skip: list[str] = field(default_factory=lambda: list(PROSE_SKIP))
     """Components exempt from the Gopher repetition rules."""
     max_dup_line_frac: float = 0.30
@@ -108,14 +111,22 @@ class FilterConfig:
     max_dup_ngram_char_frac: list[float] = field(default_factory=lambda: [0.15, 0.14, 0.13, 0.12, 0.11, 0.10])
     """Gopher: largest character fraction covered by repeated 5-, 6-, ..., 10-grams."""
 
-    c4: list[str] = field(default_factory=lambda: ["Pile-CC"])
-    """Components the C4 line rules apply to (`*` = all, [] = off)."""
+    c4: list[str] = field(default_factory=lambda: list(WEB_COMPONENTS))
+    """Components the C4 line rules apply to (`*` = all, [] = off); default raw web text."""
     c4_skip: list[str] = field(default_factory=list)
     """Components exempt from the C4 rules."""
     c4_min_words_per_line: int = 3
     """C4: lines with fewer words are removed."""
     c4_min_sentences: int = 5
     """C4: pages with fewer sentences (after line removal) are dropped."""
+
+    light: list[str] = field(default_factory=lambda: ["*"])
+    """Components the light rule applies to (`*` = all, [] = off): drop a document mostly made
+    of repeats of itself."""
+    light_skip: list[str] = field(default_factory=lambda: list(PROSE_SKIP))
+    """Components exempt from the light rule."""
+    light_max_dup_10gram_char_frac: float = 0.5
+    """Light rule: largest character fraction covered by repeated 10-grams."""
 
     language: list[str] = field(default_factory=list)
     """Keep only these languages (ISO 639-1 codes, e.g. [en]); [] = no language filter.
@@ -134,6 +145,8 @@ class FilterConfig:
             raise ValueError("filters.max_top_ngram_char_frac needs 3 values (for 2-, 3-, 4-grams)")
         if len(self.max_dup_ngram_char_frac) != 6:
             raise ValueError("filters.max_dup_ngram_char_frac needs 6 values (for 5- to 10-grams)")
+        if not 0 < self.light_max_dup_10gram_char_frac <= 1:
+            raise ValueError("filters.light_max_dup_10gram_char_frac must be in (0, 1]")
         if not 0 <= self.language_min_score <= 1:
             raise ValueError("filters.language_min_score must be in [0, 1]")
 
@@ -420,12 +433,16 @@ class Cleaner:
                     else:
                         survivors.append(d)
                 kept = survivors
-        rep = [d for d in kept if cfg.applies("gopher_repetition", d.component)]
+        rep = [d for d in kept if cfg.applies("gopher_repetition", d.component) or cfg.applies("light", d.component)]
         if rep:
             top, dup = ngram_char_fractions(tokenize([d.text.encode() for d in rep]))
             bad = {}
             for i, d in enumerate(rep):
-                r = gopher_repetition(d.text, top[i], dup[i], cfg)
+                r = None
+                if cfg.applies("gopher_repetition", d.component):
+                    r = gopher_repetition(d.text, top[i], dup[i], cfg)
+                if r is None and cfg.applies("light", d.component):
+                    r = light_repetition(float(dup[i, 5]), cfg.light_max_dup_10gram_char_frac)
                 if r:
                     bad[id(d)] = r
             if bad:

@@ -181,6 +181,15 @@ def write_report(out_dir: Path, stats: TaskStats, splits: dict[str, TaskStats], 
         reasons = ", ".join(f"{r} {n}" for r, n in top)
         lines.append(f"| {name} | {c['documents_in']:,} | {c['documents_out']:,} | {kept:.1f} | "
                      f"{_mb(c['bytes_in'])} | {_mb(c['bytes_out'])} | {reasons} |")
+    lines += ["", "## What each rule removes, per component", "",
+              "Documents dropped (and their share of the component's bytes); `edit:` rows are "
+              "kept documents a step shortened (bytes removed).", "",
+              "| component | rule | documents | MB | % of component MB |", "|---|---|---:|---:|---:|"]
+    for name, c in stats.components.items():
+        removed = [(r, n, c["dropped_bytes"][r]) for r, n in c["dropped"].items()]
+        removed += [(f"edit:{step}", e["documents"], e["bytes_removed"]) for step, e in c["edited"].items()]
+        for r, n, b in sorted(removed, key=lambda row: -row[2]):
+            lines.append(f"| {name} | {r} | {n:,} | {_mb(b)} | {100 * b / max(1, c['bytes_in']):.1f} |")
     lines += ["", "## Per split", "", "| split | docs in | docs out | MB in | MB out |", "|---|---:|---:|---:|---:|"]
     for split, s in splits.items():
         st = s.totals()

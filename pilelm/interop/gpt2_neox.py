@@ -177,6 +177,13 @@ def gpt_hf_config(cfg: GPTConfig, bos_id: int | None, eos_id: int | None, dtype:
         raise ValueError(f"this model has {cfg.n_head} heads of width {cfg.head_size} (heads were pruned), which "
                          f"transformers' GPT-2 and GPT-NeoX cannot express (they need n_head * head size == "
                          f"d_model = {cfg.d_model}); prune MLP channels only (heads=0) to keep it exportable")
+    if not cfg.standard:
+        on = {k: v for k, v in (("qk_norm", cfg.qk_norm), ("mlp", cfg.mlp if cfg.mlp != "gelu" else None),
+                                ("logit_softcap", cfg.logit_softcap)) if v}
+        raise ValueError(f"this model uses {on}, which transformers' GPT-2 / GPT-NeoX cannot express; export "
+                         "needs model.qk_norm=false, model.mlp=gelu and model.logit_softcap=0 "
+                         "(train with those, or use the run with pilelm eval/generate/serve)")
+
     common = dict(
         vocab_size=cfg.vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=cfg.tied,
         initializer_range=cfg.init_std,

@@ -7,6 +7,13 @@ Two families share one block:
   the first ``rotary_pct`` of each head (rotate-half form), parallel residual
   ``x + attn(ln1(x)) + mlp(ln2(x))``, exact GELU, untied output projection.
 
+Options of the quality-per-compute recipe (``pilelm/configs/cpu-10min.yaml``), each off by
+default so the two families above stay exactly what transformers loads: ``qk_norm``
+(parameter-free RMSNorm of queries and keys, Dehghani et al. 2023, "Scaling Vision
+Transformers to 22B", sec. 3.1; allows higher learning rates), ``mlp`` relu2 (squared ReLU,
+So et al. 2021, "Primer") or swiglu (Shazeer 2020), ``logit_softcap`` and ``z_loss``
+(``models/fused_ce.py``). ``tie_embeddings`` chooses the head.
+
 Shapes: B batch, T time, C = d_model, nh heads, hs = C // nh head size, V vocabulary.
 
 Inference uses a ``KVCache`` (preallocated keys/values per layer) and optional per-row
@@ -25,7 +32,7 @@ import torch.nn.functional as F
 
 from pilelm.models.cpu_kernels import DECODE_MAX_ROWS, Linear, can_repack, repack_kind
 from pilelm.models.dropout import Dropout, dropout
-from pilelm.models.fused_ce import linear_cross_entropy
+from pilelm.models.fused_ce import cross_entropy_with_z_loss, linear_cross_entropy, soft_cap
 from pilelm.models.kv_cache import KVCache
 
 
@@ -63,6 +70,15 @@ class GPTConfig:
     """Share the token embedding with the output projection; None = family default (gpt2 yes, neox no)."""
     init_std: float = 0.02
     """Std of the normal init; residual output projections get init_std / sqrt(2 * n_layer)."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys (no gain) before attention (and rotary)."""
+    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
+    """MLP activation: gelu (the family's: tanh-GELU for gpt2, exact for neox), relu2
+    (squared ReLU) or swiglu (gated SiLU; d_ff=0 means 8/3 * d_model rounded up to 64)."""
+    logit_softcap: float = 0.0
+    """Soft-cap the output logits at this value (cap * tanh(z / cap), e.g. 15); 0 = off."""
+    z_loss: float = 0.0
+    """Training only: add this times logsumexp(logits)^2 to the loss (PaLM: 1e-4); 0 = off."""
 
     def __post_init__(self) -> None:
         if self.arch not in ("gpt2", "neox"):
@@ -75,6 +91,10 @@ class GPTConfig:
             raise ValueError(f"model.rotary_pct must be in [0, 1], got {self.rotary_pct}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.mlp not in ("gelu", "relu2", "swiglu"):
+            raise ValueError(f"model.mlp must be gelu, relu2 or swiglu, got {self.mlp!r}")
+        if self.logit_softcap < 0 or self.z_loss < 0:
+            raise ValueError("model.logit_softcap and model.z_loss must be >= 0 (0 = off)")
         if self.vocab_size < 0 or self.block_size < 1 or self.n_layer < 1:
             raise ValueError("model.vocab_size >= 0, model.block_size >= 1 and model.n_layer >= 1 are required")
 
@@ -89,7 +109,17 @@ class GPTConfig:
 
     @property
     def ffn_size(self) -> int:
-        return self.d_ff or 4 * self.d_model
+        if self.d_ff:
+            return self.d_ff
+        if self.mlp == "swiglu":  # the parameter count of a 4x MLP (Shazeer 2020, sec. 2)
+            return -(-8 * self.d_model // 3 // 64) * 64
+        return 4 * self.d_model
+
+    @property
+    def standard(self) -> bool:
+        """No option that changes the forward pass is on: the model is a plain GPT-2 / GPT-NeoX
+        (transformers can load it; the z-loss only changes training)."""
+        return not (self.qk_norm or self.mlp != "gelu" or self.logit_softcap)
 
     @property
     def tied(self) -> bool:
@@ -180,6 +210,8 @@ class Attention(nn.Module):
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)
         v = v.view(B, T, nh, hs).transpose(1, 2)
+        if self.cfg.qk_norm:
+            q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
         if rope is not None:
             q, k = apply_rotary(q, k, *rope)
         drop = self.dropout if self.training else 0.0
@@ -210,6 +242,8 @@ class Attention(nn.Module):
         nh, hs = self.cfg.n_head, self.cfg.head_size
         S = cache.length + 1
         qkv = self.qkv.repacked_matmul(x, kind).view(B, 3, nh, 1, hs)
+        if self.cfg.qk_norm:
+            qkv = torch.cat((F.rms_norm(qkv[:, :2], (hs,)), qkv[:, 2:]), dim=1)
         q = qkv[:, 0]  # (B, nh, 1, hs)
         if rope is None:
             cache.kv[layer, :, :, :, S - 1 : S] = qkv[:, 1:].transpose(0, 1)  # keys and values in one copy
@@ -242,21 +276,31 @@ def gelu_tanh_sigmoid_form(x: torch.Tensor) -> torch.Tensor:
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = Linear(cfg.d_model, cfg.ffn_size, bias=cfg.bias)
+        self.kind = cfg.mlp
+        # swiglu: fc holds the gate's rows, then the value's: (2 * ffn, C).
+        self.fc = Linear(cfg.d_model, cfg.ffn_size * (2 if cfg.mlp == "swiglu" else 1), bias=cfg.bias)
         self.proj = Linear(cfg.ffn_size, cfg.d_model, bias=cfg.bias)
         self.drop = Dropout(cfg.dropout)
         # GPT-2 used the tanh approximation ("gelu_new"); GPT-NeoX uses exact GELU.
         self.approximate = "tanh" if cfg.arch == "gpt2" else "none"
 
+    def activation(self, h: torch.Tensor, fast_gelu: bool = True) -> torch.Tensor:
+        if self.kind == "relu2":
+            return F.relu(h).square()
+        if self.kind == "swiglu":
+            gate, value = h.chunk(2, dim=-1)
+            return F.silu(gate) * value
+        if self.approximate == "tanh" and fast_gelu:
+            return gelu_tanh(h)
+        return F.gelu(h, approximate=self.approximate)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc(x)
-        h = gelu_tanh(h) if self.approximate == "tanh" else F.gelu(h)
-        h = self.proj(h)
+        h = self.proj(self.activation(self.fc(x)))
         return self.drop(h) if self.training else h
 
     def decode_one(self, x: torch.Tensor, kind: str | None) -> torch.Tensor:
         """``forward`` for one token per row in inference: x (B, C) -> (B, C)."""
-        h = F.gelu(self.fc.repacked_matmul(x, kind), approximate=self.approximate)
+        h = self.activation(self.fc.repacked_matmul(x, kind), fast_gelu=False)
         return self.proj.repacked_matmul(h, kind)
 
 
@@ -382,14 +426,16 @@ class GPT(nn.Module):
         if cache is not None and T == 1 and not self.training and not torch.is_grad_enabled() and last_only:
             return self._decode_one(idx[:, 0], None if positions is None else positions[:, 0], cache)[:, None], None
         x = self._trunk(idx, cache, positions, segments)
+        z_loss = self.cfg.z_loss if self.training else 0.0  # validation reports the plain cross-entropy
         if targets is not None and not return_logits and not last_only:
-            return None, linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+            return None, linear_cross_entropy(x.reshape(B * T, -1), self.lm_head.weight, targets.reshape(-1),
+                                              softcap=self.cfg.logit_softcap, z_loss=z_loss)
         if last_only:
             x = x[:, -1:, :]
-        logits = self.lm_head(x)  # (B, T, V)
+        logits = soft_cap(self.lm_head(x), self.cfg.logit_softcap)  # (B, T, V)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = cross_entropy_with_z_loss(logits.view(-1, logits.size(-1)), targets.reshape(-1), z_loss)
         return logits, loss
 
     def encode(self, idx: torch.Tensor) -> torch.Tensor:
@@ -474,4 +520,4 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block.decode_one(x, rope, cache, i, mask, kind)
         cache.length = S
-        return self.lm_head.repacked_matmul(_layer_norm(self.ln_f, x), kind)
+        return soft_cap(self.lm_head.repacked_matmul(_layer_norm(self.ln_f, x), kind), cfg.logit_softcap)

@@ -23,7 +23,14 @@ from pilelm.training.privacy_config import PrivacyConfig
 @dataclass
 class LoopConfig:
     max_steps: int = 1000
-    """Optimizer steps to train for (the schedule spans them)."""
+    """Optimizer steps to train for (the schedule spans them, or the smaller budget below)."""
+    max_tokens: int = 0
+    """Token budget: stop after ceil(max_tokens / tokens per step) steps if that is fewer than
+    max_steps; the schedule spans that many steps. 0 = off."""
+    max_minutes: float = 0.0
+    """Wall-clock budget of the training loop in minutes (evaluations and checkpoints count,
+    start-up does not; time before a stop or kill counts after resuming). The schedule spans
+    the fraction of the budget used (wsd: decay in the last schedule.decay_frac). 0 = off."""
     micro_batch: int = 16
     """Sequences per forward/backward pass on each rank."""
     tokens_per_step: int = 0
@@ -64,7 +71,14 @@ class LoopConfig:
     stop_at_step: int = 0
     """Checkpoint and stop after this step as a preempted job would (rerun to resume); 0 = off."""
     peak_flops: float = 0.0
-    """Peak FLOP/s per device for MFU; 0 measures the bf16 matmul rate once (cached in the run dir)."""
+    """Peak FLOP/s per device for MFU; 0 = the datasheet peak of a known GPU, else the best of
+    several bf16 matmul measurements (the best ever seen is kept in RUN/hardware.json)."""
+    window_start: Literal["stride", "document"] = "stride"
+    """Causal LM training windows: stride (every block_size tokens of the packed stream) or
+    document (each starts at a document's first token, or block_size further on inside a long one)."""
+    ema: float = 0.0
+    """Decay of an exponential moving average of the weights (e.g. 0.998) that validation
+    uses and checkpoints save as the model (the raw weights go in train_state); 0 = off."""
     tensorboard: bool = True
     """Write TensorBoard event files to RUN/tensorboard."""
 
@@ -72,6 +86,10 @@ class LoopConfig:
         for key in ("max_steps", "micro_batch"):
             if getattr(self, key) < 1:
                 raise ValueError(f"loop.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_minutes < 0 or self.max_tokens < 0:
+            raise ValueError("loop.max_minutes and loop.max_tokens must be >= 0 (0 = no such budget)")
+        if not 0.0 <= self.ema < 1.0:
+            raise ValueError(f"loop.ema must be in [0, 1) (0 = off; e.g. 0.998), got {self.ema}")
         for key in ("tokens_per_step", "eval_every", "eval_windows", "keep_last", "num_threads", "stop_at_step"):
             if getattr(self, key) < 0:
                 raise ValueError(f"loop.{key} must be >= 0, got {getattr(self, key)}")
@@ -132,3 +150,8 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
     import yaml
 
     return from_dict(TrainConfig, yaml.safe_load((Path(run_dir) / "config.yaml").read_text()))
+
+
+def round_vocab(n: int, multiple: int = 64) -> int:
+    """Vocabulary padded up to a multiple of 64: matmul-friendly shapes (nanoGPT: 50257 -> 50304)."""
+    return (n + multiple - 1) // multiple * multiple

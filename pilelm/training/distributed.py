@@ -7,6 +7,7 @@ size 1 and never touches ``torch.distributed``). The backend is NCCL on CUDA, gl
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -104,3 +105,24 @@ def wrap_model(
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside a DDP wrapper (FSDP2 shards in place: nothing to unwrap)."""
     return model.module if hasattr(model, "module") and isinstance(model.module, nn.Module) else model
+
+
+def no_sync(model: nn.Module, info: DistInfo, last: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on all but the ``last`` micro-batch of a step (DDP's
+    ``no_sync``, FSDP2's ``set_requires_gradient_sync``)."""
+    if not info.enabled or last:
+        return contextlib.nullcontext()
+    if hasattr(model, "no_sync"):
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        return _fsdp_no_sync(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)

@@ -10,6 +10,13 @@ Megatron pack documents). Epoch ``e`` visits the windows in the permutation draw
 so the whole order is a pure function of ``(seed, g)``: the loader state is one integer, and a
 resumed run reads exactly what the uninterrupted one would have read.
 
+Document-aligned windows (``loop.window_start=document``): the same, but window starts are the
+first token of each document, and every ``seq_len`` tokens further on inside a document longer
+than a window, so a window's first predictions read the document from its beginning instead of
+the tail of the previous one (the modded-nanogpt speedrun aligns its batches to document
+starts the same way). Every token is still a target at least once per epoch; a short document's
+window runs on into the following ones, whose tokens are then seen again in their own window.
+
 Sharding: optimizer step ``s`` consumes global samples ``[s G, (s + 1) G)`` with
 ``G = micro_batch * accum * world``; rank ``r`` takes the contiguous slice of
 ``micro_batch * accum`` samples at ``r * micro_batch * accum``, so ranks read disjoint data and a
@@ -118,6 +125,7 @@ class BatchLoader:
         special: SpecialTokens | None = None,
         mask_prob: float = 0.15,
         step: int = 0,
+        window_starts: np.ndarray | None = None,
     ):
         if objective != "clm" and special is None:
             raise ValueError(f"objective {objective} needs the tokenizer's special tokens")
@@ -137,7 +145,14 @@ class BatchLoader:
         self.span = seq_len - wrap
         self.stride = self.span
         needed = self.span + (1 if objective == "clm" else 0)
-        num_windows = (len(tokens) - needed) // self.stride + 1 if len(tokens) >= needed else 0
+        if window_starts is None:
+            num_windows = (len(tokens) - needed) // self.stride + 1 if len(tokens) >= needed else 0
+            self.window_starts = None
+        else:
+            if objective != "clm":
+                raise ValueError("window_starts (document-aligned windows) are for the clm objective")
+            self.window_starts = window_starts[window_starts + needed <= len(tokens)]
+            num_windows = len(self.window_starts)
         self.sampler = WindowSampler(num_windows, seed)
 
     @property
@@ -185,7 +200,8 @@ class BatchLoader:
         """The training examples of ``windows``; a masked objective draws the mask of window
         ``windows[k]`` from ``(seed, epochs[k], window)``."""
         if self.objective == "clm":
-            starts = np.asarray(windows, dtype=np.int64) * self.stride
+            windows = np.asarray(windows, dtype=np.int64)
+            starts = windows * self.stride if self.window_starts is None else self.window_starts[windows]
             rows = np.stack([self.tokens[s : s + self.span + 1] for s in starts]).astype(np.int64)
             x = torch.from_numpy(rows)
             return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}
@@ -249,6 +265,17 @@ class BatchLoader:
             "attention_mask": np.pad(np.ones(len(ids), np.int64), (0, pad)),
             "next_sentence_label": np.array(0 if is_next else 1, dtype=np.int64),  # BERT: 0 = is next
         }
+
+
+def document_window_starts(doc_sizes: np.ndarray, seq_len: int) -> np.ndarray:
+    """Window starts of document-aligned training: each document's first token and every
+    ``seq_len`` tokens after it inside the document (``doc_sizes`` count each EOD)."""
+    sizes = np.asarray(doc_sizes, dtype=np.int64)
+    first = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    per_doc = np.maximum(1, -(-sizes // seq_len))  # ceil: windows starting inside each document
+    doc = np.repeat(np.arange(len(sizes)), per_doc)
+    k = np.arange(len(doc)) - np.repeat(np.cumsum(per_doc) - per_doc, per_doc)
+    return first[doc] + k * seq_len
 
 
 class ByteCounter:

@@ -8,7 +8,9 @@
   biases and norm gains are never decayed.
 - Schedules are pure functions of the step (``lr_at``), so a resumed run needs nothing but the
   step number: linear warmup then cosine to a floor; warmup-stable-decay (Hu et al. 2024,
-  MiniCPM, sec. 4); constant after warmup.
+  MiniCPM, sec. 4); constant after warmup. A wall-clock budget has no step count known in
+  advance: ``lr_multiplier_at_progress`` shapes the same schedules over the fraction of the
+  budget used (``training/budget.py``).
 """
 
 from __future__ import annotations
@@ -97,6 +99,26 @@ def lr_multiplier(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
         return 1.0
     progress = min(1.0, (step - decay_start + 1) / max(1, total_steps - decay_start))
     return 1.0 - (1.0 - floor) * progress
+
+
+def lr_multiplier_at_progress(step: int, progress: float, cfg: ScheduleConfig) -> float:
+    """The factor on the peak lr at optimizer step ``step`` (0-based) when ``progress`` (0..1)
+    of the budget is used: warmup over the first ``warmup_steps`` steps, then cosine over the
+    whole budget, or WSD's stable phase until ``1 - decay_frac`` and a linear decay to the
+    floor at 1 (the trapezoid of Hu et al. 2024 and Hägele et al. 2024, "Scaling Laws and
+    Compute-Optimal Training Beyond Fixed Training Durations")."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.kind == "constant":
+        return 1.0
+    p = min(1.0, max(0.0, progress))
+    floor = cfg.min_lr_ratio
+    if cfg.kind == "cosine":
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+    decay_start = 1.0 - cfg.decay_frac
+    if p < decay_start:
+        return 1.0
+    return 1.0 - (1.0 - floor) * (p - decay_start) / cfg.decay_frac
 
 
 def lr_at(step: int, total_steps: int, base_lr: float, cfg: ScheduleConfig) -> float:

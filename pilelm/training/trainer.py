@@ -6,7 +6,9 @@ and the validation step. The config lives in ``training/config.py``.
 
 One optimizer step = ``accum`` micro-batches per rank (``accum`` from ``loop.tokens_per_step``),
 gradients reduced across ranks (DDP or FSDP2), clipped, checked for non-finite values, then
-the step. The loss of a step is the exact mean over every target token of the global batch
+the step. The run ends at the first budget reached (steps, tokens or minutes:
+``training/budget.py``, which also gives each step's learning-rate factor). The loss of a
+step is the exact mean over every target token of the global batch
 (``ModelSpec.loss_normalisation``), so 1 process x 4 micro-batches and 2 processes x 2
 micro-batches compute the same numbers.
 
@@ -19,45 +21,54 @@ and reproduces the uninterrupted run's losses exactly (same device and world siz
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn as nn
 from tqdm.auto import tqdm
 
-from pilelm.core.atomic import atomic_write_json, atomic_write_text
+from pilelm.core.atomic import atomic_write_text
 from pilelm.core.config import dump_yaml, to_dict
 from pilelm.core.manifest import MANIFEST, clear_manifest, require_stage, write_manifest
 from pilelm.core.stages import load_hook
-from pilelm.models import build_model, model_spec
+from pilelm.models import build_model, config_from_spec, model_spec
 from pilelm.models.spec import IGNORE_INDEX
 from pilelm.training import checkpoint as ckpt_io
-from pilelm.training.config import LoopConfig, TrainConfig, load_run_config
+from pilelm.training.budget import TrainingBudget
+from pilelm.training.config import LoopConfig, TrainConfig, load_run_config, round_vocab
 from pilelm.training.distributed import (
     DistInfo,
     all_reduce_sum,
     barrier,
     close_distributed,
     init_distributed,
+    no_sync,
     unwrap,
     wrap_model,
 )
+from pilelm.training.ema import WeightEMA, trained_tensors
 from pilelm.training.init_from import init_source
-from pilelm.training.loader import BatchLoader, ByteCounter, SpecialTokens, validation_batches
+from pilelm.training.loader import (
+    BatchLoader,
+    ByteCounter,
+    SpecialTokens,
+    document_window_starts,
+    validation_batches,
+)
 from pilelm.training.memory import enable_activation_checkpointing, keep_freed_memory_mapped
 from pilelm.training.metrics import MetricsLog
-from pilelm.training.optim import build_optimizer, lr_multiplier, set_lr
-from pilelm.training.precision import matmul_flops, resolve_precision
+from pilelm.training.mfu import resolve_peak
+from pilelm.training.optim import build_optimizer, set_lr
+from pilelm.training.outcomes import ManifestEntry, NonFiniteLossError, StepResult
+from pilelm.training.precision import resolve_precision
 from pilelm.training.resume import discard_run, record_run_inputs, require_same_run
 
 # The stage table (pilelm/core/stages.py) and callers find the config here too.
@@ -65,34 +76,6 @@ __all__ = ["LoopConfig", "ManifestEntry", "NonFiniteLossError", "StepResult", "T
            "round_vocab", "run_train"]
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss or gradient (loop.on_nonfinite=stop)."""
-
-
-@dataclass
-class StepResult:
-    step: int
-    loss: float
-    grad_norm: float
-    lr: float
-    skipped: bool
-
-
-class ManifestEntry(NamedTuple):
-    """The stage name, config, inputs and extra counts of a finished run's manifest (a
-    ``Trainer`` subclass that is another stage, e.g. ``pilelm distill``, says its own)."""
-
-    stage: str
-    config: Any
-    inputs: list[str]
-    counts: dict[str, Any] = {}
-
-
-def round_vocab(n: int, multiple: int = 64) -> int:
-    """Vocabulary padded up to a multiple of 64: matmul-friendly shapes (nanoGPT: 50257 -> 50304)."""
-    return (n + multiple - 1) // multiple * multiple
 
 
 def _special_tokens(tokenizer_dir: Path, family: str) -> SpecialTokens:
@@ -160,11 +143,17 @@ class Trainer:
                      "using %d tokens per step", loop.tokens_per_step, per_micro, self.accum * per_micro)
         special = _special_tokens(self.train_split.tokenizer_dir, spec.family) if spec.needs_special_tokens else None
         self.special = special
+        starts = None
+        if loop.window_start == "document":
+            if cfg.objective != "clm":
+                raise ValueError("loop.window_start=document is for causal LMs (family=gpt); use stride")
+            starts = document_window_starts(np.asarray(self.train_split.dataset.sizes), self.seq_len)
         self.loader = BatchLoader(
             self.train_split.dataset.tokens, self.seq_len, loop.micro_batch, self.accum,
             rank=self.info.rank, world=self.info.world, seed=loop.seed, objective=cfg.objective,
-            special=special, mask_prob=cfg.mask_prob,
+            special=special, mask_prob=cfg.mask_prob, window_starts=starts,
         )
+        self.budget = TrainingBudget(loop.max_steps, loop.max_tokens, loop.max_minutes, self.loader.tokens_per_step)
 
         # Model, optimizer; all ranks draw the same initial weights from the seed.
         torch.manual_seed(loop.seed)
@@ -186,17 +175,24 @@ class Trainer:
         self.forward = torch.compile(self.model) if loop.compile else self.model
         # DP-SGD (pilelm/privacy/dpsgd.py) replaces the gradient computation of a step.
         self.private = load_hook("train.privacy")(self) if cfg.privacy.enabled else None
+        self.ema = None
+        if loop.ema:
+            if loop.distributed == "fsdp" and self.info.enabled:
+                raise ValueError("loop.ema needs whole weights on every rank; use loop.distributed=ddp or loop.ema=0")
+            self.ema = WeightEMA(trained_tensors(self.raw_model), loop.ema)
         torch.manual_seed(loop.seed + 1 + self.info.rank)  # dropout streams differ per rank
         self.step = 0
         self.tokens_seen = 0
         self.skips_in_a_row = 0
+        self.elapsed = 0.0  # seconds of training loop, carried over resumes (training/budget.py)
+        self.clock = time.perf_counter  # tests inject a fake one
 
     # --- the step --------------------------------------------------------------------------
 
     def train_step(self) -> StepResult:
         cfg, loop = self.cfg, self.cfg.loop
         self.model.train()
-        mult = lr_multiplier(self.step, loop.max_steps, cfg.schedule)
+        mult = self.budget.lr_multiplier(self.step, self.elapsed, cfg.schedule)
         set_lr(self.optimizer, mult)
         if self.private is not None:
             loss_sum, grad_norm, tokens = self.private.gradients()
@@ -218,6 +214,8 @@ class Trainer:
         else:
             self.skips_in_a_row = 0
             self.optimizer.step()
+            if self.ema is not None:
+                self.ema.update(trained_tensors(self.raw_model))
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += tokens
@@ -238,7 +236,7 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
         for i, batch in enumerate(micro):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-            with self._no_sync(last=i == len(micro) - 1), self.precision.autocast():
+            with no_sync(self.model, self.info, last=i == len(micro) - 1), self.precision.autocast():
                 loss = self.step_loss(batch, self.spec.train_kwargs(batch, counts, loop.fused_loss))
             # Each rank's share of the global mean; DDP/FSDP average gradients over ranks,
             # so the backward pass takes the share times the world size.
@@ -260,16 +258,6 @@ class Trainer:
         """What the finished run's manifest records besides the loop's counts and timings."""
         return ManifestEntry("train", self.cfg, [str(self.cfg.data)])
 
-    def _no_sync(self, last: bool):
-        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-        if not self.info.enabled or last:
-            return contextlib.nullcontext()
-        if hasattr(self.model, "no_sync"):
-            return self.model.no_sync()
-        if hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
-            return _fsdp_no_sync(self.model)
-        return contextlib.nullcontext()
-
     def _clip(self) -> torch.Tensor:
         # The optimizer's parameters: with fp32 master weights the gradients live on those.
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
@@ -281,12 +269,18 @@ class Trainer:
 
     # --- evaluation ------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Validation loss (nats per target token) and, where the batches count bytes (causal
-        LMs), bits per byte."""
+        LMs), bits per byte; with ``loop.ema`` of the averaged weights."""
         if self.val_split is None:
             return {}
+        if self.ema is None:
+            return self._evaluate()
+        with self.ema.applied(dict(self.raw_model.named_parameters())):
+            return self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict[str, float]:
         loop = self.cfg.loop
         model = self.model
         model.eval()
@@ -321,14 +315,13 @@ class Trainer:
             step_dir.mkdir(parents=True)
         barrier(self.info)
         if self.info.is_main:
+            state = {"step": self.step, "tokens_seen": self.tokens_seen, "optimizer": optim_state,
+                     "loader": self.loader.state_dict(), "world": self.info.world, "elapsed_s": self.elapsed}
+            if self.ema is not None:  # the average is the model; the raw weights resume training
+                state["raw_model"], state["ema_updates"] = model_state, self.ema.updates
+                model_state = {**model_state, **self.ema.state_dict_of(self.raw_model)}
             ckpt_io.save_weights(step_dir, model_state, self.mcfg)
-            ckpt_io.save_torch(step_dir / ckpt_io.TRAIN_STATE, {
-                "step": self.step,
-                "tokens_seen": self.tokens_seen,
-                "optimizer": optim_state,
-                "loader": self.loader.state_dict(),
-                "world": self.info.world,
-            })
+            ckpt_io.save_torch(step_dir / ckpt_io.TRAIN_STATE, state)
             if self.private is not None:
                 self.private.save(step_dir)
         rng = {"torch": torch.get_rng_state()}
@@ -361,7 +354,8 @@ class Trainer:
         from safetensors.torch import load_file
 
         saved_spec = json.loads((step_dir / "model.json").read_text())
-        if saved_spec != json.loads(json.dumps(model_spec(self.mcfg))):
+        # Through the config class: a model.json written before a key existed reads its default.
+        if model_spec(config_from_spec(saved_spec)) != model_spec(self.mcfg):
             raise ValueError(
                 f"{step_dir} holds a different model ({saved_spec['config']}) than this config "
                 f"({to_dict(self.mcfg)}); train into a new --output, or rerun with the run's config.yaml")
@@ -371,6 +365,12 @@ class Trainer:
                         "but losses will not match the uninterrupted run exactly", step_dir,
                         state.get("world"), self.info.world)
         weights = load_file(str(step_dir / "model.safetensors"), device="cpu")
+        if self.ema is not None and "raw_model" in state:
+            self.ema.load_state_dict(weights, int(state["ema_updates"]))
+            weights = state["raw_model"]
+        elif self.ema is not None or "raw_model" in state:
+            raise ValueError(f"{step_dir} was saved with{'out' if self.ema is not None else ''} loop.ema; "
+                             "resume with the run's loop.ema (RUN/config.yaml)")
         if self.cfg.loop.distributed == "fsdp" and self.info.enabled:
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -390,6 +390,7 @@ class Trainer:
         self.tokens_seen = int(state["tokens_seen"])
         if self.private is not None:
             self.private.load(step_dir)
+        self.elapsed = float(state.get("elapsed_s", 0.0))
         rng_path = step_dir / ckpt_io.rng_file(self.info.rank)
         if rng_path.is_file():
             rng = ckpt_io.load_torch(rng_path)
@@ -407,17 +408,18 @@ class Trainer:
                 discard_run(out)
             barrier(info)
         cfg = self.cfg = replace(cfg, restart=False)  # an action, not part of the run's config
+        budget = self.budget
         found = ckpt_io.find_resumable(out) if out.exists() else None
         if found and not cfg.resume:
             raise ValueError(f"output {out} already holds checkpoints; give a new --output, resume=true or --restart")
         if found:
             require_same_run(out, cfg)
             self.load(found[1])
-            if self.step >= loop.max_steps and (out / MANIFEST).is_file():
-                log.info("%s already finished %d steps; nothing to do (raise loop.max_steps to train on)",
-                         out, self.step)
+            if budget.done(self.step, self.elapsed) and (out / MANIFEST).is_file():
+                log.info("%s already finished its budget (%s) at step %d; nothing to do (raise the budget "
+                         "to train on)", out, budget.describe(), self.step)
                 return out
-            log.info("resumed from %s (step %d)", found[1], self.step)
+            log.info("resumed from %s (step %d, %.0f s of training)", found[1], self.step, self.elapsed)
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
             clear_manifest(out)  # training on: the old manifest no longer describes the run
@@ -425,57 +427,70 @@ class Trainer:
             atomic_write_text(out / "config.yaml", dump_yaml(cfg))
             if not found:
                 record_run_inputs(out, cfg.data)
-        peak = loop.peak_flops or self._peak_flops()
+        peak = resolve_peak(self.device, loop.peak_flops, out / "hardware.json", measure=info.is_main)
+        log.info("MFU against a peak of %s per device", peak.describe())
         metrics = MetricsLog(out, self.step, enabled=info.is_main, tensorboard=loop.tensorboard)
-        end = min(loop.max_steps, loop.stop_at_step) if loop.stop_at_step else loop.max_steps
-        bar = tqdm(total=loop.max_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=True if not info.is_main else None)
+        bar = tqdm(total=None if loop.max_minutes else budget.total_steps, initial=self.step, desc="train",
+                   unit="step", dynamic_ncols=True, disable=True if not info.is_main else None)
         t_start = time.perf_counter()
         train_time = 0.0
         tokens_at_start = self.tokens_seen
-        log.info("training %s (%.1fM parameters) for %d steps: %d sequences x %d tokens x %d micro-batches "
+        log.info("training %s (%.1fM parameters) for %s: %d sequences x %d tokens x %d micro-batches "
                  "x %d ranks = %d tokens per step, precision %s", cfg.family, self.num_params / 1e6,
-                 loop.max_steps, loop.micro_batch, self.seq_len, self.accum, info.world,
+                 budget.describe(), loop.micro_batch, self.seq_len, self.accum, info.world,
                  self.loader.tokens_per_step, self.precision.name)
         last: StepResult | None = None
         evals: dict[str, float] = {}
         window_t, window_tokens = time.perf_counter(), 0
+        finished = budget.done(self.step, self.elapsed)
+        stopped = bool(loop.stop_at_step) and self.step >= loop.stop_at_step
         try:
-            while self.step < end:
+            while not (finished or stopped):
+                t_iter = self.clock()
                 t0, tokens_before = time.perf_counter(), self.tokens_seen
                 last = self.train_step()
                 train_time += time.perf_counter() - t0
                 window_tokens += self.tokens_seen - tokens_before
+                self.elapsed += self.clock() - t_iter
+                finished = budget.done(self.step, self._agreed_elapsed())
+                stopped = bool(loop.stop_at_step) and self.step >= loop.stop_at_step
                 row: dict[str, Any] = {}
-                if self.step % loop.log_every == 0 or self.step == end:
+                if self.step % loop.log_every == 0 or finished or stopped:
                     now = time.perf_counter()
                     tps = window_tokens / max(now - window_t, 1e-9)
                     window_t, window_tokens = now, 0
-                    mfu = tps * self.flops_per_token / (peak * info.world) if peak else 0.0
+                    mfu = peak.utilisation(tps * self.flops_per_token / info.world)
                     row = {"step": self.step, "loss": round(last.loss, 6), "lr": last.lr,
                            "tokens": self.tokens_seen, "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4),
-                           "grad_norm": round(last.grad_norm, 4), "epoch": round(self.loader.epoch(), 4)}
+                           "grad_norm": round(last.grad_norm, 4), "epoch": round(self.loader.epoch(), 4),
+                           "elapsed_s": round(self.elapsed, 2)}
                     if last.skipped:
                         row["skipped"] = True
                     if self.private is not None:
                         row.update(self.private.metrics())
                     bar.set_postfix(loss=f"{last.loss:.4f}", lr=f"{last.lr:.2e}", tok_s=f"{tps:,.0f}",
                                     mfu=f"{100 * mfu:.1f}%", refresh=False)
-                if loop.eval_every and (self.step % loop.eval_every == 0 or self.step == loop.max_steps):
+                t_after = self.clock()  # periodic evaluations and checkpoints count; the final ones not
+                if loop.eval_every and (self.step % loop.eval_every == 0 or finished):
                     evals = self.evaluate()
                     row = {**(row or {"step": self.step, "loss": round(last.loss, 6), "lr": last.lr,
                                       "tokens": self.tokens_seen}), **evals}
                     window_t = time.perf_counter()  # keep eval time out of tokens/s
                 if row:
                     metrics.write(row)
-                if self.step % loop.save_every == 0 or self.step == end:
+                if not finished:
+                    self.elapsed += self.clock() - t_after
+                    t_after = self.clock()
+                if self.step % loop.save_every == 0 or finished or stopped:
                     self.save()
                     window_t = time.perf_counter()
+                if not finished:
+                    self.elapsed += self.clock() - t_after
                 bar.update(1)
         finally:
             bar.close()
             metrics.close()
-        if self.step < loop.max_steps:
+        if not finished:
             log.info("stopped at step %d (loop.stop_at_step); rerun the same command to resume", self.step)
             return out
         if info.is_main:
@@ -484,34 +499,22 @@ class Trainer:
                       "final_loss": last.loss if last else None, **evals}
             entry = self.manifest_entry()
             write_manifest(out, entry.stage, entry.config, inputs=entry.inputs, counts={**counts, **entry.counts},
-                           timings={"total": time.perf_counter() - t_start, "train": train_time},
+                           timings={"total": time.perf_counter() - t_start, "train": train_time,
+                                    "budget_elapsed": self.elapsed},
                            extra={"tokens_per_s": tokens / train_time if train_time else None,
                                   "precision": self.precision.name, "world": info.world,
-                                  "peak_flops": peak,
+                                  "peak_flops": peak.value, "peak_flops_source": peak.source,
                                   **({"privacy": self.private.summary()} if self.private is not None else {})})
         barrier(info)
         return out
 
-    def _peak_flops(self) -> float:
-        """The device's bf16 matmul rate, measured once per run dir (rank 0 measures)."""
-        path = self.out / "hardware.json"
-        key = f"{self.device.type}:{torch.get_num_threads()}"
-        cached = json.loads(path.read_text()) if path.is_file() else {}
-        if key not in cached:
-            rate = matmul_flops(self.device) if self.info.is_main else 0.0
-            if self.info.is_main:
-                atomic_write_json(path, {**cached, key: rate})
-            return rate
-        return float(cached[key])
-
-
-@contextlib.contextmanager
-def _fsdp_no_sync(model: nn.Module):
-    model.set_requires_gradient_sync(False)
-    try:
-        yield
-    finally:
-        model.set_requires_gradient_sync(True)
+    def _agreed_elapsed(self) -> float:
+        """The budget seconds used; under torchrun with a time budget the ranks' mean (one
+        all-reduce per step), so every rank stops after the same step."""
+        if self.info.enabled and self.cfg.loop.max_minutes:
+            t = torch.tensor([self.elapsed], dtype=torch.float64, device=self.device)
+            self.elapsed = float(all_reduce_sum(t, self.info)) / self.info.world
+        return self.elapsed
 
 
 def run_train(cfg: TrainConfig) -> Path:

@@ -57,3 +57,24 @@ def test_demo_runs_on_the_bundled_sample_only(tmp_path):
     assert [s.name for s in stages] == ["prepare", "tokenizer train", "tokenize", "train", "eval", "generate"]
     inputs = [Path(p) for p in stages[0].config.inputs]
     assert inputs and all(p.is_relative_to(SAMPLE_DIR) and p.exists() for p in inputs)
+
+
+def test_demo_states_every_filter_rule_group(tmp_path):
+    """The demo's data must not change when a rule group's default does (a new default rule
+    once dropped licence texts from the demo's train split and moved its test BPB): its
+    prepare stage sets every rule group (a field with a ``<group>_skip`` list) that is on by
+    default explicitly."""
+    import dataclasses
+
+    import yaml
+
+    from pilelm.data.filters import FilterConfig
+
+    names = {f.name for f in dataclasses.fields(FilterConfig)}
+    defaults = FilterConfig()
+    on = {n for n in names if f"{n}_skip" in names and getattr(defaults, n)}
+    assert {"gopher_quality", "gopher_repetition", "c4", "light"} <= on
+    prepare = next(s for s in yaml.safe_load(DEMO_PIPELINE.read_text())["stages"] if s["stage"] == "prepare")
+    assert on <= set(prepare["filters"]), f"demo.yaml's prepare leaves {on - set(prepare['filters'])} at default"
+    stage = load_pipeline(DEMO_PIPELINE, work_dir=tmp_path).stages[0]
+    assert stage.config.filters.light == []

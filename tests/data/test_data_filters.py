@@ -155,8 +155,9 @@ def test_component_switching_spares_code_and_maths() -> None:
 
     assert run(FilterConfig(), "Github", code) and run(FilterConfig(), "DM Mathematics", maths)
     # the same text under a prose component is dropped, so the exemption is what saves it
-    assert not run(FilterConfig(), "Pile-CC", code) and not run(FilterConfig(), "StackExchange", maths)
-    assert not run(FilterConfig(gopher_quality_skip=[]), "Github", code)
+    everything_is_web = FilterConfig(gopher_quality=["*"], gopher_repetition=["*"])
+    assert not run(FilterConfig(), "Pile-CC", code) and not run(everything_is_web, "StackExchange", maths)
+    assert not run(FilterConfig(gopher_quality=["*"], gopher_quality_skip=[]), "Github", code)
     assert [r[:7] for c, r in drops if c == "Github"] == ["gopher_"]
 
 
