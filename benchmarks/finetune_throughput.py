@@ -166,6 +166,15 @@ def trainer_side(ft, hf_dir: Path, cfg, steps: int, work: Path):
     return rate, score(ft.task, ft.data, "test", pred)["main"]
 
 
+def train_flops_per_example(model: torch.nn.Module, tokens: float) -> float:
+    """6N per token over the weights that multiply (embedding lookups are not matmuls; no LM head
+    runs in a fine-tune) plus attention's 12 * L * T * C (PaLM, appendix B), times ``tokens``."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    n = sum(p.numel() for p in model.parameters() if p.dim() == 2 and id(p) not in embeddings)
+    cfg = model.trunk.cfg
+    return (6 * n + 12 * cfg.n_layer * tokens * cfg.d_model) * tokens
+
+
 def spread(xs: list[float]) -> float:
     return max(xs) - min(xs)
 
@@ -193,6 +202,10 @@ def main() -> None:
     print(f"work dir {work}", flush=True)
     prep, run, hf = base_run(work, args.pretrain_steps)
     ner = silver_ner(prep, work)
+    from pilelm.training.mfu import best_measured_flops
+
+    peak = best_measured_flops(torch.device("cpu"))
+    print(f"bf16 matmul peak (best of 3 measurements): {peak / 1e9:.0f} GFLOP/s", flush=True)
 
     from pilelm.finetune.config import FinetuneConfig
 
@@ -228,6 +241,13 @@ def main() -> None:
                "paired_ratios": ratios, "median_ratio": statistics.median(ratios),
                "best_ratio": max(ours) / max(theirs), "pilelm_test": our_metric, "trainer_test": their_metric,
                "metric_noise": noise}
+        # Model FLOPs per example (6N + attention, real tokens only: padding is not counted).
+        lengths = [len(e.ids) for e in ft.data.examples["train"]]
+        mean_len = statistics.fmean(lengths)
+        row["tokens_per_example"] = mean_len
+        flops = train_flops_per_example(ft.model, mean_len)
+        row["pilelm_mfu"] = max(ours) * flops / peak
+        row["trainer_mfu"] = max(theirs) * flops / peak
         row["equal_or_better_metric"] = statistics.median(our_metric) >= statistics.median(their_metric) - noise
         rows.append(row)
     print(f"\n{'task':<9} {'pilelm ex/s':>12} {'Trainer ex/s':>13} {'median ratio':>13} {'best ratio':>11}   "
@@ -237,6 +257,11 @@ def main() -> None:
         print(f"{r['task']:<9} {max(r['pilelm_examples_per_s']):>12.1f} {max(r['trainer_examples_per_s']):>13.1f} "
               f"{r['median_ratio']:>12.2f}x {r['best_ratio']:>10.2f}x   {r['metric']:<10} "
               f"{m_ours:>7.4f} +-{spread(r['pilelm_test']) / 2:.3f} {m_theirs:>7.4f} +-{spread(r['trainer_test']) / 2:.3f}")
+    print(f"\nmodel FLOPs utilisation against the measured bf16 peak ({peak / 1e9:.0f} GFLOP/s; 6N + attention "
+          "per real token, padding not counted):")
+    for r in rows:
+        print(f"  {r['task']}: {r['tokens_per_example']:.1f} tokens/example; pilelm {100 * r['pilelm_mfu']:.1f} %, "
+              f"Trainer {100 * r['trainer_mfu']:.1f} %; 1.5x the Trainer would be {150 * r['trainer_mfu']:.1f} %")
     for r in rows:
         ok = r["median_ratio"] >= 1.5 and r["equal_or_better_metric"]
         print(f"target {r['task']}: {r['median_ratio']:.2f}x examples/s (>= 1.5x: "
