@@ -110,12 +110,14 @@ def audit_canaries(model: torch.nn.Module, tokenizer: Any, canaries: CanarySet, 
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per repetition count (0 = reference): canaries, mean exposures, extracted count."""
+    """Per repetition count (0 = reference): canaries, mean exposures and the spread of the
+    extrapolated one (sample standard deviation over the group's canaries), extracted count."""
     out = []
     for reps in sorted({r["repetitions"] for r in rows}):
         group = [r for r in rows if r["repetitions"] == reps]
-        out.append({"repetitions": reps, "canaries": len(group),
-                    "exposure": float(np.mean([r["exposure"] for r in group])),
+        exposure = np.array([r["exposure"] for r in group])
+        out.append({"repetitions": reps, "canaries": len(group), "exposure": float(exposure.mean()),
+                    "exposure_sd": float(exposure.std(ddof=1)) if len(group) > 1 else 0.0,
                     "exposure_rank": float(np.mean([r["exposure_rank"] for r in group])),
                     "extracted": sum(r["extracted"] for r in group)})
     return out
@@ -205,12 +207,12 @@ def run_audit(cfg: AuditConfig) -> Path:
 
 def results_table(results: dict[str, Any]) -> list[str]:
     """Markdown: exposure per repetition count (0 = never planted), extraction, PII."""
-    lines = ["| canary repetitions | canaries | exposure (bits) | exposure, sampled rank (bits) | extracted |",
+    lines = ["| canary repetitions | canaries | exposure (bits, mean ± sd) | exposure, sampled rank (bits) | extracted |",
              "|---:|---:|---:|---:|---:|"]
     for g in results["groups"]:
         name = "0 (reference)" if g["repetitions"] == 0 else str(g["repetitions"])
-        lines.append(f"| {name} | {g['canaries']} | {g['exposure']:.2f} | {g['exposure_rank']:.2f} | "
-                     f"{g['extracted']}/{g['canaries']} |")
+        lines.append(f"| {name} | {g['canaries']} | {g['exposure']:.2f} ± {g.get('exposure_sd', 0.0):.2f} | "
+                     f"{g['exposure_rank']:.2f} | {g['extracted']}/{g['canaries']} |")
     pii = results["pii"]
     lines += ["", f"Scrubbed PII originals completed by greedy decoding: {pii['completed']}/{pii['tried']}."]
     if results.get("privacy"):

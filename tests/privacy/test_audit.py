@@ -93,6 +93,19 @@ def test_exposure_arithmetic():
     assert extrapolated_exposure(-1e9, sample, 26.6) == 26.6  # capped at the size of the space
 
 
+def test_summary_gives_each_group_its_mean_and_spread():
+    from pilelm.privacy.audit import results_table, summarise
+
+    rows = [{"repetitions": reps, "exposure": e, "exposure_rank": e / 2, "extracted": e > 20}
+            for reps, e in [(0, 1.0), (0, 3.0), (10, 12.0), (10, 16.0), (10, 20.0), (100, 26.6)]]
+    groups = {g["repetitions"]: g for g in summarise(rows)}
+    assert groups[0]["exposure"] == 2.0 and groups[0]["exposure_sd"] == pytest.approx(math.sqrt(2))
+    assert groups[10]["exposure"] == 16.0 and groups[10]["exposure_sd"] == pytest.approx(4.0)
+    assert groups[100]["exposure_sd"] == 0.0 and groups[100]["extracted"] == 1 and groups[10]["canaries"] == 3
+    table = results_table({"groups": list(groups.values()), "pii": {"tried": 0, "completed": 0}})
+    assert "| 10 | 3 | 16.00 ± 4.00 | 8.00 | 0/3 |" in table
+
+
 @pytest.mark.slow
 def test_audit_finds_a_canary_trained_100_times(tmp_path):
     # The whole road in one pipeline: prepare with canaries -> tokenizer -> tokenize -> train -> audit.
