@@ -80,7 +80,8 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=16, help="(expected) windows per step")
     ap.add_argument("--doc-chars", type=int, default=1500,
                     help="train documents are cut to this many characters (0 = whole; more data, fewer epochs)")
-    ap.add_argument("--canaries", type=int, default=8, help="canaries per repetition count (and references)")
+    ap.add_argument("--canaries", type=int, default=8, help="canaries per repetition count")
+    ap.add_argument("--references", type=int, default=32, help="never-planted canaries (the chance level)")
     ap.add_argument("--candidates", type=int, default=1000, help="random secrets per canary in the audit")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of each process")
     args = ap.parse_args()
@@ -93,7 +94,8 @@ def main() -> None:
     if not done(prep):
         train = short_train_split(out / "input", args.doc_chars)
         pilelm("prepare", str(train), str(SAMPLE / "val.jsonl.zst"), str(SAMPLE / "test.jsonl.zst"),
-               "-o", str(prep), "--overwrite", f"privacy.canaries={args.canaries}", env=env)
+               "-o", str(prep), "--overwrite", f"privacy.canaries={args.canaries}",
+               f"privacy.references={args.references}", env=env)
     if not done(tok):
         pilelm("tokenizer", "train", str(prep), "-o", str(tok), "--kind", "bpe", "--vocab-size", "2048", env=env)
     if not done(shards):

@@ -13,8 +13,12 @@ from dataclasses import dataclass, field
 class CanaryConfig:
     canaries: int = 0
     """Random canary sequences (Carlini et al. 2019, "The Secret Sharer") to plant in the train
-    split per repetition count, plus as many never planted (the reference); written to
+    split per repetition count, plus privacy.references never planted; written to
     OUT/canaries.json for `pilelm audit`. 0 = none."""
+    references: int = 0
+    """Never-planted canaries drawn as the reference (the exposure of chance, about 1.4 bits
+    on average with a spread as large); 0 = as many as privacy.canaries. More references
+    pin the chance level down more precisely."""
     repetitions: list[int] = field(default_factory=lambda: [1, 10, 100])
     """How many training documents receive each canary of a group (one group per count)."""
     format: str = "the account number of customer {key} is {secret}"
@@ -26,8 +30,9 @@ class CanaryConfig:
     """Seed of the secrets, keys and the documents that receive them."""
 
     def __post_init__(self) -> None:
-        if self.canaries < 0:
-            raise ValueError(f"privacy.canaries must be >= 0, got {self.canaries}")
+        if self.canaries < 0 or self.references < 0:
+            raise ValueError(f"privacy.canaries and privacy.references must be >= 0, got {self.canaries} and "
+                             f"{self.references}")
         if not self.repetitions or any(r < 1 for r in self.repetitions):
             raise ValueError(f"privacy.repetitions must be counts >= 1, got {self.repetitions}")
         if "{secret}" not in self.format:

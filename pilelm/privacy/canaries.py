@@ -5,9 +5,9 @@ Liu, Erlingsson, Kos & Song 2019, USENIX Security).
 ``privacy.repetitions`` (default 1, 10, 100) from ``privacy.format`` (default "the account
 number of customer {key} is {secret}": a random 4-letter key tells canaries apart, the
 secret is random digits) and plants each in r distinct training documents, as a line of its
-own at a random line boundary, so the copies land in different training windows. N more
-canaries are drawn but never planted: the reference a model has never seen. Everything is
-recorded in ``PREPARED/canaries.json`` (the input of ``pilelm audit``) and the manifest.
+own at a random line boundary, so the copies land in different training windows.
+``privacy.references`` (default N) more are drawn but never planted: the reference a model
+has never seen. Everything is recorded in ``PREPARED/canaries.json`` (the input of ``pilelm audit``) and the manifest.
 
 Planting runs after prepare's write stage, before the manifest, and rewrites the train shard
 files that receive canaries. It stages every rewritten file under ``.work/canaries/`` first
@@ -71,21 +71,20 @@ class CanarySet:
 
 
 def make_canaries(cfg: CanaryConfig) -> CanarySet:
-    """The canaries of a config: ``cfg.canaries`` per repetition count plus as many references."""
+    """The canaries of a config: ``cfg.canaries`` per repetition count, then the references
+    (``cfg.references``, 0 = as many)."""
     rng = np.random.default_rng([cfg.seed, 0x43414E41])  # "CANA"
     empty = CanarySet(cfg.format, cfg.secret_digits, [])
-    groups = [*cfg.repetitions, 0]
-    n = cfg.canaries * len(groups)
+    groups = [r for r in cfg.repetitions for _ in range(cfg.canaries)] + [0] * (cfg.references or cfg.canaries)
+    n = len(groups)
     secrets = empty.random_secrets(n, rng)
     keys: list[str] = []
     while len(keys) < n:  # distinct keys: no two canaries share a prefix
         key = "".join(rng.choice(list(string.ascii_uppercase), 4))
         if key not in keys:
             keys.append(key)
-    canaries = []
-    for i, (key, secret) in enumerate(zip(keys, secrets, strict=True)):
-        reps = groups[i // cfg.canaries]
-        canaries.append(Canary(f"c{i:04d}", key, secret, empty.render(key, secret), reps))
+    canaries = [Canary(f"c{i:04d}", key, secret, empty.render(key, secret), reps)
+                for i, (key, secret, reps) in enumerate(zip(keys, secrets, groups, strict=True))]
     return CanarySet(cfg.format, cfg.secret_digits, canaries)
 
 
@@ -132,7 +131,8 @@ def plant_canaries(cfg: CanaryConfig, prepared: Path, work: Path, compression_le
     log.info("planted %d canaries (%d copies) in %d train documents; references: %d; see %s",
              sum(c.repetitions > 0 for c in canaries.canaries), planted, record["documents"],
              sum(c.repetitions == 0 for c in canaries.canaries), Path(prepared) / CANARIES)
-    return {"file": CANARIES, "per_group": cfg.canaries, "repetitions": list(cfg.repetitions),
+    return {"file": CANARIES, "per_group": cfg.canaries,
+            "references": cfg.references or cfg.canaries, "repetitions": list(cfg.repetitions),
             "copies": planted, "documents": record["documents"], "format": cfg.format}
 
 

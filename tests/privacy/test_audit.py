@@ -55,6 +55,11 @@ def test_make_canaries_groups_and_references():
         assert len(c.secret) == 8 and c.secret.isdigit()
         assert c.text == f"the account number of customer {c.key} is {c.secret}" and c.text.startswith(c.prefix)
     assert make_canaries(CanaryConfig(canaries=3, repetitions=[1, 10], seed=5)) == cs  # seeded
+    more = make_canaries(CanaryConfig(canaries=3, repetitions=[1, 10], seed=5, references=7))
+    assert [c.repetitions for c in more.canaries] == [1, 1, 1, 10, 10, 10, *[0] * 7]
+    assert len({c.key for c in more.canaries}) == 13
+    with pytest.raises(ValueError, match="privacy.references"):
+        CanaryConfig(canaries=3, references=-1)
 
 
 def test_planting_counts_are_exact_and_survive_a_kill(tmp_path):
