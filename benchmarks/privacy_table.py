@@ -156,7 +156,7 @@ def print_table(out: Path, runs: list[Path], args: argparse.Namespace, timing: s
         lines.append("| " + " | ".join(cells) + " |")
     note = (f"{args.steps} steps x {args.micro_batch} windows of 128 tokens ({base['epochs']:.1f} epochs of the train "
             f"split, documents cut to {args.doc_chars} characters), tiny GPT-2 (2 layers, d=64), {args.canaries} "
-            f"canaries per repetition count; exposure in bits (mean ± sd over the canaries) among "
+            f"canaries per repetition count, {args.references} never planted; exposure in bits (mean ± sd over the canaries) among "
             f"{args.candidates} random secrets, extrapolated (at most 26.6). {timing}.")
     lines += ["", note, "", *target_lines(rows)]
     text = "\n".join(lines) + "\n"
