@@ -3,7 +3,7 @@ side by side: test bits per byte, training tokens/s, and the exposure of canarie
 and 100 times next to never-planted references (mean +/- standard deviation over the canaries
 of each group).
 
-    python benchmarks/privacy_table.py                          # the table, ~4-5 min on 2 quiet cores
+    python benchmarks/privacy_table.py                          # the table: 7.4 min on 2 busy cores
     python benchmarks/privacy_table.py -o /tmp/pt --steps 400   # a shorter one (less memorized)
 
 To memorize within a CPU budget the model reads the sample's train split several times:
@@ -12,10 +12,10 @@ documents and every component stay, about 0.32M tokens), so ``--steps`` 1000 x 1
 about 6 epochs and a 10x canary is read about 60 times.
 
 Steps: that train split + the sample's val and test -> ``pilelm prepare`` with
-``privacy.canaries=N`` -> a BPE tokenizer -> tokenize -> three ``pilelm train`` runs started
+``privacy.canaries=N privacy.references=M`` -> a BPE tokenizer -> tokenize -> three ``pilelm train`` runs started
 together (same tiny GPT-2, data, steps and expected batch; each on ``--threads`` threads, so
 they share the machine's load alike) -> ``pilelm eval`` on the test split -> ``pilelm audit``
-of each. Prints the table, the target line (DP at epsilon 8 against the never-planted
+of each. Prints the table, the target lines (the non-private run memorizes; DP at epsilon 8 against the never-planted
 canaries) and writes them to ``OUT/privacy_table.md``; writes nothing outside OUT (default
 runs/privacy_table). Finished stages are reused; delete OUT to measure again.
 """
