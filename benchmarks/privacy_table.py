@@ -16,8 +16,8 @@ Steps: that train split + the sample's val and test -> ``pilelm prepare`` with
 together (same tiny GPT-2, data, steps and expected batch; each on ``--threads`` threads, so
 they share the machine's load alike) -> ``pilelm eval`` on the test split -> ``pilelm audit``
 of each. Prints the table and the target lines (the non-private run memorizes; DP at
-epsilon 8 against the never-planted canaries), also written to ``OUT/privacy_table.md``; writes nothing outside OUT (default
-runs/privacy_table). Finished stages are reused; delete OUT to measure again.
+epsilon 8 against the never-planted canaries), also written to ``OUT/privacy_table.md``;
+writes nothing outside OUT (default runs/privacy_table). Finished stages are reused; delete OUT to measure again.
 """
 
 from __future__ import annotations
