@@ -17,7 +17,8 @@ together (same tiny GPT-2, data, steps and expected batch; each on ``--threads``
 they share the machine's load alike) -> ``pilelm eval`` on the test split -> ``pilelm audit``
 of each. Prints the table and the target lines (the non-private run memorizes; DP at
 epsilon 8 against the never-planted canaries), also written to ``OUT/privacy_table.md``;
-writes nothing outside OUT (default runs/privacy_table). Finished stages are reused; delete OUT to measure again.
+writes nothing outside OUT (default runs/privacy_table). Finished stages are reused; delete
+OUT to measure again.
 """
 
 from __future__ import annotations
