@@ -3,12 +3,12 @@ side by side: test bits per byte, training tokens/s, and the exposure of canarie
 and 100 times next to never-planted references (mean +/- standard deviation over the canaries
 of each group).
 
-    python benchmarks/privacy_table.py                          # the table: 7.4 min on 2 busy cores
+    python benchmarks/privacy_table.py                          # the table: 4.5 min at load 3-6
     python benchmarks/privacy_table.py -o /tmp/pt --steps 400   # a shorter one (less memorized)
 
 To memorize within a CPU budget the model reads the sample's train split several times:
 every train document is cut to its first ``--doc-chars`` characters (at a line end; all 1015
-documents and every component stay, about 0.32M tokens), so ``--steps`` 1000 x 16 windows is
+documents and every component stay, about 0.34M tokens), so ``--steps`` 1000 x 16 windows is
 about 6 epochs and a 10x canary is read about 60 times.
 
 Steps: that train split + the sample's val and test -> ``pilelm prepare`` with
