@@ -6,7 +6,9 @@ and temperature tau the loss is symmetric (CLIP, Radford et al. 2021):
 
     loss = (CE(softmax_j(q_i . p_j / tau), i) + CE(softmax_i(q_i . p_j / tau), j)) / 2
 
-Pairs come from JSONL files of ``{"query": ..., "positive": ...}`` and/or are mined from a
+Pairs come from JSONL files of ``{"query": ..., "positive": ..., "negative": ...}`` (the
+negative optional: a hard negative, e.g. BM25's best wrong answer, which every query of the
+batch is also scored against, as DPR's "gold + one BM25 negative" batches) and/or are mined from a
 corpus: a StackExchange question and its first answer, and for other documents the first
 paragraph and the rest (the "inverse cloze" idea of Lee et al. 2019, ORQA). Each epoch visits
 the pairs in a seeded permutation, so a batch never holds one pair twice.
@@ -97,8 +99,11 @@ class ContrastiveConfig:
             raise ValueError("warmup_steps and max_pairs must be >= 0")
 
 
-def read_pair_files(paths: list[str]) -> list[tuple[str, str]]:
-    pairs = []
+Pair = tuple[str, str, str | None]  # (query, positive, hard negative or None)
+
+
+def read_pair_files(paths: list[str]) -> list[Pair]:
+    pairs: list[Pair] = []
     for p in paths:
         path = Path(p)
         if not path.is_file():
@@ -108,11 +113,14 @@ def read_pair_files(paths: list[str]) -> list[tuple[str, str]]:
                 continue
             try:
                 rec = json.loads(line)
-                q, pos = rec["query"], rec["positive"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object with \"query\" and \"positive\" ({e})") from e
+                q, pos, neg = rec["query"], rec["positive"], rec.get("negative")
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"{path}:{n}: expected a JSON object with \"query\" and \"positive\" "
+                                 f"(and optionally \"negative\") ({e})") from e
+            if neg is not None and not isinstance(neg, str):
+                raise ValueError(f"{path}:{n}: \"negative\" must be a string, got {type(neg).__name__}")
             if isinstance(q, str) and isinstance(pos, str) and q.strip() and pos.strip():
-                pairs.append((q, pos))
+                pairs.append((q, pos, neg if neg and neg.strip() else None))
     return pairs
 
 
@@ -126,20 +134,25 @@ def mined_pair(text: str, component: str) -> tuple[str, str] | None:
     return None
 
 
-def mine_pairs(corpus: list[str], splits: list[str]) -> list[tuple[str, str]]:
-    pairs = []
+def mine_pairs(corpus: list[str], splits: list[str]) -> list[Pair]:
+    pairs: list[Pair] = []
     for doc in iter_corpus(corpus, splits):
         pair = mined_pair(doc.text, doc.component)
         if pair is not None:
-            pairs.append(pair)
+            pairs.append((*pair, None))
     return pairs
 
 
-def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric in-batch InfoNCE of (B, C) unit vectors whose row i are a pair."""
+def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float,
+             negatives: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric in-batch InfoNCE of (B, C) unit vectors whose row i are a pair; ``negatives``
+    (N, C) are extra columns of the query -> positive side (hard negatives of the batch)."""
     logits = q @ p.T / temperature  # (B, B)
     labels = torch.arange(len(q), device=q.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    positive_side = F.cross_entropy(logits.T, labels)
+    if negatives is not None and len(negatives):
+        logits = torch.cat([logits, q @ negatives.T / temperature], dim=1)  # (B, B + N)
+    return (F.cross_entropy(logits, labels) + positive_side) / 2
 
 
 def lr_at(step: int, cfg: ContrastiveConfig) -> float:
@@ -210,8 +223,13 @@ def run_contrastive(cfg: ContrastiveConfig) -> Path:
         raise ValueError(f"{len(pairs)} (query, positive) pairs found; in-batch negatives need at least 2")
     encoder = TextEncoder.from_run(cfg.run, pooling=cfg.pooling, device=cfg.device)
     limit = min(cfg.max_tokens, encoder.max_tokens)
-    queries = [q[:limit] or [encoder.pad_id] for q in encoder.tokenize([q for q, _ in pairs])]
-    positives = [p[:limit] or [encoder.pad_id] for p in encoder.tokenize([p for _, p in pairs])]
+    queries = [q[:limit] or [encoder.pad_id] for q in encoder.tokenize([q for q, _, _ in pairs])]
+    positives = [p[:limit] or [encoder.pad_id] for p in encoder.tokenize([p for _, p, _ in pairs])]
+    has_negative = [i for i, (_, _, n) in enumerate(pairs) if n is not None]
+    negative_ids = encoder.tokenize([pairs[i][2] or "" for i in has_negative])
+    negatives: list[list[int] | None] = [None] * len(pairs)
+    for i, ids in zip(has_negative, negative_ids, strict=True):
+        negatives[i] = ids[:limit] or [encoder.pad_id]
     model = encoder.model
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -232,8 +250,10 @@ def run_contrastive(cfg: ContrastiveConfig) -> Path:
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg)
             idx = batch_order(len(pairs), batch, step, cfg.seed)
+            hard = [n for i in idx if (n := negatives[i]) is not None]
             loss = info_nce(encoder.forward_pooled([queries[i] for i in idx]),
-                            encoder.forward_pooled([positives[i] for i in idx]), cfg.temperature)
+                            encoder.forward_pooled([positives[i] for i in idx]), cfg.temperature,
+                            encoder.forward_pooled(hard) if hard else None)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"step {step}: loss is {loss.item()}; lower lr or raise temperature")
             opt.zero_grad(set_to_none=True)
@@ -246,7 +266,8 @@ def run_contrastive(cfg: ContrastiveConfig) -> Path:
                 _save(out, step + 1, encoder, opt, losses)
     bar.close()
     copy_tokenizer(Path(cfg.run) / "tokenizer", out / "tokenizer")
-    counts = {"pairs": len(pairs), "steps": cfg.steps, "first_loss": losses[0] if losses else None,
+    counts = {"pairs": len(pairs), "hard_negatives": len(has_negative), "steps": cfg.steps,
+              "first_loss": losses[0] if losses else None,
               "final_loss": float(np.mean(losses[-10:])) if losses else None}
     config = {"contrastive": to_dict(cfg), "model": model_spec(encoder.model_cfg)["config"]}
     write_manifest(out, "train", config, inputs=[cfg.run, *cfg.pairs, *cfg.corpus], counts=counts,

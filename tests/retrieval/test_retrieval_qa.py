@@ -101,11 +101,11 @@ def test_a_killed_contrastive_run_resumes_to_the_same_weights(tiny_run, tmp_path
     assert cli.main(["finetune-contrastive", str(tiny_run), "-o", str(tmp_path / "whole"), *common]) == 0
     real, calls = contrastive.info_nce, []
 
-    def dies_at_step_4(q, p, t):
+    def dies_at_step_4(q, p, t, negatives=None):
         calls.append(1)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real(q, p, t)
+        return real(q, p, t, negatives)
 
     monkeypatch.setattr(contrastive, "info_nce", dies_at_step_4)
     assert cli.main(["finetune-contrastive", str(tiny_run), "-o", str(tmp_path / "cut"), *common]) == 130
@@ -138,3 +138,30 @@ def test_finetune_task_contrastive_runs_the_same_training(tiny_run, tmp_path):
     old, new = read_manifest(tmp_path / "old"), read_manifest(tmp_path / "new")
     assert new["extra"]["objective"] == "contrastive" and new["counts"]["pairs"] == old["counts"]["pairs"]
     assert new["counts"]["final_loss"] == pytest.approx(old["counts"]["final_loss"], rel=1e-6)
+
+
+def test_hard_negatives_are_extra_columns_of_the_query_side(tmp_path):
+    q = torch.nn.functional.normalize(torch.randn(4, 8, generator=torch.Generator().manual_seed(0)), dim=-1)
+    base = contrastive.info_nce(q, q, 0.1)
+    assert contrastive.info_nce(q, q, 0.1, q[:0]) == base  # no negatives: the in-batch loss
+    assert contrastive.info_nce(q, q, 0.1, q[:1]) > base  # a negative as close as a positive costs
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"query": "q1", "positive": "p1", "negative": "n1"}) + "\n"
+                    + json.dumps({"query": "q2", "positive": "p2"}) + "\n")
+    assert contrastive.read_pair_files([str(path)]) == [("q1", "p1", "n1"), ("q2", "p2", None)]
+    path.write_text(json.dumps({"query": "q", "positive": "p", "negative": 3}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: \"negative\" must be a string"):
+        contrastive.read_pair_files([str(path)])
+
+
+def test_contrastive_fine_tuning_with_hard_negatives(tiny_run, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": q, "positive": a, "negative": TOPICS[(i + 1) % len(TOPICS)][1]})
+                             + "\n" for i, (q, a) in enumerate(TOPICS)))
+    out = tmp_path / "ft"
+    assert cli.main(["finetune-contrastive", str(tiny_run), "--pairs", str(pairs), "-o", str(out), "--steps", "30",
+                     "--batch-size", "6", "--lr", "3e-3", "--warmup-steps", "2"]) == 0
+    m = read_manifest(out)
+    assert m["counts"]["hard_negatives"] == len(TOPICS)
+    assert m["counts"]["final_loss"] < m["counts"]["first_loss"]
+    assert _mrr(out) > _mrr(tiny_run)
