@@ -16,9 +16,9 @@ on the test split, with BM25 (``bm25s``) on the same pairs. Variants:
 - ``qa``: only the StackExchange (question, answer) pairs of the train split;
 - ``qa+bm25neg``: the same pairs, each with BM25's best-scoring wrong answer as a hard negative.
 
-Prints the table, the target line (best fine-tuned MRR@10 vs BM25's) and writes ``OUT/table.md``.
+Prints the table, the target line (best fine-tuned MRR@10 vs BM25's) and writes ``OUT/table-SETTINGS.md``.
 
-    python benchmarks/retrieval_qa.py [-o runs/retrieval_qa] [--pretrain-steps 300] [--steps 150]
+    python benchmarks/retrieval_qa.py [-o runs/retrieval_qa] [--pretrain-steps 300] [--steps 200] [--lr 1e-3] [--variants qa+bm25neg]
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ import subprocess
 import time
 from pathlib import Path
 
+import torch
 import zstandard
 
+from pilelm.core.atomic import atomic_write_text
 from pilelm.core.stages import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,8 +95,8 @@ def qa_pair_files(prep: Path, work: Path) -> tuple[Path, Path]:
         scores = bm25_scores(questions, answers)
         np.fill_diagonal(scores, -np.inf)
         negatives = scores.argmax(axis=1)
-        plain.write_text("".join(json.dumps({"query": q, "positive": a}) + "\n" for q, a in pairs))
-        hard.write_text("".join(json.dumps({"query": q, "positive": a, "negative": answers[n]}) + "\n"
+        atomic_write_text(plain, "".join(json.dumps({"query": q, "positive": a}) + "\n" for q, a in pairs))
+        atomic_write_text(hard, "".join(json.dumps({"query": q, "positive": a, "negative": answers[n]}) + "\n"
                                 for (q, a), n in zip(pairs, negatives, strict=True)))
     return plain, hard
 
@@ -106,14 +108,17 @@ def main() -> None:
     ap.add_argument("--pretrain-steps", type=int, default=300)
     ap.add_argument("--layers", type=int, default=2, help="layers of the pretrained GPT")
     ap.add_argument("--d-model", type=int, default=128, help="width of the pretrained GPT")
-    ap.add_argument("--steps", type=int, default=150, help="contrastive steps of each variant")
+    ap.add_argument("--steps", type=int, default=200, help="contrastive steps of each variant")
     ap.add_argument("--batch", type=int, default=32, help="pairs per contrastive batch")
     ap.add_argument("--temperature", type=float, default=0.05)
-    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--test-every", type=int, default=5, help="minipile: one StackExchange thread in N is held out")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work: Path = args.output.resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(f"work dir: {work}", flush=True)
@@ -130,25 +135,27 @@ def main() -> None:
     print(f"pretrained in {time.perf_counter() - t0:.0f} s (cumulative)", flush=True)
     plain, hard = qa_pair_files(prep, work)
     runs = {"raw LM": base}
+    # Fine-tunes and the evaluation are named by their settings, so a work dir holds several.
+    tag = f"s{args.steps}-b{args.batch}-t{args.temperature}-lr{args.lr}-m{args.max_tokens}"
     for variant in args.variants:
         data = {"mined": {"corpus": [str(prep)]}, "qa": {"pairs": [str(plain)]},
                 "qa+bm25neg": {"pairs": [str(hard)]}}[variant]
         name = f"contrastive {variant}"
-        runs[name] = run_stage("finetune-contrastive", run=str(base), output=str(work / f"ft-{variant}"), **data,
+        runs[name] = run_stage("finetune-contrastive", run=str(base), output=str(work / f"ft-{variant}-{tag}"), **data,
                                steps=args.steps, batch_size=args.batch, temperature=args.temperature, lr=args.lr,
                                max_tokens=args.max_tokens, save_every=args.steps)
         print(f"{name} in {time.perf_counter() - t0:.0f} s (cumulative)", flush=True)
     ev = run_stage("eval", runs=[str(r) for r in runs.values()], task="retrieval", data=str(prep), split="test",
-                   output=str(work / "eval"))
+                   output=str(work / f"eval-{tag}-{'-'.join(args.variants)}"))
     results = json.loads((ev / "results.json").read_text())
     table = format_table(results, runs, args)
-    (work / "table.md").write_text(table)
+    (work / f"table-{tag}.md").write_text(table)
     print(table)
     print(f"total {time.perf_counter() - t0:.0f} s; {uptime()}")
 
 
 def format_table(results: dict, runs: dict[str, Path], args: argparse.Namespace) -> str:
-    by_dir = dict(zip([str(r) for r in runs.values()], runs, strict=True))
+    by_dir = {Path(r).name: name for name, r in runs.items()}  # eval names a run by its folder
     rows = {by_dir.get(name, name): m for name, m in results["runs"].items()}
     bm25 = results["baselines"]["bm25"]
     lines = [f"{results['pairs']} held-out StackExchange question/answer pairs ({results['split']} split), "
