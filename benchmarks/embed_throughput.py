@@ -12,7 +12,8 @@ median of the per-round ratios (a burst of load hits one round of both sides ali
 how far the vectors differ (they must agree to float noise).
 
 Latency: ``--vectors`` random unit vectors in a flat (exact), IVF and HNSW index
-(``retrieval/index.py``); p50 / p99 of one query at a time (k=10), recall@10 against the exact
+(``retrieval/index.py``); p50 / p99 of one query at a time (k=10, ``search_one`` as
+``pilelm search`` does), recall@10 against the exact
 index; then end to end, ``--text-queries`` real questions one at a time: text -> tokens (a BPE
 tokenizer trained on the sample) -> the model's pooled vector -> faiss search.
 
@@ -41,7 +42,7 @@ from generate_throughput import SHAPES  # noqa: E402
 from pilelm.inference.embed import TextEncoder  # noqa: E402
 from pilelm.interop.gpt2_neox import gpt_hf_config, gpt_to_hf  # noqa: E402
 from pilelm.models.gpt import GPT, GPTConfig  # noqa: E402
-from pilelm.retrieval.index import build_faiss  # noqa: E402
+from pilelm.retrieval.index import build_faiss, search_one  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1] / "pilelm" / "sample"
 
@@ -171,7 +172,7 @@ def latency(args: argparse.Namespace) -> None:
         times, found = [], []
         for row in q:
             t0 = time.perf_counter()
-            _, ids = index.search(row[None], 10)
+            _, ids = search_one(index, row, 10)
             times.append(time.perf_counter() - t0)
             found.append(ids[0])
         found_arr = np.stack(found)
@@ -222,7 +223,7 @@ def end_to_end(args: argparse.Namespace, cfg: GPTConfig, indexes: dict) -> None:
             t0 = time.perf_counter()
             vector = encoder.embed_queries([text])
             t1 = time.perf_counter()
-            index.search(vector, 10)
+            search_one(index, vector, 10)
             total_t.append(time.perf_counter() - t0)
             embed_t.append(t1 - t0)
         p50, p99 = np.percentile(np.array(total_t) * 1e3, [50, 99])

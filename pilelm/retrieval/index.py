@@ -78,6 +78,20 @@ def build_faiss(vectors: np.ndarray, kind: str, dtype: str, nlist: int = 0, hnsw
     return index
 
 
+def search_one(index: Any, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """faiss search of one query vector on one OpenMP thread. A single query has no work worth
+    splitting: on the 2-core build machine a second thread made a flat search over 100k
+    vectors of 384 dims 3.4x slower (p50 48 ms against 14 ms; benchmarks/embed_throughput.py).
+    The setting is the calling thread's (OpenMP's nthreads-var) and is restored afterwards."""
+    faiss = import_faiss()
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(np.asarray(query, dtype=np.float32).reshape(1, -1), k)
+    finally:
+        faiss.omp_set_num_threads(before)
+
+
 def write_faiss(index: Any, path: Path) -> None:
     faiss = import_faiss()
     with atomic_path(path) as tmp:
@@ -174,7 +188,7 @@ class VectorIndex:
         want = k + (exclude is not None)
         fetch = min(len(self.vectors), max(4 * want, want + 16))
         while True:
-            scores, rows = self.faiss.search(np.asarray(query, dtype=np.float32).reshape(1, -1), fetch)
+            scores, rows = search_one(self.faiss, query, fetch)
             best: dict[int, tuple[float, int]] = {}
             for s, r in zip(scores[0], rows[0], strict=True):
                 if r < 0:

@@ -169,3 +169,16 @@ def test_embed_refuses_data_with_no_text(tiny_run, tmp_path, capsys):
     empty = write_pile_shard(tmp_path / "empty.jsonl.zst", [{"text": "", "meta": {}}])
     assert cli.main(["embed", str(tiny_run), "--data", str(empty), "-o", str(tmp_path / "idx")]) == 1
     assert "no document" in capsys.readouterr().err
+
+
+def test_search_one_matches_faiss_and_restores_the_thread_count():
+    from pilelm.retrieval.index import build_faiss, import_faiss, search_one
+
+    faiss = import_faiss()
+    x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    index = build_faiss(x, "flat", "float32")
+    before = faiss.omp_get_max_threads()
+    scores, rows = search_one(index, x[3], 5)
+    want_scores, want_rows = index.search(x[3:4], 5)
+    assert rows.tolist() == want_rows.tolist() and np.allclose(scores, want_scores)
+    assert faiss.omp_get_max_threads() == before
