@@ -11,6 +11,7 @@ import torch
 
 from pilelm.core import cli
 from pilelm.core.manifest import read_manifest
+from pilelm.inference import embed as embed_infer
 from pilelm.inference.embed import TextEncoder, chunk_spans, pool
 from pilelm.retrieval import embed as embed_mod
 from pilelm.retrieval.index import VectorIndex
@@ -44,6 +45,23 @@ def test_padding_and_batching_do_not_change_a_vector(tiny_run):
     alone = np.stack([enc.embed_queries([t])[0] for t in texts])
     np.testing.assert_allclose(together, alone, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(together, axis=1), 1.0, atol=1e-5)
+
+
+def test_a_short_query_runs_on_one_thread_and_restores_the_count(tiny_run, monkeypatch):
+    enc = TextEncoder.from_run(tiny_run)
+    seen = []
+    forward = enc.forward_pooled
+    monkeypatch.setattr(enc, "forward_pooled", lambda batch: (seen.append(torch.get_num_threads()), forward(batch))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        enc.embed_queries(["a short query"])
+        assert seen == [1] and torch.get_num_threads() == 2
+        monkeypatch.setattr(embed_infer, "SMALL_WORK_TOKENS", 2)  # the same text is now "large" work
+        enc.embed_queries(["a short query"])
+        assert seen[1:] and set(seen[1:]) == {2}
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_cls_pooling_is_refused_for_a_causal_model(tiny_run):
