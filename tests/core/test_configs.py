@@ -54,7 +54,7 @@ def test_pipeline_loads_and_chains(path, tmp_path):
 def test_demo_runs_on_the_bundled_sample_only(tmp_path):
     """`pilelm demo` must not need ../shared (or anything outside the package) at run time."""
     stages = load_pipeline(DEMO_PIPELINE, work_dir=tmp_path).stages
-    assert [s.name for s in stages] == ["prepare", "tokenizer train", "tokenize", "train", "eval", "generate"]
+    assert [s.name for s in stages] == ["prepare", "tokenizer train", "tokenize", "train", "eval", "finetune", "generate"]
     inputs = [Path(p) for p in stages[0].config.inputs]
     assert inputs and all(p.is_relative_to(SAMPLE_DIR) and p.exists() for p in inputs)
 
