@@ -43,11 +43,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from gpu_train_check import run_stage  # a stage run unless its output is complete (benchmarks/)
 
 from pilelm.core.config import load_config
 from pilelm.core.manifest import MANIFEST
-from pilelm.core.stages import resolve_config_path
+from pilelm.core.stages import resolve_config_path, run_stage
 from pilelm.training.loader import ByteCounter
 
 ROOT = Path(__file__).resolve().parents[1]
