@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from pilelm.core.atomic import atomic_write_text
+from pilelm.core.config import dump_yaml, to_dict
 from pilelm.training import checkpoint as ckpt_io
 from pilelm.training.metrics import MetricsLog
 from pilelm.training.precision import Precision
@@ -67,6 +69,32 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int, lengths: np.nda
             orders[epoch] = epoch_order(epoch, n, seed, lengths, batch_size)
         out.append(int(orders[epoch][i]))
     return out
+
+
+CONFIG_FILE = "config.yaml"
+
+
+def record_config(out: Path, state_root: Path, cfg: Any) -> None:
+    """Write ``out/config.yaml``, first refusing to resume a fine-tune there that was started
+    with another config (as ``pilelm train`` refuses, ``pilelm.training.resume``): a resumed
+    run must reproduce an uninterrupted one, so every key that shapes the weights, the data
+    files among them, must be the same; how long and how visibly it runs may change."""
+    import yaml
+
+    from pilelm.training.resume import config_differences
+
+    saved = out / CONFIG_FILE
+    if cfg.resume and saved.is_file() and ckpt_io.find_resumable(state_root) is not None:
+        old = yaml.safe_load(saved.read_text()) or {}
+        new = to_dict(cfg)
+        problems = config_differences(old, new)
+        if [str(x) for x in old.get("data", [])] != [str(x) for x in new.get("data", [])]:
+            problems.append(f"data: {old.get('data')!r} -> {new.get('data')!r}")
+        if problems:
+            listed = "\n  ".join(problems)
+            raise ValueError(f"{out} holds a fine-tune started with another config, so it cannot be resumed:\n"
+                             f"  {listed}\nRerun with resume=false to train anew there, or give a new -o")
+    atomic_write_text(saved, dump_yaml(cfg))
 
 
 class ValidatedLoop:

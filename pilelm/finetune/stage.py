@@ -34,12 +34,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pilelm.core.atomic import atomic_write_json, atomic_write_text
-from pilelm.core.config import dump_yaml
+from pilelm.core.atomic import atomic_write_json
 from pilelm.core.manifest import clear_manifest, require_stage, write_manifest
 from pilelm.finetune.config import FinetuneConfig
 from pilelm.finetune.encoding import IGNORE, Encoded, TaskEncoder, collate
-from pilelm.finetune.loop import ValidatedLoop, batch_indices
+from pilelm.finetune.loop import ValidatedLoop, batch_indices, record_config
 from pilelm.finetune.model import HeadSpec, TaskModel, build_task_model, resolve_pooling, save_task_model
 from pilelm.finetune.tasks import TASKS, Task, TaskData
 from pilelm.models import spec_for
@@ -190,7 +189,7 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     out = ft.out
     out.mkdir(parents=True, exist_ok=True)
     clear_manifest(out)  # the dir is unfinished until the new manifest lands
-    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    record_config(out, ft.state_root, cfg)
     if not (out / "tokenizer").is_dir():
         copy_tokenizer(ft.tok_dir, out / "tokenizer")
     ft.fit(f"finetune {ft.task.name}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,17 @@ def test_resume_after_a_stop_matches_an_uninterrupted_run(tiny_run, cls_files, t
 
     a, b = load_file(tmp_path / "a" / "best" / "model.safetensors"), load_file(tmp_path / "b" / "best" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_another_config_is_refused(tiny_run, cls_files, tmp_path, capsys):
+    args = [*cls_args(cls_files), "loop.max_steps=30", "loop.eval_every=10"]
+    out = tmp_path / "cut"
+    assert main(["finetune", str(tiny_run), "-o", str(out), *FAST, *args, "loop.stop_at_step=10"]) == 0
+    assert main(["finetune", str(tiny_run), "-o", str(out), *FAST, *args, "optim.lr=3e-3"]) != 0
+    assert re.search(r"cannot be resumed:\n\s+optim\.lr: .* -> 0\.003", capsys.readouterr().err)
+    # how long it runs may change (raising max_steps trains on); resume=false starts anew
+    assert main(["finetune", str(tiny_run), "-o", str(out), *FAST, *args, "loop.max_steps=20"]) == 0
+    assert main(["finetune", str(tiny_run), "-o", str(out), *FAST, *args, "optim.lr=3e-3", "resume=false"]) == 0
 
 
 def test_early_stopping_with_patience(tiny_run, cls_files, tmp_path):

@@ -21,17 +21,17 @@ from typing import Any
 
 import torch
 
-from pilelm.core.atomic import atomic_write_json, atomic_write_text
-from pilelm.core.config import dump_yaml
+from pilelm.core.atomic import atomic_write_json
 from pilelm.core.manifest import require_stage, write_manifest
 from pilelm.core.runner import SAMPLE_DIR
 from pilelm.finetune.config import FinetuneConfig
+from pilelm.finetune.loop import record_config
 from pilelm.finetune.records import DataError
 from pilelm.finetune.sft.chat_format import SFT_CHAT_TEMPLATE, chat_tokenizer, grow_vocabulary
 from pilelm.finetune.sft.conversations import Conversation, mine_conversations, read_conversations
 from pilelm.finetune.sft.encoding import ChatEncoder, SftExample
 from pilelm.finetune.sft.evaluate import METRIC, score_replies, write_sft_results
-from pilelm.finetune.sft.trainer import SftTrainer
+from pilelm.finetune.sft.trainer import TRAINING, SftTrainer
 from pilelm.finetune.tasks import split_sources
 from pilelm.models import spec_for
 from pilelm.tokens.chat import load_special_tokens
@@ -123,7 +123,7 @@ def setup_sft(cfg: FinetuneConfig) -> SftSetup:
 def run_sft(cfg: FinetuneConfig) -> Path:
     s = setup_sft(cfg)
     cfg, loop, out = s.cfg, s.cfg.loop, Path(s.cfg.output)
-    atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    record_config(out, out / TRAINING, cfg)
     tokenizer, model, model_cfg, splits, pad_id, device = s.tokenizer, s.model, s.model_cfg, s.splits, s.pad_id, s.device
     new_ids, counts = s.new_ids, s.counts
     eval_split = "test" if splits.get("test") else "val"
