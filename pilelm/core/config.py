@@ -207,6 +207,15 @@ def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def require_at_least(cfg: Any, minimum: int, keys: typing.Iterable[str], prefix: str = "") -> None:
+    """The bound check of config ``__post_init__`` methods: raise ValueError naming the first of
+    ``keys`` (attributes of ``cfg``; ``prefix`` is the section, e.g. ``"loop."``) below ``minimum``."""
+    for key in keys:
+        value = getattr(cfg, key)
+        if value < minimum:
+            raise ValueError(f"{prefix}{key} must be >= {minimum}, got {value}")
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():

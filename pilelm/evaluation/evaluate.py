@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pilelm.core.config import require_at_least
 from pilelm.core.manifest import Timer, clear_manifest, require_stage, write_manifest
 from pilelm.data.prepared import SPLITS
 from pilelm.evaluation.bleu import run_bleu
@@ -79,9 +80,7 @@ class EvalConfig:
     """retrieval: how token states become one vector (cls: BERT only)."""
 
     def __post_init__(self) -> None:
-        for key in ("context", "stride", "max_documents", "batch_tokens"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        require_at_least(self, 0, ("context", "stride", "max_documents", "batch_tokens"))
         if self.bleu_max_new_tokens < 1 or self.bleu_num_beams < 1 or self.bleu_batch_size < 1:
             raise ValueError("bleu_max_new_tokens, bleu_num_beams and bleu_batch_size must be >= 1")
         if self.split not in SPLITS:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pilelm.core.config import require_at_least
 from pilelm.finetune.model import Pooling
 from pilelm.finetune.sft.config import SftConfig
 from pilelm.finetune.tasks import TASKS
@@ -81,12 +82,8 @@ class FinetuneLoopConfig:
     """Write TensorBoard event files to FT_DIR/tensorboard."""
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "batch_size", "eval_batch_size", "eval_every", "log_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"loop.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("patience", "num_threads", "stop_at_step"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"loop.{key} must be >= 0, got {getattr(self, key)}")
+        require_at_least(self, 1, ("max_steps", "batch_size", "eval_batch_size", "eval_every", "log_every"), prefix="loop.")
+        require_at_least(self, 0, ("patience", "num_threads", "stop_at_step"), prefix="loop.")
 
 
 def _finetune_optim() -> OptimConfig:

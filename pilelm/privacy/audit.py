@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pilelm.core.atomic import atomic_write_json, atomic_write_text
+from pilelm.core.config import require_at_least
 from pilelm.core.manifest import clear_manifest, read_manifest, write_manifest
 from pilelm.core.report import ReportSection, display_path
 from pilelm.privacy.canaries import CanarySet, load_canaries
@@ -63,12 +64,8 @@ class AuditConfig:
     """cpu, cuda or cuda:N."""
 
     def __post_init__(self) -> None:
-        for key in ("candidates", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("extraction_tokens", "pii_originals", "pii_context_chars"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
+        require_at_least(self, 1, ("candidates", "batch_size"))
+        require_at_least(self, 0, ("extraction_tokens", "pii_originals", "pii_context_chars"))
 
 
 def _load(cfg: AuditConfig) -> tuple[torch.nn.Module, Any]:

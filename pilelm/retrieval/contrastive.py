@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from pilelm.core.config import to_dict
+from pilelm.core.config import require_at_least, to_dict
 from pilelm.core.manifest import Timer, clear_manifest, write_manifest
 from pilelm.evaluation.retrieval import STACKEXCHANGE, qa_pair
 from pilelm.inference.embed import TextEncoder
@@ -90,9 +90,7 @@ class ContrastiveConfig:
     """Torch device."""
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size", "max_tokens", "save_every"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        require_at_least(self, 1, ("steps", "batch_size", "max_tokens", "save_every"))
         if self.temperature <= 0 or self.lr <= 0:
             raise ValueError("temperature and lr must be > 0")
         if self.warmup_steps < 0 or self.max_pairs < 0:

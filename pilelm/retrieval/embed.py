@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from pilelm.core.atomic import atomic_path, atomic_write_json
+from pilelm.core.config import require_at_least
 from pilelm.core.manifest import MANIFEST, Timer, content_hash, read_manifest, write_manifest
 from pilelm.data.document import Document
 from pilelm.data.prepared import SPLITS, split_files
@@ -89,12 +90,8 @@ class EmbedConfig:
     """Compute dtype of the model (vectors are normalised in float32)."""
 
     def __post_init__(self) -> None:
-        for key in ("chunk_tokens", "chunk_stride", "max_chunks", "nlist", "max_documents"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("nprobe", "hnsw_m", "ef_search", "batch_size", "part_docs"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        require_at_least(self, 0, ("chunk_tokens", "chunk_stride", "max_chunks", "nlist", "max_documents"))
+        require_at_least(self, 1, ("nprobe", "hnsw_m", "ef_search", "batch_size", "part_docs"))
         if self.chunk_tokens and self.chunk_stride > self.chunk_tokens:
             raise ValueError(f"chunk_stride ({self.chunk_stride}) must not exceed chunk_tokens ({self.chunk_tokens}): "
                              "a gap between chunks would never be embedded")

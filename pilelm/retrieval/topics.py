@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from pilelm.core.atomic import atomic_path, atomic_write_json, atomic_write_text
+from pilelm.core.config import require_at_least
 from pilelm.core.manifest import Timer, clear_manifest, write_manifest
 from pilelm.retrieval.index import CHUNKS, VectorIndex, import_faiss
 
@@ -55,9 +56,7 @@ class TopicsConfig:
     """k-means seed."""
 
     def __post_init__(self) -> None:
-        for key in ("k", "terms", "niter"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        require_at_least(self, 1, ("k", "terms", "niter"))
 
 
 def document_vectors(index: VectorIndex) -> np.ndarray:

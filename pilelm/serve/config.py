@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pilelm.core.config import require_at_least
+
 API_KEY_ENV = "PILELM_API_KEY"
 
 
@@ -55,9 +57,7 @@ class ServeConfig:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty; omit it to serve without a key")
-        for key in ("max_tokens", "max_concurrent", "max_batch", "max_request_bytes"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        require_at_least(self, 1, ("max_tokens", "max_concurrent", "max_batch", "max_request_bytes"))
         if self.max_prompt_tokens < 0:
             raise ValueError(f"max_prompt_tokens must be >= 0 (0 = the model's context), got {self.max_prompt_tokens}")
         if self.batch_window_ms < 0:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pilelm.core.config import from_dict
+from pilelm.core.config import from_dict, require_at_least
 from pilelm.models import ModelSpec, get_spec
 from pilelm.models.bert import BertConfig
 from pilelm.models.gpt import GPTConfig
@@ -83,19 +83,13 @@ class LoopConfig:
     """Write TensorBoard event files to RUN/tensorboard."""
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "micro_batch"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"loop.{key} must be >= 1, got {getattr(self, key)}")
+        require_at_least(self, 1, ("max_steps", "micro_batch"), prefix="loop.")
         if self.max_minutes < 0 or self.max_tokens < 0:
             raise ValueError("loop.max_minutes and loop.max_tokens must be >= 0 (0 = no such budget)")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"loop.ema must be in [0, 1) (0 = off; e.g. 0.998), got {self.ema}")
-        for key in ("tokens_per_step", "eval_every", "eval_windows", "keep_last", "num_threads", "stop_at_step"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"loop.{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("save_every", "log_every", "max_skips"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"loop.{key} must be >= 1, got {getattr(self, key)}")
+        require_at_least(self, 0, ("tokens_per_step", "eval_every", "eval_windows", "keep_last", "num_threads", "stop_at_step"), prefix="loop.")
+        require_at_least(self, 1, ("save_every", "log_every", "max_skips"), prefix="loop.")
 
 
 @dataclass

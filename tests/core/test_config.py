@@ -3,7 +3,7 @@ from typing import Literal
 
 import pytest
 
-from pilelm.core.config import ConfigError, describe_config, load_config, to_dict
+from pilelm.core.config import ConfigError, describe_config, load_config, require_at_least, to_dict
 
 
 @dataclass
@@ -61,3 +61,14 @@ def test_roundtrip_and_help():
     assert load_config(Outer, overrides=to_dict(cfg)) == cfg
     text = describe_config(Outer)
     assert "inner.lr=0.001" in text and "Peak learning rate." in text and "Free-form tags." in text
+
+
+def test_require_at_least_names_the_first_key_below_the_bound():
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(steps=3, batch=0, patience=-1)
+    require_at_least(cfg, 0, ("steps", "batch"))  # within bounds: no error
+    with pytest.raises(ValueError, match=r"^loop\.batch must be >= 1, got 0$"):
+        require_at_least(cfg, 1, ("steps", "batch", "patience"), prefix="loop.")
+    with pytest.raises(ValueError, match=r"^patience must be >= 0, got -1$"):
+        require_at_least(cfg, 0, ("patience",))
