@@ -58,6 +58,8 @@ RECIPES = ["hf-trainer", "nanogpt", "cpu-bench", "cpu-10min"]
 NO_FILTERS = {"gopher_quality": [], "gopher_repetition": [], "c4": [], "light": []}
 WEB_EVERYWHERE = {"gopher_quality": ["*"], "gopher_repetition": ["*"], "c4": ["Pile-CC"], "light": []}
 
+VOCAB_KEY = "vocabulary"  # a lever that retokenizes the data rather than overriding a config section
+
 # Each lever of cpu-10min and the override that takes it away (or adds one it left out).
 LEVERS: dict[str, dict[str, Any]] = {
     "muon -> adamw": {"optim": {"name": "adamw", "lr": 1e-3}},
@@ -71,23 +73,31 @@ LEVERS: dict[str, dict[str, Any]] = {
     "rope -> learned positions": {"model": {"arch": "gpt2"}},
     "document windows -> stride": {"loop": {"window_start": "stride"}},
     "ema 0.99 on": {"loop": {"ema": 0.99}},
+    "lr x2": {"optim": {"lr": 6e-3, "muon_lr": 0.04}},
+    "lr x0.5": {"optim": {"lr": 1.5e-3, "muon_lr": 0.01}},
+    "weight decay 0.1 on": {"optim": {"weight_decay": 0.1}},
+    "seq-len warmup 0.3 on": {"loop": {"seq_len_warmup": 0.3}},
+    # Data levers: another BPE vocabulary (the output projection's cost against bytes per token).
+    "vocabulary 8192 -> 4096": {VOCAB_KEY: 4096},
+    "vocabulary 8192 -> 16384": {VOCAB_KEY: 16384},
 }
 
 log = logging.getLogger("quality_10min")
 
 
-def build_data(work: Path, minipile: Path, policy: str = "default") -> tuple[Path, Path]:
+def build_data(work: Path, minipile: Path, policy: str = "default", vocab: int = VOCAB) -> tuple[Path, Path]:
     """(train shards, val shards): minipile train -> prepare -> BPE -> tokenize, and minipile val
     prepared without quality filters, tokenized with the same tokenizer (cached)."""
     filters = {} if policy == "default" else WEB_EVERYWHERE
+    tag = "" if vocab == VOCAB else f"-{vocab}"
     prep = run_stage("prepare", inputs=[str(minipile / "train")], output=str(work / f"prepared-{policy}"),
                      filters=filters)
     tok = run_stage("tokenizer train", data=str(work / "prepared-default" if policy != "default" else prep),
-                    output=str(work / "tokenizer"), kind="bpe", vocab_size=VOCAB)
-    shards = run_stage("tokenize", data=str(prep), tokenizer=str(tok), output=str(work / f"shards-{policy}"))
+                    output=str(work / f"tokenizer{tag}"), kind="bpe", vocab_size=vocab)
+    shards = run_stage("tokenize", data=str(prep), tokenizer=str(tok), output=str(work / f"shards-{policy}{tag}"))
     val_prep = run_stage("prepare", inputs=[str(minipile / "val.jsonl.zst")], output=str(work / "val-prepared"),
                          filters=NO_FILTERS, dedup={"exact": False, "minhash": False})
-    val = run_stage("tokenize", data=str(val_prep), tokenizer=str(tok), output=str(work / "val-shards"))
+    val = run_stage("tokenize", data=str(val_prep), tokenizer=str(tok), output=str(work / f"val-shards{tag}"))
     return shards, val
 
 
@@ -97,14 +107,15 @@ def build_data(work: Path, minipile: Path, policy: str = "default") -> tuple[Pat
 @torch.no_grad()
 def score(model: torch.nn.Module, val_shards: Path, windows: int) -> float:
     """Bits per byte of ``model`` (a pilelm GPT) on ``windows`` val windows spread evenly over
-    the split (every recipe the same windows)."""
+    the split (every recipe the same windows); ``windows=0``: every window of the split (the
+    same text whatever the tokenizer, for comparing vocabularies)."""
     from pilelm.tokens.shards import open_split
 
     split = open_split(val_shards, "val")
     tokens = split.dataset.tokens
     counter = ByteCounter(np.asarray(split.dataset.sizes), np.asarray(split.nbytes))
     total = (len(tokens) - 1) // CONTEXT
-    starts = np.unique(np.linspace(0, total - 1, min(windows, total)).astype(np.int64)) * CONTEXT
+    starts = np.unique(np.linspace(0, total - 1, min(windows or total, total)).astype(np.int64)) * CONTEXT
     model.eval()
     nll, nbytes = 0.0, 0.0
     for i in range(0, len(starts), 16):
@@ -263,16 +274,25 @@ def _probe_steps(model: torch.nn.Module, loader, minutes: float, now) -> int:
 # --- the table ------------------------------------------------------------------------------
 
 
-def train_and_score(key: str, work: Path, val: Path, args: argparse.Namespace, fn) -> dict[str, Any]:
-    """One result, cached as JSON under ``work/results``."""
+def train_and_score(key: str, work: Path, val: Path, args: argparse.Namespace, fn,
+                    full: bool = False) -> dict[str, Any]:
+    """One result, cached as JSON under ``work/results``; ``full``: also ``bpb_full``, the BPB on
+    every window of the val split (a pilelm recipe's run is reloaded for it if need be)."""
+    from pilelm.training.checkpoint import load_for_inference
+
     budget = budget_name(args)
     path = work / "results" / f"{key.replace(' ', '_').replace('>', '')}-{budget}.json"
+    run = work / "runs" / budget / key.replace(" ", "_").replace(">", "")
     if path.is_file():
-        return json.loads(path.read_text())
-    res = fn(work / "runs" / budget / key.replace(" ", "_").replace(">", ""))
-    model = res.pop("model")
-    res["bpb"] = score(model, val, args.eval_windows)
-    res["recipe"] = key
+        res = json.loads(path.read_text())
+        model = load_for_inference(run)[0] if full and "bpb_full" not in res else None
+    else:
+        res = fn(run)
+        model = res.pop("model")
+        res["bpb"] = score(model, val, args.eval_windows)
+        res["recipe"] = key
+    if model is not None and full:
+        res["bpb_full"] = score(model, val, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1))
     return res
@@ -304,6 +324,9 @@ def main() -> None:
     ap.add_argument("--recipes", default=",".join(RECIPES))
     ap.add_argument("--ablate", action="store_true", help="cpu-10min with one lever changed at a time")
     ap.add_argument("--levers", default="", help="comma-separated subset of the ablation levers")
+    ap.add_argument("--skip-base", action="store_true",
+                    help="with --ablate: do not train cpu-10min itself (another process does; its cached result is "
+                         "used when present), so two --threads 1 processes can split the levers")
     ap.add_argument("--policy", action="store_true", help="also cpu-10min on data prepared with web rules everywhere")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     ap.add_argument("--eval-windows", type=int, default=200, help="val windows of 256 tokens to score")
@@ -339,12 +362,25 @@ def main() -> None:
         print_table("Data policy (cpu-10min)", pol, "cpu-10min")
     if args.ablate:
         chosen = [x for x in args.levers.split(",") if x] or list(LEVERS)
-        base = train_and_score("cpu-10min", work, val, args, lambda out: pilelm_recipe("cpu-10min", shards, out, args))
-        rows = [base]
+        vocab_levers = [lv for lv in chosen if VOCAB_KEY in LEVERS[lv]]
+        base_fn = lambda out: pilelm_recipe("cpu-10min", shards, out, args)  # noqa: E731
+        cached = work / "results" / f"cpu-10min-{budget_name(args)}.json"
+        rows = [] if args.skip_base and not cached.is_file() else [
+            train_and_score("cpu-10min", work, val, args, base_fn, full=bool(vocab_levers))]
         for lever in chosen:
-            rows.append(train_and_score(f"cpu-10min, {lever}", work, val, args,
-                                        lambda out, lv=lever: pilelm_recipe("cpu-10min", shards, out, args, LEVERS[lv])))
+            over = dict(LEVERS[lever])
+            lever_shards, lever_val = (shards, val) if VOCAB_KEY not in over else build_data(
+                work, args.minipile, vocab=over.pop(VOCAB_KEY))
+            rows.append(train_and_score(
+                f"cpu-10min, {lever}", work, lever_val, args,
+                lambda out, s=lever_shards, o=over: pilelm_recipe("cpu-10min", s, out, args, o),
+                full=VOCAB_KEY in LEVERS[lever]))
         print_table("Ablation: cpu-10min with one lever changed (positive = the lever helps)", rows, "cpu-10min")
+        if vocab_levers:
+            print("\nVocabulary levers on every window of the val split (the same text whatever the tokenizer):\n")
+            for r in rows:
+                if "bpb_full" in r:
+                    print(f"| {r['recipe']} | {r['bpb_full']:.3f} |")
 
 
 if __name__ == "__main__":

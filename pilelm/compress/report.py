@@ -120,14 +120,15 @@ def describe(run: Path) -> str:
     return m["stage"]
 
 
-def report_markdown(rows: list[dict[str, Any]], batch_sizes: list[int], components: list[str]) -> str:
+def report_markdown(rows: list[dict[str, Any]], batch_sizes: list[int], components: list[str],
+                    split: str = "test") -> str:
     base = rows[0]
 
     def ratio(key: str, row: dict[str, Any], sub: Any = None) -> str:
         a, b = (row[key], base[key]) if sub is None else (row[key].get(sub), base[key].get(sub))
         return f"{a / b:.2f}x" if a and b else "-"
 
-    head = ["run", "made by", "parameters", "bytes on disk", "test BPB"] + [f"tok/s b={b}" for b in batch_sizes]
+    head = ["run", "made by", "parameters", "bytes on disk", f"{split} BPB"] + [f"tok/s b={b}" for b in batch_sizes]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 2 + "---:|" * (len(head) - 2)]
     for r in rows:
         bpb = f"{r['bpb']:.4f} ({ratio('bpb', r)})" if r.get("bpb") else "-"
@@ -181,7 +182,7 @@ def run_compress_report(cfg: CompressReportConfig) -> Path:
     clear_manifest(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "report.json", {"rows": rows, "threads": torch.get_num_threads(), "dtype": cfg.dtype})
-    text = report_markdown(rows, cfg.batch_sizes, components)
+    text = report_markdown(rows, cfg.batch_sizes, components, cfg.split)
     atomic_write_text(out / "report.md", text)
     write_manifest(out, "compress report", cfg, inputs=runs, counts={"runs": len(runs)}, timings=timer.timings)
     log.info("compression report:\n%s", text)

@@ -76,6 +76,10 @@ class LoopConfig:
     window_start: Literal["stride", "document"] = "stride"
     """Causal LM training windows: stride (every block_size tokens of the packed stream) or
     document (each starts at a document's first token, or block_size further on inside a long one)."""
+    seq_len_warmup: float = 0.0
+    """Causal LMs: the first this fraction of the budget trains on short windows (each window cut
+    into 4 in its first third, into 2 in its second), then on full ones; the same tokens per step,
+    cheaper attention early (sequence-length warmup, as in Li et al. 2022). 0 = off."""
     ema: float = 0.0
     """Decay of an exponential moving average of the weights (e.g. 0.998) that validation
     uses and checkpoints save as the model (the raw weights go in train_state); 0 = off."""
@@ -86,6 +90,8 @@ class LoopConfig:
         require_at_least(self, 1, ("max_steps", "micro_batch"), prefix="loop.")
         if self.max_minutes < 0 or self.max_tokens < 0:
             raise ValueError("loop.max_minutes and loop.max_tokens must be >= 0 (0 = no such budget)")
+        if not 0.0 <= self.seq_len_warmup <= 1.0:
+            raise ValueError(f"loop.seq_len_warmup must be a fraction of the budget in [0, 1], got {self.seq_len_warmup}")
         if not 0.0 <= self.ema < 1.0:
             raise ValueError(f"loop.ema must be in [0, 1) (0 = off; e.g. 0.998), got {self.ema}")
         require_at_least(self, 0, ("tokens_per_step", "eval_every", "eval_windows", "keep_last", "num_threads", "stop_at_step"), prefix="loop.")
@@ -124,6 +130,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
+        if self.loop.seq_len_warmup and self.privacy.enabled:
+            raise ValueError("loop.seq_len_warmup does not combine with privacy.enabled (DP-SGD samples whole "
+                             "windows per example); set loop.seq_len_warmup=0")
 
     @property
     def spec(self) -> ModelSpec:

@@ -234,8 +234,11 @@ class Trainer:
             total = all_reduce_sum(local.to(self.device), self.info).cpu()
             counts = (max(1.0, float(total[0])), float(total[1]))
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        cut = self.window_cut()
         for i, batch in enumerate(micro):
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            if cut > 1:  # sequence-length warmup: the same tokens as more, shorter windows
+                batch = {k: v.reshape(v.size(0) * cut, v.size(1) // cut) for k, v in batch.items()}
             with no_sync(self.model, self.info, last=i == len(micro) - 1), self.precision.autocast():
                 loss = self.step_loss(batch, self.spec.train_kwargs(batch, counts, loop.fused_loss))
             # Each rank's share of the global mean; DDP/FSDP average gradients over ranks,
@@ -246,6 +249,17 @@ class Trainer:
         grad_norm = self._clip()
         all_reduce_sum(loss_sum, self.info)
         return loss_sum, grad_norm
+
+    def window_cut(self) -> int:
+        """Into how many windows each training window is cut now (``loop.seq_len_warmup``)."""
+        warmup = self.cfg.loop.seq_len_warmup
+        if not warmup or self.cfg.objective != "clm":
+            return 1
+        done = self.budget.progress(self.step, self.elapsed) / warmup
+        cut = 4 if done < 1 / 3 else 2 if done < 2 / 3 else 1
+        while cut > 1 and self.seq_len % cut:
+            cut //= 2
+        return cut
 
     def step_loss(self, batch: dict[str, torch.Tensor], kwargs: dict[str, Any]) -> torch.Tensor:
         """The loss of one micro-batch as the family's spec normalises it. A subclass may

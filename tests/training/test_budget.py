@@ -213,3 +213,38 @@ def test_document_aligned_loader_reads_windows_from_document_starts():
 def test_document_aligned_training_runs(shards, tmp_path):
     run = run_train(tiny_config(shards, tmp_path / "run", **{"loop.window_start": "document"}))
     assert rows(run)[-1]["loss"] < rows(run)[0]["loss"]
+
+
+# --- sequence-length warmup -----------------------------------------------------------------
+
+
+def test_sequence_length_warmup_cuts_windows_then_trains_on_full_ones(shards, tmp_path):
+    """loop.seq_len_warmup=0.6 over 10 steps: steps 1-2 see windows of 32/4 tokens, 3-4 of 32/2,
+    the rest full windows, always the same tokens per step (the loss's mean over them)."""
+    cfg = tiny_config(shards, tmp_path / "run", **{"loop.max_steps": 10, "loop.seq_len_warmup": 0.6,
+                                                   "loop.eval_every": 0})
+    trainer = Trainer(cfg)
+    seen = []
+    trainer.raw_model.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape)))
+    trainer.fit()
+    assert seen == [(16, 8)] * 2 + [(8, 16)] * 2 + [(4, 32)] * 6
+    with pytest.raises(ValueError, match="seq_len_warmup"):
+        tiny_config(shards, tmp_path / "bad", **{"loop.seq_len_warmup": 1.5})
+    with pytest.raises(ValueError, match="seq_len_warmup does not combine with privacy"):
+        tiny_config(shards, tmp_path / "bad", **{"loop.seq_len_warmup": 0.3, "privacy.enabled": True,
+                                                 "privacy.noise_multiplier": 1.0})
+
+
+def test_sequence_length_warmup_keeps_the_loss_of_the_tokens(shards, tmp_path):
+    """A cut window's loss is the mean over the same targets: with warmup the first step's loss is
+    that of the model on the uncut batch's tokens cut into 4 (checked against a direct forward)."""
+    cfg = tiny_config(shards, tmp_path / "run", **{"loop.max_steps": 1, "loop.seq_len_warmup": 1.0,
+                                                   "loop.eval_every": 0})
+    trainer = Trainer(cfg)
+    batch = trainer.loader.next_step()[0]
+    trainer.loader = type("Replay", (), {"next_step": lambda self: [batch],
+                                         "tokens_per_step": trainer.loader.tokens_per_step})()
+    with torch.no_grad(), trainer.precision.autocast():
+        _, direct = trainer.raw_model(batch["input_ids"].reshape(16, 8), batch["labels"].reshape(16, 8))
+    assert trainer.window_cut() == 4
+    assert trainer.train_step().loss == pytest.approx(float(direct), rel=1e-3)
