@@ -205,6 +205,31 @@ def run_contrastive_task(cfg: FinetuneConfig) -> Path:
         device="cpu" if cfg.loop.device == "auto" else cfg.loop.device))
 
 
+CONFIG_FILE = "config.yaml"
+RESUME_NEUTRAL = frozenset({"output", "steps", "save_every", "device"})
+"""Keys a resumed contrastive fine-tune may change: how long, how often it saves, where it runs."""
+
+
+def record_config(out: Path, cfg: ContrastiveConfig, resuming: bool) -> None:
+    """Write ``out/config.yaml``, first refusing to resume a run started with another config (as
+    ``pilelm train`` and ``pilelm finetune`` refuse): the resumed run must equal an
+    uninterrupted one, so every key that shapes the weights must be the same."""
+    import yaml
+
+    from pilelm.core.atomic import atomic_write_text
+    from pilelm.training.resume import config_differences
+
+    saved, new = out / CONFIG_FILE, to_dict(cfg)
+    if resuming and saved.is_file():
+        problems = config_differences(yaml.safe_load(saved.read_text()) or {}, new, RESUME_NEUTRAL)
+        if problems:
+            listed = "\n  ".join(problems)
+            raise ValueError(f"{out} holds a contrastive fine-tune started with another config, so it cannot be "
+                             f"resumed:\n  {listed}\nGive a new -o, or delete {out} to train anew there")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, yaml.safe_dump(json.loads(json.dumps(new, default=str)), sort_keys=False))
+
+
 def run_contrastive(cfg: ContrastiveConfig) -> Path:
     from pilelm.tokens.tokenizer import copy_tokenizer
 
@@ -233,6 +258,7 @@ def run_contrastive(cfg: ContrastiveConfig) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     start, losses = 0, []
     resumable = checkpoint.find_resumable(out) if out.is_dir() else None
+    record_config(out, cfg, resuming=resumable is not None)
     clear_manifest(out)  # training (on): the dir is unfinished until the new manifest lands
     if resumable is not None:
         step, ckpt = resumable

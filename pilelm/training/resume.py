@@ -52,12 +52,13 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every key outside ``RESUME_NEUTRAL`` that differs."""
+def config_differences(old: dict[str, Any], new: dict[str, Any],
+                       neutral: frozenset[str] = RESUME_NEUTRAL) -> list[str]:
+    """``key: old -> new`` for every key outside ``neutral`` that differs."""
     a = _flatten(json.loads(json.dumps(old, default=str)))
     b = _flatten(json.loads(json.dumps(new, default=str)))
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
-            if k not in RESUME_NEUTRAL and a.get(k) != b.get(k)]
+            if k not in neutral and a.get(k) != b.get(k)]
 
 
 def data_identity(data: str | Path) -> dict[str, str]:

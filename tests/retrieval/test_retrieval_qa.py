@@ -165,3 +165,18 @@ def test_contrastive_fine_tuning_with_hard_negatives(tiny_run, tmp_path):
     assert m["counts"]["hard_negatives"] == len(TOPICS)
     assert m["counts"]["final_loss"] < m["counts"]["first_loss"]
     assert _mrr(out) > _mrr(tiny_run)
+
+
+def test_a_contrastive_run_refuses_to_resume_with_another_config(tiny_run, tmp_path):
+    """Resuming with another learning rate would not give the uninterrupted run's weights: refused,
+    naming the key; more steps (how long it runs) resume."""
+    pairs = _pairs_file(tmp_path / "pairs.jsonl")
+    common = ["finetune-contrastive", str(tiny_run), "--pairs", str(pairs), "-o", str(tmp_path / "ft"),
+              "--batch-size", "4", "--save-every", "2"]
+    assert cli.main([*common, "--steps", "2", "--lr", "1e-3"]) == 0
+    with pytest.raises(ValueError, match=r"lr: 0\.001 -> 0\.002"):
+        contrastive.run_contrastive(contrastive.ContrastiveConfig(
+            run=str(tiny_run), pairs=[str(pairs)], output=str(tmp_path / "ft"), steps=4, batch_size=4,
+            save_every=2, lr=2e-3))
+    assert cli.main([*common, "--steps", "4", "--lr", "1e-3"]) == 0
+    assert read_manifest(tmp_path / "ft")["counts"]["steps"] == 4
