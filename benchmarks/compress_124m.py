@@ -23,7 +23,7 @@ lines print the issue's targets (int8 weight-only BPB and speed, pruning + recov
 BPB cost, distilled vs alone). Hours of a 2-core CPU at the defaults' full scale; the defaults
 here are a short run (a few thousand steps would be needed for a well-trained 124M model).
 
-    python benchmarks/compress_124m.py [--base-steps 100] [--student-steps 50] [--recovery-steps 24] [--stages-only]
+    python benchmarks/compress_124m.py [--base-steps 60] [--student-steps 30] [--recovery-steps 16] [--stages-only]
 """
 
 from __future__ import annotations
@@ -103,15 +103,15 @@ def main() -> None:
     ap.add_argument("--minipile", type=Path, default=MINIPILE)
     ap.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "compress_124m")
     ap.add_argument("--vocab", type=int, default=50257)
-    ap.add_argument("--base-steps", type=int, default=100)
-    ap.add_argument("--student-steps", type=int, default=50)
-    ap.add_argument("--recovery-steps", type=int, default=24)
+    ap.add_argument("--base-steps", type=int, default=60)
+    ap.add_argument("--student-steps", type=int, default=30)
+    ap.add_argument("--recovery-steps", type=int, default=16)
     ap.add_argument("--recovery-lr", type=float, default=1e-3)
     ap.add_argument("--micro-batch", type=int, default=4, help="windows of 1024 tokens per step")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--kl-weight", type=float, default=0.9)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--max-documents", type=int, default=30, help="val documents scored for BPB")
+    ap.add_argument("--max-documents", type=int, default=20, help="val documents scored for BPB")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stages-only", action="store_true",

@@ -77,6 +77,8 @@ LEVERS: dict[str, dict[str, Any]] = {
     "lr x0.5": {"optim": {"lr": 1.5e-3, "muon_lr": 0.01}},
     "weight decay 0.1 on": {"optim": {"weight_decay": 0.1}},
     "seq-len warmup 0.3 on": {"loop": {"seq_len_warmup": 0.3}},
+    "seq-len warmup 0.3 + weight decay 0.1": {"loop": {"seq_len_warmup": 0.3}, "optim": {"weight_decay": 0.1}},
+    "another seed (noise)": {"loop": {"seed": 1338}},
     # Data levers: another BPE vocabulary (the output projection's cost against bytes per token).
     "vocabulary 8192 -> 4096": {VOCAB_KEY: 4096},
     "vocabulary 8192 -> 16384": {VOCAB_KEY: 16384},
