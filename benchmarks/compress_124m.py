@@ -106,7 +106,7 @@ def main() -> None:
     ap.add_argument("--base-steps", type=int, default=60)
     ap.add_argument("--student-steps", type=int, default=30)
     ap.add_argument("--recovery-steps", type=int, default=16)
-    ap.add_argument("--recovery-lr", type=float, default=1e-3)
+    ap.add_argument("--recovery-lr", type=float, default=1e-4)
     ap.add_argument("--micro-batch", type=int, default=4, help="windows of 1024 tokens per step")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--kl-weight", type=float, default=0.9)
