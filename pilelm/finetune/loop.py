@@ -81,19 +81,19 @@ def record_config(out: Path, state_root: Path, cfg: Any) -> None:
     files among them, must be the same; how long and how visibly it runs may change."""
     import yaml
 
-    from pilelm.training.resume import config_differences
+    from pilelm.training.resume import config_differences, refuse_resume
 
     saved = out / CONFIG_FILE
     if cfg.resume and saved.is_file() and ckpt_io.find_resumable(state_root) is not None:
         old = yaml.safe_load(saved.read_text()) or {}
         new = to_dict(cfg)
         problems = config_differences(old, new)
+        # "data" is resume-neutral for train, whose shards are compared by content hash; a
+        # fine-tune's data are files, compared by name.
         if [str(x) for x in old.get("data", [])] != [str(x) for x in new.get("data", [])]:
             problems.append(f"data: {old.get('data')!r} -> {new.get('data')!r}")
-        if problems:
-            listed = "\n  ".join(problems)
-            raise ValueError(f"{out} holds a fine-tune started with another config, so it cannot be resumed:\n"
-                             f"  {listed}\nRerun with resume=false to train anew there, or give a new -o")
+        refuse_resume(out, "a fine-tune started with another config", problems,
+                      "Rerun with resume=false to train anew there, or give a new -o")
     atomic_write_text(saved, dump_yaml(cfg))
 
 

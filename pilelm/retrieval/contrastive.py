@@ -214,20 +214,17 @@ def record_config(out: Path, cfg: ContrastiveConfig, resuming: bool) -> None:
     """Write ``out/config.yaml``, first refusing to resume a run started with another config (as
     ``pilelm train`` and ``pilelm finetune`` refuse): the resumed run must equal an
     uninterrupted one, so every key that shapes the weights must be the same."""
-    import yaml
-
     from pilelm.core.atomic import atomic_write_text
-    from pilelm.training.resume import config_differences
+    from pilelm.core.config import dump_yaml
+    from pilelm.training.resume import refuse_resume, saved_config_differences
 
-    saved, new = out / CONFIG_FILE, to_dict(cfg)
-    if resuming and saved.is_file():
-        problems = config_differences(yaml.safe_load(saved.read_text()) or {}, new, RESUME_NEUTRAL)
-        if problems:
-            listed = "\n  ".join(problems)
-            raise ValueError(f"{out} holds a contrastive fine-tune started with another config, so it cannot be "
-                             f"resumed:\n  {listed}\nGive a new -o, or delete {out} to train anew there")
+    saved = out / CONFIG_FILE
+    if resuming:
+        refuse_resume(out, "a contrastive fine-tune started with another config",
+                      saved_config_differences(saved, cfg, RESUME_NEUTRAL),
+                      f"Give a new -o, or delete {out} to train anew there")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, yaml.safe_dump(json.loads(json.dumps(new, default=str)), sort_keys=False))
+    atomic_write_text(saved, dump_yaml(cfg))
 
 
 def run_contrastive(cfg: ContrastiveConfig) -> Path:

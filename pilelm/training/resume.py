@@ -70,15 +70,27 @@ def record_run_inputs(run_dir: Path, data: str | Path) -> None:
     atomic_write_json(run_dir / INPUTS_FILE, {"data": data_identity(data)})
 
 
-def resume_differences(run_dir: Path, cfg: Any) -> list[str]:
-    """What differs between the run in ``run_dir`` and resuming it with ``cfg`` (resolved)."""
+def saved_config_differences(saved: Path, cfg: Any, neutral: frozenset[str] = RESUME_NEUTRAL) -> list[str]:
+    """``config_differences`` between the config recorded in the YAML file ``saved`` and ``cfg``
+    (a config dataclass); none when nothing was recorded."""
     import yaml
 
-    problems = []
-    config_path = run_dir / CONFIG_FILE
-    if config_path.is_file():
-        old = yaml.safe_load(config_path.read_text()) or {}
-        problems += config_differences(old, to_dict(cfg))
+    if not saved.is_file():
+        return []
+    return config_differences(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg), neutral)
+
+
+def refuse_resume(where: Path, what: str, problems: list[str], fix: str) -> None:
+    """Raise ValueError listing ``problems`` (one per line) if there are any: ``where`` holds
+    ``what`` (a run started otherwise), which cannot be resumed; ``fix`` says what to do."""
+    if problems:
+        listed = "\n  ".join(problems)
+        raise ValueError(f"{where} holds {what}, so it cannot be resumed:\n  {listed}\n{fix}")
+
+
+def resume_differences(run_dir: Path, cfg: Any) -> list[str]:
+    """What differs between the run in ``run_dir`` and resuming it with ``cfg`` (resolved)."""
+    problems = saved_config_differences(run_dir / CONFIG_FILE, cfg)
     inputs_path = run_dir / INPUTS_FILE
     if inputs_path.is_file():
         old_data = json.loads(inputs_path.read_text()).get("data", {})
@@ -94,13 +106,9 @@ def resume_differences(run_dir: Path, cfg: Any) -> list[str]:
 def require_same_run(run_dir: Path, cfg: Any) -> None:
     """Raise ValueError naming each difference if ``cfg`` is not the config and data of the run
     in ``run_dir`` (see the module docstring)."""
-    problems = resume_differences(run_dir, cfg)
-    if problems:
-        listed = "\n  ".join(problems)
-        raise ValueError(
-            f"{run_dir} holds a run started with another config or other data, so it cannot be resumed:\n"
-            f"  {listed}\nRerun with --restart to discard it and train anew there, give a new -o, or "
-            f"rerun with the run's own {CONFIG_FILE} to continue it")
+    refuse_resume(run_dir, "a run started with another config or other data", resume_differences(run_dir, cfg),
+                  f"Rerun with --restart to discard it and train anew there, give a new -o, or rerun with the "
+                  f"run's own {CONFIG_FILE} to continue it")
 
 
 def discard_run(run_dir: Path) -> None:
