@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from quality_10min import MINIPILE, build_data  # minipile -> prepare -> BPE -> shards (benchmarks/)
 
 from pilelm.compress.distill import DistillConfig, run_distill
 from pilelm.compress.report import CompressReportConfig, run_compress_report
@@ -46,20 +47,8 @@ from pilelm.training.config import TrainConfig, load_run_config
 from pilelm.training.trainer import run_train
 
 ROOT = Path(__file__).resolve().parents[1]
-MINIPILE = ROOT.parent / "shared" / "minipile"
-NO_FILTERS = {"gopher_quality": [], "gopher_repetition": [], "c4": [], "light": []}
 CONTEXT = 1024
 TINY = {"n_layer": 2, "n_head": 2, "d_model": 64}
-
-
-def build_data(work: Path, minipile: Path, vocab: int) -> tuple[Path, Path]:
-    prep = run_stage("prepare", inputs=[str(minipile / "train")], output=str(work / "prepared"))
-    tok = run_stage("tokenizer train", data=str(prep), output=str(work / "tokenizer"), kind="bpe", vocab_size=vocab)
-    shards = run_stage("tokenize", data=str(prep), tokenizer=str(tok), output=str(work / "shards"))
-    val_prep = run_stage("prepare", inputs=[str(minipile / "val.jsonl.zst")], output=str(work / "val-prepared"),
-                         filters=NO_FILTERS, dedup={"exact": False, "minhash": False})
-    val = run_stage("tokenize", data=str(val_prep), tokenizer=str(tok), output=str(work / "val-shards"))
-    return shards, val
 
 
 def loop_section(steps: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -123,7 +112,7 @@ def main() -> None:
         raise SystemExit(f"minipile not found at {args.minipile} (--minipile PATH)")
     torch.set_num_threads(args.threads)
     work = args.work_dir
-    shards, val = build_data(work, args.minipile, args.vocab)
+    shards, val = build_data(work, args.minipile, vocab=args.vocab)
     base = train_base(shards, work / "base", args)
     runs = {"base (bf16)": base}
     for method in ("int8-weight", "int8-dynamic", "int4-weight"):

@@ -282,9 +282,9 @@ def train_and_score(key: str, work: Path, val: Path, args: argparse.Namespace, f
     every window of the val split (a pilelm recipe's run is reloaded for it if need be)."""
     from pilelm.training.checkpoint import load_for_inference
 
-    budget = budget_name(args)
-    path = work / "results" / f"{key.replace(' ', '_').replace('>', '')}-{budget}.json"
-    run = work / "runs" / budget / key.replace(" ", "_").replace(">", "")
+    budget, slug = budget_name(args), key.replace(" ", "_").replace(">", "")
+    path = work / "results" / f"{slug}-{budget}.json"
+    run = work / "runs" / budget / slug
     if path.is_file():
         res = json.loads(path.read_text())
         model = load_for_inference(run)[0] if full and "bpb_full" not in res else None
