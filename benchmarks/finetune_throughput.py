@@ -28,7 +28,7 @@ a last line per task says whether pilelm reaches >= 1.5x at an equal or better m
 
 Everything (the pretrained run, the data, the Trainer's folders) goes to ``--work-dir``
 (default: pilelm_bench_finetune under the system temp dir; reused by later runs). Not part of
-CI; the figures go in the README's Fine-tuning section.
+CI; the figures go in docs/finetune.md.
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ per token on the test conversations (teacher-forced, the same code for all three
 
 Everything goes to ``--work-dir`` (default: pilelm_bench_sft under the system temp dir).
 
-Not part of CI; the figures go in the README's Supervised fine-tuning section.
+Not part of CI; the figures go in docs/sft.md.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Three methods, each a drop-in for ``models.gpt.Linear`` (same ``forward`` and th
   where the CPU has it), as in LLM.int8() without the outlier split (Dettmers et al. 2022).
 
 Each kernel was picked per method from per-linear timings at GPT-2 124M shapes
-(``benchmarks/compress_kernels.py``, README "Compressing a model").
+(``benchmarks/compress_kernels.py``, docs/compress.md).
 
 The stored form is what the state dict holds (safetensors): ``qweight`` (int8, or two 4-bit
 values per uint8 byte, low nibble first), ``scales`` (and ``mins`` for int4), ``bias``. The

@@ -7,7 +7,7 @@ for Pile-CC); its other components are curated sources (papers, books, code, leg
 Q&A, encyclopedia articles) whose normal text fails web rules: LaTeX repeats lines and holds
 curly brackets, opinions and licences repeat clauses, tables and lists have few stop words.
 Applied to every component they drop a large share of such documents (measured per component
-on minipile in the README, "Data policy per Pile component").
+on minipile in docs/prepare.md, "Data policy per Pile component").
 
 So by default:
 - **web rules** (``WEB_COMPONENTS``: Pile-CC, OpenWebText2): Gopher quality, Gopher repetition, C4;

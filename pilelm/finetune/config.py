@@ -101,7 +101,7 @@ class FinetuneConfig:
     run: str = ""
     """The pretrained run directory (`pilelm train` or `pilelm import` output, e.g. an imported Hugging Face model)."""
     task: str = "classify"
-    """The task: classify, ner, punct, sft or contrastive (see the README's Fine-tuning and Supervised fine-tuning sections)."""
+    """The task: classify, ner, punct, sft or contrastive (see docs/finetune.md and docs/sft.md)."""
     data: list[str] = field(default_factory=list)
     """Labelled files (classify: JSONL/CSV/Parquet; ner: CoNLL or JSONL {tokens, tags}; punct: .txt or JSONL text; sft: JSONL conversations, or documents with sft.examples), or one prepared directory whose train/val/test splits are used."""
     val_data: list[str] = field(default_factory=list)

@@ -6,7 +6,7 @@ about half the streaming bandwidth for such shapes, and the same product from a 
 runs near it: oneDNN's blocked layout (also faster for bf16 and for several rows), or, for
 one fp32 row on one thread where oneDNN runs serially, W^T contiguous + ``addmm`` when
 out > in (else aten's own layout reads fastest). The measured bandwidths and speedups are in
-the README ("Decoding throughput"; ``benchmarks/generate_throughput.py``).
+docs/generate.md ("Decoding throughput"; ``benchmarks/generate_throughput.py``).
 """
 
 from __future__ import annotations

@@ -161,7 +161,7 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch
 
 # Training on CPU at short context, causal attention written out (scores by one batched
 # matmul that also adds the causal mask and the 1/sqrt(hs) scale, softmax, matmul) is faster
-# forward+backward than SDPA's CPU flash kernel (README, "Training": measured with
+# forward+backward than SDPA's CPU flash kernel (docs/train.md: measured with
 # benchmarks/train_throughput.py). Scores are rounded to the compute dtype before the softmax
 # (as in an eager bf16 attention); the softmax accumulates in fp32. Its (B, nh, T, T) memory
 # grows with T^2, so longer contexts keep SDPA.
@@ -496,7 +496,7 @@ class GPT(nn.Module):
         The computation of ``forward`` for T = 1, through each block's ``decode_one`` (the same
         weights, as plain calls on (B, C) activations): no module calls and no mask unless the
         cache has padding. Decoding a small model on CPU is dominated by such per-op overhead
-        once the matmuls read repacked weights (README, "Decoding throughput").
+        once the matmuls read repacked weights (docs/generate.md, "Decoding throughput").
         tests/models/test_gpt.py checks it against ``forward``.
         """
         cfg = self.cfg

@@ -19,7 +19,7 @@ class KVCache:
 
     On CPU a bf16/fp16 model keeps its cache in fp32: the keys and values are the half-precision
     values, stored exactly, and attention over them runs in fp32, whose small batched matmuls
-    are faster than bf16's on CPU (README, "Decoding throughput") and more accurate.
+    are faster than bf16's on CPU (docs/generate.md, "Decoding throughput") and more accurate.
     """
 
     def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype):

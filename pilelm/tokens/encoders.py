@@ -6,7 +6,7 @@ loads); it is also the slowest here. Two faster libraries can stand in for it on
 BPE:
 
 1. **fastokens** (Rust, reads ``tokenizer.json`` itself): about 10x tiktoken per CPU-second on
-   minipile (README, "tokenize throughput"); the batch call returns one flat uint32 buffer.
+   minipile (docs/tokenize.md, "Throughput"); the batch call returns one flat uint32 buffer.
 2. **tiktoken** over the same ranks (``pilelm.tokens.fast_bpe``), when the merges are in rank
    order.
 3. **tokenizers** itself, always right.

@@ -14,7 +14,7 @@ def keep_freed_memory_mapped() -> None:
     them on free, so every step's large activations page-fault in again (expensive in a VM).
     Raising the mmap and trim thresholds keeps the freed memory in the heap for reuse, as
     jemalloc/tcmalloc do (PyTorch's CPU performance guide recommends those for this reason).
-    A no-op off glibc; benchmarks/train_throughput.py measures the gain (README, Training).
+    A no-op off glibc; benchmarks/train_throughput.py measures the gain (docs/train.md).
     """
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -133,8 +133,8 @@ class MasterWeights(torch.optim.Optimizer):
 def resolve_precision(name: str, device: torch.device, distributed: str | None = None) -> Precision:
     """``auto`` -> bf16-autocast where bf16 matmuls are native, else fp32.
 
-    Not pure ``bf16``: it is barely faster than autocast (matmuls dominate either way; README,
-    "Training"), and autocast keeps the residual stream and LayerNorms in fp32, the safer
+    Not pure ``bf16``: it is barely faster than autocast (matmuls dominate either way; docs/train.md),
+    and autocast keeps the residual stream and LayerNorms in fp32, the safer
     default; pure ``bf16`` is for when activation memory matters (its loss matches autocast's
     and fp32's in our runs). ``distributed`` is "ddp" or "fsdp" under torchrun, else None.
     """

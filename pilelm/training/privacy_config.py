@@ -29,7 +29,7 @@ class PrivacyConfig:
     sampling: Literal["poisson", "shuffle"] = "poisson"
     """poisson: each training window joins a step independently with probability q = expected
     batch / N (the sampling the accountant assumes); shuffle: the usual shuffled fixed-size
-    batches, accounted as if Poisson at the same q (the common approximation; see README)."""
+    batches, accounted as if Poisson at the same q (the common approximation; see docs/privacy.md)."""
     accountant: Literal["rdp", "prv"] = "rdp"
     """Opacus accountant: rdp (Renyi DP, Mironov 2017) or prv (privacy random variables,
     Gopi et al. 2021; tighter)."""

@@ -6,7 +6,7 @@ A record of a JSONL file (plain or ``.zst``) is either
 - ``{"messages": [{"role": ..., "content": ...}, ...]}`` (OpenAI's chat shape): roles system,
   developer, user, assistant; every assistant message is a reply the model learns.
 
-Bad input, as documented in the README: a record with neither shape, a message that is not a
+Bad input, as documented in docs/sft.md: a record with neither shape, a message that is not a
 ``{role, content}`` object with string content, or an unknown role is an error naming the file
 and line; a conversation whose replies are all empty is skipped and counted
 (``empty_response``), as is one with no assistant message (``no_reply``).
