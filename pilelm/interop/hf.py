@@ -101,15 +101,15 @@ def _load_torch_bin(path: Path) -> dict[str, torch.Tensor]:
 # Tokenizer files
 
 
-def _export_tokenizer(tok_dir: Path, out_dir: Path) -> tuple[int | None, int | None]:
-    """Write the run's tokenizer into the HF folder (tokenizer.json + the files AutoTokenizer
-    reads); returns its (bos, eos) ids for the model config."""
+def _load_export_tokenizer(tok_dir: Path) -> tuple[Any, int | None, int | None]:
+    """The run's tokenizer and its (bos, eos) ids for the model config. Saved into the HF
+    folder (tokenizer.json + the files AutoTokenizer reads, chat template included) with
+    ``.save(folder)`` once the whole export is known to be possible."""
     from pilelm.tokens.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
-    tok.save(out_dir)
     bos = tok.eod_id if tok.kind == "bpe" else tok.cls_id  # GPT-2/NeoX: bos = eos = <|endoftext|>
-    return bos, tok.eod_id
+    return tok, bos, tok.eod_id
 
 
 def _import_tokenizer(source: Path, out_dir: Path) -> None:
@@ -182,13 +182,15 @@ def run_export(cfg: ExportConfig) -> Path:
     with timer("export"):
         model, model_cfg, tok_dir = load_for_inference(cfg.run, cfg.step)
         _refuse_compressed_weights(cfg.run, cfg.step)
+        # Everything that can refuse runs before anything is written.
         adapter, hf_state = export_state(model, model_cfg)
         dtype = DTYPES[cfg.dtype]
         hf_state = {k: v.detach().to(dtype).contiguous() for k, v in hf_state.items()}
+        tok, bos, eos = _load_export_tokenizer(Path(tok_dir))
+        hf_cfg = adapter.hf_config(model_cfg, bos, eos, cfg.dtype)
         clear_manifest(out)
         out.mkdir(parents=True, exist_ok=True)
-        bos, eos = _export_tokenizer(Path(tok_dir), out)
-        hf_cfg = adapter.hf_config(model_cfg, bos, eos, cfg.dtype)
+        tok.save(out)
         with atomic_path(out / "model.safetensors") as tmp:
             save_file(hf_state, str(tmp), metadata={"format": "pt"})
         atomic_write_text(out / "config.json", hf_cfg.to_json_string())
@@ -218,12 +220,13 @@ def export_finetuned(cfg: ExportConfig) -> Path:
         model = load_task_model(ft_dir / "best")
         trunk_cfg = model.trunk.cfg
         adapter, lm_state = export_state(model.trunk, trunk_cfg)
-        architecture, state = task_model_to_hf(model, lm_state)
+        tok, bos, eos = _load_export_tokenizer(ft_dir / "tokenizer")
+        hf_cfg = adapter.hf_config(trunk_cfg, bos, eos, cfg.dtype)
+        architecture, state = task_model_to_hf(model, lm_state, hf_cfg.architectures[0])
         state = {k: v.to(DTYPES[cfg.dtype]).contiguous() for k, v in state.items()}
         clear_manifest(out)
         out.mkdir(parents=True, exist_ok=True)
-        bos, eos = _export_tokenizer(ft_dir / "tokenizer", out)
-        hf_cfg = adapter.hf_config(trunk_cfg, bos, eos, cfg.dtype)
+        tok.save(out)
         hf_cfg.architectures = [architecture]
         hf_cfg.id2label = model.head.id2label
         hf_cfg.label2id = {label: i for i, label in model.head.id2label.items()}
