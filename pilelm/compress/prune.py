@@ -13,7 +13,9 @@
 
 Removing heads leaves ``n_head * head_dim < d_model``, which transformers' GPT-2 and
 GPT-NeoX cannot express: such runs do not export (``pilelm export`` says so); pruning MLP
-channels only (``heads=0``) keeps a run exportable. ``recovery_steps`` fine-tunes the pruned
+channels only (``heads=0``) keeps a run exportable. Runs of the cpu-10min recipe's form export
+as Qwen3 (or Llama), whose ``head_dim`` is free, so they export either way. A SwiGLU MLP loses
+a channel's gate and value rows together. ``recovery_steps`` fine-tunes the pruned
 model afterwards (``compress/recovery.py``).
 """
 

@@ -146,6 +146,30 @@ def test_recipe_run_greedy_decodes_alike_and_imports_back(qwen3_run, tmp_path):
         torch.testing.assert_close(back(idx)[0], model(idx)[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["structured", "int8-weight"])
+def test_compressed_recipe_runs_export_exactly_or_are_refused(method, qwen3_run, tmp_path, capsys):
+    """Pruned heads keep a Qwen3 folder (its head_dim is free); quantized weights are refused."""
+    from pilelm.training.checkpoint import load_for_inference
+
+    out = tmp_path / "c"
+    if method == "structured":
+        assert main(["prune", str(qwen3_run), "-o", str(out), "--method", "structured", "heads=0.5",
+                     "channels=0.25"]) == 0
+    else:
+        assert main(["quantize", str(qwen3_run), "-o", str(out), "--method", method]) == 0
+    code = main(["export", str(out), "-o", str(tmp_path / "hf")])
+    if method != "structured":
+        assert code == 1 and "weights" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+        return
+    assert code == 0
+    model, cfg, _ = load_for_inference(out)
+    assert cfg.n_head == 2 and cfg.attn_width < cfg.d_model
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    idx = torch.randint(0, cfg.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], hf(idx).logits, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("task", ["classify", "ner"])
 def test_recipe_fine_tunes_export_with_their_heads(task, qwen3_run, tmp_path):
     import sys
