@@ -17,6 +17,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+FLOAT32 = torch.finfo(torch.float32)
+
+
+def float32_problem(value: float) -> str | None:
+    """Why ``value`` cannot be a float32 sampling setting, or None when it can.
+
+    Sampling runs in float32: a nonzero value below the smallest normal float32 (1.2e-38)
+    becomes 0 or a subnormal there (``temperature: 1e-40`` would divide the logits by ~0), and
+    one above 3.4e38 becomes inf."""
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if value != 0 and abs(value) < FLOAT32.tiny:
+        return f"{value:g} is too close to 0 for float32 (the smallest normal float32 is {FLOAT32.tiny:.3g}); use a larger value (or 0 where 0 is allowed)"
+    if abs(value) > FLOAT32.max:
+        return f"{value:g} overflows float32 (the largest float32 is {FLOAT32.max:.3g})"
+    return None
+
 
 @dataclass
 class SamplingParams:
@@ -45,7 +62,11 @@ class SamplingParams:
         for key in ("logprobs", "prompt_logprobs"):
             if (getattr(self, key) or 0) < 0:
                 raise ValueError(f"{key} must be >= 0 (or None = off), got {getattr(self, key)}")
-        if self.temperature < 0 or not math.isfinite(self.temperature):
+        for key in ("temperature", "top_p", "repetition_penalty"):
+            problem = float32_problem(getattr(self, key))
+            if problem is not None:
+                raise ValueError(f"{key}: {problem}")
+        if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
@@ -101,6 +122,8 @@ class RowSampler:
         self.top_p = torch.tensor([p.top_p for p in params], device=device)
         self.penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
         self.generators = [seeded_generator(p.seed, device) for p in params]
+        self.failed: list[int] = []
+        """Rows of the last call whose probabilities were not finite (they got no token)."""
         self._update()
 
     def _update(self) -> None:
@@ -128,7 +151,12 @@ class RowSampler:
         self._update()
 
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
-        """logits (b, V) float32 -> next tokens (b,)."""
+        """logits (b, V) float32 -> next tokens (b,).
+
+        A sampled row whose probabilities are not finite (an extreme temperature or penalty
+        overflowing float32, or non-finite logits) gets no token: it is listed in ``failed``
+        (its entry in the result is meaningless) and the other rows sample as usual."""
+        self.failed: list[int] = []
         if self.use_penalty and seen is not None:
             logits = apply_repetition_penalty(logits, seen, self.penalty)
         tokens = logits.argmax(dim=-1)
@@ -138,7 +166,16 @@ class RowSampler:
             tempered = logits[index] / self.temperature[index, None]
             filtered, ids = filter_top_k_top_p(tempered, self.top_k[index], self.top_p[index])
             probs = filtered.softmax(dim=-1)
+            finite = torch.isfinite(probs).all(dim=-1).tolist()  # (r,)
             for j, row in enumerate(rows):
+                if not finite[j]:  # multinomial would raise for the whole batch
+                    self.failed.append(row)
+                    continue
                 choice = torch.multinomial(probs[j], 1, generator=self.generators[row])
                 tokens[row] = ids[j, choice[0]]
         return tokens
+
+    def describe(self, row: int) -> str:
+        """Row ``row``'s settings that can overflow float32, for an error message."""
+        p = self.params[row]
+        return f"temperature={p.temperature:g}, top_p={p.top_p:g}, repetition_penalty={p.repetition_penalty:g}"

@@ -265,7 +265,7 @@ class Result:
 
     def _apply(self, ev: Event) -> None:
         if isinstance(ev, Failed):
-            raise APIError(500, ev.message, type="server_error")
+            raise APIError(ev.status, ev.message, type="server_error" if ev.status >= 500 else "invalid_request_error")
         if isinstance(ev, PromptLogprobs):
             self.prompt_logprobs[ev.index] = ev.logprobs
             return

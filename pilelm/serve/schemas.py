@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from pilelm.inference.sampling import float32_problem
 
 # torch.Generator.manual_seed takes a 64-bit seed; the choices of a request use seed + i.
 MAX_SEED = 2**63 - 1
@@ -24,6 +26,18 @@ MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256
 RequestT = TypeVar("RequestT", bound=BaseModel)
 MAX_LOGPROBS = 20  # alternatives per token (vLLM's default limit; OpenAI's completions allow 5)
+
+
+def _float32(value: float) -> float:
+    problem = float32_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+Float32 = Annotated[float, AfterValidator(_float32)]
+"""A float the float32 sampler can carry: 0, or a normal float32 (a nonzero value that would
+become 0, a subnormal or inf in float32 is a 400 naming the field)."""
 
 
 class APIError(Exception):
@@ -65,19 +79,19 @@ class GenerationFields(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
     model: str | None = None
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    temperature: Float32 = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: Float32 = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    repetition_penalty: Float32 = Field(default=1.0, gt=0.0, le=10.0)
     n: int = Field(default=1, ge=1, le=128)  # OpenAI's limit
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Accepted only at their neutral values (clients such as LangChain always send them).
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Float32 = 0.0
+    frequency_penalty: Float32 = 0.0
+    logit_bias: dict[str, Float32] | None = None
     user: str | None = None
 
     def stop_strings(self) -> list[str]:
@@ -182,7 +196,8 @@ def validation_error(e: ValidationError, body: dict[str, Any]) -> APIError:
         return APIError(400, f"{field} must be {_SHAPES[field]}; got {_short(body.get(field))}", param=field)
     where = ".".join(loc)
     value = err.get("input")
-    return APIError(400, f"{where}: {err['msg']} (got {_short(value)})", param=field)
+    msg = str(err["ctx"]["error"]) if err["type"] == "value_error" and "error" in err.get("ctx", {}) else err["msg"]
+    return APIError(400, f"{where}: {msg} (got {_short(value)})", param=field)
 
 
 def _short(value: Any) -> str:
