@@ -1,7 +1,12 @@
 """Choosing the next token: per-request sampling settings and the batched sampler.
 
 ``SamplingParams`` holds one request's settings: greedy (temperature 0), temperature, top-k,
-top-p, repetition penalty, stop strings, max new tokens, seed. ``RowSampler`` holds the
+top-p, repetition penalty, stop strings, max new tokens, seed. It is the one definition of
+these options: ``pilelm generate``'s config embeds it (``GenerateConfig.sampling``) and
+``pilelm serve`` converts each request into it. Its defaults are the OpenAI API's
+(temperature 1, top_p 1, 16 tokens; top-k and the repetition penalty off): the model's own,
+unfiltered distribution, which is what an API client that omits a field expects. ``pilelm
+generate`` starts from the one named preset ``GENERATE_PRESET`` instead. ``RowSampler`` holds the
 settings of every row of a running batch as tensors and turns a step's logits into one token
 per row; each row samples with its own seeded ``torch.Generator``, so a row's tokens do not
 depend on the other rows of the batch.
@@ -37,7 +42,7 @@ def float32_problem(value: float) -> str | None:
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 64
+    max_new_tokens: int = 16
     """Most tokens to generate per prompt (0: none; the prompt is only prefilled, e.g. to score it)."""
     temperature: float = 1.0
     """Softmax temperature; 0 means greedy (argmax)."""
@@ -48,9 +53,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     """CTRL penalty (Keskar et al. 2019) on tokens already in the prompt or output; 1 = off."""
     stop: list[str] = field(default_factory=list)
-    """Stop at the first of these strings (which is cut from the text)."""
+    """Stop at the first of these strings (which is cut from the text; on the command line \\n, \\t, \\r are unescaped)."""
     seed: int | None = None
-    """Seed of this request's sampler; None draws one from torch's global RNG."""
+    """Seed of the sampler (prompt or choice i of a batch uses seed + i); None draws one from torch's global RNG."""
     logprobs: int | None = None
     """Report each generated token's log-probability and this many most likely alternatives; None = off."""
     prompt_logprobs: int | None = None
@@ -76,6 +81,12 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+
+
+GENERATE_PRESET = SamplingParams(max_new_tokens=128, temperature=0.8, top_p=0.95)
+"""``pilelm generate``'s starting point (each option can be overridden): a longer sample, a
+little colder and without the unlikely tail (nucleus sampling, Holtzman et al. 2019), which
+reads better from small models than their raw distribution."""
 
 
 def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator:

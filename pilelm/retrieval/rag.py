@@ -104,7 +104,7 @@ def run_generate_rag(cfg: RagGenerateConfig, write: Callable[[str], Any] | None 
     if not questions or questions == [""]:
         raise ValueError("generate --retrieve needs a question: --prompt \"...\"")
     tokenizer = load_tokenizer(Path(cfg.run) / "tokenizer")
-    budget = _context_of(cfg.run, cfg.step) - cfg.max_new_tokens
+    budget = _context_of(cfg.run, cfg.step) - cfg.sampling.max_new_tokens
     prompts, sources = [], []
     for q in questions:
         hits = index.search(encoder.embed_queries([q])[0], cfg.retrieve_k)

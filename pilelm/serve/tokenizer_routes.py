@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict
 
-from pilelm.serve.chat import check_messages, render_prompt
+from pilelm.serve.chat import chat_prompt_ids, check_messages
 from pilelm.serve.respond import ServeContext
 from pilelm.serve.schemas import APIError, parse_request
 from pilelm.tokens.chat import DEFAULT_CHAT_TEMPLATE
@@ -50,9 +50,10 @@ def add_tokenizer_routes(app: FastAPI, ctx: ServeContext) -> None:
         ctx.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "send either prompt (a string) or messages (a chat)", param="prompt")
-        text = req.prompt if req.prompt is not None else render_prompt(
-            ctx, check_messages(req.messages or []), req.add_generation_prompt)
-        tokens = tokenizer.encode(text)
+        if req.prompt is not None:
+            tokens = ctx.encode_text(req.prompt)
+        else:
+            tokens = await chat_prompt_ids(ctx, check_messages(req.messages or []), req.add_generation_prompt)
         return {"count": len(tokens), "max_model_len": ctx.max_context, "tokens": tokens}
 
     @app.post("/detokenize")
