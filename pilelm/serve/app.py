@@ -15,7 +15,8 @@ Routes:
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status, as
 the OpenAI API answers, so clients raise their usual exceptions; a server error says only that
 (the details go to the server log). What a generation request goes through (limits, slots,
-events to responses) is ``respond.py``; what a web page may ask is ``browser_guard.py``.
+events to responses) is ``respond.py``; what a web page may ask is ``browser_guard.py``. Each
+endpoint module registers its routes with one ``add_*_routes(app, ctx)``, listed in ``ROUTES``.
 """
 
 from __future__ import annotations

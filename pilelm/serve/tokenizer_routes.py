@@ -8,7 +8,10 @@ the server answers ``/tokenizer_info``, so it needs no copy of the tokenizer):
 - ``GET /tokenizer_info`` -> the special tokens, the chat template in use and the sizes.
 
 Special tokens are never added (``add_special_tokens`` is accepted and ignored: pilelm's
-tokenizers add none). The API key, when set, is required as on ``/v1/*``.
+tokenizers add none), and a prompt is encoded as text, as completions encode it: a special
+token's string in it is ordinary characters (``ServeContext.encode_text``); messages are
+rendered and encoded as chat completions do (``chat.chat_prompt_ids``). The API key, when set,
+is required as on ``/v1/*``.
 """
 
 from __future__ import annotations
