@@ -6,9 +6,11 @@ looping for hours (``{% for a in range(99999) %}{% for b in range(99999) %}``) o
 string of gigabytes (``'x' * 10**10``, ``'x'|center(10**10)``, doubling a string in a loop).
 ``LimitedEnvironment`` adds, for the render in progress (``limits(...)`` sets them per thread):
 
-- a deadline, checked at every ``range`` step, every call, every intercepted operator and
-  every piece of output (a loop over a list that does nothing else is the one thing it does
-  not see; the server also renders off its event loop and stops waiting at the deadline);
+- a deadline, checked at every line the template's compiled code runs (``sys.settrace`` on
+  the rendering thread, for template code only: every loop iteration is seen), every ``range``
+  step, call, intercepted operator and piece of output (one C-level operation, such as
+  sorting a list of the size limit, runs to its end; the server also renders off its event
+  loop and stops waiting at twice the deadline);
 - a size limit: ``*``, ``**`` and ``+`` whose result would exceed it, and calls or filters
   given an integer above it (``center``, ``ljust``, ``format`` widths ...), are refused
   before they run, and the output stops at it.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -122,13 +125,34 @@ class LimitedEnvironment(ImmutableSandboxedEnvironment):
         return out
 
 
+def _trace_templates(frame: Any, event: str, arg: Any) -> Any:
+    """A ``sys.settrace`` function that checks the clock at every line the template's compiled
+    code runs (every loop iteration runs one), and nowhere else (Jinja compiles templates to
+    Python code whose file name is ``<template>``)."""
+    return _check_line if frame.f_code.co_filename == "<template>" else None
+
+
+def _check_line(frame: Any, event: str, arg: Any) -> Any:
+    check_time()  # raising here ends the template's frame with the error
+    return _check_line
+
+
 def render_limited(template: jinja2.Template, **variables: Any) -> str:
-    """``template.render(**variables)``, piece by piece, stopping at the limits in force."""
+    """``template.render(**variables)``, piece by piece, stopping at the limits in force (with
+    a deadline, the template's code runs traced: see ``_trace_templates``)."""
     out: list[str] = []
     n = 0
-    for piece in template.generate(**variables):
-        n += len(piece)
-        check_size(n, "an output")
-        check_time()
-        out.append(piece)
+    traced = getattr(_current, "deadline", None) is not None
+    previous = sys.gettrace()
+    if traced:
+        sys.settrace(_trace_templates)
+    try:
+        for piece in template.generate(**variables):
+            n += len(piece)
+            check_size(n, "an output")
+            check_time()
+            out.append(piece)
+    finally:
+        if traced:
+            sys.settrace(previous)
     return "".join(out)

@@ -173,6 +173,7 @@ def test_only_the_templates_own_markers_are_special(tokenizer):
 
 HOSTILE = {
     "nested loops": "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}",
+    "loops over lists": "{% set xs = messages * 50000 %}{% for a in xs %}{% for b in xs %}{% endfor %}{% endfor %}",
     "huge output": "{% for a in range(99999) %}{% for b in range(99999) %}xxxxxxxx{% endfor %}{% endfor %}",
     "huge string": "{{ 'x' * 10**10 }}",
     "huge padding": "{{ 'x'|center(10**10) }}",
