@@ -57,9 +57,9 @@ class SamplingParams:
     seed: int | None = None
     """Seed of the sampler (prompt or choice i of a batch uses seed + i); None draws one from torch's global RNG."""
     logprobs: int | None = None
-    """Report each generated token's log-probability and this many most likely alternatives; None = off."""
+    """Report each generated token's log-probability and this many most likely alternatives; None = off (pilelm serve's logprobs; pilelm generate refuses it)."""
     prompt_logprobs: int | None = None
-    """Report the prompt's own tokens' log-probabilities (and this many alternatives); None = off."""
+    """Report the prompt's own tokens' log-probabilities (and this many alternatives); None = off (serve's echo + logprobs; generate refuses it)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
