@@ -43,7 +43,7 @@ from pilelm.data.plan import PrepareJob, plan_tasks
 from pilelm.data.prepared import REJECTS, SPLITS, STATS, WORK, output_names, split_files
 from pilelm.data.sources import SkippedFile, SourceFile, expand_inputs
 from pilelm.data.stats import TaskStats, write_report
-from pilelm.data.tasks import (
+from pilelm.data.prepare_tasks import (
     clean_task,
     count_task,
     dedup_task,
