@@ -40,9 +40,6 @@ from pilelm.core.stages import load_hook
 from pilelm.data.config import PrepareConfig
 from pilelm.data.executor import make_executor
 from pilelm.data.plan import PrepareJob, plan_tasks
-from pilelm.data.prepared import REJECTS, SPLITS, STATS, WORK, output_names, split_files
-from pilelm.data.sources import SkippedFile, SourceFile, expand_inputs
-from pilelm.data.stats import TaskStats, write_report
 from pilelm.data.prepare_tasks import (
     clean_task,
     count_task,
@@ -51,6 +48,9 @@ from pilelm.data.prepare_tasks import (
     index_task,
     write_task,
 )
+from pilelm.data.prepared import REJECTS, SPLITS, STATS, WORK, output_names, split_files
+from pilelm.data.sources import SkippedFile, SourceFile, expand_inputs
+from pilelm.data.stats import TaskStats, write_report
 
 log = logging.getLogger(__name__)
 
