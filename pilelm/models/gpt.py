@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pilelm.models.cpu_kernels import DECODE_MAX_ROWS, Linear, can_repack, repack_kind
+from pilelm.models.cpu_kernels import DECODE_MAX_ROWS, RepackedLinear, can_repack, repack_kind
 from pilelm.models.dropout import Dropout, dropout
 from pilelm.models.fused_ce import cross_entropy_with_z_loss, linear_cross_entropy, soft_cap
 from pilelm.models.kv_cache import KVCache
@@ -191,8 +191,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.qkv = Linear(cfg.d_model, 3 * cfg.attn_width, bias=cfg.bias)
-        self.proj = Linear(cfg.attn_width, cfg.d_model, bias=cfg.bias)
+        self.qkv = RepackedLinear(cfg.d_model, 3 * cfg.attn_width, bias=cfg.bias)
+        self.proj = RepackedLinear(cfg.attn_width, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_drop = Dropout(cfg.dropout)
 
@@ -278,8 +278,8 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = cfg.mlp
         # swiglu: fc holds the gate's rows, then the value's: (2 * ffn, C).
-        self.fc = Linear(cfg.d_model, cfg.ffn_size * (2 if cfg.mlp == "swiglu" else 1), bias=cfg.bias)
-        self.proj = Linear(cfg.ffn_size, cfg.d_model, bias=cfg.bias)
+        self.fc = RepackedLinear(cfg.d_model, cfg.ffn_size * (2 if cfg.mlp == "swiglu" else 1), bias=cfg.bias)
+        self.proj = RepackedLinear(cfg.ffn_size, cfg.d_model, bias=cfg.bias)
         self.drop = Dropout(cfg.dropout)
         # GPT-2 used the tanh approximation ("gelu_new"); GPT-NeoX uses exact GELU.
         self.approximate = "tanh" if cfg.arch == "gpt2" else "none"
@@ -365,7 +365,7 @@ class GPT(nn.Module):
         self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
-        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = RepackedLinear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base) if cfg.rotary_dim > 0 else None
         if cfg.tied:
             self.lm_head.weight = self.wte.weight
