@@ -67,8 +67,7 @@ COMMANDS: dict[str, Command] = {
                 "bits per byte and perplexity per Pile component; compare runs side by side",
                 ("runs",), "pilelm eval RUN_DIR... --data SHARD_DIR_OR_PREPARED_DIR -o EVAL_DIR",
                 report="pilelm.evaluation.results:report_section"),
-        # RagGenerateConfig is GenerateConfig plus --retrieve INDEX (retrieved passages before the prompt).
-        Command("generate", "pilelm.retrieval.rag", "RagGenerateConfig", "run_generate_rag",
+        Command("generate", "pilelm.inference.generate", "GenerateConfig", "run_generate",
                 "sample text from a trained model (greedy, top-k, top-p, beam; --retrieve INDEX for RAG)",
                 ("run",), 'pilelm generate RUN_DIR --prompt "..." [--temperature 0.8 --top-p 0.95] [--retrieve INDEX]',
                 report="pilelm.inference.generate:report_section"),
@@ -133,6 +132,7 @@ COMMANDS: dict[str, Command] = {
 HOOKS: dict[str, str] = {
     "train.privacy": "pilelm.privacy.dpsgd:PrivateTraining",
     "prepare.canaries": "pilelm.privacy.canaries:plant_canaries",
+    "generate.retrieve": "pilelm.retrieval.rag:retrieval_prompts",
 }
 
 
