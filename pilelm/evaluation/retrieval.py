@@ -30,7 +30,8 @@ from pilelm.core.manifest import MANIFEST, Timer, clear_manifest, read_manifest,
 from pilelm.models.dtypes import DTYPES
 
 if TYPE_CHECKING:
-    from pilelm.evaluation.evaluate import EvalConfig, RunSpec
+    from pilelm.evaluation.config import EvalConfig
+    from pilelm.evaluation.runs import RunSpec
 
 log = logging.getLogger(__name__)
 
