@@ -1,6 +1,8 @@
 """The package's shape: stage packages import only downward, never in a circle, and no module
 grows past a few hundred lines. Read from the source with ``ast`` (nothing is imported), so a
-function-level import counts as much as a module-level one."""
+function-level import counts as much as a module-level one, and an ``if TYPE_CHECKING:``
+import (annotations only) counts for circles: two modules that name each other's types are
+one idea split in two."""
 
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ class Import:
     imported: str
     line: int
     module_level: bool
+    type_only: bool = False
+    """Inside ``if TYPE_CHECKING:``: never executed."""
 
 
 def module_name(path: Path) -> str:
@@ -71,7 +75,7 @@ def _imports(module: str, path: Path) -> list[Import]:
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     out: list[Import] = []
 
-    def visit(node: ast.AST, module_level: bool) -> None:
+    def visit(node: ast.AST, module_level: bool, type_only: bool = False) -> None:
         for child in ast.iter_child_nodes(node):
             names: list[str] = []
             if isinstance(child, ast.Import):
@@ -85,11 +89,11 @@ def _imports(module: str, path: Path) -> list[Import]:
                 names = [f"{base}.{a.name}" for a in child.names]
             for name in names:
                 if name == "pilelm" or name.startswith("pilelm."):
-                    out.append(Import(module, _target(name), child.lineno, module_level))
-            if _type_checking_only(child):
-                continue  # annotations only: never executed, so no import at run time
+                    out.append(Import(module, _target(name), child.lineno, module_level and not type_only,
+                                      type_only))
             inner = isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
-            visit(child, module_level and not inner)
+            # annotations only: never executed, so no import at run time
+            visit(child, module_level and not inner, type_only or _type_checking_only(child))
 
     visit(tree, True)
     return out
@@ -109,6 +113,7 @@ def test_the_walk_sees_the_package():
     assert {"core", "inference", "evaluation", "serve"} <= {package_of(m) for m in MODULES}
     assert any(i.importer == "pilelm.serve.server" and i.imported == "pilelm.serve.app" for i in IMPORTS)
     assert any(not i.module_level for i in IMPORTS)
+    assert any(i.type_only for i in IMPORTS)
 
 
 def test_every_stage_package_has_a_layer():
@@ -183,8 +188,8 @@ def test_no_import_cycle_between_packages():
 
 
 def test_no_import_cycle_between_modules():
-    # Function-level imports count too: a lazy import hides a circle from the interpreter, not
-    # from the reader.
+    # Function-level and TYPE_CHECKING imports count too: a lazy import hides a circle from
+    # the interpreter, not from the reader.
     edges: dict[str, set[str]] = {}
     for imp in IMPORTS:
         if imp.importer != imp.imported:
