@@ -1,6 +1,6 @@
 """GPT-2 and GPT-NeoX/Pythia causal language models in one readable file.
 
-Two families share one block:
+The gpt family; two architectures (``model.arch``) share one block:
 - ``gpt2`` (Radford et al. 2019): learned absolute positions, pre-LayerNorm, tanh-GELU MLP,
   sequential residual, output projection tied to the token embedding.
 - ``neox`` (Black et al. 2022; Pythia, Biderman et al. 2023): rotary position embedding on
@@ -8,7 +8,7 @@ Two families share one block:
   ``x + attn(ln1(x)) + mlp(ln2(x))``, exact GELU, untied output projection.
 
 Options of the quality-per-compute recipe (``pilelm/configs/cpu-10min.yaml``), each off by
-default so the two families above stay exactly what transformers loads: ``qk_norm``
+default so the two architectures above stay exactly what transformers loads: ``qk_norm``
 (parameter-free RMSNorm of queries and keys, Dehghani et al. 2023, "Scaling Vision
 Transformers to 22B", sec. 3.1; allows higher learning rates), ``mlp`` relu2 (squared ReLU,
 So et al. 2021, "Primer") or swiglu (Shazeer 2020), ``logit_softcap`` and ``z_loss``
@@ -39,7 +39,7 @@ from pilelm.models.kv_cache import KVCache
 @dataclass
 class GPTConfig:
     arch: Literal["gpt2", "neox"] = "gpt2"
-    """Model family: gpt2 (learned positions, tied output) or neox (rotary, parallel residual)."""
+    """Architecture within the gpt family: gpt2 (learned positions, tied output) or neox (rotary, parallel residual)."""
     vocab_size: int = 0
     """Vocabulary size; 0 takes it from the token shards' tokenizer (rounded up to a multiple of 64)."""
     block_size: int = 256
@@ -67,13 +67,13 @@ class GPTConfig:
     parallel_residual: bool = True
     """neox: x + attn(ln1(x)) + mlp(ln2(x)) instead of two sequential residual adds."""
     tie_embeddings: bool | None = None
-    """Share the token embedding with the output projection; None = family default (gpt2 yes, neox no)."""
+    """Share the token embedding with the output projection; None = the arch's default (gpt2 yes, neox no)."""
     init_std: float = 0.02
     """Std of the normal init; residual output projections get init_std / sqrt(2 * n_layer)."""
     qk_norm: bool = False
     """RMS-normalise each head's queries and keys (no gain) before attention (and rotary)."""
     mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
-    """MLP activation: gelu (the family's: tanh-GELU for gpt2, exact for neox), relu2
+    """MLP activation: gelu (the arch's: tanh-GELU for gpt2, exact for neox), relu2
     (squared ReLU) or swiglu (gated SiLU; d_ff=0 means 8/3 * d_model rounded up to 64)."""
     logit_softcap: float = 0.0
     """Soft-cap the output logits at this value (cap * tanh(z / cap), e.g. 15); 0 = off."""
