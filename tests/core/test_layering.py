@@ -10,7 +10,7 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-from pilelm.core.stages import COMMANDS
+from pilelm.core.stages import COMMANDS, HOOKS
 
 PACKAGE = Path(__file__).resolve().parents[2] / "pilelm"
 
@@ -141,6 +141,30 @@ def test_core_reaches_stages_only_through_the_stage_table():
         if cmd.report:
             module, _, func = cmd.report.partition(":")
             assert module in MODULES and func, f"{cmd.name}: report {cmd.report!r} is not module:function"
+
+
+def _defines(module: str, name: str) -> bool:
+    """Whether ``module``'s source defines (or imports) ``name`` at module level."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node.name == name:
+            return True
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return True
+        if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) == name for a in node.names):
+            return True
+    return False
+
+
+def test_every_hook_and_report_names_a_real_function():
+    # A hook or report section is reached by a string: a rename must not leave it dangling.
+    named = [(f"HOOKS[{k!r}]", v) for k, v in HOOKS.items()]
+    named += [(f"{c.name} report", c.report) for c in COMMANDS.values() if c.report]
+    for where, target in named:
+        module, _, attr = target.partition(":")
+        assert module in MODULES and _defines(module, attr), f"{where}: {target} names no function"
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
