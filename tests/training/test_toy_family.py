@@ -64,3 +64,18 @@ def test_a_family_registered_after_the_train_config_is_refused_by_name():
     with pytest.raises(RuntimeError, match="'late' is registered too late.*before importing pilelm.training"):
         register(late)
     assert "late" not in families()
+
+
+def test_a_family_folder_under_pilelm_models_registers_itself(tmp_path):
+    # A copy of the package (code and configs) with one folder added: pilelm/models/toy/.
+    import shutil
+
+    copy = tmp_path / "pilelm"
+    shutil.copytree(ROOT / "pilelm", copy, ignore=shutil.ignore_patterns("sample", "__pycache__", "static"))
+    (copy / "models" / "toy").mkdir()
+    shutil.copy(ROOT / "tests" / "models" / "toy_family.py", copy / "models" / "toy" / "__init__.py")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    helped = subprocess.run([sys.executable, "-m", "pilelm.core.cli", "train", "--help"], capture_output=True,
+                            text=True, env=env, timeout=300, cwd=tmp_path)
+    assert helped.returncode == 0, helped.stderr[-2000:]
+    assert "toy.d_model=16" in helped.stdout and "Width of the token embedding" in helped.stdout
