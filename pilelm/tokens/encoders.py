@@ -21,7 +21,11 @@ pre-tokenizer, plain added tokens, no truncation), and it encodes the probe text
 (special tokens in and around words, non-NFC text, whitespace runs, digits, scripts, NUL,
 very long words) exactly as ``tokenizers`` does, one by one and as one batch. A candidate
 that fails either check is passed over with the reason logged; the reasons and the chosen
-encoder's name and version go into ``pilelm tokenize``'s manifest.
+encoder's name and version go into ``pilelm tokenize``'s manifest. A passed probe is
+remembered (``proof_cache_dir``) under a key made of the tokenizer's whole ``tokenizer.json``,
+the encoder's class and version and the probe itself, so the next load of the same tokenizer
+with the same library skips it (about 0.1 CPU-second; a small corpus feels it); any change of
+either is a new key and a new probe. A failed probe is never remembered.
 
 Invalid input: a text with lone UTF-16 surrogates (valid JSON, not valid Unicode) raises
 ``UnicodeEncodeError`` from gigatoken, fastokens and tiktoken and ``TypeError`` from tokenizers; callers
@@ -34,11 +38,14 @@ pretoken-safe boundaries and reassembles identical ids.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -154,13 +161,12 @@ class GigatokenEncoder(Encoder):
         return np.asarray(self.tok.encode(text), dtype=np.uint32)
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        import awkward
-
         parallel = os.environ.get(RAYON_THREADS_ENV) != "1"  # one thread: never start its pool
         if parallel:
             _note_native_threads(RAYON_THREADS_ENV)
-        # One flat buffer plus offsets (a ListOffsetArray): read both without a copy per text.
-        layout = awkward.to_layout(self.tok.encode_batch(texts, parallel=parallel))
+        # An awkward array over one flat buffer plus offsets (a ListOffsetArray): read both
+        # without a copy per text (``.layout``, not ``awkward.to_layout``: no dispatch).
+        layout = self.tok.encode_batch(texts, parallel=parallel).layout
         ids = np.asarray(layout.content.data).astype(np.uint32, copy=False)
         offsets = np.asarray(layout.offsets.data).astype(np.int64, copy=False)
         if offsets[0]:  # a sliced view (not seen in practice): rebase to start at 0
@@ -231,6 +237,44 @@ def _probe_texts(hf: Tokenizer) -> list[str]:
     return texts
 
 
+PROOF_CACHE_ENV = "PILELM_CACHE_DIR"
+
+
+def proof_cache_dir() -> Path:
+    """Where passed probes are remembered: ``$PILELM_CACHE_DIR/encoder-proofs``, else
+    ``$XDG_CACHE_HOME/pilelm/encoder-proofs``, else ``~/.cache/pilelm/encoder-proofs``."""
+    root = os.environ.get(PROOF_CACHE_ENV)
+    if root:
+        return Path(root) / "encoder-proofs"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "pilelm" / "encoder-proofs"
+
+
+def _proof_key(hf_json: str, enc: Encoder) -> str:
+    h = hashlib.sha256()
+    cls = type(enc)
+    for part in (hf_json, f"{cls.__module__}.{cls.__qualname__}", enc.name, enc.version, json.dumps(PROBE)):
+        h.update(part.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _proven_before(key: str) -> bool:
+    return (proof_cache_dir() / key).is_file()
+
+
+def _remember_proof(key: str) -> None:
+    """Best effort: an unwritable cache only means the next load probes again."""
+    folder = proof_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        os.close(fd)
+        os.replace(tmp, folder / key)
+    except OSError as e:
+        log.debug("encoder proof not remembered in %s: %s", folder, e)
+
+
 def first_difference(hf: Tokenizer, enc: Encoder) -> str | None:
     """The first probe text ``enc`` encodes differently from ``hf`` in one batch call (all
     of them) or alone (the unvaried ones), or None."""
@@ -261,11 +305,16 @@ def choose_encoder(hf: Tokenizer, spec: dict[str, Any] | None = None, prefer: st
     if spec is None:
         spec = json.loads(hf.to_str())
     passed_over: dict[str, str] = {}
+    hf_json = hf.to_str()
     for name in [prefer] if prefer != "auto" else ENCODERS[:-1]:
         try:
             enc = _BUILDERS[name](hf, spec)
+            key = _proof_key(hf_json, enc)
+            if _proven_before(key):
+                return enc, passed_over
             diff = first_difference(hf, enc)
             if diff is None:
+                _remember_proof(key)
                 return enc, passed_over
             passed_over[name] = f"encodes {diff[:60]!r} differently from tokenizers"
             log.warning("encoder %s not used for this tokenizer: it %s", name, passed_over[name])

@@ -124,6 +124,38 @@ def test_a_stand_in_that_differs_on_the_probe_is_passed_over(bpe, monkeypatch, c
     assert enc.name == "fastokens" and "failed on the probe (RuntimeError" in passed["gigatoken"]
 
 
+def test_a_passed_probe_is_remembered_per_tokenizer_and_library(bpe, tmp_path, monkeypatch):
+    """The second load of a tokenizer skips the probe; another tokenizer, another class or a
+    failed probe is probed (again)."""
+    monkeypatch.setenv(encoders.PROOF_CACHE_ENV, str(tmp_path / "cache"))
+    calls: list[str] = []
+    real = encoders.first_difference
+
+    def counting(hf, enc):
+        calls.append(type(enc).__name__)
+        return real(hf, enc)
+
+    monkeypatch.setattr(encoders, "first_difference", counting)
+    assert load_tokenizer(bpe).backend == "gigatoken" and calls == ["GigatokenEncoder"]
+    assert load_tokenizer(bpe).backend == "gigatoken" and calls == ["GigatokenEncoder"]  # remembered
+    assert len(list((tmp_path / "cache" / "encoder-proofs").iterdir())) == 1
+    # another tokenizer (one added token more) is a new key
+    spec = json.loads((bpe / "tokenizer.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    spec["added_tokens"].append({**spec["added_tokens"][-1], "id": len(spec["model"]["vocab"]) + 50,
+                                 "content": "<|other|>"})
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    load_tokenizer(other / "tokenizer.json")
+    assert calls == ["GigatokenEncoder", "GigatokenEncoder"]
+    # a stand-in that fails is probed every time and never remembered
+    good = encoders._BUILDERS["gigatoken"]
+    monkeypatch.setitem(encoders._BUILDERS, "gigatoken", lambda hf, spec: _OffByOne(good(hf, spec)))
+    for _ in range(2):
+        assert load_tokenizer(bpe).backend == "fastokens"
+    assert calls.count("_OffByOne") == 2
+
+
 def test_invalid_and_extreme_input(bpe):
     """Lone surrogates are refused by every encoder (the document is skipped with a reason);
     NUL, huge words and whitespace runs encode exactly as tokenizers does."""

@@ -411,7 +411,7 @@ def test_resume_after_sigkill_gives_identical_output(tmp_path, encoder):
     while time.monotonic() < deadline and any(_alive(p) for p in children):
         time.sleep(0.05)
     assert not any(_alive(p) for p in children)
-    assert bool(children) == (encoder == "tiktoken")  # fastokens runs in the one process
+    assert bool(children) == (encoder == "tiktoken")  # gigatoken runs in the one process
     saved = json.loads(progress.read_text())
     assert 0 < saved["documents"] < len(docs) and not (out / "manifest.json").exists()
     run_tokenize(TokenizeConfig(data=prep, tokenizer=tok, output=out, workers=1))
