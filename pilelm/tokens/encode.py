@@ -3,8 +3,8 @@ handed back in input order, with reading, parsing and encoding overlapped.
 
 Two ways to run, picked by the encoder (``pilelm.tokens.encoders``):
 
-- **One process** (fastokens, whose batch call runs on its own threads outside the GIL; or
-  ``workers=1``): a reader thread decompresses a split's files in canonical order, cuts the
+- **One process** (gigatoken or fastokens, whose batch calls run on their own threads outside
+  the GIL; or ``workers=1``): a reader thread decompresses a split's files in canonical order, cuts the
   stream into batches of whole lines (``batch_bytes`` each, bytes.find/count only) and parses
   them (orjson), up to ``depth`` batches ahead (``read_ahead``); the main thread encodes each
   batch of texts in one call and appends the ids, in input order, to the output files. No
