@@ -6,7 +6,7 @@ inputs, each non-empty and within the context); ``encoding_format`` ``float`` (a
 numbers) or ``base64`` (the little-endian float32 bytes, what the official Python client asks
 for and decodes); ``dimensions`` is not supported (the vectors are the model's width).
 
-The vectors are the mean-pooled final hidden states, L2-normalised (``inference/embed.py``,
+The vectors are the mean-pooled final hidden states, L2-normalised (``inference/text_encoder.py``,
 the same code as ``pilelm embed``). Requests arriving together are batched: a worker thread
 collects inputs for ``batch_window_s`` (up to ``max_batch`` sequences) and embeds them in
 forward passes of at most ``max_batch`` inputs, taking one input from each request in turn. A
@@ -33,7 +33,7 @@ from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from pilelm.inference.embed import TextEncoder
+from pilelm.inference.text_encoder import TextEncoder
 from pilelm.serve.respond import ServeContext, disconnected
 from pilelm.serve.schemas import APIError
 

@@ -12,7 +12,6 @@ from pilelm.core.config import ConfigError, load_config, to_dict
 from pilelm.core.stages import COMMANDS
 from pilelm.inference.generate import GenerateConfig
 from pilelm.inference.sampling import GENERATE_PRESET, SamplingParams
-from pilelm.retrieval.rag import RagGenerateConfig
 from pilelm.serve.chat import parse_chat_request
 from pilelm.serve.schemas import GenerationFields, parse_completion_request
 
@@ -38,8 +37,8 @@ def test_serve_requests_default_to_sampling_params_defaults():
                                                                   stop=["\n"])
 
 
-@pytest.mark.parametrize("cls", [GenerateConfig, RagGenerateConfig])
-def test_generate_takes_sampling_keys_flat_or_in_their_section(cls):
+def test_generate_takes_sampling_keys_flat_or_in_their_section():
+    cls = GenerateConfig
     cmd = COMMANDS["generate"]
     path, overrides = parse_args(cmd, cls, ["RUN", "--temperature", "0", "--max-new-tokens", "8", "--stop", "\\n",
                                             "--stop", "END", "seed=3", "--num-samples", "2"])
