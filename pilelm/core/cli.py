@@ -20,14 +20,23 @@ from pathlib import Path
 from typing import Any
 
 from pilelm import __version__
-from pilelm.core.config import ConfigError, _strip_optional, describe_config, iter_fields, load_config
+from pilelm.core.config import (
+    ConfigError,
+    _strip_optional,
+    describe_config,
+    flat_section_of,
+    iter_fields,
+    load_config,
+)
 from pilelm.core.stages import COMMANDS, CONFIG_DIR, Command, resolve_config_path
 
 
 def _field_type(cls: type, dotted: str) -> Any:
     """The annotated type of a dotted key, or None if there is no such key."""
     tp: Any = cls
-    for part in dotted.split("."):
+    parts = dotted.split(".")
+    section = flat_section_of(cls, parts[0]) if parts[0] not in typing.get_type_hints(cls) else None
+    for part in [section, *parts] if section else parts:  # a flat section's key (temperature: sampling.temperature)
         inner, _ = _strip_optional(tp)
         if not (isinstance(inner, type) and dataclasses.is_dataclass(inner)):
             return None
@@ -95,11 +104,12 @@ def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, li
             if _is_list(tp):
                 lists.setdefault(name, []).append(value)
             else:
-                overrides.append(f"{name}={value}")
+                overrides.append(_override(cls, name, value))
             i += 1
             continue
         if "=" in tok and _KEY.match(tok.split("=", 1)[0]):
-            overrides.append(tok)  # load_config reports an unknown key with the valid ones
+            key, value = tok.split("=", 1)
+            overrides.append(_override(cls, key.replace("-", "_"), value))  # load_config reports an unknown key
         else:
             bare.append(tok)
         i += 1
@@ -119,6 +129,17 @@ def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, li
         else:
             overrides.append(f"{name}={values[-1]}")
     return config_path, overrides
+
+
+def _override(cls: type, name: str, value: str) -> str:
+    """``name=value`` for ``load_config``, which reads the value as YAML; a string field's value
+    is quoted so that it stays the text typed (``--host ::`` is an address, not a YAML mapping)."""
+    inner, _ = _strip_optional(_field_type(cls, name))
+    if inner is str:
+        import json
+
+        return f"{name}={json.dumps(value)}"
+    return f"{name}={value}"
 
 
 def _yaml_list(values: list[str]) -> str:

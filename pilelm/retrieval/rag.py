@@ -86,7 +86,7 @@ def retrieval_prompts(cfg: GenerateConfig, questions: list[str]) -> tuple[list[s
     if not questions or questions == [""]:
         raise ValueError("generate --retrieve needs a question: --prompt \"...\"")
     tokenizer = load_tokenizer(Path(cfg.run) / "tokenizer")
-    budget = _context_of(cfg.run, cfg.step) - cfg.max_new_tokens
+    budget = _context_of(cfg.run, cfg.step) - cfg.sampling.max_new_tokens
     prompts, sources = [], []
     for q in questions:
         hits = index.search(encoder.embed_queries([q])[0], cfg.retrieve_k)
