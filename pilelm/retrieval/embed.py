@@ -5,7 +5,8 @@ the chunks' vectors and texts are written as one part (``INDEX/parts/``, the vec
 a part with vectors is whole). A run killed at any point restarts after its last whole part;
 parts made with another config or model are discarded. When the stream ends the parts are
 concatenated into ``vectors.npy`` (a memmap: memory stays one part plus the faiss index), the
-faiss index is built, and the manifest is written last. See ``retrieval/index.py`` for the layout.
+faiss index and a BM25 index of the same chunks (``retrieval/hybrid.py``) are built, and the
+manifest is written last. See ``retrieval/index.py`` for the layout.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pilelm.data.document import Document
 from pilelm.data.prepared import SPLITS, split_files
 from pilelm.inference.embed import POOLINGS, TextEncoder
 from pilelm.models.dtypes import DTYPES
+from pilelm.retrieval.hybrid import build_bm25
 from pilelm.retrieval.index import (
     CHUNK_OFFSETS,
     CHUNKS,
@@ -252,7 +254,9 @@ def run_embed(cfg: EmbedConfig) -> Path:
     with timer("index"):
         vectors = np.load(out / VECTORS, mmap_mode="r")
         write_faiss(build_faiss(vectors, cfg.index, cfg.vector_dtype, cfg.nlist, cfg.hnsw_m), out / FAISS)
-    files = {name: content_hash(out / name) for name in HASHED_FILES}
+    with timer("bm25"):
+        bm25_files = build_bm25(out)
+    files = {name: content_hash(out / name) for name in HASHED_FILES} | bm25_files
     final = {"documents": docs, "chunks": chunks, "empty_documents_skipped": counts["empty"],
              "documents_embedded_this_run": counts["documents"], "tokens_this_run": counts["tokens"]}
     if elapsed > 0 and counts["documents"]:
