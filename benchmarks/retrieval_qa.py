@@ -93,7 +93,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--test-every", type=int, default=5, help="minipile: one StackExchange thread in N is held out")
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (0 = torch's default; 1 on a shared machine, where two wait on each other)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,7 +110,8 @@ def main() -> None:
                             "d_model": args.d_model},
                      optim={"lr": 3e-3}, schedule={"warmup_steps": 20},
                      loop={"max_steps": args.pretrain_steps, "micro_batch": 16, "precision": "fp32",
-                           "eval_every": 0, "save_every": args.pretrain_steps, "tensorboard": False})
+                           "eval_every": 0, "save_every": args.pretrain_steps, "tensorboard": False,
+                           "num_threads": args.threads})
     print(f"pretrained in {time.perf_counter() - t0:.0f} s (cumulative)", flush=True)
     pairs = work / "pairs_mined.jsonl"
     if not pairs.is_file():
