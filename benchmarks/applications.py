@@ -10,7 +10,9 @@ built by ``finetune.tasks.split_sources`` from the same config, so the records a
   per-mark precision/recall/F1 of the unchanged text and of the full-stop rule, beside the
   fine-tune's from ``FINETUNE/punct/results.json`` when given;
 - summaries (``sft.examples=lead`` on the sample's test file): ROUGE-1/2/L of lead-1 (the
-  source's first sentence), beside before/after from ``SFT/results.json`` when given.
+  source's first sentence), beside before/after from ``SFT/results.json`` when given;
+- topics (``--index INDEX``): NPMI coherence of ``pilelm topics`` and of scikit-learn's LDA with
+  the same k on the same documents.
 
 The baselines need no model and run in seconds; the fine-tunes are the demo's own runs (each
 finetune output also carries these baselines in its ``results.md``).
@@ -25,6 +27,8 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 from pilelm.core.config import load_yaml
 from pilelm.core.stages import run_stage
@@ -151,17 +155,42 @@ def summary_table(sft: Path | None) -> list[str]:
     return [*lines, ""]
 
 
+def topics_table(index_dir: Path | None, k: int, terms: int, work: Path) -> list[str]:
+    """NPMI of ``pilelm topics`` (k-means on the index's vectors, c-TF-IDF words) and of
+    scikit-learn's LDA, same documents, same k, same number of words per topic."""
+    if index_dir is None:
+        return ["**Topics**: give --index INDEX_DIR (a `pilelm embed` output) to compare with LDA", ""]
+    from pilelm.retrieval.index import VectorIndex
+    from pilelm.retrieval.topic_coherence import document_words, lda_topics, npmi_coherence
+
+    out = run_stage("topics", index=str(index_dir), k=k, terms=terms, output=str(work / f"topics-k{k}"))
+    ours = [[w for w, _ in t["words"]] for t in json.loads((out / "topics.json").read_text())["topics"]]
+    index = VectorIndex(index_dir)
+    words = document_words(index_dir, len(index))
+    sets = [set(w) for w in words]
+    rows = {"pilelm topics (k-means on the vectors + c-TF-IDF)": npmi_coherence(ours, sets),
+            "scikit-learn LDA": npmi_coherence(lda_topics(words, k, terms), sets)}
+    lines = [f"**Topics** ({len(index)} documents of {index_dir.name}, k={k}, {terms} words per topic; NPMI over "
+             "the same documents, higher is more coherent)", "", "| model | mean NPMI | min | max |",
+             "|---|---:|---:|---:|"]
+    lines += [f"| {n} | {np.mean(v):.3f} | {min(v):.3f} | {max(v):.3f} |" for n, v in rows.items()]
+    return [*lines, ""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-o", "--output", type=Path, default=Path("runs/applications"))
     ap.add_argument("--demo", type=Path, default=None, help="a `pilelm demo` work dir (its classify/results.json)")
     ap.add_argument("--finetune", type=Path, default=None, help="a `pilelm run finetune` work dir (punct/results.json)")
     ap.add_argument("--sft", type=Path, default=None, help="a `--task sft sft.examples=lead` output (results.json)")
+    ap.add_argument("--index", type=Path, default=None, help="a `pilelm embed` index to compare topics with LDA")
+    ap.add_argument("--topics", type=int, default=20, help="k of both topic models")
     args = ap.parse_args()
     work = args.output.resolve()
     work.mkdir(parents=True, exist_ok=True)
     prep = prepared_sample(work)
-    text = "\n".join([*classify_table(prep, args.demo), *punct_table(prep, args.finetune), *summary_table(args.sft)])
+    text = "\n".join([*classify_table(prep, args.demo), *punct_table(prep, args.finetune), *summary_table(args.sft),
+                      *topics_table(args.index, args.topics, 8, work)])
     (work / "tables.md").write_text(text)
     print(text)
 
