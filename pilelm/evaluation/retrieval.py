@@ -7,7 +7,9 @@ normalised states; answers longer than the context are chunked and score their b
 ranks by cosine. BM25 (Robertson & Zaragoza 2009; ``bm25s``, Lucene's variant, English stop
 words) ranks the same pairs as the baseline a dense retriever has to beat, and each run is also
 fused with BM25 by reciprocal rank fusion (``rank_fusion``: each ranking's top 100, k = 60), the
-hybrid that ``pilelm search`` and RAG use by default.
+hybrid that ``pilelm search`` and RAG use by default: plain (both rankings weigh 1) and
+calibrated (the dense weight that gives the best MRR@10 on the pairs of another held-out split,
+val for test and test for val, so the evaluated pairs never choose it; 1 when there is none).
 
     recall@k = share of questions whose answer ranks in the top k (k = 1, 10, 100)
     MRR@10   = mean of 1 / rank over questions, 0 when the rank is past 10
@@ -29,7 +31,7 @@ import numpy as np
 
 from pilelm.core.atomic import atomic_path, atomic_write_json, atomic_write_text
 from pilelm.core.manifest import MANIFEST, Timer, clear_manifest, read_manifest, write_manifest
-from pilelm.evaluation.rank_fusion import DEPTH, fused_score_matrix, rank_positions
+from pilelm.evaluation.rank_fusion import DEPTH, calibrate_dense_weight, fused_score_matrix, rank_positions
 from pilelm.models.dtypes import DTYPES
 
 if TYPE_CHECKING:
@@ -131,10 +133,25 @@ def bm25_scores(questions: list[str], answers: list[str]) -> np.ndarray:
     return np.stack([bm25_query_scores(retriever, q) for q in bm25_words(questions)]).astype(np.float32)
 
 
-def hybrid_scores(dense: np.ndarray, bm25: np.ndarray, depth: int = DEPTH) -> np.ndarray:
+def hybrid_scores(dense: np.ndarray, bm25: np.ndarray, depth: int = DEPTH, dense_weight: float = 1.0) -> np.ndarray:
     """(Q, D) RRF scores of a dense and a BM25 ranking, each cut to its top ``depth``; BM25 does
     not retrieve an answer sharing no word with the question (score 0)."""
-    return fused_score_matrix([rank_positions(dense, depth), rank_positions(bm25, depth, floor=0.0)])
+    return fused_score_matrix([rank_positions(bm25, depth, floor=0.0), rank_positions(dense, depth)],
+                              weights=[1.0, dense_weight])
+
+
+def calibration_scores(cfg: EvalConfig, encoder: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """(dense, BM25) scores of another held-out split's pairs (val for test, test for val), or
+    None when the data has no such split with pairs."""
+    other = "val" if cfg.split != "val" else "test"
+    try:
+        pairs = read_qa_pairs(cfg.data, other, cfg.max_documents) if (Path(cfg.data) / MANIFEST).is_file() else []
+    except (FileNotFoundError, ValueError):
+        pairs = []
+    if len(pairs) < 2:
+        return None
+    questions, answers = [q for q, _ in pairs], [a for _, a in pairs]
+    return dense_scores(encoder, questions, answers)[0], bm25_scores(questions, answers)
 
 
 def dense_scores(encoder: Any, questions: list[str], answers: list[str], batch_size: int = 32) -> tuple[np.ndarray, int]:
@@ -152,7 +169,9 @@ def dense_scores(encoder: Any, questions: list[str], answers: list[str], batch_s
 def result_rows(results: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Table rows: each run dense, each run fused with BM25 (hybrid), then the baselines."""
     rows = {f"{k} (dense)": v for k, v in results["runs"].items()}
-    rows |= {f"{k} + bm25 (hybrid)": v for k, v in results.get("hybrid", {}).items()}
+    rows |= {f"{k} + bm25 (hybrid, plain RRF)": v for k, v in results.get("hybrid_plain", {}).items()}
+    rows |= {f"{k} + bm25 (hybrid, dense weight {v.get('dense_weight', 1.0):g})": v
+             for k, v in results.get("hybrid", {}).items()}
     return rows | {f"{k} (baseline)": v for k, v in results["baselines"].items()}
 
 
@@ -200,7 +219,8 @@ def run_retrieval_eval(cfg: EvalConfig, runs: list[RunSpec]) -> Path:
     timer = Timer()
     pairs = read_qa_pairs(cfg.data, cfg.split, cfg.max_documents)
     questions, answers = [q for q, _ in pairs], [a for _, a in pairs]
-    results: dict[str, Any] = {"pairs": len(pairs), "split": cfg.split, "runs": {}, "hybrid": {}, "baselines": {}}
+    results: dict[str, Any] = {"pairs": len(pairs), "split": cfg.split, "runs": {}, "hybrid": {},
+                               "hybrid_plain": {}, "baselines": {}}
     with timer("bm25"):
         bm25 = bm25_scores(questions, answers)
         results["baselines"]["bm25"] = rank_metrics(gold_ranks(bm25))
@@ -208,9 +228,15 @@ def run_retrieval_eval(cfg: EvalConfig, runs: list[RunSpec]) -> Path:
         with timer(f"embed {spec.name}"):
             encoder = TextEncoder.from_run(spec.run_dir, spec.step, cfg.pooling, cfg.device, DTYPES[cfg.dtype])
             scores, cut = dense_scores(encoder, questions, answers)
+            calibration = calibration_scores(cfg, encoder)
         results["runs"][spec.name] = {**rank_metrics(gold_ranks(scores)), "pooling": cfg.pooling,
                                       "questions_cut_to_context": cut}
-        results["hybrid"][spec.name] = rank_metrics(gold_ranks(hybrid_scores(scores, bm25)))
+        weight, table = 1.0, {}
+        if calibration is not None:
+            weight, table = calibrate_dense_weight(*calibration, gold=np.arange(len(calibration[0])))
+        results["hybrid_plain"][spec.name] = rank_metrics(gold_ranks(hybrid_scores(scores, bm25)))
+        results["hybrid"][spec.name] = {**rank_metrics(gold_ranks(hybrid_scores(scores, bm25, dense_weight=weight))),
+                                        "dense_weight": weight, "calibration_mrr@10": table}
         log.info("%s: MRR@10 dense %.3f, hybrid %.3f", spec.name, results["runs"][spec.name][f"mrr@{MRR_AT}"],
                  results["hybrid"][spec.name][f"mrr@{MRR_AT}"])
     clear_manifest(out)

@@ -11,6 +11,13 @@ Modes (``--mode``): ``bm25`` (words only: no model is loaded), ``dense`` (the ve
 ``hybrid`` (default: each side's top ``DEPTH`` documents fused, ``rank_fusion.fuse_rankings``).
 A document scores its best chunk on either side; a hybrid hit shows the chunk of the side that
 ranked it higher, and its score is the fused one.
+
+The fusion weighs BM25 1 and the dense ranking ``dense_weight``, which ``pilelm embed``
+calibrates on the corpus itself (``calibrate_fusion``: pairs mined from a sample of the indexed
+documents, each query ranked over the pairs' positives; the weight with the best MRR@10, ties
+to the smaller) and records in the manifest (``extra.fusion``). Plain RRF (weight 1) assumes two
+rankings of similar quality; with a weak dense model it pulls BM25's answers down (measured:
+``benchmarks/retrieval_qa.py``), while a calibrated weight of 0 leaves BM25's ranking as it is.
 """
 
 from __future__ import annotations
@@ -24,9 +31,16 @@ from typing import Any, Literal
 import numpy as np
 
 from pilelm.core.manifest import content_hash
-from pilelm.evaluation.rank_fusion import DEPTH, fuse_rankings
-from pilelm.evaluation.retrieval import bm25_query_scores, bm25_retriever, bm25_words
+from pilelm.evaluation.rank_fusion import DEPTH, calibrate_dense_weight, fuse_rankings
+from pilelm.evaluation.retrieval import (
+    bm25_query_scores,
+    bm25_retriever,
+    bm25_scores,
+    bm25_words,
+    dense_scores,
+)
 from pilelm.retrieval.index import CHUNKS, EMBED_HINT, Hit, VectorIndex
+from pilelm.retrieval.pair_kinds import mine_document
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +65,28 @@ def build_bm25(index_dir: Path) -> dict[str, str]:
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # the folder appears whole or not at all
     return {f"{BM25_DIR}/{f.name}": content_hash(f) for f in sorted(out.iterdir())}
+
+
+CALIBRATION_PAIRS = 200
+"""Mined pairs ``calibrate_fusion`` scores the fusion weights on (more: slower embed, steadier weight)."""
+
+
+def calibrate_fusion(documents: list[tuple[str, str]], encoder: Any, max_pairs: int = CALIBRATION_PAIRS,
+                     seed: int = 0) -> dict[str, Any]:
+    """The dense weight for hybrid search, chosen on (query, positive) pairs mined from
+    ``documents`` ((text, component) each): {"dense_weight", "pairs", "mrr@10" per weight}.
+    Fewer than 2 pairs: weight 1 (plain RRF), nothing measured."""
+    rng = np.random.default_rng(seed)
+    pairs = [(q, p) for text, comp in documents for q, p, _ in mine_document(text, comp, ["qa", "title", "crop"], rng)]
+    if len(pairs) < 2:
+        return {"dense_weight": 1.0, "pairs": len(pairs)}
+    pick = sorted(rng.choice(len(pairs), size=min(max_pairs, len(pairs)), replace=False).tolist())
+    queries, positives = [pairs[i][0] for i in pick], [pairs[i][1] for i in pick]
+    dense, _ = dense_scores(encoder, queries, positives)
+    weight, table = calibrate_dense_weight(dense, bm25_scores(queries, positives), np.arange(len(pick)))
+    log.info("hybrid fusion: dense weight %g (MRR@10 on %d mined pairs: %s)", weight, len(pick),
+             ", ".join(f"{w} {m:.3f}" for w, m in table.items()))
+    return {"dense_weight": weight, "pairs": len(pick), "mrr@10": table}
 
 
 def load_bm25(index: VectorIndex, verify: bool = True) -> Any:
@@ -103,9 +139,15 @@ class HybridSearcher:
         scores = bm25_query_scores(self.bm25, bm25_words([query])[0])
         return [self._hit(r, doc, s, row) for r, (doc, s, row) in enumerate(best_chunk_per_doc(self.index, scores, k), 1)]
 
+    @property
+    def dense_weight(self) -> float:
+        """The index's calibrated dense weight (1, plain RRF, for an index that records none)."""
+        return float(self.index.manifest.get("extra", {}).get("fusion", {}).get("dense_weight", 1.0))
+
     def search(self, query: str, k: int, mode: Mode = "hybrid", encoder: Any = None,
-               exclude: int | None = None) -> list[Hit]:
-        """The ``k`` best documents for ``query`` (``encoder`` embeds it for dense and hybrid)."""
+               exclude: int | None = None, dense_weight: float | None = None) -> list[Hit]:
+        """The ``k`` best documents for ``query`` (``encoder`` embeds it for dense and hybrid);
+        ``dense_weight`` None = the index's calibrated one."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode == "bm25":
@@ -122,5 +164,6 @@ class HybridSearcher:
         for h in lexical + dense:  # the side that ranks a document higher shows its chunk
             if h.doc not in by_doc or h.rank < by_doc[h.doc].rank:
                 by_doc[h.doc] = h
-        fused = fuse_rankings([[h.doc for h in lexical], [h.doc for h in dense]])  # ties: BM25's order
+        weight = self.dense_weight if dense_weight is None else dense_weight
+        fused = fuse_rankings([[h.doc for h in lexical], [h.doc for h in dense]], weights=[1.0, weight])  # ties: BM25's
         return [replace(by_doc[doc], rank=rank, score=score) for rank, (doc, score) in enumerate(fused[:k], start=1)]

@@ -32,6 +32,8 @@ class SearchConfig:
     """Characters of the best chunk shown per result."""
     mode: Mode = "hybrid"
     """Ranking: hybrid (BM25 + vectors, reciprocal rank fusion), bm25 (words only) or dense (vectors only)."""
+    dense_weight: float | None = None
+    """Hybrid: the dense ranking's weight in the fusion (BM25's is 1); None = the one pilelm embed calibrated."""
     run: str = ""
     """Run whose model embeds the query; empty = the run that built the index."""
     device: str = "cpu"
@@ -93,7 +95,7 @@ def run_search(cfg: SearchConfig) -> str:
         raise ValueError('search needs an index and a query: pilelm search INDEX_DIR "query" [-k 10]')
     index = VectorIndex(cfg.index)
     encoder = None if cfg.mode == "bm25" else open_encoder_for(index, cfg.run, cfg.device)
-    hits = HybridSearcher(index).search(cfg.query, cfg.k, cfg.mode, encoder)
+    hits = HybridSearcher(index).search(cfg.query, cfg.k, cfg.mode, encoder, dense_weight=cfg.dense_weight)
     return format_hits(hits, cfg.json, cfg.snippet_chars,
                        f"top {len(hits)} of {len(index)} documents for {cfg.query!r} ({cfg.mode})")
 

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 
 from pilelm.core import cli
-from pilelm.evaluation.rank_fusion import fuse_rankings, fused_score_matrix, rank_positions
+from pilelm.evaluation.rank_fusion import (
+    DENSE_WEIGHTS,
+    calibrate_dense_weight,
+    fuse_rankings,
+    fused_score_matrix,
+    mrr_at,
+    rank_positions,
+)
 from pilelm.evaluation.retrieval import gold_ranks, hybrid_scores
 from pilelm.retrieval.hybrid import BM25_DIR, HybridSearcher
 from pilelm.retrieval.index import VectorIndex
@@ -103,3 +110,24 @@ def test_an_index_without_bm25_names_the_fix(tiny_index, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "pilelm embed" in err and "--mode dense" in err
     assert cli.main(["search", str(old), "a query", "--mode", "dense"]) == 0
+
+
+def test_calibration_drops_a_useless_dense_ranking_and_keeps_a_good_one():
+    rng = np.random.default_rng(0)
+    n = 40
+    bm25 = rng.random((n, n))
+    bm25[np.arange(n), np.roll(np.arange(n), 1)] += 2.0  # BM25's first hit is wrong...
+    bm25[np.arange(n), np.arange(n)] += 1.5  # ...its second is the answer
+    noise = rng.normal(size=(n, n))
+    weight, table = calibrate_dense_weight(noise, bm25, np.arange(n))
+    assert weight < 0.5 and table["0"] >= table["1"]
+    # At weight 0 the fusion is BM25's ranking: calibrated hybrid never scores below BM25.
+    assert table["0"] == pytest.approx(mrr_at(bm25, np.arange(n)))
+    perfect = np.eye(n)
+    weight, table = calibrate_dense_weight(perfect, bm25, np.arange(n))
+    assert weight > 0 and table[f"{weight:g}"] > 0.95 > table["0"]
+
+
+def test_embed_records_the_calibrated_fusion_weight(tiny_index):
+    fusion = VectorIndex(tiny_index).manifest["extra"]["fusion"]
+    assert fusion["dense_weight"] in DENSE_WEIGHTS or fusion["pairs"] < 2

@@ -10,7 +10,8 @@ from conftest import write_pile_shard
 
 from pilelm.core import cli
 from pilelm.retrieval.contrastive import read_pair_files
-from pilelm.retrieval.pair_mining import MinePairsConfig, crop_pairs, mine_document, title_pair
+from pilelm.retrieval.pair_kinds import crop_pairs, mine_document, title_pair
+from pilelm.retrieval.pair_mining import MinePairsConfig
 
 ARTICLE = " ".join(f"word{i}" for i in range(100))
 
