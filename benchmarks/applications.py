@@ -81,7 +81,7 @@ def classify_table(prep: Path, demo: Path | None) -> list[str]:
                 ids["test"], tfidf_logreg(texts["train"], ids["train"], texts["test"]), labels)}
     tuned = read_json(demo / "classify" / "results.json" if demo else None)
     if tuned:
-        rows = {"fine-tuned (pilelm demo)": tuned["test"]} | rows
+        rows = {f"fine-tuned ({demo.name}/classify)": tuned["test"]} | rows
     lines = [f"**Classification** (Pile component; {len(ids['train'])} train / {len(ids['test'])} test documents "
              "of the demo's prepared sample)", "", "| method | macro-F1 | accuracy |", "|---|---:|---:|"]
     lines += [f"| {name} | {m['macro_f1']:.3f} | {m['accuracy']:.3f} |" for name, m in rows.items()]
@@ -115,7 +115,7 @@ def punct_table(prep: Path, finetune: Path | None) -> list[str]:
                 punctuation_metrics(gold, [t for x in test for t in rule_punct(x.words)])}
     tuned = read_json(finetune / "punct" / "results.json" if finetune else None)
     if tuned and "test" in tuned:
-        rows = {"fine-tuned (pilelm run finetune)": tuned["test"]} | rows
+        rows = {f"fine-tuned ({finetune.name}/punct)": tuned["test"]} | rows
     cols = [f"{m} P / R / F1" for m in MARKS] + ["capitals F1"]
     lines = [f"**Punctuation restoration** ({len(test)} test windows, {len(gold)} words)", "",
              "| method | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
