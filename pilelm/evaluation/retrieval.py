@@ -35,7 +35,8 @@ from pilelm.evaluation.rank_fusion import DEPTH, calibrate_dense_weight, fused_s
 from pilelm.models.dtypes import DTYPES
 
 if TYPE_CHECKING:
-    from pilelm.evaluation.evaluate import EvalConfig, RunSpec
+    from pilelm.evaluation.config import EvalConfig
+    from pilelm.evaluation.runs import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def plot_retrieval(results: dict[str, Any], path: Path) -> None:
 
 def run_retrieval_eval(cfg: EvalConfig, runs: list[RunSpec]) -> Path:
     """The retrieval task of ``pilelm eval`` over ``runs`` (resolved by the eval stage)."""
-    from pilelm.inference.embed import TextEncoder
+    from pilelm.inference.text_encoder import TextEncoder
 
     if not cfg.runs or not cfg.data or not cfg.output:
         raise ValueError("eval --task retrieval needs runs, data and an output: "

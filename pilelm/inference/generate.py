@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from pilelm.core.atomic import atomic_write_text
 from pilelm.core.report import ReportSection
+from pilelm.core.stages import load_hook
 from pilelm.inference.beam import beam_search
 from pilelm.inference.context import model_device_dtype
 from pilelm.inference.decode_batch import stream_batch
@@ -141,8 +142,16 @@ class GenerateConfig:
     """Also write the samples to this JSONL file ({prompt, completion}); empty = terminal only."""
     punctuate: str = ""
     """A `pilelm finetune --task punct` directory: also print each sample (prompt + completion) with punctuation and casing restored by it (and add it to the JSONL as `punctuated`)."""
+    retrieve: str = ""
+    """Index directory (pilelm embed output): put each prompt's top passages in front of it; empty = no retrieval."""
+    retrieve_k: int = 3
+    """Passages retrieved per prompt (fewer when the context is full)."""
+    retrieve_mode: Literal["hybrid", "bm25", "dense"] = "hybrid"
+    """How passages are ranked: hybrid (BM25 + the index's vectors, reciprocal rank fusion), bm25 or dense."""
 
     def __post_init__(self) -> None:
+        if self.retrieve_k < 1:
+            raise ValueError(f"retrieve_k must be >= 1, got {self.retrieve_k}")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.num_beams < 1:
@@ -240,9 +249,15 @@ def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None)
         raise ValueError(f"run {cfg.run} holds a {type(model_cfg).__name__} model; generate needs a causal LM (gpt)")
     model = model.to(resolve_dtype(cfg.dtype, next(model.parameters()).device))
     tokenizer = load_tokenizer(tok_dir)
-    prompts = [p for p in _read_prompts(cfg) for _ in range(cfg.num_samples)]
+    prompts, sources = _read_prompts(cfg), ""
+    shown = prompts
+    if cfg.retrieve:  # (prompts with passages, the sources used): pilelm.retrieval.rag
+        shown = [f"Question: {q}\nAnswer:" for q in prompts]  # the passages are not echoed
+        prompts, sources = load_hook("generate.retrieve")(cfg, prompts)
+    prompts = [p for p in prompts for _ in range(cfg.num_samples)]
+    shown = [p for p in shown for _ in range(cfg.num_samples)]
     many = len(prompts) > 1
-    headers = [(f"--- sample {i} ---\n" if many else "") + p for i, p in enumerate(prompts)]
+    headers = [(f"--- sample {i} ---\n" if many else "") + p for i, p in enumerate(shown)]
     screen = _OrderedStream(headers, write)
     completions = generate(
         model, tokenizer, prompts, cfg.sampling(), cfg.num_beams, on_text=screen.text,
@@ -250,9 +265,16 @@ def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None)
     )
     for row in range(len(prompts)):
         screen.finish(row)
+    empty = [i for i, c in enumerate(completions) if not c.strip()]
+    if empty:  # never an empty answer without a word
+        log.warning("%d of %d samples are empty", len(empty), len(completions))
+        write(f"({'samples ' + ', '.join(map(str, empty)) if many else 'the sample'}: no text: the model ended at "
+              "once; try --temperature 0.7, more --max-new-tokens, or a model fine-tuned to answer)\n")
     punctuated = _punctuate(cfg.punctuate, [p + c for p, c in zip(prompts, completions, strict=True)])
     for i, text in enumerate(punctuated):
         write(f"--- punctuated{f' {i}' if many else ''} ---\n{text}\n")
+    if sources:
+        write(sources)
     if not cfg.output:
         return None
     out = Path(cfg.output)

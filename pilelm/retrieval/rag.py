@@ -1,5 +1,8 @@
 """Retrieval-augmented generation: ``pilelm generate RUN --retrieve INDEX --prompt "question"``.
 
+``pilelm generate`` (``pilelm.inference.generate``) calls ``retrieval_prompts`` through the
+``generate.retrieve`` hook (``pilelm.core.stages.HOOKS``) when ``--retrieve`` is set.
+
 Each question is embedded by the index's own encoder (the run that built it), its top-k
 documents are fetched (a document brings its best chunk), and the passages go in front of the
 question, best first (Lewis et al. 2020, "RAG"; the prompt layout of in-context retrieval,
@@ -14,54 +17,33 @@ Ram et al. 2023):
     Question: <question>
     Answer:
 
-The prompt fits the generating model's context with room for ``max_new_tokens``, and the
-question is never cut: the room the head and question leave is shared among the passages, each
-cut (at a token boundary, from the right: a passage's start is what the search matched) to its
-share, a short passage's unused share going to the others (``passage_caps``). Where even an
-equal share would be under ``MIN_PASSAGE_TOKENS``, the lowest-ranked passages are left out.
-
-The output is each question and its answer, not the assembled prompt (``--output`` keeps the
-prompt in the JSONL), then the sources used. An empty answer is said to be empty, with what to
-try, never printed as nothing.
+The passages are ranked by ``--retrieve-mode`` (hybrid by default: BM25 and the index's vectors
+fused, ``retrieval/hybrid.py``). The prompt fits the generating model's context with room for
+``max_new_tokens``, and the question is never cut: the room the head and question leave is
+shared among the passages, each cut (at a token boundary, from the right: a passage's start is
+what the search matched) to its share, a short passage's unused share going to the others
+(``passage_caps``). Where even an equal share would be under ``MIN_PASSAGE_TOKENS``, the
+lowest-ranked passages are left out. ``pilelm generate`` shows each question, not the assembled
+prompt, and says so when an answer is empty. The sources used are written after the answers.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pilelm.core.atomic import atomic_write_text
-from pilelm.inference.generate import GenerateConfig, _read_prompts, run_generate
 from pilelm.models import config_from_spec
-from pilelm.retrieval.hybrid import HybridSearcher, Mode
+from pilelm.retrieval.hybrid import HybridSearcher
 from pilelm.retrieval.index import Hit, VectorIndex
 from pilelm.retrieval.search import open_encoder_for
 from pilelm.training.checkpoint import list_checkpoints
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from pilelm.inference.generate import GenerateConfig
 
 HEAD = "Use the passages to answer the question.\n\n"
 MIN_PASSAGE_TOKENS = 16  # a passage cut shorter than this is left out
-
-
-@dataclass
-class RagGenerateConfig(GenerateConfig):
-    retrieve: str = ""
-    """Index directory (pilelm embed output): put each prompt's top passages in front of it; empty = no retrieval."""
-    retrieve_k: int = 3
-    """Passages retrieved per prompt (fewer when the context is full)."""
-    retrieve_mode: Mode = "hybrid"
-    """How passages are ranked: hybrid (BM25 + the index's vectors, reciprocal rank fusion), bm25 or dense."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.retrieve_k < 1:
-            raise ValueError(f"retrieve_k must be >= 1, got {self.retrieve_k}")
 
 
 def passage_caps(lengths: list[int], room: int) -> int:
@@ -118,47 +100,15 @@ def _context_of(run: str, step: int | None) -> int:
     return int(config_from_spec(json.loads((Path(ckpt) / "model.json").read_text())).block_size)
 
 
-def answer_prompts(cfg: GenerateConfig, prompts: list[str]) -> list[str]:
-    """The model's completions of ``prompts`` (not streamed: a RAG prompt is not shown)."""
-    from pilelm.inference.generate import generate
-    from pilelm.models.dtypes import resolve_dtype
+def retrieval_prompts(cfg: GenerateConfig, questions: list[str]) -> tuple[list[str], str]:
+    """(prompts, sources): each question with the passages of ``cfg.retrieve`` that fit the
+    generating model's context in front of it, and the text naming the sources used, written
+    after the answers."""
     from pilelm.tokens.tokenizer import load_tokenizer
-    from pilelm.training.checkpoint import load_for_inference
-
-    model, _, tok_dir = load_for_inference(cfg.run, cfg.step, cfg.device)
-    model = model.to(resolve_dtype(cfg.dtype, next(model.parameters()).device))
-    return generate(model, load_tokenizer(tok_dir), prompts, cfg.sampling(), cfg.num_beams,
-                    length_penalty=cfg.length_penalty)
-
-
-def shown_answer(completion: str) -> str:
-    """The answer as printed: its text, or a line saying it is empty and what to try."""
-    text = completion.strip()
-    if text:
-        return text
-    log.warning("the model generated no answer text")
-    return ("(no answer: the model ended its answer before writing any text; try --temperature 0.7, "
-            "more --max-new-tokens, or a model fine-tuned to answer: pilelm finetune --task sft)")
-
-
-def run_generate_rag(cfg: RagGenerateConfig, write: Callable[[str], Any] | None = None) -> Path | None:
-    """``run_generate``, with retrieved passages in front of each prompt when ``retrieve`` is set:
-    prints each question, its answer and the sources used; ``output`` gets {question, prompt,
-    completion, sources} JSONL."""
-    from pilelm.tokens.tokenizer import load_tokenizer
-
-    if not cfg.retrieve:
-        return run_generate(cfg, write)
-    if write is None:
-
-        def write(text: str) -> None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
 
     index = VectorIndex(cfg.retrieve)
     encoder = None if cfg.retrieve_mode == "bm25" else open_encoder_for(index, "", cfg.device)
     searcher = HybridSearcher(index)
-    questions = _read_prompts(cfg)
     if not questions or questions == [""]:
         raise ValueError("generate --retrieve needs a question: --prompt \"...\"")
     tokenizer = load_tokenizer(Path(cfg.run) / "tokenizer")
@@ -169,16 +119,7 @@ def run_generate_rag(cfg: RagGenerateConfig, write: Callable[[str], Any] | None 
         prompt, used = assemble_prompt(q, [h.text for h in hits], tokenizer, budget)
         prompts.append(prompt)
         sources.append(hits[:used])
-    completions = answer_prompts(cfg, prompts)
-    for q, completion, hits in zip(questions, completions, sources, strict=True):
-        write(f"Question: {q}\nAnswer: {shown_answer(completion)}\n{format_sources(q, hits)}\n\n")
-    if not cfg.output:
-        return None
-    records = [{"question": q, "prompt": p, "completion": c, "sources": [h.id for h in hits]}
-               for q, p, c, hits in zip(questions, prompts, completions, sources, strict=True)]
-    out = Path(cfg.output)
-    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return out
+    return prompts, "\n" + "\n".join(format_sources(q, s) for q, s in zip(questions, sources, strict=True)) + "\n"
 
 
 def format_sources(question: str, hits: list[Hit]) -> str:
