@@ -77,6 +77,9 @@ class TaskData:
     """Per split: a sequence task's label ids, a token task's label names per word."""
     scheme: str = ""
     counts: Counter[str] = field(default_factory=Counter)
+    inputs: dict[str, list[Any]] = field(default_factory=dict)
+    """Per split, what the model reads before encoding: a sequence task's texts, a token task's
+    words per example (the classical baselines of ``finetune.baselines`` train on these)."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,7 @@ def load_classify(cfg: TaskSource, enc: TaskEncoder) -> TaskData:
         ids = [label_ids(labels, r.label, r.where) for r in records]
         data.examples[split] = [enc.encode_text(r.text, i) for r, i in zip(records, ids, strict=True)]
         data.gold[split] = ids
+        data.inputs[split] = [r.text for r in records]
     return data
 
 
@@ -189,14 +193,15 @@ def load_ner(cfg: TaskSource, enc: TaskEncoder) -> TaskData:
     labels = tuple(sorted({t for s in splits["train"] for t in s.tags} | {"O"}))
     data = TaskData(labels, {}, {}, scheme=scheme)
     for split, sentences in splits.items():
-        examples, gold = [], []
+        examples, gold, words = [], [], []
         for s in iter_checked(sentences, scheme):
             ids = [label_ids(labels, t, w) for t, w in zip(s.tags, s.where, strict=True)]
             e = enc.encode_words(s.tokens, ids)
             data.counts["truncated_words"] += len(s.tokens) - e.words
             examples.append(e)
             gold.append(list(s.tags))
-        data.examples[split], data.gold[split] = examples, gold
+            words.append(list(s.tokens))
+        data.examples[split], data.gold[split], data.inputs[split] = examples, gold, words
     return data
 
 
@@ -231,6 +236,7 @@ def load_punct(cfg: TaskSource, enc: TaskEncoder) -> TaskData:
         examples = [enc.encode_words(x.words, [labels.index(t) for t in x.labels]) for x in items]
         data.counts["truncated_words"] += sum(len(x.words) - e.words for x, e in zip(items, examples, strict=True))
         data.examples[split], data.gold[split] = examples, [x.labels for x in items]
+        data.inputs[split] = [x.words for x in items]
     return data
 
 

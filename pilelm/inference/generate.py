@@ -134,6 +134,8 @@ class GenerateConfig:
     """Index directory (pilelm embed output): put each prompt's top passages in front of it; empty = no retrieval."""
     retrieve_k: int = 3
     """Passages retrieved per prompt (fewer when the context is full)."""
+    retrieve_mode: Literal["hybrid", "bm25", "dense"] = "hybrid"
+    """How passages are ranked: hybrid (BM25 + the index's vectors, reciprocal rank fusion), bm25 or dense."""
 
     FLAT_SECTIONS: ClassVar[tuple[str, ...]] = ("sampling",)
     """``--temperature`` means ``--sampling.temperature`` (``pilelm.core.config.flat_section_of``)."""
@@ -235,11 +237,14 @@ def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None)
     model = model.to(resolve_dtype(cfg.dtype, next(model.parameters()).device))
     tokenizer = load_tokenizer(tok_dir)
     prompts, sources = _read_prompts(cfg), ""
+    shown = prompts
     if cfg.retrieve:  # (prompts with passages, the sources used): pilelm.retrieval.rag
+        shown = [f"Question: {q}\nAnswer:" for q in prompts]  # the passages are not echoed
         prompts, sources = load_hook("generate.retrieve")(cfg, prompts)
     prompts = [p for p in prompts for _ in range(cfg.num_samples)]
+    shown = [p for p in shown for _ in range(cfg.num_samples)]
     many = len(prompts) > 1
-    headers = [(f"--- sample {i} ---\n" if many else "") + p for i, p in enumerate(prompts)]
+    headers = [(f"--- sample {i} ---\n" if many else "") + p for i, p in enumerate(shown)]
     screen = _OrderedStream(headers, write)
     completions = generate(
         model, tokenizer, prompts, cfg.sampling_params(), cfg.num_beams, on_text=screen.text,
@@ -247,6 +252,11 @@ def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None)
     )
     for row in range(len(prompts)):
         screen.finish(row)
+    empty = [i for i, c in enumerate(completions) if not c.strip()]
+    if empty:  # never an empty answer without a word
+        log.warning("%d of %d samples are empty", len(empty), len(completions))
+        write(f"({'samples ' + ', '.join(map(str, empty)) if many else 'the sample'}: no text: the model ended at "
+              "once; try --temperature 0.7, more --max-new-tokens, or a model fine-tuned to answer)\n")
     punctuated = _punctuate(cfg.punctuate, [p + c for p, c in zip(prompts, completions, strict=True)])
     for i, text in enumerate(punctuated):
         write(f"--- punctuated{f' {i}' if many else ''} ---\n{text}\n")
