@@ -3,7 +3,7 @@ sentence-transformers folder: ``pilelm export RUN --format sentence-transformers
 
 The folder is the exact transformers export (``interop/hf.py``) plus the module files
 sentence-transformers 6 reads, so ``SentenceTransformer(DIR).encode(texts)`` gives the vectors
-of ``pilelm.inference.embed.TextEncoder``: the base model's last hidden states (after the final
+of ``pilelm.inference.text_encoder.TextEncoder``: the base model's last hidden states (after the final
 norm), pooled as the run was trained (``mean`` over real tokens, ``last`` real token, ``cls``
 for BERT) and L2-normalised. Written by hand (no sentence-transformers import at export time);
 the layout is what ``SentenceTransformer.save`` 6.2 writes, and tests/interop load it back.

@@ -12,7 +12,7 @@ import torch
 from conftest import TINY_TEXTS, make_tiny_run
 
 from pilelm.core.cli import main
-from pilelm.inference.embed import TextEncoder
+from pilelm.inference.text_encoder import TextEncoder
 
 sentence_transformers = pytest.importorskip("sentence_transformers")
 
