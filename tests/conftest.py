@@ -77,10 +77,12 @@ def make_tiny_run(
     vocab_size: int = 320,
     train_steps: int = 0,
     seed: int = 0,
+    model_options: dict | None = None,
 ) -> Path:
     """Build a run directory (``pilelm train`` layout) holding a tiny GPT and a byte-level BPE
     tokenizer trained on ``TINY_TEXTS``. ``train_steps`` > 0 fits the model to those texts
-    with AdamW so greedy decoding reproduces them (``"the quick" -> " brown fox ..."``)."""
+    with AdamW so greedy decoding reproduces them (``"the quick" -> " brown fox ..."``).
+    ``model_options`` are more GPTConfig fields (``{"norm": "rmsnorm", ...}``)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -104,7 +106,7 @@ def make_tiny_run(
 
     torch.manual_seed(seed)
     cfg = GPTConfig(arch=arch, vocab_size=tok.get_vocab_size(), n_layer=n_layer, n_head=n_head,
-                    d_model=d_model, block_size=block_size)
+                    d_model=d_model, block_size=block_size, **(model_options or {}))
     model = GPT(cfg)
     if train_steps:
         eod = tok.token_to_id("<|endoftext|>")

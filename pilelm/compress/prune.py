@@ -13,7 +13,9 @@
 
 Removing heads leaves ``n_head * head_dim < d_model``, which transformers' GPT-2 and
 GPT-NeoX cannot express: such runs do not export (``pilelm export`` says so); pruning MLP
-channels only (``heads=0``) keeps a run exportable. ``recovery_steps`` fine-tunes the pruned
+channels only (``heads=0``) keeps a run exportable. Runs of the cpu-10min recipe's form export
+as Qwen3 (or Llama), whose ``head_dim`` is free, so they export either way. A SwiGLU MLP loses
+a channel's gate and value rows together. ``recovery_steps`` fine-tunes the pruned
 model afterwards (``compress/recovery.py``).
 """
 
@@ -162,11 +164,12 @@ def structured_prune(model: GPT, heads: float, channels: float, scores: Scores |
         state[p + "attn.qkv.weight"] = state[p + "attn.qkv.weight"][qkv_rows]
         state[p + "attn.proj.weight"] = state[p + "attn.proj.weight"][:, rows]
         kept = keep_top(scores[i][1], ff_keep)
-        state[p + "mlp.fc.weight"] = state[p + "mlp.fc.weight"][kept]
+        fc_rows = torch.cat([kept + j * cfg.ffn_size for j in range(2 if cfg.mlp == "swiglu" else 1)])
+        state[p + "mlp.fc.weight"] = state[p + "mlp.fc.weight"][fc_rows]
         state[p + "mlp.proj.weight"] = state[p + "mlp.proj.weight"][:, kept]
         if cfg.bias:
             state[p + "attn.qkv.bias"] = state[p + "attn.qkv.bias"][qkv_rows]
-            state[p + "mlp.fc.bias"] = state[p + "mlp.fc.bias"][kept]
+            state[p + "mlp.fc.bias"] = state[p + "mlp.fc.bias"][fc_rows]
     pruned.load_state_dict(state)
     return pruned.to(next(model.parameters()).dtype).eval()
 
