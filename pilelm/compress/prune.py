@@ -21,6 +21,7 @@ model afterwards (``compress/recovery.py``).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -38,9 +39,11 @@ from pilelm.compress.importance import (
     calibration_batches,
     importance_scores,
 )
+from pilelm.core.config import to_dict
 from pilelm.core.manifest import MANIFEST, Timer, read_manifest, write_manifest
 from pilelm.models.gpt import GPT, GPTConfig
 from pilelm.training.checkpoint import load_for_inference
+from pilelm.training.resume import discard_run
 
 log = logging.getLogger(__name__)
 
@@ -183,10 +186,11 @@ def run_prune(cfg: PruneConfig) -> Path:
     if not cfg.recovery_steps:
         return _prune(cfg)
     pruned_dir = out / PRUNED
-    if not (pruned_dir / MANIFEST).is_file():  # a rerun after a kill keeps the pruned run
-        # The pruning stage proper: no fine-tune (its data only when it ranks by calibration batches).
-        _prune(replace(cfg, output=str(pruned_dir), recovery_steps=0,
-                       data=cfg.data if cfg.importance in NEEDS_DATA else ""))
+    # The pruning stage proper: no fine-tune (its data only when it ranks by calibration batches).
+    pruning = replace(cfg, output=str(pruned_dir), recovery_steps=0, data=cfg.data if cfg.importance in NEEDS_DATA else "")
+    if not _made_by(pruned_dir, pruning):  # a rerun after a kill keeps the pruned run and its fine-tune
+        discard_run(out, "another pruned model")  # a fine-tune of another pruning must not resume
+        _prune(pruning)
     from pilelm.compress.recovery import Recovery, recover
     from pilelm.training.trainer import ManifestEntry
 
@@ -198,6 +202,13 @@ def run_prune(cfg: PruneConfig) -> Path:
     return recover(Recovery(init_from=pruned_dir, output=out, data=cfg.data, steps=cfg.recovery_steps,
                             lr=cfg.recovery_lr, micro_batch=cfg.recovery_micro_batch, masked=masked,
                             manifest=entry))
+
+
+def _made_by(run: Path, cfg: PruneConfig) -> bool:
+    """Whether ``run`` is a finished pruning with the config ``cfg``."""
+    if not (run / MANIFEST).is_file():
+        return False
+    return read_manifest(run)["config"] == json.loads(json.dumps(to_dict(cfg), default=str))
 
 
 def _scores(cfg: PruneConfig, model: nn.Module, tok_dir: Path) -> Scores | None:

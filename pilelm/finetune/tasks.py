@@ -27,7 +27,7 @@ from pilelm.data.prepared import SPLITS, is_prepared, split_files
 from pilelm.finetune import punct as punct_labels
 from pilelm.finetune.encoding import Encoded, TaskEncoder
 from pilelm.finetune.metrics import classification_metrics, entity_metrics, punctuation_metrics
-from pilelm.finetune.records import DataError, TextRecord, read_text_records
+from pilelm.finetune.records import DataError, TextRecord, read_text_records, require_one_label_kind
 from pilelm.finetune.tags import TaggedSentence, detect_scheme, iter_checked, read_tagged
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ def load_classify(cfg: TaskSource, enc: TaskEncoder) -> TaskData:
         return [r for f in files for r in read_text_records(f, cfg.text_column, cfg.label_column, counts)]
 
     splits = split_sources(cfg, read)
+    require_one_label_kind([r for records in splits.values() for r in records])
     labels = tuple(sorted({r.label for r in splits["train"]}))
     if len(labels) < 2:
         raise DataError(f"the training data has {len(labels)} label(s) in {cfg.label_column!r}; need >= 2")

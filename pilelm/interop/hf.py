@@ -36,6 +36,7 @@ from pilelm.training.checkpoint import (
     save_model,
     stored_weight_formats,
 )
+from pilelm.training.resume import discard_run, require_separate_output
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,8 @@ def run_import(cfg: ImportConfig) -> Path:
         if missing or unexpected:
             raise ValueError(f"{source}: converted weights do not fit: missing {missing}, unexpected {unexpected}")
         model.to(DTYPES[cfg.dtype])
-        clear_manifest(out)
+        require_separate_output(source, out, "the model it imports")
+        discard_run(out, "a new model is imported there")  # no older step may outrank step 0
         _import_tokenizer(Path(cfg.tokenizer) if cfg.tokenizer else source, out / "tokenizer")
         ckpt = checkpoint_dir(out, 0)
         save_model(ckpt, model, model_cfg)

@@ -101,24 +101,31 @@ Pair = tuple[str, str, str | None]  # (query, positive, hard negative or None)
 
 
 def read_pair_files(paths: list[str]) -> list[Pair]:
+    """The (query, positive, negative or None) of every line of JSONL pair files. A line that is
+    not such an object, or whose fields are not strings, is an error naming file and line; a
+    pair with an empty query or positive is skipped, and the skips are counted in the log."""
+    from pilelm.finetune.records import iter_json_records
+
     pairs: list[Pair] = []
+    empty: list[str] = []
     for p in paths:
         path = Path(p)
         if not path.is_file():
             raise FileNotFoundError(f"pairs file {path} does not exist")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                q, pos, neg = rec["query"], rec["positive"], rec.get("negative")
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object with \"query\" and \"positive\" "
-                                 f"(and optionally \"negative\") ({e})") from e
-            if neg is not None and not isinstance(neg, str):
-                raise ValueError(f"{path}:{n}: \"negative\" must be a string, got {type(neg).__name__}")
-            if isinstance(q, str) and isinstance(pos, str) and q.strip() and pos.strip():
+        for where, rec in iter_json_records(path):
+            if "query" not in rec or "positive" not in rec:
+                raise ValueError(f"{where}: expected a JSON object with \"query\" and \"positive\" "
+                                 f"(and optionally \"negative\"); have {', '.join(rec) or 'no keys'}")
+            q, pos, neg = rec["query"], rec["positive"], rec.get("negative")
+            for key, value in (("query", q), ("positive", pos), ("negative", neg)):
+                if not isinstance(value, str) and not (key == "negative" and value is None):
+                    raise ValueError(f"{where}: \"{key}\" must be a string, got {type(value).__name__}")
+            if q.strip() and pos.strip():
                 pairs.append((q, pos, neg if neg and neg.strip() else None))
+            else:
+                empty.append(where)
+    if empty:
+        log.warning("skipped %d pair(s) with an empty query or positive (the first at %s)", len(empty), empty[0])
     return pairs
 
 
@@ -182,7 +189,8 @@ def is_pairs_file(path: str | Path) -> bool:
     p = Path(path)
     if not p.is_file() or not p.name.endswith(".jsonl"):
         return False
-    with open(p, encoding="utf-8") as f:
+    # -sig: a byte-order mark is not part of the JSON; bad bytes are read_pair_files' error (file:line).
+    with open(p, encoding="utf-8-sig", errors="replace") as f:
         first = next((line for line in f if line.strip()), "")
     try:
         return isinstance(record := json.loads(first), dict) and "query" in record

@@ -37,8 +37,11 @@ RESUME_NEUTRAL = frozenset({
     "loop.keep_last", "loop.log_every", "loop.num_threads", "loop.peak_flops", "loop.tensorboard",
     "loop.compile",
 })
-# What --restart removes (hardware.json, a measurement of the machine, stays).
-RUN_STATE = (CHECKPOINTS, "metrics.jsonl", "tensorboard", MANIFEST, CONFIG_FILE, INPUTS_FILE)
+# What --restart (and any stage writing a new model into a used directory) removes, the
+# manifest first: from then on the directory reads as unfinished, so a stop part-way never
+# leaves an old manifest vouching for what is left. hardware.json, a measurement of the
+# machine, stays.
+RUN_STATE = (MANIFEST, CHECKPOINTS, "tokenizer", "metrics.jsonl", "tensorboard", CONFIG_FILE, INPUTS_FILE)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -111,12 +114,26 @@ def require_same_run(run_dir: Path, cfg: Any) -> None:
                   f"run's own {CONFIG_FILE} to continue it")
 
 
-def discard_run(run_dir: Path) -> None:
-    """``--restart``: remove a run's checkpoints, metrics, manifest and recorded config/inputs."""
+def discard_run(run_dir: str | Path, why: str = "--restart") -> None:
+    """Remove a run's manifest (first), checkpoints, tokenizer, metrics and recorded config/inputs:
+    ``--restart``, a fresh start, or a stage that writes a new model into a used directory, so no
+    loader can pair an old run's checkpoint with the new run's tokenizer or manifest."""
+    run_dir = Path(run_dir)
+    found = []
     for name in RUN_STATE:
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
         else:
-            path.unlink(missing_ok=True)
-    log.info("%s: discarded the previous run (--restart)", run_dir)
+            continue
+        found.append(name)
+    if found:
+        log.info("%s: discarded the previous run's %s (%s)", run_dir, ", ".join(found), why)
+
+
+def require_separate_output(source: str | Path, out: str | Path, what: str) -> None:
+    """Refuse an output that is ``source``: writing there would discard ``what``."""
+    if Path(source).resolve() == Path(out).resolve():
+        raise ValueError(f"output {out} is {what}; writing there would discard it: give another -o")

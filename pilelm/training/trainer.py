@@ -436,6 +436,8 @@ class Trainer:
             log.info("resumed from %s (step %d, %.0f s of training)", found[1], self.step, self.elapsed)
         if info.is_main:
             out.mkdir(parents=True, exist_ok=True)
+            if not found:  # a fresh start: no checkpoint of what was there (another stage's) outlives it
+                discard_run(out, "a fresh start")
             clear_manifest(out)  # training on: the old manifest no longer describes the run
             shutil.copytree(self.train_split.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
             atomic_write_text(out / "config.yaml", dump_yaml(cfg))

@@ -163,6 +163,14 @@ def test_magnitude_pruned_zeros_stay_zero_through_recovery(tiny_run, tiny_shards
             assert torch.all(after[zero] == 0)
             moved += int((after[~zero] != mod.weight[~zero]).sum())
     assert moved > 0
+    # The same output, another sparsity: a new pruned model and a new fine-tune of it, not the old ones.
+    run_prune(PruneConfig(run=str(tiny_run), output=str(out), method="magnitude", sparsity=0.8, recovery_steps=4,
+                          data=str(tiny_shards), recovery_lr=3e-3, recovery_micro_batch=4))
+    assert json.loads((out / "pruned" / "manifest.json").read_text())["counts"]["zero_fraction"] == pytest.approx(0.8, abs=0.01)
+    assert json.loads((out / "manifest.json").read_text())["config"]["sparsity"] == 0.8
+    recovered, _, _ = load_for_inference(out)
+    weights = [m.weight for n, m in recovered.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assert sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights) > 0.75
 
 
 def test_recovery_needs_data():

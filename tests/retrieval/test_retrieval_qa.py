@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -180,3 +181,25 @@ def test_a_contrastive_run_refuses_to_resume_with_another_config(tiny_run, tmp_p
             save_every=2, lr=2e-3))
     assert cli.main([*common, "--steps", "4", "--lr", "1e-3"]) == 0
     assert read_manifest(tmp_path / "ft")["counts"]["steps"] == 4
+
+
+def test_pair_files_refuse_non_strings_count_empty_pairs_and_ignore_a_bom(tmp_path, caplog):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"query": "q1", "positive": "p1"}) + "\n"
+                    + json.dumps({"query": ["q2"], "positive": "p2"}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: \"query\" must be a string, got list"):
+        contrastive.read_pair_files([str(path)])
+    path.write_text(json.dumps({"query": "q1", "positive": 5}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: \"positive\" must be a string, got int"):
+        contrastive.read_pair_files([str(path)])
+    path.write_text("".join(json.dumps({"query": q, "positive": p}) + "\n" for q, p in
+                            (("q1", "p1"), ("", "p2"), ("q3", " "), ("q4", "p4"))))
+    with caplog.at_level(logging.WARNING):
+        assert contrastive.read_pair_files([str(path)]) == [("q1", "p1", None), ("q4", "p4", None)]
+    assert any("skipped 2 pair(s)" in r.message and "pairs.jsonl:2" in r.message for r in caplog.records)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"query": "q1", "positive": "p1"}).encode() + b"\n")
+    assert contrastive.is_pairs_file(path)  # a BOM does not turn a pairs file into documents to mine
+    assert contrastive.read_pair_files([str(path)]) == [("q1", "p1", None)]
+    path.write_bytes(json.dumps({"query": "q1", "positive": "p1"}).encode() + b'\n{"query": "\xe9"}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: not UTF-8"):
+        contrastive.read_pair_files([str(path)])
