@@ -150,6 +150,9 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
+            renamed = getattr(cls, "RENAMED", {}).get(key)
+            if renamed:
+                raise ConfigError(f"config key {full!r} is now {prefix}{renamed}")
             raise ConfigError(
                 f"unknown config key {full!r}; valid keys here: {', '.join(prefix + n for n in names)}"
             )
@@ -283,16 +286,18 @@ def _type_name(tp: Any) -> str:
     return f"{name} | None" if optional else name
 
 
-def iter_fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, Any, Any, str]]:
-    """Yield (dotted key, type, default, doc) for every leaf field of a config class."""
+def iter_fields(cls: type, prefix: str = "", defaults: Any = None) -> typing.Iterator[tuple[str, Any, Any, str]]:
+    """Yield (dotted key, type, default, doc) for every leaf field of a config class. A section's
+    defaults are those its parent gives it (fine-tuning's ``optim`` is not ``train``'s)."""
     hints = _hints(cls)
     docs = field_docs(cls)
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         inner, _ = _strip_optional(tp)
         if _is_config(inner):
-            yield from iter_fields(inner, f"{prefix}{f.name}.")
+            section = getattr(defaults, f.name)
+            yield from iter_fields(inner, f"{prefix}{f.name}.", section if isinstance(section, inner) else None)
         else:
             yield f"{prefix}{f.name}", tp, getattr(defaults, f.name), docs.get(f.name, "")
 
