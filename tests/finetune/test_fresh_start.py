@@ -86,10 +86,10 @@ def test_a_killed_fresh_sft_run_leaves_no_old_manifest_or_results(tiny_run, tmp_
     assert main(args) == 0
     assert (out / MANIFEST).is_file() and (out / "results.json").is_file()
 
-    def killed(self, idx):
-        raise KeyboardInterrupt
+    def killed(self):
+        raise KeyboardInterrupt  # as kill -9 in the first step: nothing after it runs
 
-    monkeypatch.setattr(SftTrainer, "batch_loss", killed)
+    monkeypatch.setattr(SftTrainer, "train_step", killed)
     assert main([*args, "optim.lr=3e-3", "resume=false"]) == 130
     assert not (out / MANIFEST).exists() and not (out / "results.json").exists()
     assert not (out / "results.md").exists()

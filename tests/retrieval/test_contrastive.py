@@ -160,12 +160,26 @@ def base_losses(tiny_run, tmp_path_factory) -> list[float]:
 
 @pytest.mark.parametrize("option", ["optim.grad_clip=1e-4", "optim.name=lamb", "optim.beta1=0.5",
                                     "schedule.kind=constant", "head.dropout=0.0", "lora.r=2",
-                                    "loop.precision=bf16-autocast", "loop.group_by_length=false"])
+                                    "loop.group_by_length=false"])
 def test_every_option_changes_the_training(tiny_run, tmp_path, base_losses, option):
     """Options the old contrastive loop silently ignored now act (a loss after the first update
     moves, or the first itself for dropout and bf16)."""
     changed = _run(tiny_run, tmp_path, "changed", option)
     assert len(changed) == 3 and changed != base_losses
+
+
+def test_precision_is_applied_or_refused_by_name(tiny_run, tmp_path, base_losses, capsys):
+    """bf16 autocast trains in bf16 where the CPU has it (other losses), else is refused."""
+    from pilelm.training.precision import resolve_precision
+
+    try:
+        resolve_precision("bf16-autocast", torch.device("cpu"))
+    except ValueError:
+        with pytest.raises(AssertionError):
+            _run(tiny_run, tmp_path, "bf16", "loop.precision=bf16-autocast")
+        assert "loop.precision=bf16-autocast" in capsys.readouterr().err
+        return
+    assert _run(tiny_run, tmp_path, "bf16", "loop.precision=bf16-autocast") != base_losses
 
 
 def test_lora_trains_adapters_and_merges_them(tiny_run, tmp_path):
