@@ -181,6 +181,8 @@ class ContrastiveTrainer(ValidatedLoop):
         loop = cfg.loop
         self.cfg, self.out = cfg, Path(cfg.output)
         self.state_root = self.out / "training"
+        if loop.num_threads:
+            torch.set_num_threads(loop.num_threads)
         self.device = pick_device(loop.device)
         trunk, self.model_cfg, tok_dir = ckpt_io.load_for_inference(cfg.run)
         from pilelm.tokens.tokenizer import load_tokenizer
