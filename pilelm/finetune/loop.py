@@ -30,7 +30,7 @@ from pilelm.core.atomic import atomic_write_text
 from pilelm.core.config import dump_yaml
 from pilelm.core.manifest import MANIFEST, clear_manifest
 from pilelm.training import checkpoint as ckpt_io
-from pilelm.training.metrics import MetricsLog
+from pilelm.training.metrics_log import MetricsLog
 from pilelm.training.optim import lr_multiplier, set_lr
 from pilelm.training.order import batch_indices, steps_per_epoch
 from pilelm.training.precision import Precision

@@ -4,6 +4,11 @@ Reads text from files (each file one text) or stdin (each paragraph, i.e. block 
 separated by a blank line, one text) and writes each restored text, paragraphs separated by a
 blank line, to stdout or ``-o FILE``. A text longer than the model's ``max_length`` is cut
 into consecutive windows of whole words.
+
+The model adds marks and capitals; it never takes one away (``keep_existing``): a word that
+already ends in a mark keeps it, and a capital stays a capital, since the model reads only
+lower-cased, stripped words and cannot know a full stop or a proper noun was there. Restoring
+partly punctuated text therefore only fills gaps.
 """
 
 from __future__ import annotations
@@ -19,10 +24,20 @@ from pilelm.core.atomic import atomic_write_text
 from pilelm.core.manifest import require_stage
 from pilelm.finetune.encoding import IGNORE, TaskEncoder, collate
 from pilelm.finetune.model import load_task_model
-from pilelm.finetune.punct import plain_words, restore
+from pilelm.finetune.punct import label_text, restore, split_label
 from pilelm.training.distributed import pick_device
 
 log = logging.getLogger(__name__)
+
+
+def keep_existing(existing: list[str], predicted: list[str]) -> list[str]:
+    """Per word: the text's own mark where it has one, else the model's; a capital where either has one."""
+    out = []
+    for old, new in zip(existing, predicted, strict=True):
+        (old_mark, old_case), (new_mark, new_case) = split_label(old), split_label(new)
+        mark = old_mark if old_mark != "O" else new_mark
+        out.append(f"{mark}+{'Cap' if 'Cap' in (old_case, new_case) else 'lower'}")
+    return out
 
 
 class Punctuator:
@@ -52,7 +67,8 @@ class Punctuator:
         return out
 
     def restore_texts(self, texts: list[str]) -> list[str]:
-        windows = [(t, w) for t, text in enumerate(texts) for w in self._windows(plain_words(text))]
+        given = [label_text(text) for text in texts]
+        windows = [(t, w) for t, lw in enumerate(given) for w in self._windows(lw.words)]
         labels: list[list[str]] = [[] for _ in texts]
         words: list[list[str]] = [[] for _ in texts]
         with torch.no_grad():
@@ -65,7 +81,7 @@ class Punctuator:
                     ids = pred[row][batch["labels"][row] != IGNORE].tolist()
                     labels[t] += [self.labels[i] for i in ids]
                     words[t] += w
-        return [restore(w, lab) for w, lab in zip(words, labels, strict=True)]
+        return [restore(w, keep_existing(g.labels, lab)) for w, lab, g in zip(words, labels, given, strict=True)]
 
 
 @dataclass

@@ -48,7 +48,7 @@ from pilelm.finetune.config import FinetuneConfig
 from pilelm.finetune.loop import ValidatedLoop, open_output, record_config
 from pilelm.finetune.model import with_dropout
 from pilelm.finetune.tasks import split_sources
-from pilelm.inference.embed import TextEncoder
+from pilelm.inference.text_encoder import TextEncoder
 from pilelm.models import build_model, spec_for
 from pilelm.retrieval.embed import iter_corpus
 from pilelm.training import checkpoint as ckpt_io

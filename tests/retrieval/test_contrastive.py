@@ -12,7 +12,7 @@ from test_retrieval_qa import TOPICS
 from pilelm.core import cli
 from pilelm.core.manifest import read_manifest
 from pilelm.evaluation.retrieval import dense_scores, gold_ranks, rank_metrics
-from pilelm.inference.embed import TextEncoder
+from pilelm.inference.text_encoder import TextEncoder
 from pilelm.retrieval import contrastive
 from pilelm.training.checkpoint import load_for_inference
 
