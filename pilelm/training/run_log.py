@@ -1,19 +1,17 @@
 """What ``Trainer.fit`` records about its process's part of a run: the throughput window
 (tokens/s and MFU between logged steps), the metrics.jsonl row of a logged step, and the
-manifest written when the budget is spent."""
+manifest written when the budget is spent. ``trainer`` is the ``training.trainer.Trainer``
+(not imported: the trainer imports this module)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pilelm.core.manifest import write_manifest
 from pilelm.training.mfu import PeakFlops
 from pilelm.training.outcomes import StepResult
-
-if TYPE_CHECKING:
-    from pilelm.training.trainer import Trainer
 
 
 @dataclass
@@ -31,7 +29,7 @@ class RunLog:
     evals: dict[str, float] = field(default_factory=dict)
     """The last evaluation's results."""
 
-    def train_row(self, trainer: Trainer, bar: Any) -> dict[str, Any]:
+    def train_row(self, trainer: Any, bar: Any) -> dict[str, Any]:
         """The metrics.jsonl row of a logged step (tokens/s and MFU over the steps since the last)."""
         last, now = self.last, time.perf_counter()
         assert last is not None
@@ -50,7 +48,7 @@ class RunLog:
                         mfu=f"{100 * mfu:.1f}%", refresh=False)
         return row
 
-    def write_manifest(self, trainer: Trainer) -> None:
+    def write_manifest(self, trainer: Any) -> None:
         """RUN/manifest.json of the finished run (rank 0)."""
         tokens = trainer.tokens_seen - self.tokens_at_start
         counts = {"steps": trainer.step, "tokens": trainer.tokens_seen, "parameters": trainer.num_params,
