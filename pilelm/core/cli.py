@@ -86,6 +86,8 @@ def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, li
                 overrides.append(f"{name[3:]}=false")
                 i += 1
                 continue
+            if tp is None and name in getattr(cls, "RENAMED", {}):
+                raise ConfigError(f"option {tok!r} of `pilelm {cmd.name}` is now {cls.RENAMED[name]}")
             if tp is None:
                 raise ConfigError(
                     f"unknown option {tok!r} for `pilelm {cmd.name}`; valid keys: {', '.join(_valid_keys(cls))}"

@@ -173,6 +173,9 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str) -> Any:
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
+            renamed = getattr(cls, "RENAMED", {}).get(key)
+            if renamed:
+                raise ConfigError(f"config key {full!r} is now {prefix}{renamed}")
             raise ConfigError(
                 f"unknown config key {full!r}; valid keys here: {', '.join(prefix + n for n in names)}"
             )

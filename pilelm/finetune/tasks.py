@@ -91,6 +91,8 @@ class Task:
     summary: str
     runner: str = ""
     """``module:function`` running the whole task from the config (tasks that are not a head)."""
+    options: tuple[str, ...] = ()
+    """The task-specific keys it reads (``config.TASK_OPTIONS``); setting another is refused."""
 
     def load_runner(self) -> Callable[[Any], Path] | None:
         """The runner, which takes the whole ``FinetuneConfig``."""
@@ -117,8 +119,10 @@ def prepared_dir(paths: list[str]) -> Path | None:
     return Path(paths[0]) if len(paths) == 1 and is_prepared(paths[0]) else None
 
 
-def split_sources(cfg: TaskSource, read: Callable[[list[Path]], list[Any]]) -> dict[str, list[Any]]:
-    """train/val/test items: a prepared dir's splits, explicit files, or a seeded ratio split."""
+def split_sources(cfg: TaskSource, read: Callable[[list[Path]], list[Any]],
+                  require_val: bool = True) -> dict[str, list[Any]]:
+    """train/val/test items: a prepared dir's splits, explicit files, or a seeded ratio split.
+    ``require_val=False``: a task that can train without validation (keeping the newest model)."""
     explicit = {"val": cfg.val_data, "test": cfg.test_data}
     prep = prepared_dir(cfg.data)
     if prep is not None:
@@ -136,7 +140,7 @@ def split_sources(cfg: TaskSource, read: Callable[[list[Path]], list[Any]]) -> d
             out[split] = read([Path(p) for p in files])
     if not out["train"]:
         raise DataError(f"no training examples in {', '.join(cfg.data)}")
-    if not out["val"]:
+    if not out["val"] and require_val:
         raise DataError("no validation examples: give --val-data FILE or a val_ratio > 0 "
                         "(early stopping and the best checkpoint need them)")
     rng = random.Random(cfg.loop.seed + 1)
@@ -246,14 +250,18 @@ def score_punct(gold: list[list[str]], pred: list[list[str]], labels: tuple[str,
 
 
 register_task(Task("classify", "sequence", load_classify, score_classify,
-                   "text classification: accuracy, macro-F1, confusion matrix"))
+                   "text classification: accuracy, macro-F1, confusion matrix",
+                   options=("text_column", "label_column", "head.pooling", "head.dropout")))
 register_task(Task("ner", "token", load_ner, score_ner,
-                   "named-entity recognition (BIO/BIOES): entity P/R/F1 per type (seqeval)"))
+                   "named-entity recognition (BIO/BIOES): entity P/R/F1 per type (seqeval)",
+                   options=("scheme", "head.dropout")))
 register_task(Task("punct", "token", load_punct, score_punct,
-                   "punctuation and casing restoration: per-mark P/R/F1, micro-F1"))
+                   "punctuation and casing restoration: per-mark P/R/F1, micro-F1",
+                   options=("text_column", "words_per_example", "head.dropout")))
 register_task(Task("sft", "causal", None, None,
                    "supervised fine-tuning on conversations (summaries, dialogue): ROUGE, BLEU/chrF, reply loss",
-                   runner="pilelm.finetune.sft.stage:run_sft"))
+                   runner="pilelm.finetune.sft.stage:run_sft", options=("sft",)))
 register_task(Task("contrastive", "embedding", None, None,
                    "pooled states for retrieval: in-batch InfoNCE on query/positive pairs (JSONL) or mined pairs",
-                   runner="pilelm.retrieval.contrastive:run_contrastive_task"))
+                   runner="pilelm.retrieval.contrastive:run_contrastive_task",
+                   options=("head.pooling", "head.dropout", "contrastive")))

@@ -68,6 +68,35 @@ def data_identity(data: str | Path) -> dict[str, str]:
     return {"path": str(data), "hash": content_hash(data)}
 
 
+def record_input_files(run_dir: Path, inputs: dict[str, list[str]]) -> None:
+    """Write ``RUN/inputs.json`` with the content hash of every input file, by role (a
+    fine-tune's ``data``, ``val_data``, ``test_data``), when a run starts from scratch."""
+    atomic_write_json(run_dir / INPUTS_FILE, {k: [data_identity(p) for p in paths] for k, paths in inputs.items()})
+
+
+def input_file_differences(run_dir: Path, inputs: dict[str, list[str]]) -> list[str]:
+    """``ROLE: ...`` for every role of ``inputs`` whose files' contents differ from those
+    recorded by ``record_input_files`` (names may change: a moved file is the same data)."""
+    path = run_dir / INPUTS_FILE
+    if not path.is_file():
+        log.info("%s has no %s (an older run): its data cannot be compared", run_dir, INPUTS_FILE)
+        return []
+    recorded = json.loads(path.read_text())
+    problems = []
+    for role, paths in inputs.items():
+        old = recorded.get(role, [])
+        if not isinstance(old, list):
+            continue
+        new = [data_identity(p) for p in paths]
+        if [o.get("hash") for o in old] != [n["hash"] for n in new]:
+            changed = [f"{o['path']} ({o['hash'][:12]}) -> {n['path']} ({n['hash'][:12]})"
+                       for o, n in zip(old, new, strict=False) if o.get("hash") != n["hash"]]
+            if len(old) != len(new):
+                changed.append(f"{len(old)} files -> {len(new)}")
+            problems.append(f"{role}: the contents changed: {'; '.join(changed)}")
+    return problems
+
+
 def record_run_inputs(run_dir: Path, data: str | Path) -> None:
     """Write ``RUN/inputs.json`` when a run starts from scratch."""
     atomic_write_json(run_dir / INPUTS_FILE, {"data": data_identity(data)})

@@ -101,7 +101,7 @@ def test_metrics():
 def test_length_grouped_batches_cover_each_epoch_and_pad_little():
     import numpy as np
 
-    from pilelm.finetune.loop import batch_indices
+    from pilelm.training.order import batch_indices
 
     rng = np.random.default_rng(0)
     n, bs = 1000, 16
