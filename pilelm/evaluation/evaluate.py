@@ -60,8 +60,8 @@ class EvalConfig:
     """Score every completed checkpoint of each run, not only the latest (learning curves side by side)."""
     unigram: bool = True
     """Also score the add-one-smoothed unigram baseline from the data's train split."""
-    device: str = "cpu"
-    """Torch device."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda or cuda:N."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the models (log-softmax is always float32)."""
     bleu_data: str = ""
@@ -154,7 +154,8 @@ def run_eval(cfg: EvalConfig) -> Path:
             if first_docs is None:
                 first_docs, first_tok = docs, tok_dir
             with timer(f"score {spec.name}"):
-                nll, counts = score_documents(model, docs, context, stride, cfg.batch_tokens, cfg.device, spec.name)
+                nll, counts = score_documents(model, docs, context, stride, cfg.batch_tokens,
+                                              next(model.parameters()).device, spec.name)
             entry.update(aggregate(nll, counts, docs))
             entry.update({"context": context, "stride": stride})
             log.info("%s: %.4f bits per byte over %d documents", spec.name, entry["overall"]["bpb"], len(docs.tokens))

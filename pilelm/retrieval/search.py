@@ -29,8 +29,8 @@ class SearchConfig:
     """Characters of the best chunk shown per result."""
     run: str = ""
     """Run whose model embeds the query; empty = the run that built the index."""
-    device: str = "cpu"
-    """Torch device."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda or cuda:N."""
 
     def __post_init__(self) -> None:
         if self.k < 1:
