@@ -114,9 +114,10 @@ class LanguageModel:
             items, batch_size)
         return vectors[0] if one else vectors
 
-    def chat_session(self, system: str = "", max_new_tokens: int = 256, temperature: float = 0.7,
+    def chat_session(self, system: str = "", max_new_tokens: int = 0, temperature: float = 0.7,
                      top_p: float = 0.95, seed: int | None = None, plain_template: bool = False) -> Any:
-        """A multi-turn ``ChatSession``: ``s.send("hi")`` returns the reply and keeps the history."""
+        """A multi-turn ``ChatSession``: ``s.send("hi")`` returns the reply and keeps the history
+        (``max_new_tokens`` 0 = 256, or half the model's context if that is less)."""
         from pilelm.inference.chat_session import ChatSession
         from pilelm.inference.sampling import SamplingParams
         from pilelm.tokens.chat import chat_template_of, load_special_tokens
@@ -131,11 +132,11 @@ class LanguageModel:
         """The reply to one user message, or to a conversation (a list of ``{"role", "content"}``
         ending with a user message) through the run's chat template. ``options``: those of
         ``chat_session`` (max_new_tokens, temperature, top_p, seed, plain_template)."""
+        if not isinstance(message, str) and (not message or message[-1].get("role") != "user"):
+            raise ValueError("a conversation passed to chat() must end with a user message")
         session = self.chat_session(system, **options)
         if isinstance(message, str):
             return session.send(message).strip()
-        if not message or message[-1].get("role") != "user":
-            raise ValueError("a conversation passed to chat() must end with a user message")
         if message[0].get("role") in ("system", "developer"):
             session.system = message[0]["content"]
             message = message[1:]

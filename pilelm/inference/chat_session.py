@@ -33,6 +33,10 @@ from pilelm.tokens.chat import DEFAULT_CHAT_STOP, chat_template_of, load_special
 log = logging.getLogger(__name__)
 
 
+DEFAULT_REPLY_TOKENS = 256
+"""Most tokens of a reply by default (at most half the model's context)."""
+
+
 class ChatSession:
     """A conversation: ``send(text)`` returns the reply (``on_text`` receives it as it streams)."""
 
@@ -45,6 +49,8 @@ class ChatSession:
             params = replace(params, stop=[*params.stop, *DEFAULT_CHAT_STOP])
         self.params = params
         self.block_size = int(model.cfg.block_size)
+        if params.max_new_tokens == 0:  # the default: a long reply that leaves half the context for the chat
+            params = replace(params, max_new_tokens=min(DEFAULT_REPLY_TOKENS, self.block_size // 2))
         if params.max_new_tokens >= self.block_size:
             raise ValueError(f"max_new_tokens ({params.max_new_tokens}) must be below the model's context "
                              f"({self.block_size})")
@@ -109,8 +115,8 @@ class ChatConfig:
     """A run with a chat template (`pilelm finetune --task sft` output, or an imported chat model)."""
     system: str = ""
     """System prompt put before the conversation (kept when old turns are dropped)."""
-    max_new_tokens: int = 256
-    """Most tokens per reply."""
+    max_new_tokens: int = 0
+    """Most tokens per reply; 0 = 256, or half the model's context if that is less."""
     temperature: float = 0.7
     """Softmax temperature; 0 = greedy."""
     top_k: int = 0

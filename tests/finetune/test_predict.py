@@ -143,3 +143,21 @@ def test_progress_lines_when_not_a_terminal(fine_tunes, tmp_path):
                           capture_output=True, text=True, check=True)
     assert "\r" not in proc.stderr  # no bar redrawn into a log
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 100
+
+
+def test_the_python_api_answers_as_the_command(fine_tunes, capsys):
+    import pilelm
+
+    clf = pilelm.load(fine_tunes["classify"], device="cpu")
+    assert type(clf).__name__ == "FinetunedModel" and clf.task == "classify"
+    rows = predict_lines([str(fine_tunes["classify"]), "apple banana", "zebra lion", "--top-k", "2"], capsys)
+    assert clf.classify(["apple banana", "zebra lion"], top_k=2) == [{k: r[k] for k in ("label", "score", "top_k")}
+                                                                      for r in rows]
+    assert clf.classify("apple banana")["label"] == rows[0]["label"]
+    with pytest.raises(ValueError, match="classify model"):
+        clf.tag("Alice")
+    ner = pilelm.load(fine_tunes["ner"], device="cpu")
+    text = "Alice lives in Paris ."
+    assert ner.tag(text) == predict_lines([str(fine_tunes["ner"]), text], capsys)[0]["entities"]
+    punct = pilelm.load(fine_tunes["punct"], device="cpu")
+    assert punct.punctuate(["the cat saw the park"])[0].lower().startswith("the cat")
