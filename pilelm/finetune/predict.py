@@ -83,8 +83,8 @@ class Predictor:
     # --- sequence classification ----------------------------------------------------------
 
     @torch.inference_mode()
-    def class_probabilities(self, texts: list[str]) -> torch.Tensor:
-        """(N, n_labels) softmax probabilities, float32 on the CPU."""
+    def class_logits(self, texts: list[str]) -> torch.Tensor:
+        """(N, n_labels) logits, float32 on the CPU."""
         self._require("classify")
         enc = self.encoder
         ids = [enc.prefix + row[: enc.room] + enc.suffix for row in enc.tok.encode_batch(list(texts))]
@@ -98,9 +98,12 @@ class Predictor:
             for r, i in enumerate(idx):
                 batch[r, : len(ids[i])] = torch.tensor(ids[i])
                 mask[r, : len(ids[i])] = 1
-            logits = self.model(batch.to(self.device), mask.to(self.device))
-            out[idx] = logits.float().softmax(-1).cpu()
+            out[idx] = self.model(batch.to(self.device), mask.to(self.device)).float().cpu()
         return out
+
+    def class_probabilities(self, texts: list[str]) -> torch.Tensor:
+        """(N, n_labels) softmax probabilities, float32 on the CPU."""
+        return self.class_logits(texts).softmax(-1)
 
     def classify(self, texts: list[str], top_k: int = 1) -> list[dict[str, Any]]:
         probs = self.class_probabilities(texts)

@@ -5,38 +5,20 @@ from __future__ import annotations
 
 import io
 import json
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from ft_helpers import DATA, SENTENCES, write_classification
 
 from pilelm.core.cli import main
 from pilelm.finetune.predict import Predictor, group_entities, word_spans
 
-FAST = ["loop.num_threads=1", "loop.tensorboard=false"]
-
 
 @pytest.fixture(scope="session")
-def fine_tunes(tiny_run, tmp_path_factory) -> dict[str, Path]:
-    """classify, ner and punct fine-tunes of the tiny GPT-2 run (a few seconds each)."""
-    d = tmp_path_factory.mktemp("predict")
-    train, val = write_classification(d / "train.jsonl", 160, 0), write_classification(d / "val.jsonl", 30, 1)
-    conll = str(DATA / "tiny.conll")
-    rng = random.Random(0)
-    (d / "punct.txt").write_text(" ".join(rng.choice(SENTENCES) for _ in range(200)))
-    jobs = {"classify": ["--data", str(train), "--val-data", str(val), "optim.lr=2e-3"],
-            "ner": ["--data", conll, "--val-data", conll, "loop.batch_size=8", "optim.lr=3e-3"],
-            "punct": ["--data", str(d / "punct.txt"), "words_per_example=12", "optim.lr=3e-3"]}
-    out = {}
-    for task, args in jobs.items():
-        out[task] = d / task
-        assert main(["finetune", str(tiny_run), "-o", str(out[task]), "--task", task, *FAST, *args, "test_ratio=0",
-                     "loop.max_steps=30", "loop.eval_every=30"]) == 0
-    return out
+def fine_tunes(head_fine_tunes) -> dict[str, Path]:
+    return head_fine_tunes
 
 
 def predict_lines(argv: list[str], capsys) -> list[dict]:
