@@ -18,19 +18,23 @@ __version__ = "0.1.0"
 _API = {"load": "pilelm.api", "LanguageModel": "pilelm.api", "FinetunedModel": "pilelm.api"}
 
 
+# Reached by name, as the stage table reaches stages: the package's own modules import
+# ``__version__`` from here, so a plain import would close a circle.
+_STAGE_FUNCTIONS = "pilelm.stage_functions"
+
+
 def __getattr__(name: str) -> Any:
     import importlib
 
     if name in _API:
         return getattr(importlib.import_module(_API[name]), name)
-    from pilelm.stage_functions import FUNCTIONS, stage_function
-
-    if name in FUNCTIONS:
-        return stage_function(name)
+    stages = importlib.import_module(_STAGE_FUNCTIONS)
+    if name in stages.FUNCTIONS:
+        return stages.stage_function(name)
     raise AttributeError(f"module 'pilelm' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    from pilelm.stage_functions import FUNCTIONS
+    import importlib
 
-    return sorted([*globals(), *_API, *FUNCTIONS])
+    return sorted([*globals(), *_API, *importlib.import_module(_STAGE_FUNCTIONS).FUNCTIONS])
