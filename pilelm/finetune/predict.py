@@ -166,7 +166,7 @@ class Predictor:
             return self.classify(texts, top_k)
         if self.task == "ner":
             return [{"entities": e} for e in self.tag(texts)]
-        return [{"text": t} for t in self.punctuate(texts)]
+        return [{"restored": t} for t in self.punctuate(texts)]
 
 
 def group_entities(text: str, spans: list[tuple[str, int, int]], tags: list[tuple[str, float]]) -> list[dict[str, Any]]:

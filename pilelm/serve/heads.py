@@ -1,8 +1,7 @@
 """Routes for models that do not generate: classifiers, taggers, punctuation models, embedders.
 
 They follow Hugging Face Text Embeddings Inference (TEI, https://huggingface.github.io/
-text-embeddings-inference/, its OpenAPI ``/predict``, ``/embed``, ``/rerank``, ``/info``), so
-TEI clients (``huggingface_hub.InferenceClient``, LangChain's and LlamaIndex's TEI classes) work:
+text-embeddings-inference/, its OpenAPI ``/predict``, ``/embed``, ``/rerank``, ``/info``):
 
 - ``POST /predict`` ``{"inputs": "text" | ["text", ...], "raw_scores": false}``: a classifier
   answers, per text, every label ``[{"label", "score"}, ...]`` best first (softmax scores, or
