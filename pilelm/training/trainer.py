@@ -443,7 +443,8 @@ class Trainer:
                 record_run_inputs(out, cfg.data)
         peak = resolve_peak(self.device, loop.peak_flops, out / "hardware.json", measure=info.is_main)
         log.info("MFU against a peak of %s per device", peak.describe())
-        metrics = MetricsLog(out, self.step, enabled=info.is_main, tensorboard=loop.tensorboard)
+        metrics = MetricsLog(out, self.step, enabled=info.is_main, tensorboard=loop.tensorboard,
+                             trackers=loop.trackers, config=cfg)
         bar = tqdm(total=None if loop.max_minutes else budget.total_steps, initial=self.step, desc="train",
                    unit="step", dynamic_ncols=True, disable=True if not info.is_main else None)
         t_start = time.perf_counter()
