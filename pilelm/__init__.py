@@ -2,7 +2,7 @@
 
     import pilelm
     lm = pilelm.load("runs/demo/train")   # see pilelm.api
-    pilelm.finetune("runs/demo/train", task="classify", data=["train.jsonl"], output="runs/cls")
+    pilelm.fine_tune("runs/demo/train", task="classify", data=["train.jsonl"], output="runs/cls")
 
 ``pilelm.load`` and one function per command (``pilelm.prepare``, ``pilelm.train``,
 ``pilelm.eval``, ... see ``pilelm.stage_functions``) are imported on first use, so ``import

@@ -5,10 +5,10 @@ A function takes the command's bare arguments positionally (``pilelm.prepare("ra
 (a section as a dict, ``loop={"max_steps": 100}``, or dotted, ``**{"loop.max_steps": 100}``),
 and ``config=`` a YAML file or shipped config name. It builds the same config object the
 command line builds (``pilelm.core.config.load_config``: defaults < YAML < keys, unknown keys
-an error) and calls the same runner, so ``pilelm.finetune(...)`` is ``pilelm finetune ...``.
+an error) and calls the same runner, so ``pilelm.fine_tune(...)`` is ``pilelm finetune ...``.
 Names: the command's, with spaces and dashes as underscores (``tokenizer_train``,
-``shards_export``, ``finetune_contrastive``, ``compress_report``) and ``import_`` for
-``pilelm import``.
+``shards_export``, ``finetune_contrastive``, ``compress_report``), except where a keyword or a
+subpackage holds the name: ``import_``, ``fine_tune`` (``pilelm finetune``) and ``serve_http``.
 """
 
 from __future__ import annotations
@@ -21,10 +21,14 @@ from typing import Any
 from pilelm.core.config import ConfigError, load_config
 from pilelm.core.stages import COMMANDS, resolve_config_path
 
+# Where the command's own name is taken: a keyword, or a subpackage of pilelm (importing
+# ``pilelm.finetune.stage`` sets ``pilelm.finetune`` to the package, hiding any function).
+RENAMED = {"import": "import_", "finetune": "fine_tune", "serve": "serve_http"}
+
 
 def python_name(command: str) -> str:
     name = command.replace(" ", "_").replace("-", "_")
-    return f"{name}_" if name in ("import",) else name
+    return RENAMED.get(name, name)
 
 
 FUNCTIONS: dict[str, str] = {python_name(c): c for c in COMMANDS}

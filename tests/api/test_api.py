@@ -83,8 +83,12 @@ def test_chat_needs_a_template(lm, chat_template_run):
 
 def test_every_command_is_a_function():
     assert set(FUNCTIONS.values()) == set(COMMANDS)
-    for name in ("prepare", "tokenize", "train", "eval", "finetune", "predict", "chat", "tokenizer_train", "import_"):
+    import pilelm.finetune.stage  # noqa: F401  (sets pilelm.finetune to the package)
+
+    for name in ("prepare", "tokenize", "train", "eval", "fine_tune", "predict", "chat", "tokenizer_train", "import_",
+                 "serve_http"):
         assert callable(getattr(pilelm, name)), name
+        assert getattr(pilelm, name).__name__ == name
     with pytest.raises(AttributeError):
         pilelm.no_such_stage  # noqa: B018
 
