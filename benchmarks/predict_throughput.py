@@ -97,8 +97,10 @@ def main() -> None:
     ours = Predictor(ft, "cpu", args.batch_size)
     theirs = pipeline("text-classification", model=str(hf_dir), tokenizer=str(hf_dir), device=-1,
                       batch_size=args.batch_size, truncation=True, max_length=args.max_length)
-    if theirs.tokenizer.pad_token is None:  # GPT-2 has none; pilelm pads with end-of-text, as the export says
-        theirs.tokenizer.pad_token = theirs.tokenizer.eos_token
+    # The model finds each text's last token by config.pad_token_id (pilelm pads with end-of-text);
+    # the exported tokenizer may name another pad token (the sample's BPE has <|padding|>), and
+    # padding with it would pool a pad position: pad as the config says.
+    theirs.tokenizer.pad_token_id = theirs.model.config.pad_token_id
     ours.classify(texts[:64]), theirs(texts[:64])  # warm-up
     times: dict[str, list[float]] = {"pilelm": [], "pipeline": []}
     labels: dict[str, list[str]] = {}
