@@ -21,14 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from pilelm import __version__
-from pilelm.core.config import ConfigError, _strip_optional, describe_config, iter_fields, load_config
+from pilelm.core.config import (
+    ConfigError,
+    _strip_optional,
+    describe_config,
+    flat_section_of,
+    iter_fields,
+    load_config,
+)
 from pilelm.core.stages import COMMANDS, CONFIG_DIR, Command, resolve_config_path
 
 
 def _field_type(cls: type, dotted: str) -> Any:
     """The annotated type of a dotted key, or None if there is no such key."""
     tp: Any = cls
-    for part in dotted.split("."):
+    parts = dotted.split(".")
+    section = flat_section_of(cls, parts[0]) if parts[0] not in typing.get_type_hints(cls) else None
+    for part in [section, *parts] if section else parts:  # a flat section's key (temperature: sampling.temperature)
         inner, _ = _strip_optional(tp)
         if not (isinstance(inner, type) and dataclasses.is_dataclass(inner)):
             return None
@@ -105,11 +114,12 @@ def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, li
                     values.append(argv[i])
                     greedy.append((name, argv[i]))
             else:
-                overrides.append(f"{name}={value}")
+                overrides.append(_override(cls, name, value))
             i += 1
             continue
         if "=" in tok and _KEY.match(tok.split("=", 1)[0]):
-            overrides.append(tok)  # load_config reports an unknown key with the valid ones
+            key, value = tok.split("=", 1)
+            overrides.append(_override(cls, key.replace("-", "_"), value))  # load_config reports an unknown key
         else:
             bare.append(tok)
         i += 1
@@ -137,6 +147,17 @@ def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, li
         else:
             overrides.append(f"{name}={values[-1]}")
     return config_path, overrides
+
+
+def _override(cls: type, name: str, value: str) -> str:
+    """``name=value`` for ``load_config``, which reads the value as YAML; a string field's value
+    is quoted so that it stays the text typed (``--host ::`` is an address, not a YAML mapping)."""
+    inner, _ = _strip_optional(_field_type(cls, name))
+    if inner is str:
+        import json
+
+        return f"{name}={json.dumps(value)}"
+    return f"{name}={value}"
 
 
 def _yaml_list(values: list[str]) -> str:
@@ -209,6 +230,23 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+def command_groups() -> dict[str, list[str]]:
+    """First word of each two-word command (``tokenizer``, ``shards``, ...) -> their usages."""
+    groups: dict[str, list[str]] = {}
+    for name, cmd in COMMANDS.items():
+        if " " in name:
+            groups.setdefault(name.split()[0], []).append(cmd.usage)
+    return groups
+
+
+def split_command(argv: list[str]) -> tuple[str, list[str]]:
+    """(command name, its arguments) of a command line after ``pilelm``: a two-word command
+    (``pilelm tokenizer train``, ``pilelm shards export``) takes the second word too."""
+    if len(argv) > 1 and argv[0] in command_groups():
+        return f"{argv[0]} {argv[1]}", argv[2:]
+    return argv[0], argv[1:]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -217,17 +255,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in ("-V", "--version"):
         print(__version__)
         return 0
-    name = argv[0]
-    rest = argv[1:]
-    groups = {c.split()[0]: [] for c in COMMANDS if " " in c}
-    for c in COMMANDS:
-        if " " in c:
-            groups[c.split()[0]].append(COMMANDS[c].usage)
-    if name in groups:  # two-word commands: `pilelm tokenizer train`, `pilelm shards export`
-        if not rest or rest[0] in ("-h", "--help"):
-            print("usage:\n  " + "\n  ".join(groups[name]) + f"\nsee `pilelm {name} SUBCOMMAND --help`")
-            return 0 if rest else 2
-        name, rest = f"{name} {rest[0]}", rest[1:]
+    groups = command_groups()
+    if argv[0] in groups and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+        print("usage:\n  " + "\n  ".join(groups[argv[0]]) + f"\nsee `pilelm {argv[0]} SUBCOMMAND --help`")
+        return 0 if len(argv) > 1 else 2
+    name, rest = split_command(argv)
     cmd = COMMANDS.get(name)
     if cmd is None:
         print(f"pilelm: unknown command {name!r}\n\n{main_help()}", file=sys.stderr)

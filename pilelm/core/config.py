@@ -1,7 +1,7 @@
 """Typed configs: dataclasses loaded from YAML with dotted overrides, documented for --help.
 
 Each component owns a small dataclass config beside its code (``GPTConfig`` in
-``models/gpt.py``, ``TrainConfig`` in ``train.py`` ...); this module is the shared machinery:
+``models/gpt.py``, ``TrainConfig`` in ``training/config.py`` ...); this module is the shared machinery:
 
 - ``load_config(cls, yaml_path, overrides)`` builds a config from defaults, then a YAML file,
   then ``section.key=value`` overrides, in that order.
@@ -141,6 +141,27 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+def flat_section_of(cls: type, key: str) -> str | None:
+    """The section of ``cls`` whose key ``key`` may be given without the section's name: a
+    config lists such sections in ``FLAT_SECTIONS`` (a ClassVar), e.g. ``GenerateConfig``'s
+    ``sampling``, so that ``temperature`` means ``sampling.temperature``."""
+    for section in getattr(cls, "FLAT_SECTIONS", ()):
+        inner, _ = _strip_optional(_hints(cls)[section])
+        if key in {f.name for f in dataclasses.fields(inner)}:
+            return section
+    return None
+
+
+def _unflatten(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the keys of ``cls``'s flat sections moved into their section."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        section = None if key in names else flat_section_of(cls, key)
+        out = _merge(out, {section: {key: value}} if section else {key: value})
+    return out
+
+
 def _apply(obj: Any, data: dict[str, Any], prefix: str, root: type | None = None) -> Any:
     """Return a copy of dataclass ``obj`` with ``data`` (a nested mapping) applied; ``root`` is
     the top config class (for suggestions)."""
@@ -148,6 +169,8 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str, root: type | None = None
     root = root or cls
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    if getattr(cls, "FLAT_SECTIONS", ()):
+        data = _unflatten(cls, data)
     changes: dict[str, Any] = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
@@ -309,16 +332,18 @@ def _type_name(tp: Any) -> str:
     return f"{name} | None" if optional else name
 
 
-def iter_fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, Any, Any, str]]:
-    """Yield (dotted key, type, default, doc) for every leaf field of a config class."""
+def iter_fields(cls: type, prefix: str = "", defaults: Any = None) -> typing.Iterator[tuple[str, Any, Any, str]]:
+    """Yield (dotted key, type, default, doc) for every leaf field of a config class (a flat
+    section's keys without the section's name; defaults as ``defaults``, else ``cls()``, has them)."""
     hints = _hints(cls)
     docs = field_docs(cls)
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
+    flat = getattr(cls, "FLAT_SECTIONS", ())
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         inner, _ = _strip_optional(tp)
         if _is_config(inner):
-            yield from iter_fields(inner, f"{prefix}{f.name}.")
+            yield from iter_fields(inner, prefix if f.name in flat else f"{prefix}{f.name}.", getattr(defaults, f.name))
         else:
             yield f"{prefix}{f.name}", tp, getattr(defaults, f.name), docs.get(f.name, "")
 

@@ -123,7 +123,7 @@ class FinetuneConfig:
     scheme: Literal["auto", "bio", "bioes"] = "auto"
     """ner: tag scheme; auto = bioes if any tag starts with S- or E-, else bio. Sequences that break it are errors."""
     max_length: int = 128
-    """Tokens per example (special tokens included); longer texts are truncated (sft: from the left of the prompt; also the length of a packed row). At most the model's block_size."""
+    """Tokens per example (special tokens included); longer texts are truncated (sft: the longest message before the reply is cut from its end, keeping its head; also the length of a packed row). At most the model's block_size."""
     words_per_example: int = 48
     """punct: words per training example (documents are cut into runs of this many words)."""
     max_train_examples: int = 0

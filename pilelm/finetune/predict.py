@@ -35,7 +35,7 @@ from pilelm.core.manifest import require_stage
 from pilelm.core.progress import Progress
 from pilelm.finetune.encoding import IGNORE, TaskEncoder, collate
 from pilelm.finetune.model import load_task_model
-from pilelm.finetune.punct import plain_words, restore
+from pilelm.finetune.punct import label_text, restore, split_label
 from pilelm.finetune.records import read_text_records
 from pilelm.training.distributed import pick_device
 
@@ -155,10 +155,13 @@ class Predictor:
         return [group_entities(text, s, tags) for text, s, tags in zip(texts, spans, tagged, strict=True)]
 
     def punctuate(self, texts: list[str]) -> list[str]:
+        """The texts with marks and capitals added; a mark or capital a text has is kept
+        (``keep_existing``)."""
         self._require("punct")
-        words = [plain_words(t) for t in texts]
-        tagged = self.tag_words(words)
-        return [restore(w, [label for label, _ in tags]) for w, tags in zip(words, tagged, strict=True)]
+        given = [label_text(t) for t in texts]
+        tagged = self.tag_words([g.words for g in given])
+        return [restore(g.words, keep_existing(g.labels, [label for label, _ in tags]))
+                for g, tags in zip(given, tagged, strict=True)]
 
     def predict(self, texts: list[str], top_k: int = 1) -> list[dict[str, Any]]:
         """One JSON-ready record per text for this model's task."""
@@ -167,6 +170,16 @@ class Predictor:
         if self.task == "ner":
             return [{"entities": e} for e in self.tag(texts)]
         return [{"restored": t} for t in self.punctuate(texts)]
+
+
+def keep_existing(existing: list[str], predicted: list[str]) -> list[str]:
+    """Per word: the text's own mark where it has one, else the model's; a capital where either has one."""
+    out = []
+    for old, new in zip(existing, predicted, strict=True):
+        (old_mark, old_case), (new_mark, new_case) = split_label(old), split_label(new)
+        mark = old_mark if old_mark != "O" else new_mark
+        out.append(f"{mark}+{'Cap' if 'Cap' in (old_case, new_case) else 'lower'}")
+    return out
 
 
 def group_entities(text: str, spans: list[tuple[str, int, int]], tags: list[tuple[str, float]]) -> list[dict[str, Any]]:

@@ -4,6 +4,11 @@ Reads text from files (each file one text) or stdin (each paragraph, i.e. block 
 separated by a blank line, one text) and writes each restored text, paragraphs separated by a
 blank line, to stdout or ``-o FILE``. A text longer than the model's ``max_length`` is cut
 into consecutive windows of whole words.
+
+The model adds marks and capitals; it never takes one away (``keep_existing``): a word that
+already ends in a mark keeps it, and a capital stays a capital, since the model reads only
+lower-cased, stripped words and cannot know a full stop or a proper noun was there. Restoring
+partly punctuated text therefore only fills gaps.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pilelm.core.atomic import atomic_write_text
-from pilelm.finetune.predict import Predictor, task_of
+from pilelm.finetune.predict import Predictor, keep_existing, task_of
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Punctuator", "PunctuateConfig", "keep_existing", "run_punctuate"]
 
 
 class Punctuator(Predictor):

@@ -204,6 +204,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     for split in ("val", "test"):
         if ft.data.examples.get(split):
             results[split] = ft.evaluate(split)
+    from pilelm.finetune.baselines import score_baselines
+
+    results["baselines"] = score_baselines(ft.task, ft.data)  # the simple methods, same split
     atomic_write_json(out / "results.json", results)
     write_results(out, results)
     counts = {f"{s}_examples": len(v) for s, v in ft.data.examples.items()} | dict(ft.data.counts)

@@ -98,7 +98,7 @@ def test_prune_stage_round_trip_and_export_rules(tiny_run, tmp_path):
     model, cfg, _ = load_for_inference(out)
     assert cfg.n_head == 1 and cfg.head_dim == 32
     texts: list[str] = []
-    run_generate(GenerateConfig(run=str(out), prompt=["the"], temperature=0.0, max_new_tokens=4), texts.append)
+    run_generate(GenerateConfig(run=str(out), prompt=["the"], sampling=SamplingParams(max_new_tokens=4, temperature=0.0)), texts.append)
     assert "".join(texts).startswith("the")
     with pytest.raises(ValueError, match="heads were pruned"):
         run_export(ExportConfig(run=str(out), output=str(tmp_path / "hf")))

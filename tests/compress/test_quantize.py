@@ -15,15 +15,15 @@ from pilelm.compress.quantize import QuantizeConfig, is_quantized, quantize_mode
 from pilelm.compress.quantized_linear import METHODS, QuantizedLinear
 from pilelm.core import cli
 from pilelm.inference.generate import GenerateConfig, SamplingParams, run_generate, stream_batch
-from pilelm.models.cpu_kernels import Linear
+from pilelm.models.cpu_kernels import RepackedLinear
 from pilelm.models.gpt import GPT, GPTConfig
 from pilelm.serve import BackgroundServer, ServeConfig, create_app, load_engine
 from pilelm.training.checkpoint import latest_checkpoint, load_for_inference
 
 
-def _linear(seed: int = 0) -> Linear:
+def _linear(seed: int = 0) -> RepackedLinear:
     torch.manual_seed(seed)
-    lin = Linear(128, 96)
+    lin = RepackedLinear(128, 96)
     with torch.no_grad():
         lin.weight[3] *= 20  # one row with a wide range: scales must be per row (group)
     return lin
@@ -140,7 +140,7 @@ def test_quantized_run_loads_through_the_one_loader_and_generates(quantized_runs
     model, _, _ = load_for_inference(run)
     assert is_quantized(model)
     texts: list[str] = []
-    run_generate(GenerateConfig(run=str(run), prompt=["the quick"], temperature=0.0, max_new_tokens=8), texts.append)
+    run_generate(GenerateConfig(run=str(run), prompt=["the quick"], sampling=SamplingParams(max_new_tokens=8, temperature=0.0)), texts.append)
     # The tiny run is fitted to "the quick brown fox ..."; 8 bits keep that, 4 bits nearly.
     assert "".join(texts).startswith("the quick brown" if method != "int4-weight" else "the quick")
 

@@ -113,9 +113,12 @@ def setup_sft(cfg: FinetuneConfig) -> SftSetup:
     torch.manual_seed(loop.seed)
     model, model_cfg = grow_vocabulary(trunk, trunk_cfg, new_ids, trained_rows)
     cfg = dataclasses.replace(cfg, max_length=min(cfg.max_length, model_cfg.block_size))
-    encoder = ChatEncoder(tokenizer, SFT_CHAT_TEMPLATE, load_special_tokens(out / "tokenizer"), cfg.max_length)
+    encoder = ChatEncoder(tokenizer, SFT_CHAT_TEMPLATE, load_special_tokens(out / "tokenizer"), cfg.max_length,
+                          prompt_room=model_cfg.block_size - cfg.sft.max_new_tokens)
     counts: Counter[str] = Counter()
     splits = load_splits(cfg, encoder, counts)
+    if counts:
+        log.info("sft examples: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eod_id
     return SftSetup(cfg, tokenizer, model, model_cfg, new_ids, splits, counts, pad_id, pick_device(loop.device))
 
