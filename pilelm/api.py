@@ -107,7 +107,7 @@ class LanguageModel:
     def embed(self, texts: str | list[str], pooling: str = "mean", batch_size: int = 32) -> np.ndarray:
         """Unit vectors, (d,) for one text or (N, d) for a list: ``pilelm embed``'s encoder (a
         text longer than the context is an error; ``pilelm embed`` chunks documents)."""
-        from pilelm.inference.embed import TextEncoder
+        from pilelm.inference.text_encoder import TextEncoder
 
         items, one = _many(texts)
         vectors = TextEncoder(self.model, self.config, self.tokenizer, pooling, self.device).embed_queries(

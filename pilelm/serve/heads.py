@@ -52,7 +52,7 @@ class HeadsContext:
     predictor: Any = None
     """A ``pilelm.finetune.predict.Predictor`` (classify, ner, punct), or None."""
     encoder: Any = None
-    """A ``pilelm.inference.embed.TextEncoder``, or None."""
+    """A ``pilelm.inference.text_encoder.TextEncoder``, or None."""
     api_key: str | None = None
     max_batch: int = 64
     """Most inputs per request (TEI's max_client_batch_size)."""

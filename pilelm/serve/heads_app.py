@@ -63,7 +63,7 @@ def load_heads(cfg: ServeConfig) -> HeadsContext:
 
         ctx.predictor = Predictor(cfg.run, cfg.device, batch_size=cfg.max_batch)
     else:
-        from pilelm.inference.embed import TextEncoder
+        from pilelm.inference.text_encoder import TextEncoder
 
         ctx.encoder = TextEncoder.from_run(cfg.run, cfg.step, device=cfg.device)
     return ctx

@@ -55,7 +55,7 @@ def test_score_is_the_log_probability_of_one_forward(lm):
 
 
 def test_embed_is_the_encoders(lm, tiny_run):
-    from pilelm.inference.embed import TextEncoder
+    from pilelm.inference.text_encoder import TextEncoder
 
     vecs = lm.embed(["the quick brown fox", "pack my box"])
     ref = TextEncoder.from_run(tiny_run, device="cpu").embed_queries(["the quick brown fox", "pack my box"])

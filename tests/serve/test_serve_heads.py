@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pilelm.finetune.predict import Predictor
-from pilelm.inference.embed import TextEncoder
+from pilelm.inference.text_encoder import TextEncoder
 from pilelm.serve import BackgroundServer, ServeConfig
 from pilelm.serve.heads import HeadsContext
 from pilelm.serve.heads_app import create_heads_app, load_heads, serves_heads

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pilelm.training.metrics import MetricsLog
+from pilelm.training.metrics_log import MetricsLog
 from pilelm.training.trackers import open_trackers, scalars
 
 ROWS = [{"step": 10, "loss": 2.5, "lr": 1e-3}, {"step": 20, "loss": 2.0, "val_loss": 2.2, "note": "x"}]
