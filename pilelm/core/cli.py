@@ -12,6 +12,7 @@ Defaults < YAML < command line. ``pilelm STAGE --help`` lists every key with its
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import re
 import sys
@@ -66,6 +67,7 @@ def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, li
     overrides: list[str] = []
     lists: dict[str, list[str]] = {}
     bare: list[str] = []
+    greedy: list[tuple[str, str]] = []  # values a list option took after its first
     i = 0
     while i < len(argv):
         tok = argv[i]
@@ -89,8 +91,10 @@ def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, li
             if tp is None and name in getattr(cls, "RENAMED", {}):
                 raise ConfigError(f"option {tok!r} of `pilelm {cmd.name}` is now {cls.RENAMED[name]}")
             if tp is None:
+                close = difflib.get_close_matches(name, _valid_keys(cls), n=2, cutoff=0.6)
+                hint = f"; did you mean {' or '.join('--' + k.replace('_', '-') for k in close)}?" if close else ""
                 raise ConfigError(
-                    f"unknown option {tok!r} for `pilelm {cmd.name}`; valid keys: {', '.join(_valid_keys(cls))}"
+                    f"unknown option {tok!r} for `pilelm {cmd.name}`{hint}; valid keys: {', '.join(_valid_keys(cls))}"
                 )
             inner, _ = _strip_optional(tp)
             if value is None and inner is bool:
@@ -104,7 +108,13 @@ def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, li
                     raise ConfigError(f"option {tok} needs a value")
                 value, i = argv[i + 1], i + 1
             if _is_list(tp):
-                lists.setdefault(name, []).append(value)
+                # A list option takes every value up to the next option: --splits val test
+                values = lists.setdefault(name, [])
+                values.append(value)
+                while i + 1 < len(argv) and _is_value(argv[i + 1]):
+                    i += 1
+                    values.append(argv[i])
+                    greedy.append((name, argv[i]))
             else:
                 overrides.append(_override(cls, name, value))
             i += 1
@@ -116,6 +126,14 @@ def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, li
             bare.append(tok)
         i += 1
     pos = list(cmd.positionals)
+    # `pilelm generate --prompt hi RUN_DIR`: a value a list option took past its first goes back
+    # to the positionals that would otherwise be missing.
+    missing = [p for p in pos[len(bare):] if p not in lists and not _is_list(_field_type(cls, p))]
+    while missing and greedy and _required_positional(cls, missing[0]):
+        name, value = greedy.pop()
+        lists[name].pop()
+        bare.append(value)
+        missing.pop(0)
     while bare:
         if not pos:
             raise ConfigError(f"unexpected argument {bare[0]!r}; usage: {cmd.usage}")
@@ -148,6 +166,18 @@ def _yaml_list(values: list[str]) -> str:
     import json
 
     return json.dumps(values)
+
+
+def _is_value(tok: str) -> bool:
+    """A token that is neither an option (``--x``) nor a ``key=value`` override."""
+    if tok.startswith("-") and tok not in ("-", "--") and not _looks_numeric(tok):
+        return False
+    return not ("=" in tok and _KEY.match(tok.split("=", 1)[0]))
+
+
+def _required_positional(cls: type, name: str) -> bool:
+    """A positional whose default is empty (the run or model directory a command needs)."""
+    return getattr(cls(), name, None) in ("", None)
 
 
 def _looks_numeric(tok: str) -> bool:

@@ -162,9 +162,11 @@ def _unflatten(cls: type, data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _apply(obj: Any, data: dict[str, Any], prefix: str) -> Any:
-    """Return a copy of dataclass ``obj`` with ``data`` (a nested mapping) applied."""
+def _apply(obj: Any, data: dict[str, Any], prefix: str, root: type | None = None) -> Any:
+    """Return a copy of dataclass ``obj`` with ``data`` (a nested mapping) applied; ``root`` is
+    the top config class (for suggestions)."""
     cls = type(obj)
+    root = root or cls
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     if getattr(cls, "FLAT_SECTIONS", ()):
@@ -177,10 +179,15 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str) -> Any:
             if renamed:
                 raise ConfigError(f"config key {full!r} is now {prefix}{renamed}")
             raise ConfigError(
-                f"unknown config key {full!r}; valid keys here: {', '.join(prefix + n for n in names)}"
+                f"unknown config key {full!r}{_did_you_mean(root, cls, key, value, prefix)}; "
+                f"valid keys here: {', '.join(prefix + n for n in names)}"
             )
         tp = hints[key]
         inner, _ = _strip_optional(tp)
+        if isinstance(value, dict) and not _is_config(inner) and typing.get_origin(inner) is not dict:
+            (sub, subvalue), *_ = value.items()
+            raise ConfigError(f"{full} is a value, not a section, so {full}.{sub} is no key"
+                              f"{_did_you_mean(root, cls, sub, subvalue, prefix)}")
         if _is_config(inner):
             if value is None:
                 changes[key] = None
@@ -190,7 +197,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str) -> Any:
             current = getattr(obj, key)
             if current is None:
                 current = inner()
-            changes[key] = _apply(current, value, f"{full}.")
+            changes[key] = _apply(current, value, f"{full}.", root)
         else:
             changes[key] = coerce(value, tp, full)
     if not changes:
@@ -201,6 +208,25 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str) -> Any:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def _did_you_mean(root: type, cls: type, key: str, value: Any, prefix: str) -> str:
+    """``; did you mean label_column=x?`` for a key misspelt or put in the wrong section: a
+    key of the same name elsewhere in the config, else the closest names here."""
+    import difflib
+
+    def shown(k: str) -> str:
+        return f"{k}={value}" if not isinstance(value, dict) else f"{k}.<key>"
+
+    leaves = [k for k, *_ in iter_fields(root)]
+    same = [k for k in leaves if k.rsplit(".", 1)[-1] == key]
+    if same:
+        return f"; did you mean {' or '.join(shown(k) for k in same)}?"
+    here = [prefix + f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(prefix + key, here, n=2, cutoff=0.6)
+    if not close:
+        close = difflib.get_close_matches(prefix + key, leaves, n=2, cutoff=0.75)
+    return f"; did you mean {' or '.join(shown(k) for k in close)}?" if close else ""
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

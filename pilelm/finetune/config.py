@@ -82,6 +82,8 @@ class FinetuneLoopConfig:
     """Checkpoint and stop after this step, as a preempted job would (rerun to resume); 0 = off."""
     tensorboard: bool = True
     """Write TensorBoard event files to FT_DIR/tensorboard."""
+    trackers: list[str] = field(default_factory=list)
+    """Experiment trackers that also get every metrics row: mlflow (a local SQLite store, FT_DIR/mlflow.db) and/or wandb (offline, FT_DIR/wandb); each needs pip install 'pilelm[track]'."""
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, ("max_steps", "batch_size", "eval_batch_size", "eval_every", "log_every"), prefix="loop.")

@@ -245,7 +245,7 @@ class ValidatedLoop:
     def fit(self, desc: str) -> None:
         loop, total = self.cfg.loop, self.total_steps
         self.resume()
-        metrics_log = MetricsLog(self.out, self.step, True, loop.tensorboard)
+        metrics_log = MetricsLog(self.out, self.step, True, loop.tensorboard, loop.trackers, self.cfg)
         bar = tqdm(total=total, initial=self.step, desc=desc, unit="step", disable=None)
         t0, seen0 = time.perf_counter(), self.examples_seen
         try:

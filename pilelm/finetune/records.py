@@ -143,7 +143,7 @@ def read_text_records(path: str | Path, text_column: str, label_column: str,
         for column, value in ((text_column, text), (label_column, label)):
             if value is None:
                 raise DataError(f"{where}: no {column!r} column (have {', '.join(map(str, row))}); "
-                                f"set data.text_column / data.label_column to the names your file uses")
+                                f"set --text-column / --label-column to the names your file uses")
         text = _scalar(where, text_column, text, "text")
         if not text.strip():
             if skips is not None:

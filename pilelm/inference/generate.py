@@ -33,6 +33,7 @@ from pilelm.inference.sampling import GENERATE_PRESET, SamplingParams
 from pilelm.inference.textstream import CompletionText, TextTokenizer, clean_text, cut_at_stop, unescape
 from pilelm.models import spec_for
 from pilelm.models.dtypes import resolve_dtype
+from pilelm.tokens.chat import DEFAULT_CHAT_STOP, chat_template_of, load_special_tokens, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +123,18 @@ class GenerateConfig:
     """Samples per prompt."""
     step: int | None = None
     """Checkpoint step to load; None = the latest."""
-    device: str = "cpu"
-    """Torch device (cpu, cuda, cuda:1, mps)."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda, cuda:1, mps."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and KV-cache dtype; auto = bfloat16 where bf16 matmuls are native (AMX / AVX512-BF16 CPUs, CUDA), else float32."""
     output: str = ""
     """Also write the samples to this JSONL file ({prompt, completion}); empty = terminal only."""
+    chat: bool = False
+    """Treat each prompt as a user message of a one-turn chat, rendered by the run's chat template (a `finetune --task sft` run); prints only the reply."""
+    system: str = ""
+    """--chat: a system prompt put before the user message."""
+    plain_template: bool = False
+    """--chat on a run without a chat template: use the plain 'User: / Assistant:' transcript."""
     punctuate: str = ""
     """A `pilelm finetune --task punct` directory: also print each sample (prompt + completion) with punctuation and casing restored by it (and add it to the JSONL as `punctuated`)."""
     retrieve: str = ""
@@ -215,6 +222,16 @@ def _punctuate(ft_dir: str, texts: list[str]) -> list[str]:
     return importlib.import_module(COMMANDS["punctuate"].module).Punctuator(ft_dir).restore_texts(texts)
 
 
+def _chat_prompts(cfg: GenerateConfig, tokenizer: Any, tok_dir: Path, prompts: list[str]) -> tuple[list[str], list[str]]:
+    """Each prompt as the user message of a one-turn chat through the run's template, and the
+    stop strings the template needs."""
+    template = chat_template_of(tokenizer, cfg.run, cfg.plain_template)  # refuses a run without one, saying how
+    specials = {**tokenizer.special_tokens_map(), **load_special_tokens(tok_dir)}
+    head = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    rendered = [render_chat([*head, {"role": "user", "content": p}], template, True, specials) for p in prompts]
+    return rendered, (DEFAULT_CHAT_STOP if template is None else [])
+
+
 def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None) -> Path | None:
     """Generate from a run, streaming each sample to ``write`` (default: stdout) as it comes.
 
@@ -244,10 +261,15 @@ def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None)
     prompts = [p for p in prompts for _ in range(cfg.num_samples)]
     shown = [p for p in shown for _ in range(cfg.num_samples)]
     many = len(prompts) > 1
-    headers = [(f"--- sample {i} ---\n" if many else "") + p for i, p in enumerate(shown)]
+    headers = [(f"--- sample {i} ---\n" if many else "") + ("" if cfg.chat else p) for i, p in enumerate(shown)]
+    params = cfg.sampling_params()
+    model_inputs = prompts
+    if cfg.chat:
+        model_inputs, stop = _chat_prompts(cfg, tokenizer, tok_dir, prompts)
+        params = replace(params, stop=[*params.stop, *stop])
     screen = _OrderedStream(headers, write)
     completions = generate(
-        model, tokenizer, prompts, cfg.sampling_params(), cfg.num_beams, on_text=screen.text,
+        model, tokenizer, model_inputs, params, cfg.num_beams, on_text=screen.text,
         length_penalty=cfg.length_penalty,
     )
     for row in range(len(prompts)):

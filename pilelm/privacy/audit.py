@@ -61,8 +61,8 @@ class AuditConfig:
     """Sequences per forward pass when scoring."""
     seed: int = 0
     """Seed of the candidate secrets."""
-    device: str = "cpu"
-    """cpu, cuda or cuda:N."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda or cuda:N."""
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, ("candidates", "batch_size"))

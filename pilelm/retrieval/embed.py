@@ -90,8 +90,8 @@ class EmbedConfig:
     """Embed only the first N documents (0 = all)."""
     step: int | None = None
     """Checkpoint step of the run; None = the latest."""
-    device: str = "cpu"
-    """Torch device."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda or cuda:N."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the model (vectors are normalised in float32)."""
 

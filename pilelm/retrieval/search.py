@@ -36,8 +36,8 @@ class SearchConfig:
     """Hybrid: the dense ranking's weight in the fusion (BM25's is 1); None = the one pilelm embed calibrated."""
     run: str = ""
     """Run whose model embeds the query; empty = the run that built the index."""
-    device: str = "cpu"
-    """Torch device."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda or cuda:N."""
 
     def __post_init__(self) -> None:
         if self.k < 1:

@@ -29,8 +29,8 @@ class ServeConfig:
     """Web origins (e.g. http://localhost:3000) whose pages may call the API from a browser (CORS), and whose host names are accepted in the Host header; '*' = any page and any Host (turns the browser checks off). Empty: only the playground this server serves."""
     model_name: str = ""
     """Model id in /v1/models and responses; empty = the run directory's name."""
-    device: str = "cpu"
-    """Torch device (cpu, cuda, cuda:1, mps)."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda, cuda:1, mps."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights and KV-cache dtype (bfloat16 is several times faster on CPUs with AMX)."""
     threads: int = 0

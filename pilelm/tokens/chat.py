@@ -200,3 +200,24 @@ def _compile(template: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(template)
+
+
+class NoChatTemplate(ValueError):
+    """The run's tokenizer has no chat template; the message says how to get one."""
+
+
+def no_template_message(run: str | Path) -> str:
+    return (f"{run} has no chat template (a base model: its tokenizer_config.json holds no chat_template). "
+            f"Fine-tune it on conversations to get one: pilelm finetune {run} --task sft --data CHATS.jsonl "
+            "-o CHAT_RUN (docs/sft.md), then chat with CHAT_RUN; or pass --plain-template to chat with the "
+            "plain 'User: / Assistant:' transcript, which a base model continues without training")
+
+
+def chat_template_of(tokenizer: Any, run: str | Path, plain_template: bool = False) -> str | None:
+    """The tokenizer's template; None (the plain transcript) when ``plain_template`` allows it."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        return template
+    if plain_template:
+        return None
+    raise NoChatTemplate(no_template_message(run))

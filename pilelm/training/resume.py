@@ -34,7 +34,7 @@ RESUME_NEUTRAL = frozenset({
     "data",  # the shards are compared by content hash (a moved shard dir is the same data)
     "output", "resume", "restart",
     "loop.max_steps", "loop.stop_at_step", "loop.eval_every", "loop.eval_windows", "loop.save_every",
-    "loop.keep_last", "loop.log_every", "loop.num_threads", "loop.peak_flops", "loop.tensorboard",
+    "loop.keep_last", "loop.log_every", "loop.num_threads", "loop.peak_flops", "loop.tensorboard", "loop.trackers",
     "loop.compile",
 })
 # What --restart (and any stage writing a new model into a used directory) removes, the

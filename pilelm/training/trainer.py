@@ -438,7 +438,8 @@ class Trainer:
                  self.budget.describe(), loop.micro_batch, self.seq_len, self.accum, info.world,
                  self.loader.tokens_per_step, self.precision.name)
         run = RunLog(time.perf_counter(), self.tokens_seen, peak)
-        metrics = MetricsLog(self.out, self.step, enabled=info.is_main, tensorboard=loop.tensorboard)
+        metrics = MetricsLog(self.out, self.step, enabled=info.is_main, tensorboard=loop.tensorboard,
+                             trackers=loop.trackers, config=cfg)
         bar = tqdm(total=None if loop.max_minutes else self.budget.total_steps, initial=self.step, desc="train",
                    unit="step", dynamic_ncols=True, disable=True if not info.is_main else None)
         try:
