@@ -17,6 +17,14 @@ Three methods, each a drop-in for ``models.gpt.Linear`` (same ``forward`` and th
 Each kernel was picked per method from per-linear timings at GPT-2 124M shapes
 (``benchmarks/compress_kernels.py``, docs/compress.md).
 
+The kernels above are built for a few rows (decoding: one token per sequence). On many rows
+(a prompt's prefill, ``pilelm eval``, the compression report's BPB) they run far below a
+float GEMM: more than ``MANY_ROWS`` rows multiply by the weight dequantized to the
+activations' dtype (one layer at a time, freed after the call) through ``F.linear``, whose
+cost over the float model's is the dequantization, ~1/rows of the product
+(``benchmarks/decode_engines.py`` reports prefill tokens/s). int8-dynamic keeps its kernel:
+it is a u8 x s8 GEMM, as fast as fp32 on many rows.
+
 The stored form is what the state dict holds (safetensors): ``qweight`` (int8, or two 4-bit
 values per uint8 byte, low nibble first), ``scales`` (and ``mins`` for int4), ``bias``. The
 kernels' packed layouts are caches made on first use, never saved.
@@ -32,6 +40,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 METHODS = ("int8-weight", "int8-dynamic", "int4-weight")
+MANY_ROWS = 16
+"""Above this many rows per call, int8-weight and int4-weight multiply by the dequantized
+weight (``F.linear``) instead of their few-row kernels (crossover measured with
+``benchmarks/decode_engines.py --kernels``; docs/compress.md)."""
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -170,10 +182,12 @@ class QuantizedLinear(nn.Module):
         """x (rows, in) -> (rows, out); ``kind`` (the float layers' layout choice) is ignored:
         each method has one kernel."""
         if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) or (
-                self.method == "int8-dynamic" and dynamic_engine() is None):
-            # Other devices, or a gradient through the activations (quantization-aware
-            # fine-tuning is not offered): the dequantized weight through F.linear.
-            return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+                self.method == "int8-dynamic" and dynamic_engine() is None) or (
+                x.size(0) > MANY_ROWS and self.method != "int8-dynamic"):
+            # Other devices, a gradient through the activations (quantization-aware
+            # fine-tuning is not offered), or many rows (a float GEMM beats the few-row
+            # kernels): the dequantized weight through F.linear.
+            return self.dequantized_matmul(x)
         if self.method == "int8-weight":
             (scales,) = self._kernel_inputs(x.dtype)
             y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, scales)
@@ -188,6 +202,10 @@ class QuantizedLinear(nn.Module):
             # keep fbgemm's u8 x s8 pairwise sums from saturating int16 on CPUs without VNNI.
             y = torch.ops.quantized.linear_dynamic(x.float(), packed, True).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (rows, in) -> (rows, out) through the weight dequantized to x's dtype."""
+        return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _kernel_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """The stored values in the layout (and activation dtype) the method's kernel reads;
