@@ -101,7 +101,7 @@ def _is_gpt2_byte_level(pre: dict[str, Any] | None) -> bool:
 # Tensors
 
 
-def encode_tensor(name: str, t: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, Any]:
+def encode_tensor(t: torch.Tensor, gguf_type: str) -> tuple[np.ndarray, Any]:
     """(array, GGML type) of one tensor: vectors F32, matrices in ``gguf_type`` (Q8_0 falls back
     to F16 where a row is not a whole number of 32-weight blocks)."""
     import gguf
@@ -168,7 +168,7 @@ def write_gguf(path: str | Path, model: torch.nn.Module, cfg: Any, tok: Any, ggu
         if "chat_template" in tok_meta:
             writer.add_chat_template(tok_meta["chat_template"])
         for tensor_name, t in tensors.items():
-            data, qtype = encode_tensor(tensor_name, t, gguf_type)
+            data, qtype = encode_tensor(t, gguf_type)
             writer.add_tensor(tensor_name, data, raw_dtype=qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
