@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from generate_throughput import SHAPES  # noqa: E402
 
-from pilelm.inference.embed import TextEncoder  # noqa: E402
+from pilelm.inference.text_encoder import TextEncoder  # noqa: E402
 from pilelm.interop.gpt2_neox import gpt_hf_config, gpt_to_hf  # noqa: E402
 from pilelm.models.gpt import GPT, GPTConfig  # noqa: E402
 from pilelm.retrieval.index import build_faiss, search_one  # noqa: E402

@@ -31,6 +31,22 @@ def read_pile_shard(path: Path) -> list[dict]:
         return [json.loads(line) for line in io.TextIOWrapper(r, encoding="utf-8") if line.strip()]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _encoder_proof_cache(tmp_path_factory):
+    """Passed encoder probes are remembered in a cache of this session's own, never the user's."""
+    import os
+
+    from pilelm.tokens.encoders import PROOF_CACHE_ENV
+
+    saved = os.environ.get(PROOF_CACHE_ENV)
+    os.environ[PROOF_CACHE_ENV] = str(tmp_path_factory.mktemp("pilelm_cache"))
+    yield
+    if saved is None:
+        os.environ.pop(PROOF_CACHE_ENV, None)
+    else:
+        os.environ[PROOF_CACHE_ENV] = saved
+
+
 @pytest.fixture(scope="session")
 def minipile() -> Path:
     """The shared real corpus in the Pile layout (../shared/minipile)."""

@@ -1,6 +1,6 @@
 """Linear layers with quantized weights for CPU inference, on PyTorch's own aten kernels.
 
-Three methods, each a drop-in for ``models.gpt.Linear`` (same ``forward`` and the
+Three methods, each a drop-in for ``models.cpu_kernels.RepackedLinear`` (same ``forward`` and the
 ``repacked_matmul`` the flat decode path calls):
 
 - ``int8-weight``: int8 weights, one symmetric scale per output channel (absmax / 127);

@@ -179,6 +179,23 @@ def setup_logging(verbose: bool = False) -> None:
     )
 
 
+def command_groups() -> dict[str, list[str]]:
+    """First word of each two-word command (``tokenizer``, ``shards``, ...) -> their usages."""
+    groups: dict[str, list[str]] = {}
+    for name, cmd in COMMANDS.items():
+        if " " in name:
+            groups.setdefault(name.split()[0], []).append(cmd.usage)
+    return groups
+
+
+def split_command(argv: list[str]) -> tuple[str, list[str]]:
+    """(command name, its arguments) of a command line after ``pilelm``: a two-word command
+    (``pilelm tokenizer train``, ``pilelm shards export``) takes the second word too."""
+    if len(argv) > 1 and argv[0] in command_groups():
+        return f"{argv[0]} {argv[1]}", argv[2:]
+    return argv[0], argv[1:]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -187,17 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] in ("-V", "--version"):
         print(__version__)
         return 0
-    name = argv[0]
-    rest = argv[1:]
-    groups = {c.split()[0]: [] for c in COMMANDS if " " in c}
-    for c in COMMANDS:
-        if " " in c:
-            groups[c.split()[0]].append(COMMANDS[c].usage)
-    if name in groups:  # two-word commands: `pilelm tokenizer train`, `pilelm shards export`
-        if not rest or rest[0] in ("-h", "--help"):
-            print("usage:\n  " + "\n  ".join(groups[name]) + f"\nsee `pilelm {name} SUBCOMMAND --help`")
-            return 0 if rest else 2
-        name, rest = f"{name} {rest[0]}", rest[1:]
+    groups = command_groups()
+    if argv[0] in groups and (len(argv) == 1 or argv[1] in ("-h", "--help")):
+        print("usage:\n  " + "\n  ".join(groups[argv[0]]) + f"\nsee `pilelm {argv[0]} SUBCOMMAND --help`")
+        return 0 if len(argv) > 1 else 2
+    name, rest = split_command(argv)
     cmd = COMMANDS.get(name)
     if cmd is None:
         print(f"pilelm: unknown command {name!r}\n\n{main_help()}", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Typed configs: dataclasses loaded from YAML with dotted overrides, documented for --help.
 
 Each component owns a small dataclass config beside its code (``GPTConfig`` in
-``models/gpt.py``, ``TrainConfig`` in ``train.py`` ...); this module is the shared machinery:
+``models/gpt.py``, ``TrainConfig`` in ``training/config.py`` ...); this module is the shared machinery:
 
 - ``load_config(cls, yaml_path, overrides)`` builds a config from defaults, then a YAML file,
   then ``section.key=value`` overrides, in that order.

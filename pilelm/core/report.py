@@ -3,11 +3,12 @@
 ``write_report(work_dir, results)`` reads what the stages left (manifests, ``metrics.jsonl``
 of a run) and writes, into ``work_dir``:
 
-- ``report.md``: one table of stages (ran or resumed, wall time, key counts), the data
-  counts, the training summary, then the sections of the stages that render their own
-  (``Command.report`` in ``pilelm.core.stages``: eval's BPB per Pile component next to the
-  unigram baseline, generate's samples), each written by the module that owns the format
-  of that stage's output;
+- ``report.md``: one table of stages (ran or resumed, wall time, key counts), then each
+  stage's own section, rendered by the function its ``Command.report`` names
+  (``pilelm.core.stages``) from its output, written by the module that owns the format of
+  that output: under "Data" prepare's counts, the tokenizer and the token shards; under
+  "Training" each run's summary and loss curve; then the results (eval's BPB per Pile
+  component next to the unigram baseline, generate's samples, ...);
 - ``loss.png``: training loss per step (raw and smoothed), validation loss, and a stage's
   reference loss in the same units (nats per token) for scale (eval's unigram baseline).
 """
@@ -19,7 +20,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pilelm.core.atomic import atomic_write_text
 from pilelm.core.manifest import MANIFEST, read_manifest
@@ -44,6 +45,16 @@ class StageResult:
 
 
 @dataclass
+class LossCurve:
+    """A training run's loss per step, drawn by the report (``plot_loss``) with the reference
+    line of another stage (eval's unigram baseline) for scale."""
+
+    metrics: list[dict[str, Any]]
+    """The run's ``metrics.jsonl`` rows (``read_metrics``)."""
+    title: str
+
+
+@dataclass
 class ReportSection:
     """A stage's own part of the report, made by the function its ``Command.report`` names
     from the stage's output: ``(output path, work dir) -> ReportSection | None``."""
@@ -56,9 +67,16 @@ class ReportSection:
     """One line logged once the report is written."""
     loss_reference: tuple[str, float] | None = None
     """(label, nats per token): a horizontal line on the loss curves, for scale."""
+    part: Literal["data", "training", "results"] = "results"
+    """Where the body goes: under "## Data", under "## Training" (each part in pipeline
+    order), or after them."""
+    loss_curve: LossCurve | None = None
+    """A loss curve drawn into ``loss.png`` (``loss_1.png``, ... for later ones) and shown
+    after the body."""
 
 
-def _manifest(path: Path | None) -> dict[str, Any] | None:
+def stage_manifest(path: Path | None) -> dict[str, Any] | None:
+    """The manifest of a stage's output; None when it has none or it cannot be read."""
     if path is None or not (path / MANIFEST).is_file():
         return None
     try:
@@ -155,7 +173,7 @@ def plot_loss(metrics: list[dict[str, Any]], out: Path, reference: tuple[str, fl
 def _stage_rows(work_dir: Path, results: list[StageResult]) -> list[str]:
     lines = ["| # | stage | status | seconds | output | counts |", "|---:|---|---|---:|---|---|"]
     for i, r in enumerate(results, 1):
-        m = _manifest(r.output) if r.output and r.output.is_dir() else None
+        m = stage_manifest(r.output) if r.output and r.output.is_dir() else None
         seconds = r.seconds
         if r.status == "skipped" and m:  # the time it took when it ran
             timings = {k: v for k, v in m.get("timings", {}).items() if isinstance(v, int | float)}
@@ -167,84 +185,9 @@ def _stage_rows(work_dir: Path, results: list[StageResult]) -> list[str]:
     return lines
 
 
-def _mb(n: Any) -> str:
+def display_mb(n: Any) -> str:
+    """Bytes as megabytes for a table cell (2 decimals); "-" when not a number."""
     return f"{n / 1e6:.2f}" if isinstance(n, int | float) else "-"
-
-
-def _prepare_section(path: Path, work_dir: Path) -> list[str]:
-    manifest = _manifest(path) or {}
-    counts = manifest.get("counts", {})
-    if not counts:
-        return []
-    # The prepared dir names its own report files (the markdown first): data/ owns that layout.
-    stats = next((f for f in manifest.get("extra", {}).get("report", []) if f.endswith(".md")), None)
-    lines = [f"### Prepared data: `{display_path(path, work_dir)}`", "",
-             f"{display_value(counts.get('documents_in'))} documents ({_mb(counts.get('bytes_in'))} MB) in, "
-             f"{display_value(counts.get('documents_out'))} documents ({_mb(counts.get('bytes_out'))} MB) out."]
-    if stats and (path / stats).is_file():
-        lines[-1] += f" Details: `{display_path(path / stats, work_dir)}`."
-    comps = counts.get("components", {})
-    if comps:
-        lines += ["", "| component | docs in | docs out | MB in | MB out | main drop reasons |",
-                  "|---|---:|---:|---:|---:|---|"]
-        for name, c in sorted(comps.items()):
-            drops = sorted(c.get("dropped", {}).items(), key=lambda kv: -kv[1])[:3]
-            reasons = ", ".join(f"{k} {v}" for k, v in drops)
-            lines.append(f"| {name} | {display_value(c.get('documents_in'))} | {display_value(c.get('documents_out'))} | "
-                         f"{_mb(c.get('bytes_in'))} | {_mb(c.get('bytes_out'))} | {reasons} |")
-    return lines + [""]
-
-
-def _tokens_section(tok_dirs: list[Path], shard_dirs: list[Path], work_dir: Path) -> list[str]:
-    lines: list[str] = []
-    for p in tok_dirs:
-        cfg = (_manifest(p) or {}).get("config", {})
-        lines += [f"### Tokenizer: `{display_path(p, work_dir)}`", "",
-                  f"{cfg.get('kind', '?')}, vocabulary {display_value(cfg.get('vocab_size'))}.", ""]
-    for p in shard_dirs:
-        splits = (_manifest(p) or {}).get("counts", {}).get("splits", {})
-        if not splits:
-            continue
-        lines += [f"### Token shards: `{display_path(p, work_dir)}`", "",
-                  "| split | documents | tokens | MB of text | bytes / token |", "|---|---:|---:|---:|---:|"]
-        for name, c in splits.items():
-            tokens, nbytes = c.get("tokens"), c.get("bytes")
-            bpt = f"{nbytes / tokens:.3f}" if tokens and nbytes else "-"
-            lines.append(f"| {name} | {display_value(c.get('documents'))} | {display_value(tokens)} | {_mb(nbytes)} | {bpt} |")
-        lines.append("")
-    return lines
-
-
-def _train_section(run_dir: Path, work_dir: Path, metrics: list[dict[str, Any]]) -> list[str]:
-    m = _manifest(run_dir) or {}
-    cfg = m.get("config", {})
-    lines = [f"### Training: `{display_path(run_dir, work_dir)}`", ""]
-    model = cfg.get("model")
-    if isinstance(model, dict):
-        shape = ("arch", "n_layer", "n_head", "d_model", "block_size", "vocab_size")
-        params = m.get("counts", {}).get("parameters")
-        lines.append("model: " + ", ".join(f"{k}={model[k]}" for k in shape if k in model)
-                     + (f", {params / 1e6:.2f}M parameters" if isinstance(params, int | float) else ""))
-        lines.append("")
-    if metrics:
-        last = metrics[-1]
-        vals = [x for x in metrics if x.get("val_loss") is not None]
-        facts = {
-            "steps": last.get("step"),
-            "tokens": last.get("tokens"),
-            "final train loss": last.get("loss"),
-            "tokens/s (last)": last.get("tokens_per_s"),
-        }
-        privacy = m.get("extra", {}).get("privacy")
-        if privacy:  # DP-SGD (pilelm/privacy/dpsgd.py)
-            facts["DP-SGD epsilon (delta)"] = f"{privacy['epsilon']:.2f} ({privacy['delta']:.2g})"
-        if vals:
-            facts["final val loss"] = vals[-1]["val_loss"]
-            if vals[-1].get("val_bpb") is not None:
-                facts["final val BPB"] = vals[-1]["val_bpb"]
-        lines += ["| | |", "|---|---:|"] + [f"| {k} | {display_value(v)} |" for k, v in facts.items() if v is not None]
-        lines.append("")
-    return lines
 
 
 def _stage_sections(name: str, outputs: list[Path], work_dir: Path) -> list[ReportSection]:
@@ -271,30 +214,24 @@ def write_report(work_dir: str | Path, results: list[StageResult], title: str = 
         lines += sec.headline
     lines += ["## Stages", "", *_stage_rows(work_dir, results), ""]
 
-    data_lines: list[str] = []
-    for p in by_name.get("prepare", []):
-        data_lines += _prepare_section(p, work_dir)
-    data_lines += _tokens_section(by_name.get("tokenizer train", []), by_name.get("tokenize", []), work_dir)
-    if data_lines:
-        lines += ["## Data", "", *data_lines]
-
-    runs = by_name.get("train", []) + by_name.get("import", [])
-    if runs:
+    data = [sec for sec in sections if sec.part == "data"]
+    if data:
+        lines += ["## Data", ""]
+    for sec in data:
+        lines += sec.body
+    training = [sec for sec in sections if sec.part == "training"]
+    if training:
         lines += ["## Training", ""]
-    for i, run_dir in enumerate(runs):
-        metrics = read_metrics(run_dir)
+    for i, sec in enumerate(training):
+        lines += sec.body
         png_name = LOSS_PNG if i == 0 else f"loss_{i}.png"
-        counts = (_manifest(run_dir) or {}).get("counts", {})
-        title = f"{run_dir.name}: training loss"
-        if isinstance(counts.get("parameters"), int) and isinstance(counts.get("tokens"), int):
-            title += f" ({counts['parameters'] / 1e6:.1f}M parameters, {counts['tokens'] / 1e6:.2f}M tokens)"
-        png = plot_loss(metrics, work_dir / png_name, reference, title=title)
-        lines += _train_section(run_dir, work_dir, metrics)
-        if png:
+        curve = sec.loss_curve
+        if curve is not None and plot_loss(curve.metrics, work_dir / png_name, reference, title=curve.title):
             lines += [f"![loss curve]({png_name})", ""]
 
     for sec in sections:
-        lines += sec.body
+        if sec.part == "results":
+            lines += sec.body
 
     out = work_dir / REPORT
     atomic_write_text(out, "\n".join(lines).rstrip() + "\n")

@@ -21,7 +21,7 @@ from pilelm.core.workers import process_pool, worker_count
 log = logging.getLogger(__name__)
 
 # What every worker imports: the task functions of `pilelm prepare` and what they use.
-PRELOAD = ("pilelm.data.tasks",)
+PRELOAD = ("pilelm.data.prepare_tasks",)
 
 
 @dataclass

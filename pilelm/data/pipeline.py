@@ -38,12 +38,9 @@ from pilelm.core.config import to_dict
 from pilelm.core.manifest import MANIFEST, Timer, read_manifest, write_manifest
 from pilelm.core.stages import load_hook
 from pilelm.data.config import PrepareConfig
-from pilelm.data.executor import make_executor
-from pilelm.data.plan import PrepareJob, plan_tasks
-from pilelm.data.prepared import REJECTS, SPLITS, STATS, WORK, output_names, split_files
-from pilelm.data.sources import SkippedFile, SourceFile, expand_inputs
-from pilelm.data.stats import TaskStats, write_report
-from pilelm.data.tasks import (
+from pilelm.data.executor import LocalExecutor, RayExecutor, make_executor
+from pilelm.data.plan import PrepareJob, Task, plan_tasks
+from pilelm.data.prepare_tasks import (
     clean_task,
     count_task,
     dedup_task,
@@ -51,6 +48,9 @@ from pilelm.data.tasks import (
     index_task,
     write_task,
 )
+from pilelm.data.prepared import REJECTS, SPLITS, STATS, WORK, output_names, split_files
+from pilelm.data.sources import SkippedFile, SourceFile, expand_inputs
+from pilelm.data.stats import TaskStats, write_report
 
 log = logging.getLogger(__name__)
 
@@ -112,17 +112,11 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     out = Path(cfg.output)
     timer = Timer()
     with timer("plan"):
-        skipped: list[SkippedFile] | None = [] if cfg.reader.on_bad_file == "skip" else None
-        sources = expand_inputs(cfg.inputs, cfg.reader.default_component, skipped)
-        if not sources:
-            raise ValueError(f"inputs: no readable file among {cfg.inputs} (all skipped; see the warnings above)")
-        fp = _fingerprint(cfg, sources)
-        if _prepare_output(cfg, out, fp):
+        planned = _plan(cfg, out)
+        if planned is None:
             log.info("%s already holds this prepared dataset; nothing to do", out)
             return out
-        tasks = plan_tasks(sources, cfg.executor)
-        (out / WORK).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / WORK / "plan.json", {"fingerprint": fp, "tasks": [t.name for t in tasks]})
+        sources, skipped, fp, tasks = planned
     for s in sources:
         if s.size == 0 and s.format != "hf":
             log.warning("%s is empty", s.path)
@@ -130,36 +124,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     splits = [s for s in SPLITS if job.split_tasks(s)]
     log.info("prepare: %d inputs -> %d tasks (%s) with %s executor", len(sources), len(tasks),
              ", ".join(f"{s}: {len(job.split_tasks(s))}" for s in splits), cfg.executor.kind)
-    executor = make_executor(cfg.executor)
-    try:
-        with timer("clean"):
-            todo = [t for t in tasks if not job.clean_path(t, "done.json").is_file()]
-            executor.map(functools.partial(clean_task, job), todo, "clean")
-        with timer("dedup"):
-            if cfg.dedup.exact or cfg.dedup.minhash:
-                todo_s = [s for s in splits if not (job.work / "dedup" / f"{s}.done.json").is_file()]
-                executor.map(functools.partial(dedup_task, job), todo_s, "dedup")
-        with timer("decontam_index"):
-            if cfg.decontam.enabled and "train" in splits and not (job.work / "index" / "done.json").is_file():
-                has_eval = any(job.split_tasks(s) for s in cfg.decontam.against_splits) or cfg.decontam.eval_files
-                if has_eval:
-                    executor.map(functools.partial(index_task, job), ["index"], "decontam index")
-            index_done = job.work / "index" / "done.json"
-            if cfg.decontam.enabled and cfg.decontam.max_train_docs and index_done.is_file() \
-                    and json.loads(index_done.read_text())["ngrams"] \
-                    and not (job.work / "index" / "ignored.done.json").is_file():
-                todo = [t for t in job.split_tasks("train") if not (job.work / "count" / f"{t.name}.npy").is_file()]
-                executor.map(functools.partial(count_task, job), todo, "decontam count")
-                n_ignored = ignore_frequent_ngrams(job)
-                log.info("decontam: %d evaluation n-grams occur in more than %d training documents; ignored",
-                         n_ignored, cfg.decontam.max_train_docs)
-        with timer("write"):
-            for s in splits:
-                (out / s).mkdir(parents=True, exist_ok=True)
-            todo = [t for t in tasks if not (job.work / "write" / f"{t.name}.done.json").is_file()]
-            executor.map(functools.partial(write_task, job), todo, "write")
-    finally:
-        executor.close()
+    _run_tasks(job, splits, timer)
     canaries = None
     if cfg.privacy.canaries:  # pilelm/privacy/canaries.py
         with timer("canaries"):
@@ -170,24 +135,7 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     }
     with timer("report"):
         counts, report_files = _finish(job, file_notes)
-    n_idx = n_ignored = 0
-    if (job.work / "index" / "done.json").is_file():
-        n_idx = json.loads((job.work / "index" / "done.json").read_text())["ngrams"]
-    if (job.work / "index" / "ignored.done.json").is_file():
-        n_ignored = json.loads((job.work / "index" / "ignored.done.json").read_text())["ignored"]
-    extra = {
-        "fingerprint": fp,
-        "shards": {s: [p.name for p in split_files(out, s)] for s in splits},
-        "tasks": [{"name": t.name, "pieces": [[sources[p.source].display, p.start, p.end] for p in t.pieces]}
-                  for t in tasks],
-        "report": report_files,
-        "rejects": REJECTS,
-        "decontam_index_ngrams": n_idx,
-        "decontam_ignored_ngrams": n_ignored,
-        "dedup_threshold": round(cfg.dedup.threshold(), 4),
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        **file_notes,
-    }
+    extra = _manifest_extra(job, fp, splits, report_files, file_notes)
     if canaries:
         extra["canaries"] = canaries
     if not cfg.keep_work:
@@ -197,6 +145,89 @@ def run_prepare(cfg: PrepareConfig) -> Path:
     log.info("prepare: %d -> %d documents, %.1f -> %.1f MB; report in %s", counts["documents_in"],
              counts["documents_out"], counts["bytes_in"] / 1e6, counts["bytes_out"] / 1e6, out / STATS)
     return out
+
+
+def _plan(cfg: PrepareConfig, out: Path) -> tuple[list[SourceFile], list[SkippedFile] | None, str, list[Task]] | None:
+    """(sources, files skipped, fingerprint, tasks), with the plan written to the work dir; None
+    when ``out`` already holds this prepared dataset."""
+    skipped: list[SkippedFile] | None = [] if cfg.reader.on_bad_file == "skip" else None
+    sources = expand_inputs(cfg.inputs, cfg.reader.default_component, skipped)
+    if not sources:
+        raise ValueError(f"inputs: no readable file among {cfg.inputs} (all skipped; see the warnings above)")
+    fp = _fingerprint(cfg, sources)
+    if _prepare_output(cfg, out, fp):
+        return None
+    tasks = plan_tasks(sources, cfg.executor)
+    (out / WORK).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / WORK / "plan.json", {"fingerprint": fp, "tasks": [t.name for t in tasks]})
+    return sources, skipped, fp, tasks
+
+
+def _run_tasks(job: PrepareJob, splits: list[str], timer: Timer) -> None:
+    """The four kinds of task in order (clean, dedup, decontamination index, write), each
+    skipping the tasks whose completion marker exists."""
+    cfg = job.cfg
+    executor = make_executor(cfg.executor)
+    try:
+        with timer("clean"):
+            todo = [t for t in job.tasks if not job.clean_path(t, "done.json").is_file()]
+            executor.map(functools.partial(clean_task, job), todo, "clean")
+        with timer("dedup"):
+            if cfg.dedup.exact or cfg.dedup.minhash:
+                todo_s = [s for s in splits if not (job.work / "dedup" / f"{s}.done.json").is_file()]
+                executor.map(functools.partial(dedup_task, job), todo_s, "dedup")
+        with timer("decontam_index"):
+            _decontamination_index(job, splits, executor)
+        with timer("write"):
+            for s in splits:
+                (job.out / s).mkdir(parents=True, exist_ok=True)
+            todo = [t for t in job.tasks if not (job.work / "write" / f"{t.name}.done.json").is_file()]
+            executor.map(functools.partial(write_task, job), todo, "write")
+    finally:
+        executor.close()
+
+
+def _decontamination_index(job: PrepareJob, splits: list[str], executor: LocalExecutor | RayExecutor) -> None:
+    """The evaluation n-gram index, then (decontam.max_train_docs) the n-grams too frequent in
+    the training documents to mean contamination, counted and ignored."""
+    cfg = job.cfg
+    if cfg.decontam.enabled and "train" in splits and not (job.work / "index" / "done.json").is_file():
+        has_eval = any(job.split_tasks(s) for s in cfg.decontam.against_splits) or cfg.decontam.eval_files
+        if has_eval:
+            executor.map(functools.partial(index_task, job), ["index"], "decontam index")
+    index_done = job.work / "index" / "done.json"
+    if cfg.decontam.enabled and cfg.decontam.max_train_docs and index_done.is_file() \
+            and json.loads(index_done.read_text())["ngrams"] \
+            and not (job.work / "index" / "ignored.done.json").is_file():
+        todo = [t for t in job.split_tasks("train") if not (job.work / "count" / f"{t.name}.npy").is_file()]
+        executor.map(functools.partial(count_task, job), todo, "decontam count")
+        n_ignored = ignore_frequent_ngrams(job)
+        log.info("decontam: %d evaluation n-grams occur in more than %d training documents; ignored",
+                 n_ignored, cfg.decontam.max_train_docs)
+
+
+def _manifest_extra(job: PrepareJob, fp: str, splits: list[str], report_files: list[str],
+                    file_notes: dict[str, list[dict[str, str]]]) -> dict[str, Any]:
+    """What the manifest records beside the counts: the plan, the shards, the report files and
+    the decontamination index sizes."""
+    n_idx = n_ignored = 0
+    if (job.work / "index" / "done.json").is_file():
+        n_idx = json.loads((job.work / "index" / "done.json").read_text())["ngrams"]
+    if (job.work / "index" / "ignored.done.json").is_file():
+        n_ignored = json.loads((job.work / "index" / "ignored.done.json").read_text())["ignored"]
+    return {
+        "fingerprint": fp,
+        "shards": {s: [p.name for p in split_files(job.out, s)] for s in splits},
+        "tasks": [{"name": t.name, "pieces": [[job.sources[p.source].display, p.start, p.end] for p in t.pieces]}
+                  for t in job.tasks],
+        "report": report_files,
+        "rejects": REJECTS,
+        "decontam_index_ngrams": n_idx,
+        "decontam_ignored_ngrams": n_ignored,
+        "dedup_threshold": round(job.cfg.dedup.threshold(), 4),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **file_notes,
+    }
 
 
 def _finish(job: PrepareJob, file_notes: dict[str, list[dict[str, str]]]) -> tuple[dict[str, Any], list[str]]:

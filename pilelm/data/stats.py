@@ -1,5 +1,6 @@
 """Counting what prepare does, and reporting it: per-component documents and bytes in/out,
-drops per reason, edits per step, length histograms; the rejects log; ``stats.md`` + plots.
+drops per reason, edits per step, length histograms; the rejects log; ``stats.md`` + plots;
+prepare's section of the run report.
 
 Counts are kept per task as plain JSON (so a resumed run adds them up exactly as an
 uninterrupted one) and merged at the end.
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from pilelm.core.report import ReportSection, display_mb, display_path, display_value, stage_manifest
 from pilelm.data.prepared import PLOTS, STATS
 
 # Length histogram bins: log10(characters), 0.1 wide, from 1 character to 10**9.
@@ -276,3 +278,29 @@ def _plots(out_dir: Path, stats: TaskStats) -> list[str]:
         plt.close(fig)
         written.append(REMOVED_PNG)
     return written
+
+
+def report_section(path: Path, work_dir: Path) -> ReportSection | None:
+    """Prepare's part of the run report (``Command.report``): documents and bytes in and out,
+    per component with the main drop reasons, and where ``stats.md`` lies."""
+    manifest = stage_manifest(path) or {}
+    counts = manifest.get("counts", {})
+    if not counts:
+        return None
+    # The prepared dir names its own report files (the markdown first).
+    stats = next((f for f in manifest.get("extra", {}).get("report", []) if f.endswith(".md")), None)
+    lines = [f"### Prepared data: `{display_path(path, work_dir)}`", "",
+             f"{display_value(counts.get('documents_in'))} documents ({display_mb(counts.get('bytes_in'))} MB) in, "
+             f"{display_value(counts.get('documents_out'))} documents ({display_mb(counts.get('bytes_out'))} MB) out."]
+    if stats and (path / stats).is_file():
+        lines[-1] += f" Details: `{display_path(path / stats, work_dir)}`."
+    comps = counts.get("components", {})
+    if comps:
+        lines += ["", "| component | docs in | docs out | MB in | MB out | main drop reasons |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for name, c in sorted(comps.items()):
+            drops = sorted(c.get("dropped", {}).items(), key=lambda kv: -kv[1])[:3]
+            reasons = ", ".join(f"{k} {v}" for k, v in drops)
+            lines.append(f"| {name} | {display_value(c.get('documents_in'))} | {display_value(c.get('documents_out'))} | "
+                         f"{display_mb(c.get('bytes_in'))} | {display_mb(c.get('bytes_out'))} | {reasons} |")
+    return ReportSection(lines + [""], part="data")

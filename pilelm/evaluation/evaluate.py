@@ -5,116 +5,31 @@ Input: a shard dir (``pilelm tokenize`` output; its tokenizer must be the run's)
 dir (``pilelm prepare`` output; each run's tokenizer encodes the text). Output (``-o EVAL``):
 ``results.json``, ``results.md``, ``bpb.png``, ``manifest.json``.
 
-The parts: ``documents`` (the split to score), ``bpb`` (sliding-window scoring, metrics per
-component, the unigram baseline), ``bleu`` (BLEU / chrF), ``results`` (the files written and
-the run report's section).
+The parts: ``config`` (``EvalConfig``), ``runs`` (the checkpoints compared), ``documents``
+(the split to score), ``bpb`` (sliding-window scoring, metrics per component, the unigram
+baseline), ``bleu`` (BLEU / chrF), ``retrieval`` (``--task retrieval``), ``results`` (the
+files written and the run report's section).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pilelm.core.config import require_at_least
-from pilelm.core.manifest import Timer, clear_manifest, require_stage, write_manifest
-from pilelm.data.prepared import SPLITS
+from pilelm.core.manifest import Timer, clear_manifest, write_manifest
 from pilelm.evaluation.bleu import run_bleu
 from pilelm.evaluation.bpb import aggregate, score_documents, score_unigram, unigram_logprobs
+from pilelm.evaluation.config import EvalConfig
 from pilelm.evaluation.documents import DocumentSet, open_eval_data
 from pilelm.evaluation.results import write_results
+from pilelm.evaluation.runs import resolve_runs
 from pilelm.inference.textstream import unescape
 from pilelm.models import spec_for
 from pilelm.models.dtypes import DTYPES
-from pilelm.training.checkpoint import (
-    RUN_STAGES,
-    list_checkpoints,
-    load_for_inference,
-    resolve_checkpoint,
-    split_checkpoint_path,
-)
+from pilelm.training.checkpoint import load_for_inference
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EvalConfig:
-    runs: list[str] = field(default_factory=list)
-    """Run directories to compare (or checkpoint dirs RUN/checkpoints/step_N); the latest step of each run."""
-    data: str = ""
-    """Shard dir (pilelm tokenize output) or prepared dir (pilelm prepare output) to score."""
-    output: str = ""
-    """Output folder (-o): results.json, results.md, bpb.png."""
-    split: str = "test"
-    """Split of the data to score (train, val or test)."""
-    context: int = 0
-    """Window length in tokens; 0 = each model's context (block_size)."""
-    stride: int = 0
-    """Sliding-window stride in tokens; 0 = half the window. Smaller gives more context per token, costs more."""
-    max_documents: int = 0
-    """Score only the first N documents of the split (0 = all)."""
-    batch_tokens: int = 0
-    """Tokens per forward pass (windows are batched by length); 0 = as many as keep the logits near 256 MB."""
-    all_checkpoints: bool = False
-    """Score every completed checkpoint of each run, not only the latest (learning curves side by side)."""
-    unigram: bool = True
-    """Also score the add-one-smoothed unigram baseline from the data's train split."""
-    device: str = "cpu"
-    """Torch device."""
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    """Compute dtype of the models (log-softmax is always float32)."""
-    bleu_data: str = ""
-    """A JSONL file of {"prompt", "reference"} (reference: string or list) pairs for BLEU and chrF; empty = none."""
-    bleu_max_new_tokens: int = 64
-    """BLEU: most tokens generated per prompt (greedy decoding)."""
-    bleu_num_beams: int = 1
-    """BLEU: beam search with this many beams (1 = greedy)."""
-    bleu_stop: list[str] = field(default_factory=lambda: ["\n"])
-    """BLEU: a completion ends at the first of these strings (\\n, \\t, \\r are unescaped)."""
-    bleu_batch_size: int = 16
-    """BLEU: prompts generated together."""
-    task: Literal["bpb", "retrieval"] = "bpb"
-    """bpb: bits per byte per component; retrieval: find StackExchange answers for their questions (recall@k, MRR@10, next to BM25)."""
-    pooling: Literal["mean", "last", "cls"] = "mean"
-    """retrieval: how token states become one vector (cls: BERT only)."""
-
-    def __post_init__(self) -> None:
-        require_at_least(self, 0, ("context", "stride", "max_documents", "batch_tokens"))
-        if self.bleu_max_new_tokens < 1 or self.bleu_num_beams < 1 or self.bleu_batch_size < 1:
-            raise ValueError("bleu_max_new_tokens, bleu_num_beams and bleu_batch_size must be >= 1")
-        if self.split not in SPLITS:
-            raise ValueError(f"split must be train, val or test, got {self.split!r}")
-
-
-@dataclass
-class RunSpec:
-    name: str
-    run_dir: Path
-    step: int
-
-
-def resolve_runs(specs: list[str], all_checkpoints: bool) -> list[RunSpec]:
-    """Run dirs or checkpoint dirs -> (display name, run dir, step) with unique names."""
-    out: list[RunSpec] = []
-    for spec in specs:
-        path, step = split_checkpoint_path(spec)
-        require_stage(path, *RUN_STAGES, what="run")
-        if step is not None:
-            out.append(RunSpec(f"{path.name}@{step}", path, step))
-            continue
-        newest, _ = resolve_checkpoint(path)  # raises when the run has no usable checkpoint
-        if all_checkpoints:
-            out += [RunSpec(f"{path.name}@{step}", path, step) for step, _ in list_checkpoints(path)]
-        else:
-            out.append(RunSpec(path.name, path, newest))
-    names = [r.name for r in out]
-    for r in out:
-        if names.count(r.name) > 1:
-            r.name = f"{r.run_dir.parent.name}/{r.name}"
-    if len({r.name for r in out}) < len(out):
-        raise ValueError(f"the runs to compare must differ; got {specs}")
-    return out
 
 
 def run_eval(cfg: EvalConfig) -> Path:

@@ -30,7 +30,8 @@ from pilelm.core.manifest import MANIFEST, Timer, clear_manifest, read_manifest,
 from pilelm.models.dtypes import DTYPES
 
 if TYPE_CHECKING:
-    from pilelm.evaluation.evaluate import EvalConfig, RunSpec
+    from pilelm.evaluation.config import EvalConfig
+    from pilelm.evaluation.runs import RunSpec
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def plot_retrieval(results: dict[str, Any], path: Path) -> None:
 
 def run_retrieval_eval(cfg: EvalConfig, runs: list[RunSpec]) -> Path:
     """The retrieval task of ``pilelm eval`` over ``runs`` (resolved by the eval stage)."""
-    from pilelm.inference.embed import TextEncoder
+    from pilelm.inference.text_encoder import TextEncoder
 
     if not cfg.runs or not cfg.data or not cfg.output:
         raise ValueError("eval --task retrieval needs runs, data and an output: "

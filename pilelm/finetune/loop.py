@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from pilelm.core.atomic import atomic_write_text
 from pilelm.core.config import dump_yaml, to_dict
 from pilelm.training import checkpoint as ckpt_io
-from pilelm.training.metrics import MetricsLog
+from pilelm.training.metrics_log import MetricsLog
 from pilelm.training.precision import Precision
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from pilelm.data.prepared import SPLITS, is_prepared, split_files
 from pilelm.finetune import punct as punct_labels
@@ -30,10 +30,43 @@ from pilelm.finetune.metrics import classification_metrics, entity_metrics, punc
 from pilelm.finetune.records import DataError, TextRecord, read_text_records
 from pilelm.finetune.tags import TaggedSentence, detect_scheme, iter_checked, read_tagged
 
-if TYPE_CHECKING:
-    from pilelm.finetune.config import FinetuneConfig
-
 log = logging.getLogger(__name__)
+
+
+class _Seeded(Protocol):
+    @property
+    def seed(self) -> int: ...
+
+
+class TaskSource(Protocol):
+    """What a task's loader reads of the ``FinetuneConfig`` (see its field docs). The config
+    checks ``--task`` against this table, so the table names what it reads instead of
+    importing the config."""
+
+    @property
+    def data(self) -> list[str]: ...
+    @property
+    def val_data(self) -> list[str]: ...
+    @property
+    def test_data(self) -> list[str]: ...
+    @property
+    def text_column(self) -> str: ...
+    @property
+    def label_column(self) -> str: ...
+    @property
+    def val_ratio(self) -> float: ...
+    @property
+    def test_ratio(self) -> float: ...
+    @property
+    def scheme(self) -> str: ...
+    @property
+    def words_per_example(self) -> int: ...
+    @property
+    def max_train_examples(self) -> int: ...
+    @property
+    def max_eval_examples(self) -> int: ...
+    @property
+    def loop(self) -> _Seeded: ...
 
 
 @dataclass
@@ -50,13 +83,14 @@ class TaskData:
 class Task:
     name: str
     kind: Literal["sequence", "token", "causal", "embedding"]
-    load: Callable[[FinetuneConfig, TaskEncoder], TaskData] | None
+    load: Callable[[TaskSource, TaskEncoder], TaskData] | None
     score: Callable[[list[Any], list[Any], tuple[str, ...]], dict[str, Any]] | None
     summary: str
     runner: str = ""
     """``module:function`` running the whole task from the config (tasks that are not a head)."""
 
-    def load_runner(self) -> Callable[[FinetuneConfig], Path] | None:
+    def load_runner(self) -> Callable[[Any], Path] | None:
+        """The runner, which takes the whole ``FinetuneConfig``."""
         if not self.runner:
             return None
         import importlib
@@ -80,7 +114,7 @@ def prepared_dir(paths: list[str]) -> Path | None:
     return Path(paths[0]) if len(paths) == 1 and is_prepared(paths[0]) else None
 
 
-def split_sources(cfg: FinetuneConfig, read: Callable[[list[Path]], list[Any]]) -> dict[str, list[Any]]:
+def split_sources(cfg: TaskSource, read: Callable[[list[Path]], list[Any]]) -> dict[str, list[Any]]:
     """train/val/test items: a prepared dir's splits, explicit files, or a seeded ratio split."""
     explicit = {"val": cfg.val_data, "test": cfg.test_data}
     prep = prepared_dir(cfg.data)
@@ -121,7 +155,7 @@ def label_ids(labels: tuple[str, ...], label: str, where: str) -> int:
 # --- classify ------------------------------------------------------------------------------
 
 
-def load_classify(cfg: FinetuneConfig, enc: TaskEncoder) -> TaskData:
+def load_classify(cfg: TaskSource, enc: TaskEncoder) -> TaskData:
     counts: Counter[str] = Counter()
 
     def read(files: list[Path]) -> list[TextRecord]:
@@ -146,7 +180,7 @@ def score_classify(gold: list[int], pred: list[int], labels: tuple[str, ...]) ->
 # --- ner -----------------------------------------------------------------------------------
 
 
-def load_ner(cfg: FinetuneConfig, enc: TaskEncoder) -> TaskData:
+def load_ner(cfg: TaskSource, enc: TaskEncoder) -> TaskData:
     def read(files: list[Path]) -> list[TaggedSentence]:
         return [s for f in files for s in read_tagged(f)]
 
@@ -173,7 +207,7 @@ def score_ner(gold: list[list[str]], pred: list[list[str]], labels: tuple[str, .
 # --- punct ---------------------------------------------------------------------------------
 
 
-def load_punct(cfg: FinetuneConfig, enc: TaskEncoder) -> TaskData:
+def load_punct(cfg: TaskSource, enc: TaskEncoder) -> TaskData:
     """Examples of ``words_per_example`` words from every document; labels from the text."""
 
     def read(files: list[Path]) -> list[punct_labels.LabelledWords]:

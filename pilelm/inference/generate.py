@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from pilelm.core.atomic import atomic_write_text
 from pilelm.core.report import ReportSection
+from pilelm.core.stages import load_hook
 from pilelm.inference.beam import beam_search
 from pilelm.inference.context import model_device_dtype
 from pilelm.inference.decode_batch import stream_batch
@@ -141,8 +142,14 @@ class GenerateConfig:
     """Also write the samples to this JSONL file ({prompt, completion}); empty = terminal only."""
     punctuate: str = ""
     """A `pilelm finetune --task punct` directory: also print each sample (prompt + completion) with punctuation and casing restored by it (and add it to the JSONL as `punctuated`)."""
+    retrieve: str = ""
+    """Index directory (pilelm embed output): put each prompt's top passages in front of it; empty = no retrieval."""
+    retrieve_k: int = 3
+    """Passages retrieved per prompt (fewer when the context is full)."""
 
     def __post_init__(self) -> None:
+        if self.retrieve_k < 1:
+            raise ValueError(f"retrieve_k must be >= 1, got {self.retrieve_k}")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.num_beams < 1:
@@ -240,7 +247,10 @@ def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None)
         raise ValueError(f"run {cfg.run} holds a {type(model_cfg).__name__} model; generate needs a causal LM (gpt)")
     model = model.to(resolve_dtype(cfg.dtype, next(model.parameters()).device))
     tokenizer = load_tokenizer(tok_dir)
-    prompts = [p for p in _read_prompts(cfg) for _ in range(cfg.num_samples)]
+    prompts, sources = _read_prompts(cfg), ""
+    if cfg.retrieve:  # (prompts with passages, the sources used): pilelm.retrieval.rag
+        prompts, sources = load_hook("generate.retrieve")(cfg, prompts)
+    prompts = [p for p in prompts for _ in range(cfg.num_samples)]
     many = len(prompts) > 1
     headers = [(f"--- sample {i} ---\n" if many else "") + p for i, p in enumerate(prompts)]
     screen = _OrderedStream(headers, write)
@@ -253,6 +263,8 @@ def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None)
     punctuated = _punctuate(cfg.punctuate, [p + c for p, c in zip(prompts, completions, strict=True)])
     for i, text in enumerate(punctuated):
         write(f"--- punctuated{f' {i}' if many else ''} ---\n{text}\n")
+    if sources:
+        write(sources)
     if not cfg.output:
         return None
     out = Path(cfg.output)

@@ -39,7 +39,7 @@ def repack_kind(rows: int, dtype: torch.dtype) -> str | None:
 
 
 def can_repack(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``Linear`` may use a repacked copy of ``w`` for input ``x``: only under
+    """Whether ``RepackedLinear`` may use a repacked copy of ``w`` for input ``x``: only under
     ``torch.inference_mode`` (generation and serving; evaluation inside a training run, where
     the weights change between calls and may be sharded, keeps ``F.linear``), not under
     autocast or compilation, and not for weights made under ``torch.inference_mode``, which
@@ -48,7 +48,7 @@ def can_repack(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling() and not w.is_inference())
 
 
-class Linear(nn.Linear):
+class RepackedLinear(nn.Linear):
     """``nn.Linear`` (same parameters and state dict) that, in CPU inference
     (``torch.inference_mode``) on at most ``DECODE_MAX_ROWS`` rows, multiplies by a repacked
     copy of its weight.

@@ -1,7 +1,8 @@
 """The shipped model families, registered explicitly: one ``ModelSpec`` each.
 
-A new family is a config + module (``models/NAME.py``), a spec here, an adapter module under
-``pilelm/interop/`` and a section in the train config (``training/config.py``).
+A new family needs none of this file: it is a folder ``pilelm/models/NAME/`` whose
+``__init__.py`` registers its ``ModelSpec`` (config class, module, objective, config section,
+Hugging Face adapter module), and the train config takes its section from the registry.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """GPT-2 and GPT-NeoX/Pythia causal language models in one readable file.
 
-Two families share one block:
+The gpt family; two architectures (``model.arch``) share one block:
 - ``gpt2`` (Radford et al. 2019): learned absolute positions, pre-LayerNorm, tanh-GELU MLP,
   sequential residual, output projection tied to the token embedding.
 - ``neox`` (Black et al. 2022; Pythia, Biderman et al. 2023): rotary position embedding on
@@ -8,7 +8,7 @@ Two families share one block:
   ``x + attn(ln1(x)) + mlp(ln2(x))``, exact GELU, untied output projection.
 
 Options of the quality-per-compute recipe (``pilelm/configs/cpu-10min.yaml``), each off by
-default so the two families above stay exactly what transformers loads: ``qk_norm``
+default so the two architectures above stay exactly what transformers loads: ``qk_norm``
 (parameter-free RMSNorm of queries and keys, Dehghani et al. 2023, "Scaling Vision
 Transformers to 22B", sec. 3.1; allows higher learning rates), ``mlp`` relu2 (squared ReLU,
 So et al. 2021, "Primer") or swiglu (Shazeer 2020), ``logit_softcap`` and ``z_loss``
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pilelm.models.cpu_kernels import DECODE_MAX_ROWS, Linear, can_repack, repack_kind
+from pilelm.models.cpu_kernels import DECODE_MAX_ROWS, RepackedLinear, can_repack, repack_kind
 from pilelm.models.dropout import Dropout, dropout
 from pilelm.models.fused_ce import cross_entropy_with_z_loss, linear_cross_entropy, soft_cap
 from pilelm.models.kv_cache import KVCache
@@ -39,7 +39,7 @@ from pilelm.models.kv_cache import KVCache
 @dataclass
 class GPTConfig:
     arch: Literal["gpt2", "neox"] = "gpt2"
-    """Model family: gpt2 (learned positions, tied output) or neox (rotary, parallel residual)."""
+    """Architecture within the gpt family: gpt2 (learned positions, tied output) or neox (rotary, parallel residual)."""
     vocab_size: int = 0
     """Vocabulary size; 0 takes it from the token shards' tokenizer (rounded up to a multiple of 64)."""
     block_size: int = 256
@@ -67,13 +67,13 @@ class GPTConfig:
     parallel_residual: bool = True
     """neox: x + attn(ln1(x)) + mlp(ln2(x)) instead of two sequential residual adds."""
     tie_embeddings: bool | None = None
-    """Share the token embedding with the output projection; None = family default (gpt2 yes, neox no)."""
+    """Share the token embedding with the output projection; None = the arch's default (gpt2 yes, neox no)."""
     init_std: float = 0.02
     """Std of the normal init; residual output projections get init_std / sqrt(2 * n_layer)."""
     qk_norm: bool = False
     """RMS-normalise each head's queries and keys (no gain) before attention (and rotary)."""
     mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
-    """MLP activation: gelu (the family's: tanh-GELU for gpt2, exact for neox), relu2
+    """MLP activation: gelu (the arch's: tanh-GELU for gpt2, exact for neox), relu2
     (squared ReLU) or swiglu (gated SiLU; d_ff=0 means 8/3 * d_model rounded up to 64)."""
     logit_softcap: float = 0.0
     """Soft-cap the output logits at this value (cap * tanh(z / cap), e.g. 15); 0 = off."""
@@ -191,8 +191,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.qkv = Linear(cfg.d_model, 3 * cfg.attn_width, bias=cfg.bias)
-        self.proj = Linear(cfg.attn_width, cfg.d_model, bias=cfg.bias)
+        self.qkv = RepackedLinear(cfg.d_model, 3 * cfg.attn_width, bias=cfg.bias)
+        self.proj = RepackedLinear(cfg.attn_width, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_drop = Dropout(cfg.dropout)
 
@@ -278,8 +278,8 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = cfg.mlp
         # swiglu: fc holds the gate's rows, then the value's: (2 * ffn, C).
-        self.fc = Linear(cfg.d_model, cfg.ffn_size * (2 if cfg.mlp == "swiglu" else 1), bias=cfg.bias)
-        self.proj = Linear(cfg.ffn_size, cfg.d_model, bias=cfg.bias)
+        self.fc = RepackedLinear(cfg.d_model, cfg.ffn_size * (2 if cfg.mlp == "swiglu" else 1), bias=cfg.bias)
+        self.proj = RepackedLinear(cfg.ffn_size, cfg.d_model, bias=cfg.bias)
         self.drop = Dropout(cfg.dropout)
         # GPT-2 used the tanh approximation ("gelu_new"); GPT-NeoX uses exact GELU.
         self.approximate = "tanh" if cfg.arch == "gpt2" else "none"
@@ -365,7 +365,7 @@ class GPT(nn.Module):
         self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
-        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = RepackedLinear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base) if cfg.rotary_dim > 0 else None
         if cfg.tied:
             self.lm_head.weight = self.wte.weight

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from pilelm.models.gpt import GPTConfig
+
+class CacheShape(Protocol):
+    """The sizes a cache is allocated by (``GPTConfig`` has them; the model imports this module,
+    so the cache names the sizes instead of importing the model's config)."""
+
+    @property
+    def n_layer(self) -> int: ...
+    @property
+    def n_head(self) -> int: ...
+    @property
+    def head_size(self) -> int: ...
 
 
 class KVCache:
@@ -22,7 +31,7 @@ class KVCache:
     are faster than bf16's on CPU (docs/generate.md, "Decoding throughput") and more accurate.
     """
 
-    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype):
+    def __init__(self, cfg: CacheShape, batch: int, max_len: int, device: torch.device | str, dtype: torch.dtype):
         if torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16):
             dtype = torch.float32
         # Keys and values of a layer side by side, so one copy stores a decoded token's both.

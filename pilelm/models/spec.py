@@ -7,7 +7,10 @@ loader collates batches for it), how the loss of a global batch is normalised, t
 keyword arguments of a training step, the validation step, and the Hugging Face adapter (a
 module path, imported lazily: models/ never imports interop/).
 
-Families are registered explicitly in ``pilelm/models/families.py``.
+The shipped families are registered explicitly in ``pilelm/models/families.py``; a family
+that is a folder ``pilelm/models/NAME/`` registers itself in its ``__init__.py``, which
+``pilelm.models`` imports. The family's ``config_section`` becomes a section of the train
+config (``training/config.py`` builds one per registered family).
 
 A saved model is ``model.safetensors`` + ``model.json`` = {"family": NAME, "config": {...}}.
 """
@@ -41,7 +44,8 @@ class ModelSpec:
     model_cls: type[nn.Module]
     """The ``nn.Module`` built from a config; it has ``encode(input_ids, ...) -> (B, T, C)``."""
     config_section: str
-    """The train-config section that holds the family's config (``model``, ``bert``)."""
+    """The train-config section that holds the family's config (``model``, ``bert``); its field
+    docs are that section's ``--help``."""
     objective: Callable[[Any], Objective]
     """config -> training objective, which names the loader's collation: clm (shifted windows),
     mlm (masked windows), mlm+nsp (masked sentence pairs with segments and padding)."""
@@ -70,14 +74,31 @@ class ModelSpec:
 
 
 _SPECS: dict[str, ModelSpec] = {}
+_CLOSED_BY = ""
+"""Who read the registry to build something that cannot grow (the train config's sections)."""
 
 
 def register(spec: ModelSpec) -> ModelSpec:
-    """Add a family (``pilelm/models/families.py`` registers the shipped ones)."""
+    """Add a family: ``pilelm/models/families.py`` registers the shipped ones; a family folder
+    ``pilelm/models/NAME/`` registers its own when ``pilelm.models`` imports it."""
     if spec.family in _SPECS and _SPECS[spec.family] is not spec:
         raise ValueError(f"model family {spec.family!r} is already registered")
+    if spec.family not in _SPECS and _CLOSED_BY:
+        raise RuntimeError(f"model family {spec.family!r} is registered too late: {_CLOSED_BY} from the "
+                           f"families registered then ({', '.join(_SPECS)}); register it before importing "
+                           "pilelm.training (a folder under pilelm/models/ is imported with pilelm.models)")
+    taken = {s.config_section: s.family for s in _SPECS.values() if s.family != spec.family}
+    if spec.config_section in taken:
+        raise ValueError(f"model family {spec.family!r}: config section {spec.config_section!r} is already "
+                         f"family {taken[spec.config_section]!r}'s; name another")
     _SPECS[spec.family] = spec
     return spec
+
+
+def close_registry(reader: str) -> None:
+    """Mark the registry as read by ``reader``, which built something from it that cannot grow."""
+    global _CLOSED_BY
+    _CLOSED_BY = _CLOSED_BY or reader
 
 
 def families() -> list[str]:

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from pilelm.core.config import require_at_least, to_dict
 from pilelm.core.manifest import Timer, clear_manifest, write_manifest
 from pilelm.evaluation.retrieval import STACKEXCHANGE, qa_pair
-from pilelm.inference.embed import TextEncoder
+from pilelm.inference.text_encoder import TextEncoder
 from pilelm.models import model_spec
 from pilelm.retrieval.embed import iter_corpus
 from pilelm.training import checkpoint

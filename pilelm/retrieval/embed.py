@@ -28,7 +28,7 @@ from pilelm.core.config import require_at_least
 from pilelm.core.manifest import MANIFEST, Timer, content_hash, read_manifest, write_manifest
 from pilelm.data.document import Document
 from pilelm.data.prepared import SPLITS, split_files
-from pilelm.inference.embed import POOLINGS, TextEncoder
+from pilelm.inference.text_encoder import POOLINGS, TextEncoder
 from pilelm.models.dtypes import DTYPES
 from pilelm.retrieval.index import (
     CHUNK_OFFSETS,

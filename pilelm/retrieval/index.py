@@ -157,7 +157,7 @@ class VectorIndex:
 
     @property
     def encoder(self) -> dict[str, Any]:
-        """The identity of the encoder that made the vectors (see ``inference.embed.EncoderIdentity``)."""
+        """The identity of the encoder that made the vectors (see ``inference.text_encoder.EncoderIdentity``)."""
         return self.manifest.get("extra", {}).get("encoder", {})
 
     def __len__(self) -> int:

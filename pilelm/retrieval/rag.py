@@ -1,5 +1,8 @@
 """Retrieval-augmented generation: ``pilelm generate RUN --retrieve INDEX --prompt "question"``.
 
+``pilelm generate`` (``pilelm.inference.generate``) calls ``retrieval_prompts`` through the
+``generate.retrieve`` hook (``pilelm.core.stages.HOOKS``) when ``--retrieve`` is set.
+
 Each question is embedded by the index's own encoder (the run that built it), its top-k
 documents are fetched (a document brings its best chunk), and the passages go in front of the
 question, best first (Lewis et al. 2020, "RAG"; the prompt layout of in-context retrieval,
@@ -22,33 +25,19 @@ left. The sources used are written after the answers.
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pilelm.inference.generate import GenerateConfig, _read_prompts, run_generate
 from pilelm.models import config_from_spec
 from pilelm.retrieval.index import Hit, VectorIndex
 from pilelm.retrieval.search import open_encoder_for
 from pilelm.training.checkpoint import list_checkpoints
 
+if TYPE_CHECKING:
+    from pilelm.inference.generate import GenerateConfig
+
 HEAD = "Use the passages to answer the question.\n\n"
 MIN_PASSAGE_TOKENS = 16  # a passage cut shorter than this is left out
-
-
-@dataclass
-class RagGenerateConfig(GenerateConfig):
-    retrieve: str = ""
-    """Index directory (pilelm embed output): put each prompt's top passages in front of it; empty = no retrieval."""
-    retrieve_k: int = 3
-    """Passages retrieved per prompt (fewer when the context is full)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.retrieve_k < 1:
-            raise ValueError(f"retrieve_k must be >= 1, got {self.retrieve_k}")
 
 
 def assemble_prompt(question: str, passages: list[str], tokenizer: Any, budget: int) -> tuple[str, int]:
@@ -86,21 +75,14 @@ def _context_of(run: str, step: int | None) -> int:
     return int(config_from_spec(json.loads((Path(ckpt) / "model.json").read_text())).block_size)
 
 
-def run_generate_rag(cfg: RagGenerateConfig, write: Callable[[str], Any] | None = None) -> Path | None:
-    """``run_generate``, with retrieved passages in front of each prompt when ``retrieve`` is set."""
+def retrieval_prompts(cfg: GenerateConfig, questions: list[str]) -> tuple[list[str], str]:
+    """(prompts, sources): each question with the passages of ``cfg.retrieve`` that fit the
+    generating model's context in front of it, and the text naming the sources used, written
+    after the answers."""
     from pilelm.tokens.tokenizer import load_tokenizer
-
-    if not cfg.retrieve:
-        return run_generate(cfg, write)
-    if write is None:
-
-        def write(text: str) -> None:
-            sys.stdout.write(text)
-            sys.stdout.flush()
 
     index = VectorIndex(cfg.retrieve)
     encoder = open_encoder_for(index, "", cfg.device)
-    questions = _read_prompts(cfg)
     if not questions or questions == [""]:
         raise ValueError("generate --retrieve needs a question: --prompt \"...\"")
     tokenizer = load_tokenizer(Path(cfg.run) / "tokenizer")
@@ -111,9 +93,7 @@ def run_generate_rag(cfg: RagGenerateConfig, write: Callable[[str], Any] | None 
         prompt, used = assemble_prompt(q, [h.text for h in hits], tokenizer, budget)
         prompts.append(prompt)
         sources.append(hits[:used])
-    result = run_generate(replace(cfg, prompt=prompts, prompt_file=""), write)
-    write("\n" + "\n".join(format_sources(q, s) for q, s in zip(questions, sources, strict=True)) + "\n")
-    return result
+    return prompts, "\n" + "\n".join(format_sources(q, s) for q, s in zip(questions, sources, strict=True)) + "\n"
 
 
 def format_sources(question: str, hits: list[Hit]) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from pilelm.inference.embed import TextEncoder
+from pilelm.inference.text_encoder import TextEncoder
 from pilelm.models.dtypes import DTYPES
 from pilelm.retrieval.index import Hit, VectorIndex
 

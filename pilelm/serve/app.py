@@ -30,7 +30,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pilelm.inference.embed import TextEncoder
+from pilelm.inference.text_encoder import TextEncoder
 from pilelm.serve.browser_guard import BrowserGuard, BrowserGuardMiddleware
 from pilelm.serve.chat import add_chat_route
 from pilelm.serve.completions import add_completions_route

@@ -6,7 +6,7 @@ inputs, each non-empty and within the context); ``encoding_format`` ``float`` (a
 numbers) or ``base64`` (the little-endian float32 bytes, what the official Python client asks
 for and decodes); ``dimensions`` is not supported (the vectors are the model's width).
 
-The vectors are the mean-pooled final hidden states, L2-normalised (``inference/embed.py``,
+The vectors are the mean-pooled final hidden states, L2-normalised (``inference/text_encoder.py``,
 the same code as ``pilelm embed``). Requests arriving together are batched: a worker thread
 collects inputs for ``batch_window_s`` (up to ``max_batch`` sequences) and embeds them in one
 forward pass per batch. Auth, the concurrency slots and errors are the completions API's.
@@ -27,7 +27,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pilelm.inference.embed import TextEncoder
+from pilelm.inference.text_encoder import TextEncoder
 from pilelm.serve.schemas import APIError, parse_json_body
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request

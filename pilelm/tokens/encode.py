@@ -3,8 +3,8 @@ handed back in input order, with reading, parsing and encoding overlapped.
 
 Two ways to run, picked by the encoder (``pilelm.tokens.encoders``):
 
-- **One process** (fastokens, whose batch call runs on its own threads outside the GIL; or
-  ``workers=1``): a reader thread decompresses a split's files in canonical order, cuts the
+- **One process** (gigatoken or fastokens, whose batch calls run on their own threads outside
+  the GIL; or ``workers=1``): a reader thread decompresses a split's files in canonical order, cuts the
   stream into batches of whole lines (``batch_bytes`` each, bytes.find/count only) and parses
   them (orjson), up to ``depth`` batches ahead (``read_ahead``); the main thread encodes each
   batch of texts in one call and appends the ids, in input order, to the output files. No
@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 import orjson
@@ -81,86 +81,113 @@ def iter_line_batches(files: list[Path], batch_bytes: int, start: tuple[int, int
     per-line Python work in this thread, which shares the cores with the encoders); a line over ``max_line_bytes`` is
     dropped (counted) as it streams by, so memory stays bounded.
     """
+    read_size = max(1, min(batch_bytes, 8 << 20))
+    first_file, skip_to = start
+    for fi in range(first_file, len(files)):
+        lines = WholeLines(files[fi], skip_to if fi == first_file else 0, max_line_bytes)
+        yield from _file_batches(fi, lines, batch_bytes, read_size)
+
+
+def _file_batches(fi: int, lines: WholeLines, batch_bytes: int, read_size: int) -> Iterator[LineBatch]:
+    """The blocks of one file gathered into batches of about ``batch_bytes``."""
     import zstandard
 
     from pilelm.data.readers import open_stream
     from pilelm.data.sources import SourceFile
 
-    read_size = max(1, min(batch_bytes, 8 << 20))
-    first_file, skip_to = start
-    for fi in range(first_file, len(files)):
-        path = files[fi]
-        skip = skip_to if fi == first_file else 0
-        src = SourceFile(str(path), path.name, "", "jsonl", "zst" if path.suffix == ".zst" else "",
-                         path.stat().st_size, "")
-        stream = open_stream(src)
-        line = 1  # number of the line that starts the next block
-        parts: list[bytes] = []
-        part_lines = 0
-        part_bytes = 0
-        part_first = 1
-        skipped: Counter[str] = Counter()
+    path = lines.path
+    src = SourceFile(str(path), path.name, "", "jsonl", "zst" if path.suffix == ".zst" else "",
+                     path.stat().st_size, "")
+    stream = open_stream(src)
+    parts: list[bytes] = []
+    part_lines = part_bytes = 0
+    part_first = 1
+    try:
+        for first, block, n in lines.blocks(stream, read_size):
+            if not parts:
+                part_first = first
+            parts.append(block)
+            part_lines += n
+            part_bytes += len(block)
+            if part_bytes >= batch_bytes:
+                yield LineBatch(fi, part_first, part_lines, b"".join(parts), lines.take_skipped())
+                parts, part_lines, part_bytes = [], 0, 0
+    except (zstandard.ZstdError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: corrupt compressed data near line {lines.line} ({e}); "
+                         "rerun `pilelm prepare` to rewrite the prepared dir") from e
+    finally:
+        stream.close()
+    skipped = lines.take_skipped()
+    if parts or skipped:
+        yield LineBatch(fi, part_first if parts else lines.line, part_lines, b"".join(parts), skipped)
+
+
+class WholeLines:
+    """Blocks of whole lines read from one file's stream, numbered, the lines up to ``skip``
+    left out (a resumed run) and a line over ``max_line_bytes`` dropped and counted."""
+
+    def __init__(self, path: Path, skip: int, max_line_bytes: int):
+        self.path, self.skip, self.max_line_bytes = path, skip, max_line_bytes
+        self.line = 1  # number of the line that starts the next block
+        self.skipped: Counter[str] = Counter()
+
+    def take_skipped(self) -> Counter[str]:
+        """The lines dropped since the last call, by reason."""
+        skipped, self.skipped = self.skipped, Counter()
+        return skipped
+
+    def _drop(self, line: int) -> None:
+        self.skipped["line_too_long"] += 1
+        log.warning("%s:%d: skipped, over %d bytes (the line limit)", self.path, line, self.max_line_bytes)
+
+    def blocks(self, stream: BinaryIO, read_size: int) -> Iterator[tuple[int, bytes, int]]:
+        """(number of its first line, block of whole lines, line count) per chunk read."""
         carry = b""  # the unfinished line at the end of what was read
         too_long = False  # inside a line over the limit: drop until its newline
-        try:
-            while True:
-                chunk = stream.read(read_size)
-                if not chunk:
-                    if carry and not too_long:
-                        chunk = b"\n"  # a last line without newline
-                    else:
-                        break
-                data = carry + chunk if carry else chunk
-                cut = data.rfind(b"\n")
-                if too_long:
-                    if cut < 0:
-                        continue
-                    data, too_long = data[data.find(b"\n") + 1 :], False
-                    line += 1
-                    cut = data.rfind(b"\n")
+        while True:
+            chunk = stream.read(read_size)
+            if not chunk:
+                if carry and not too_long:
+                    chunk = b"\n"  # a last line without newline
+                else:
+                    break
+            data = carry + chunk if carry else chunk
+            cut = data.rfind(b"\n")
+            if too_long:
                 if cut < 0:
-                    carry = data
-                    if len(carry) > max_line_bytes:
-                        if line > skip:  # (a resumed run counted it already)
-                            skipped["line_too_long"] += 1
-                            log.warning("%s:%d: skipped, over %d bytes (the line limit)", path, line, max_line_bytes)
-                        carry, too_long = b"", True
                     continue
-                block, carry = data[: cut + 1], data[cut + 1 :]
-                n = count_newlines(block)
-                if line + n - 1 <= skip:  # all before the resume point
-                    line += n
-                    continue
-                if line <= skip:  # cut off the lines before the resume point
-                    off = -1
-                    for _ in range(skip - line + 1):
-                        off = block.find(b"\n", off + 1)
-                    block, n, line = block[off + 1 :], n - (skip - line + 1), skip + 1
-                if len(block) > max_line_bytes:  # it may hold a whole line over the limit
-                    pieces = block.split(b"\n")
-                    for i, piece in enumerate(pieces):
-                        if len(piece) > max_line_bytes:
-                            skipped["line_too_long"] += 1
-                            log.warning("%s:%d: skipped, over %d bytes (the line limit)", path, line + i,
-                                        max_line_bytes)
-                            pieces[i] = b""  # a blank line: the numbering stays true
-                    block = b"\n".join(pieces)
-                if not parts:
-                    part_first = line
-                parts.append(block)
-                part_lines += n
-                part_bytes += len(block)
-                line += n
-                if part_bytes >= batch_bytes:
-                    yield LineBatch(fi, part_first, part_lines, b"".join(parts), skipped)
-                    parts, part_lines, part_bytes, skipped = [], 0, 0, Counter()
-        except (zstandard.ZstdError, OSError, EOFError) as e:
-            raise ValueError(f"{path}: corrupt compressed data near line {line} ({e}); "
-                             "rerun `pilelm prepare` to rewrite the prepared dir") from e
-        finally:
-            stream.close()
-        if parts or skipped:
-            yield LineBatch(fi, part_first if parts else line, part_lines, b"".join(parts), skipped)
+                data, too_long = data[data.find(b"\n") + 1 :], False
+                self.line += 1
+                cut = data.rfind(b"\n")
+            if cut < 0:
+                carry = data
+                if len(carry) > self.max_line_bytes:
+                    if self.line > self.skip:  # (a resumed run counted it already)
+                        self._drop(self.line)
+                    carry, too_long = b"", True
+                continue
+            block, carry = data[: cut + 1], data[cut + 1 :]
+            n = count_newlines(block)
+            if self.line + n - 1 <= self.skip:  # all before the resume point
+                self.line += n
+                continue
+            if self.line <= self.skip:  # cut off the lines before the resume point
+                off = -1
+                for _ in range(self.skip - self.line + 1):
+                    off = block.find(b"\n", off + 1)
+                block, n, self.line = block[off + 1 :], n - (self.skip - self.line + 1), self.skip + 1
+            if len(block) > self.max_line_bytes:  # it may hold a whole line over the limit
+                block = self._blank_long_lines(block)
+            yield self.line, block, n
+            self.line += n
+
+    def _blank_long_lines(self, block: bytes) -> bytes:
+        pieces = block.split(b"\n")
+        for i, piece in enumerate(pieces):
+            if len(piece) > self.max_line_bytes:
+                self._drop(self.line + i)
+                pieces[i] = b""  # a blank line: the numbering stays true
+        return b"\n".join(pieces)
 
 
 @dataclass

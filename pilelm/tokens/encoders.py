@@ -2,14 +2,17 @@
 ``tokenizers`` for the tokenizer at hand.
 
 ``tokenizers`` defines what the ids are (it trained the tokenizer and is what Hugging Face
-loads); it is also the slowest here. Two faster libraries can stand in for it on byte-level
+loads); it is also the slowest here. Three faster libraries can stand in for it on byte-level
 BPE:
 
-1. **fastokens** (Rust, reads ``tokenizer.json`` itself): about 10x tiktoken per CPU-second on
-   minipile (docs/tokenize.md, "Throughput"); the batch call returns one flat uint32 buffer.
-2. **tiktoken** over the same ranks (``pilelm.tokens.fast_bpe``), when the merges are in rank
+1. **gigatoken** (Rust, MIT, reads ``tokenizer.json`` itself): the fastest in memory on
+   minipile (docs/tokenize.md, "Throughput"); its batch call returns one flat uint32 buffer and
+   offsets (an awkward array), encoded on its own rayon thread pool.
+2. **fastokens** (Rust, Apache-2.0): about 10x tiktoken per CPU-second; the batch call returns
+   one flat uint32 buffer.
+3. **tiktoken** over the same ranks (``pilelm.tokens.fast_bpe``), when the merges are in rank
    order.
-3. **tokenizers** itself, always right.
+4. **tokenizers** itself, always right.
 
 ``choose_encoder`` takes the first candidate that passes two checks at load time, for the
 tokenizer at hand: its structure is one the candidate is known to mirror
@@ -18,23 +21,31 @@ pre-tokenizer, plain added tokens, no truncation), and it encodes the probe text
 (special tokens in and around words, non-NFC text, whitespace runs, digits, scripts, NUL,
 very long words) exactly as ``tokenizers`` does, one by one and as one batch. A candidate
 that fails either check is passed over with the reason logged; the reasons and the chosen
-encoder's name and version go into ``pilelm tokenize``'s manifest.
+encoder's name and version go into ``pilelm tokenize``'s manifest. A passed probe is
+remembered (``proof_cache_dir``) under a key made of the tokenizer's whole ``tokenizer.json``,
+the encoder's class and version and the probe itself, so the next load of the same tokenizer
+with the same library skips it (about 0.1 CPU-second; a small corpus feels it); any change of
+either is a new key and a new probe. A failed probe is never remembered.
 
 Invalid input: a text with lone UTF-16 surrogates (valid JSON, not valid Unicode) raises
-``UnicodeEncodeError`` from fastokens and tiktoken and ``TypeError`` from tokenizers; callers
+``UnicodeEncodeError`` from gigatoken, fastokens and tiktoken and ``TypeError`` from tokenizers; callers
 (``pilelm.tokens.encode``) catch both and skip the document with a reason. NUL characters and
 words of millions of characters encode identically in all three (fastokens in time linear in
-the word, faster than tokenizers; tested).
+the word, faster than tokenizers; tested); gigatoken splits a huge document at
+pretoken-safe boundaries and reassembles identical ids.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Iterator
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,14 +55,27 @@ from pilelm.tokens.fast_bpe import EncoderUnavailable, FastBPE, fast_bpe, requir
 
 log = logging.getLogger(__name__)
 
-ENCODERS = ("fastokens", "tiktoken", "tokenizers")
+ENCODERS = ("gigatoken", "fastokens", "tiktoken", "tokenizers")
 """The encoders in the order ``auto`` tries them (fastest first)."""
 
-# Threads fastokens encodes on in all (read once per process, at its first encode): pilelm
-# tokenize sets it to its `workers`; a process of a pool with one per core sets 1.
+# Threads the Rust encoders encode on in all, each read once per process at its first parallel
+# encode (fastokens' own variable; gigatoken's rayon pool reads rayon's): pilelm tokenize sets
+# them to its `workers`; a process of a pool with one per core sets 1.
 FASTOKENS_THREADS_ENV = "FASTOKENS_BPE_THREADS"
-_fastokens_first_threads: str | None = None
-"""``FASTOKENS_THREADS_ENV`` at fastokens' first encode in this process (None: none yet)."""
+RAYON_THREADS_ENV = "RAYON_NUM_THREADS"
+THREAD_ENVS = (FASTOKENS_THREADS_ENV, RAYON_THREADS_ENV)
+IN_PROCESS_ENCODERS = ("gigatoken", "fastokens")
+"""Encoders whose batch call runs on their own threads outside the GIL: ``pilelm tokenize``
+encodes with them in its own process, never in a pool of processes."""
+_native_first_threads: str | None = None
+"""The thread count at the first parallel encode of a Rust encoder in this process (None:
+none yet)."""
+
+
+def _note_native_threads(env: str) -> None:
+    global _native_first_threads
+    if _native_first_threads is None:  # what its thread pool is sized by, once per process
+        _native_first_threads = os.environ.get(env, "default")
 
 
 def _version(package: str) -> str:
@@ -122,11 +146,32 @@ class FastokensEncoder(Encoder):
         return self.encode_flat([text])[0]
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        global _fastokens_first_threads
-        if _fastokens_first_threads is None:  # what its thread pool is sized by, once per process
-            _fastokens_first_threads = os.environ.get(FASTOKENS_THREADS_ENV, "default")
+        _note_native_threads(FASTOKENS_THREADS_ENV)
         ids, offsets = self.tok.encode_batch_flat(texts, add_special_tokens=False)
         return np.frombuffer(ids, dtype="<u4"), np.frombuffer(offsets, dtype="<u8").astype(np.int64)
+
+
+class GigatokenEncoder(Encoder):
+    name = "gigatoken"
+
+    def __init__(self, tok: Any):  # gigatoken.Tokenizer
+        self.tok = tok
+
+    def encode(self, text: str) -> np.ndarray:
+        return np.asarray(self.tok.encode(text), dtype=np.uint32)
+
+    def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        parallel = os.environ.get(RAYON_THREADS_ENV) != "1"  # one thread: never start its pool
+        if parallel:
+            _note_native_threads(RAYON_THREADS_ENV)
+        # An awkward array over one flat buffer plus offsets (a ListOffsetArray): read both
+        # without a copy per text (``.layout``, not ``awkward.to_layout``: no dispatch).
+        layout = self.tok.encode_batch(texts, parallel=parallel).layout
+        ids = np.asarray(layout.content.data).astype(np.uint32, copy=False)
+        offsets = np.asarray(layout.offsets.data).astype(np.int64, copy=False)
+        if offsets[0]:  # a sliced view (not seen in practice): rebase to start at 0
+            ids, offsets = ids[offsets[0]:offsets[-1]], offsets - offsets[0]
+        return ids, offsets
 
 
 # ---------------------------------------------------------------- candidates
@@ -144,11 +189,23 @@ def _fastokens(hf: Tokenizer, spec: dict[str, Any]) -> Encoder:
         raise EncoderUnavailable(f"fastokens cannot load it ({e})") from None
 
 
+def _gigatoken(hf: Tokenizer, spec: dict[str, Any]) -> Encoder:
+    require_byte_level_bpe(spec)
+    try:
+        import gigatoken
+    except ImportError:
+        raise EncoderUnavailable("gigatoken is not installed") from None
+    try:
+        return GigatokenEncoder(gigatoken.Tokenizer.from_json(hf.to_str()))
+    except Exception as e:  # its loader raises its own errors for what it does not support
+        raise EncoderUnavailable(f"gigatoken cannot load it ({e})") from None
+
+
 def _tiktoken(hf: Tokenizer, spec: dict[str, Any]) -> Encoder:
     return TiktokenEncoder(fast_bpe(spec))
 
 
-_BUILDERS = {"fastokens": _fastokens, "tiktoken": _tiktoken}
+_BUILDERS = {"gigatoken": _gigatoken, "fastokens": _fastokens, "tiktoken": _tiktoken}
 
 # Texts covering what a stand-in must get right: contractions, digits and digit runs,
 # punctuation runs, whitespace runs and trailing whitespace, tabs/CR/LF/form feeds, scripts,
@@ -178,6 +235,44 @@ def _probe_texts(hf: Tokenizer) -> list[str]:
     if added:
         texts.append(" ".join(f"a{c}b {c}{c}\n{c}" for c in added) + " end")
     return texts
+
+
+PROOF_CACHE_ENV = "PILELM_CACHE_DIR"
+
+
+def proof_cache_dir() -> Path:
+    """Where passed probes are remembered: ``$PILELM_CACHE_DIR/encoder-proofs``, else
+    ``$XDG_CACHE_HOME/pilelm/encoder-proofs``, else ``~/.cache/pilelm/encoder-proofs``."""
+    root = os.environ.get(PROOF_CACHE_ENV)
+    if root:
+        return Path(root) / "encoder-proofs"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "pilelm" / "encoder-proofs"
+
+
+def _proof_key(hf_json: str, enc: Encoder) -> str:
+    h = hashlib.sha256()
+    cls = type(enc)
+    for part in (hf_json, f"{cls.__module__}.{cls.__qualname__}", enc.name, enc.version, json.dumps(PROBE)):
+        h.update(part.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _proven_before(key: str) -> bool:
+    return (proof_cache_dir() / key).is_file()
+
+
+def _remember_proof(key: str) -> None:
+    """Best effort: an unwritable cache only means the next load probes again."""
+    folder = proof_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+        os.close(fd)
+        os.replace(tmp, folder / key)
+    except OSError as e:
+        log.debug("encoder proof not remembered in %s: %s", folder, e)
 
 
 def first_difference(hf: Tokenizer, enc: Encoder) -> str | None:
@@ -210,11 +305,16 @@ def choose_encoder(hf: Tokenizer, spec: dict[str, Any] | None = None, prefer: st
     if spec is None:
         spec = json.loads(hf.to_str())
     passed_over: dict[str, str] = {}
+    hf_json = hf.to_str()
     for name in [prefer] if prefer != "auto" else ENCODERS[:-1]:
         try:
             enc = _BUILDERS[name](hf, spec)
+            key = _proof_key(hf_json, enc)
+            if _proven_before(key):
+                return enc, passed_over
             diff = first_difference(hf, enc)
             if diff is None:
+                _remember_proof(key)
                 return enc, passed_over
             passed_over[name] = f"encodes {diff[:60]!r} differently from tokenizers"
             log.warning("encoder %s not used for this tokenizer: it %s", name, passed_over[name])
@@ -236,25 +336,28 @@ def one_thread_per_process() -> None:
     """Keep the encoders' own thread pools to one thread in this process (call before the
     first encode; for processes that are one of a pool with one per core)."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    os.environ[FASTOKENS_THREADS_ENV] = "1"
+    for env in THREAD_ENVS:
+        os.environ[env] = "1"
 
 
 @contextlib.contextmanager
 def encoder_threads(threads: int) -> Iterator[None]:
-    """Within: fastokens' first encode in this process starts ``threads`` threads in all (it
-    reads the number once per process, at its first encode; later calls change nothing)."""
-    saved = os.environ.get(FASTOKENS_THREADS_ENV)
-    os.environ[FASTOKENS_THREADS_ENV] = str(max(1, threads))
+    """Within: a Rust encoder's first parallel encode in this process starts ``threads``
+    threads in all (each reads the number once per process; later calls change nothing)."""
+    saved = {env: os.environ.get(env) for env in THREAD_ENVS}
+    for env in THREAD_ENVS:
+        os.environ[env] = str(max(1, threads))
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop(FASTOKENS_THREADS_ENV, None)
-        else:
-            os.environ[FASTOKENS_THREADS_ENV] = saved
+        for env, value in saved.items():
+            if value is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = value
 
 
 def encoder_threads_started() -> bool:
-    """Whether fastokens has started threads of its own in this process (a fork beside them
-    could copy a lock one holds: pools then start workers another way)."""
-    return _fastokens_first_threads not in (None, "1")
+    """Whether a Rust encoder has started threads of its own in this process (a fork beside
+    them could copy a lock one holds: pools then start workers another way)."""
+    return _native_first_threads not in (None, "1")

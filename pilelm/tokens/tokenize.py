@@ -7,9 +7,9 @@ For every split present (``train``, ``val``, ``test``) it writes ``SHARD_DIR/<sp
 ``<split>.docmeta.npz`` (component code and UTF-8 bytes per document) and
 ``<split>.components.json``; the tokenizer is copied into ``SHARD_DIR/tokenizer/``.
 
-How it runs (``pilelm.tokens.encode``): with fastokens, in this process: a reader thread
-reads and parses batches of JSON lines while the main thread encodes them (fastokens' own
-``workers`` threads) and appends the ids in input order to spill files under
+How it runs (``pilelm.tokens.encode``): with gigatoken or fastokens, in this process: a reader
+thread reads and parses batches of JSON lines while the main thread encodes them (the encoder's
+own ``workers`` threads) and appends the ids in input order to spill files under
 ``SHARD_DIR/.partial/``; with tiktoken or tokenizers, ``workers`` processes parse and encode
 the batches and this one appends the results. The manifest records the tokenizer's fingerprint
 (``pilelm.tokens.identity``), which training and evaluation check the ids against.
@@ -43,7 +43,7 @@ from pilelm.core.manifest import MANIFEST, Timer, content_hash, read_manifest, r
 from pilelm.core.workers import worker_count
 from pilelm.data.prepared import SHARD_SUFFIX, SPLITS, split_files
 from pilelm.tokens.encode import BatchEncoder, EncodedBatch, LineBatch, iter_line_batches
-from pilelm.tokens.encoders import ENCODERS, encoder_threads, encoder_threads_started
+from pilelm.tokens.encoders import ENCODERS, IN_PROCESS_ENCODERS, encoder_threads, encoder_threads_started
 from pilelm.tokens.identity import tokenizer_fingerprint
 from pilelm.tokens.mmidx import AppendFile, IndexedDataset, IndexedDatasetWriter, token_dtype
 from pilelm.tokens.shards import TOKENIZER_DIR, has_split, remove_split, save_split_sidecars, split_prefix
@@ -66,8 +66,8 @@ class TokenizeConfig:
     splits: list[str] = field(default_factory=list)
     """Splits to tokenize; empty: every split the prepared dir has."""
     workers: int = 0
-    """Cores to encode on; 0: every core this process may use. fastokens encodes in this
-    process on that many threads; tiktoken and tokenizers in that many processes (1: in this
+    """Cores to encode on; 0: every core this process may use. gigatoken and fastokens encode in
+    this process on that many threads; tiktoken and tokenizers in that many processes (1: in this
     process)."""
     batch_bytes: int = 500_000
     """Raw JSON bytes per batch (one encode call)."""
@@ -75,7 +75,7 @@ class TokenizeConfig:
     """Make progress durable (fsync + position) this often; a killed run resumes from it."""
     encoder: str = "auto"
     """Library that encodes: auto (the fastest proven at load time to give tokenizers' ids
-    for this tokenizer: fastokens, then tiktoken, then tokenizers) or one of those names."""
+    for this tokenizer: gigatoken, fastokens, tiktoken, then tokenizers) or one of those names."""
 
     def __post_init__(self) -> None:
         bad = [s for s in self.splits if s not in SPLITS]
@@ -266,11 +266,12 @@ def run_tokenize(cfg: TokenizeConfig) -> Path:
 
     timer = Timer()
     workers = worker_count(cfg.workers)
-    # fastokens sizes its thread pool at its first encode in a process (the load-time probe):
-    # if it is the encoder, it runs here on `workers` threads; the others run in processes.
+    # gigatoken and fastokens size their thread pools at their first encode in a process (the
+    # load-time probe): if one is the encoder, it runs here on `workers` threads; the others
+    # run in processes.
     with timer("load_tokenizer"), encoder_threads(workers):
         tok = load_tokenizer(cfg.tokenizer, encoder=cfg.encoder)
-    processes = 1 if tok.encoder.name == "fastokens" else workers
+    processes = 1 if tok.encoder.name in IN_PROCESS_ENCODERS else workers
     if tok.eod_id is None:
         raise ValueError(f"tokenizer {cfg.tokenizer} has no end-of-document token "
                          "(<|endoftext|>, </s> or [SEP]); the shards need one after every document")
@@ -283,7 +284,7 @@ def run_tokenize(cfg: TokenizeConfig) -> Path:
     log.info("tokenizing %s with %s (%s, vocab %d, %s) on %d core(s), %d process(es)", ", ".join(splits),
              cfg.tokenizer, tok.backend, tok.vocab_size, dtype.name, workers, processes)
     # Forked workers start with the tokenizer loaded, unless a native thread pool (a probed,
-    # passed-over fastokens) makes forking unsafe.
+    # passed-over Rust encoder) makes forking unsafe.
     enc = BatchEncoder(tok, out / TOKENIZER_DIR, processes, inherit=not encoder_threads_started())
     stats: dict[str, Any] = {}
     try:

@@ -3,7 +3,7 @@ special-token ids pilelm asks for and a fast encoder), ``load_tokenizer`` (ours,
 tokenizer.json or Hugging Face folder, tiktoken rank files) and ``copy_tokenizer``.
 
 Encoding goes through the fastest library proven identical to ``tokenizers`` for the
-tokenizer at hand (``pilelm.tokens.encoders``: fastokens, then tiktoken, then tokenizers).
+tokenizer at hand (``pilelm.tokens.encoders``: gigatoken, fastokens, tiktoken, then tokenizers).
 Training a tokenizer is ``pilelm.tokens.tokenizer_train``; its identity, ``pilelm.tokens.identity``.
 """
 
@@ -101,7 +101,7 @@ class PileTokenizer:
 
     @property
     def backend(self) -> str:
-        """The name of the encoder in use: ``fastokens``, ``tiktoken`` or ``tokenizers``."""
+        """The name of the encoder in use: ``gigatoken``, ``fastokens``, ``tiktoken`` or ``tokenizers``."""
         return self.encoder.name
 
     def encode(self, text: str) -> list[int]:

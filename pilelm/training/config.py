@@ -2,20 +2,21 @@
 
 ``family`` picks the model family; its config comes from that family's section (``model`` for
 gpt, ``bert`` for bert: ``ModelSpec.config_section``), so ``TrainConfig.model_config`` and
-``TrainConfig.spec`` are all the trainer reads.
+``TrainConfig.spec`` are all the trainer reads. The sections are not written here: there is
+one per family registered in ``pilelm.models`` (``ModelSpec.config_cls`` under
+``config_section``) when this module is imported, so a new family adds its section (with its
+field docs in ``--help`` and its unknown-key errors) without an edit of this file.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pilelm.core.config import from_dict, require_at_least
-from pilelm.models import ModelSpec, get_spec
-from pilelm.models.bert import BertConfig
-from pilelm.models.gpt import GPTConfig
-from pilelm.models.spec import Objective
+from pilelm.models import ModelSpec, families, get_spec
+from pilelm.models.spec import Objective, close_registry
 from pilelm.training.optim import OptimConfig, ScheduleConfig
 from pilelm.training.privacy_config import PrivacyConfig
 
@@ -99,17 +100,28 @@ class LoopConfig:
 
 
 @dataclass
-class TrainConfig:
+class _RunAndFamily:
     data: Path = Path("")
     """Token shard directory (output of `pilelm tokenize`): trains on train.bin, validates on val.bin."""
     output: Path = Path("runs/train")
     """Run directory: checkpoints, metrics, TensorBoard logs, manifest."""
-    family: Literal["gpt", "bert"] = "gpt"
-    """gpt: causal LM configured by the model section; bert: masked LM configured by the bert section."""
-    model: GPTConfig = field(default_factory=GPTConfig)
-    """GPT-2 / GPT-NeoX shape (family=gpt)."""
-    bert: BertConfig = field(default_factory=BertConfig)
-    """Encoder shape (family=bert); bert.nsp=true adds next-sentence prediction."""
+    family: str = "gpt"
+    """The model family, configured by its section: gpt (causal LM; section model: GPT-2 / GPT-NeoX shape), bert (masked LM; section bert; bert.nsp=true adds next-sentence prediction), or another registered in pilelm.models."""
+
+
+def _family_sections() -> type:
+    """A dataclass with one field per registered family: its config section, typed by its config
+    class (defaults = that class's). The registry closes here: a family registered later would
+    have no section, so ``register`` refuses it."""
+    close_registry("pilelm.training.config built TrainConfig's model sections")
+    specs = [get_spec(name) for name in families()]
+    return make_dataclass("FamilySections", [
+        (spec.config_section, spec.config_cls, field(default_factory=spec.config_cls)) for spec in specs
+    ], bases=(_RunAndFamily,))
+
+
+@dataclass
+class TrainConfig(_family_sections()):  # type: ignore[misc]  (a dataclass made from the registry)
     mask_prob: float = 0.15
     """bert: fraction of tokens chosen for prediction (80 % [MASK], 10 % random, 10 % kept)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -128,6 +140,9 @@ class TrainConfig:
     """Start from the weights of a run directory (its newest intact checkpoint) or of one checkpoint folder, e.g. what `pilelm import` wrote, instead of random ones. The model section comes from there (dropout from this config); optimizer, schedule and data order start fresh. A run that has checkpoints of its own resumes from them instead."""
 
     def __post_init__(self) -> None:
+        if self.family not in families():
+            raise ValueError(f"family {self.family!r} is not a registered model family; use one of "
+                             f"{', '.join(families())}")
         if not 0.0 < self.mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {self.mask_prob}")
         if self.loop.seq_len_warmup and self.privacy.enabled:

@@ -64,7 +64,7 @@ from pilelm.training.loader import (
     validation_batches,
 )
 from pilelm.training.memory import enable_activation_checkpointing, keep_freed_memory_mapped
-from pilelm.training.metrics import MetricsLog
+from pilelm.training.metrics_log import MetricsLog
 from pilelm.training.mfu import resolve_peak
 from pilelm.training.optim import build_optimizer, set_lr
 from pilelm.training.outcomes import ManifestEntry, NonFiniteLossError, StepResult

@@ -15,15 +15,15 @@ from pilelm.compress.quantize import QuantizeConfig, is_quantized, quantize_mode
 from pilelm.compress.quantized_linear import METHODS, QuantizedLinear, dequantize_above
 from pilelm.core import cli
 from pilelm.inference.generate import GenerateConfig, SamplingParams, run_generate, stream_batch
-from pilelm.models.cpu_kernels import Linear
+from pilelm.models.cpu_kernels import RepackedLinear
 from pilelm.models.gpt import GPT, GPTConfig
 from pilelm.serve import BackgroundServer, ServeConfig, create_app, load_engine
 from pilelm.training.checkpoint import latest_checkpoint, load_for_inference
 
 
-def _linear(seed: int = 0) -> Linear:
+def _linear(seed: int = 0) -> RepackedLinear:
     torch.manual_seed(seed)
-    lin = Linear(128, 96)
+    lin = RepackedLinear(128, 96)
     with torch.no_grad():
         lin.weight[3] *= 20  # one row with a wide range: scales must be per row (group)
     return lin

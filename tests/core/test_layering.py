@@ -1,6 +1,8 @@
 """The package's shape: stage packages import only downward, never in a circle, and no module
 grows past a few hundred lines. Read from the source with ``ast`` (nothing is imported), so a
-function-level import counts as much as a module-level one."""
+function-level import counts as much as a module-level one, and an ``if TYPE_CHECKING:``
+import (annotations only) counts for circles: two modules that name each other's types are
+one idea split in two."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
-from pilelm.core.stages import COMMANDS
+from pilelm.core.stages import COMMANDS, HOOKS
 
 PACKAGE = Path(__file__).resolve().parents[2] / "pilelm"
 
@@ -40,6 +42,8 @@ class Import:
     imported: str
     line: int
     module_level: bool
+    type_only: bool = False
+    """Inside ``if TYPE_CHECKING:``: never executed."""
 
 
 def module_name(path: Path) -> str:
@@ -71,7 +75,7 @@ def _imports(module: str, path: Path) -> list[Import]:
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     out: list[Import] = []
 
-    def visit(node: ast.AST, module_level: bool) -> None:
+    def visit(node: ast.AST, module_level: bool, type_only: bool = False) -> None:
         for child in ast.iter_child_nodes(node):
             names: list[str] = []
             if isinstance(child, ast.Import):
@@ -85,11 +89,11 @@ def _imports(module: str, path: Path) -> list[Import]:
                 names = [f"{base}.{a.name}" for a in child.names]
             for name in names:
                 if name == "pilelm" or name.startswith("pilelm."):
-                    out.append(Import(module, _target(name), child.lineno, module_level))
-            if _type_checking_only(child):
-                continue  # annotations only: never executed, so no import at run time
+                    out.append(Import(module, _target(name), child.lineno, module_level and not type_only,
+                                      type_only))
             inner = isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
-            visit(child, module_level and not inner)
+            # annotations only: never executed, so no import at run time
+            visit(child, module_level and not inner, type_only or _type_checking_only(child))
 
     visit(tree, True)
     return out
@@ -109,6 +113,7 @@ def test_the_walk_sees_the_package():
     assert {"core", "inference", "evaluation", "serve"} <= {package_of(m) for m in MODULES}
     assert any(i.importer == "pilelm.serve.server" and i.imported == "pilelm.serve.app" for i in IMPORTS)
     assert any(not i.module_level for i in IMPORTS)
+    assert any(i.type_only for i in IMPORTS)
 
 
 def test_every_stage_package_has_a_layer():
@@ -136,6 +141,30 @@ def test_core_reaches_stages_only_through_the_stage_table():
         if cmd.report:
             module, _, func = cmd.report.partition(":")
             assert module in MODULES and func, f"{cmd.name}: report {cmd.report!r} is not module:function"
+
+
+def _defines(module: str, name: str) -> bool:
+    """Whether ``module``'s source defines (or imports) ``name`` at module level."""
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and node.name == name:
+            return True
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+                return True
+        if isinstance(node, ast.ImportFrom) and any((a.asname or a.name) == name for a in node.names):
+            return True
+    return False
+
+
+def test_every_hook_and_report_names_a_real_function():
+    # A hook or report section is reached by a string: a rename must not leave it dangling.
+    named = [(f"HOOKS[{k!r}]", v) for k, v in HOOKS.items()]
+    named += [(f"{c.name} report", c.report) for c in COMMANDS.values() if c.report]
+    for where, target in named:
+        module, _, attr = target.partition(":")
+        assert module in MODULES and _defines(module, attr), f"{where}: {target} names no function"
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -183,8 +212,8 @@ def test_no_import_cycle_between_packages():
 
 
 def test_no_import_cycle_between_modules():
-    # Function-level imports count too: a lazy import hides a circle from the interpreter, not
-    # from the reader.
+    # Function-level and TYPE_CHECKING imports count too: a lazy import hides a circle from
+    # the interpreter, not from the reader.
     edges: dict[str, set[str]] = {}
     for imp in IMPORTS:
         if imp.importer != imp.imported:

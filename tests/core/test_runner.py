@@ -86,7 +86,8 @@ def fake_stages(monkeypatch):
     monkeypatch.setitem(stages.COMMANDS, "prepare", stages.Command(
         "prepare", mod.__name__, "FakePrepareConfig", "run_fake_prepare", "fake", ("inputs",)))
     monkeypatch.setitem(stages.COMMANDS, "train", stages.Command(
-        "train", mod.__name__, "FakeTrainConfig", "run_fake_train", "fake"))
+        "train", mod.__name__, "FakeTrainConfig", "run_fake_train", "fake",
+        report=stages.COMMANDS["train"].report))  # the real train's report section
     CALLS.clear()
     return mod
 

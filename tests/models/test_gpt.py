@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pilelm.models.gpt import GPT, GPTConfig, KVCache, Linear
+from pilelm.models.cpu_kernels import RepackedLinear
+from pilelm.models.gpt import GPT, GPTConfig, KVCache
 
 
 def tiny(arch: str) -> GPT:
@@ -83,7 +84,7 @@ def threads(request):
 @pytest.mark.parametrize("out_features,bias", [(96, True), (24, False)])
 def test_inference_linear_equals_f_linear(threads, dtype, rows, out_features, bias):
     torch.manual_seed(0)
-    lin = Linear(48, out_features, bias=bias).to(dtype)
+    lin = RepackedLinear(48, out_features, bias=bias).to(dtype)
     x = torch.randn(rows, 1, 48).to(dtype)
     ref = F.linear(x.double(), lin.weight.double(), None if lin.bias is None else lin.bias.double())
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.05, rtol=0.02)
@@ -102,7 +103,7 @@ def test_inference_linear_equals_f_linear(threads, dtype, rows, out_features, bi
 
 def test_inference_linear_follows_dtype_changes_and_trains_normally():
     torch.manual_seed(0)
-    lin = Linear(32, 64)
+    lin = RepackedLinear(32, 64)
     x = torch.randn(2, 32)
     with torch.inference_mode():
         y32 = lin(x)
@@ -146,7 +147,7 @@ def test_a_model_that_decoded_can_be_copied_and_pickled():
 
 
 def test_no_grad_evaluation_keeps_f_linear():
-    lin = Linear(32, 64)
+    lin = RepackedLinear(32, 64)
     with torch.no_grad():
         lin(torch.randn(2, 32))
     assert not lin._packed  # only inference_mode (generation, serving) repacks

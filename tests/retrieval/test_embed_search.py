@@ -11,8 +11,8 @@ import torch
 
 from pilelm.core import cli
 from pilelm.core.manifest import read_manifest
-from pilelm.inference import embed as embed_infer
-from pilelm.inference.embed import TextEncoder, chunk_spans, pool
+from pilelm.inference import text_encoder as embed_infer
+from pilelm.inference.text_encoder import TextEncoder, chunk_spans, pool
 from pilelm.retrieval import embed as embed_mod
 from pilelm.retrieval.index import VectorIndex
 

@@ -12,7 +12,7 @@ from conftest import write_pile_shard
 from pilelm.core import cli
 from pilelm.core.manifest import read_manifest
 from pilelm.evaluation.retrieval import bm25_scores, dense_scores, gold_ranks, qa_pair, rank_metrics
-from pilelm.inference.embed import TextEncoder
+from pilelm.inference.text_encoder import TextEncoder
 from pilelm.retrieval import contrastive
 from pilelm.training.checkpoint import load_for_inference
 

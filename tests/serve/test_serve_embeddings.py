@@ -10,7 +10,7 @@ import numpy as np
 import openai
 import pytest
 
-from pilelm.inference.embed import TextEncoder
+from pilelm.inference.text_encoder import TextEncoder
 from pilelm.serve import BackgroundServer, ServeConfig, create_app, load_engine
 
 KEY = "sk-embed"

@@ -63,13 +63,13 @@ def _texts(prep: Path) -> list[str]:
             if "\ud800" not in d["text"]]
 
 
-def test_auto_is_fastokens_and_every_encoder_gives_tokenizers_ids_on_the_sample(bpe):
+def test_auto_is_gigatoken_and_every_encoder_gives_tokenizers_ids_on_the_sample(bpe):
     tok = load_tokenizer(bpe)
-    assert tok.backend == "fastokens" and tok.passed_over == {}
+    assert tok.backend == "gigatoken" and tok.passed_over == {}
     texts = _texts(SAMPLE) + TRICKY + [t[::-1] for t in TRICKY]  # every document of the sample
     assert len(texts) > 1000 and any(not unicodedata.is_normalized("NFC", t) for t in texts)
     want = [e.ids for e in tok.hf.encode_batch(texts, add_special_tokens=False)]
-    for name in ("fastokens", "tiktoken"):
+    for name in ("gigatoken", "fastokens", "tiktoken"):
         ids, offsets = load_tokenizer(bpe, encoder=name).encode_flat(texts)
         assert ids.dtype == np.uint32 and len(offsets) == len(texts) + 1
         got = [ids[offsets[i] : offsets[i + 1]].tolist() for i in range(len(texts))]
@@ -82,15 +82,17 @@ def test_wordpiece_and_unigram_keep_tokenizers_with_the_reasons(sample_prep, tmp
                                                        vocab_size=300, sample_bytes=60_000))
         tok = load_tokenizer(out)
         assert tok.backend == "tokenizers"
-        assert set(tok.passed_over) == {"fastokens", "tiktoken"} and reason in tok.passed_over["fastokens"]
-        with pytest.raises(ValueError, match="cannot stand in"):
-            load_tokenizer(out, encoder="fastokens")
+        assert set(tok.passed_over) == {"gigatoken", "fastokens", "tiktoken"}
+        assert reason in tok.passed_over["gigatoken"] and reason in tok.passed_over["fastokens"]
+        for name in ("gigatoken", "fastokens"):
+            with pytest.raises(ValueError, match="cannot stand in"):
+                load_tokenizer(out, encoder=name)
 
 
 class _OffByOne(Encoder):
     """A stand-in that is wrong on texts holding a digit: the probe must catch it."""
 
-    name = "fastokens"
+    name = "gigatoken"
 
     def __init__(self, good: Encoder):
         self.good = good
@@ -102,24 +104,56 @@ class _OffByOne(Encoder):
 
 def test_a_stand_in_that_differs_on_the_probe_is_passed_over(bpe, monkeypatch, caplog):
     tok = load_tokenizer(bpe, fast=False)
-    good = encoders._BUILDERS["fastokens"]
-    monkeypatch.setitem(encoders._BUILDERS, "fastokens", lambda hf, spec: _OffByOne(good(hf, spec)))
+    good = encoders._BUILDERS["gigatoken"]
+    monkeypatch.setitem(encoders._BUILDERS, "gigatoken", lambda hf, spec: _OffByOne(good(hf, spec)))
     enc, passed = choose_encoder(tok.hf)
-    assert enc.name == "tiktoken" and "differently from tokenizers" in passed["fastokens"]
-    assert "fastokens not used" in caplog.text
-    with pytest.raises(ValueError, match="fastokens cannot stand in"):
-        choose_encoder(tok.hf, prefer="fastokens")
+    assert enc.name == "fastokens" and "differently from tokenizers" in passed["gigatoken"]
+    assert "gigatoken not used" in caplog.text
+    with pytest.raises(ValueError, match="gigatoken cannot stand in"):
+        choose_encoder(tok.hf, prefer="gigatoken")
     assert first_difference(tok.hf, good(tok.hf, json.loads(tok.hf.to_str()))) is None
 
     class Crashing(Encoder):
-        name = "fastokens"
+        name = "gigatoken"
 
         def encode(self, text: str) -> np.ndarray:
             raise RuntimeError("internal error")
 
-    monkeypatch.setitem(encoders._BUILDERS, "fastokens", lambda hf, spec: Crashing())
+    monkeypatch.setitem(encoders._BUILDERS, "gigatoken", lambda hf, spec: Crashing())
     enc, passed = choose_encoder(tok.hf)
-    assert enc.name == "tiktoken" and "failed on the probe (RuntimeError" in passed["fastokens"]
+    assert enc.name == "fastokens" and "failed on the probe (RuntimeError" in passed["gigatoken"]
+
+
+def test_a_passed_probe_is_remembered_per_tokenizer_and_library(bpe, tmp_path, monkeypatch):
+    """The second load of a tokenizer skips the probe; another tokenizer, another class or a
+    failed probe is probed (again)."""
+    monkeypatch.setenv(encoders.PROOF_CACHE_ENV, str(tmp_path / "cache"))
+    calls: list[str] = []
+    real = encoders.first_difference
+
+    def counting(hf, enc):
+        calls.append(type(enc).__name__)
+        return real(hf, enc)
+
+    monkeypatch.setattr(encoders, "first_difference", counting)
+    assert load_tokenizer(bpe).backend == "gigatoken" and calls == ["GigatokenEncoder"]
+    assert load_tokenizer(bpe).backend == "gigatoken" and calls == ["GigatokenEncoder"]  # remembered
+    assert len(list((tmp_path / "cache" / "encoder-proofs").iterdir())) == 1
+    # another tokenizer (one added token more) is a new key
+    spec = json.loads((bpe / "tokenizer.json").read_text())
+    other = tmp_path / "other"
+    other.mkdir()
+    spec["added_tokens"].append({**spec["added_tokens"][-1], "id": len(spec["model"]["vocab"]) + 50,
+                                 "content": "<|other|>"})
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    load_tokenizer(other / "tokenizer.json")
+    assert calls == ["GigatokenEncoder", "GigatokenEncoder"]
+    # a stand-in that fails is probed every time and never remembered
+    good = encoders._BUILDERS["gigatoken"]
+    monkeypatch.setitem(encoders._BUILDERS, "gigatoken", lambda hf, spec: _OffByOne(good(hf, spec)))
+    for _ in range(2):
+        assert load_tokenizer(bpe).backend == "fastokens"
+    assert calls.count("_OffByOne") == 2
 
 
 def test_invalid_and_extreme_input(bpe):
@@ -142,14 +176,16 @@ def test_invalid_and_extreme_input(bpe):
 
 def test_shards_are_byte_identical_whichever_encoder_and_workers(bpe, sample_prep, tmp_path):
     outs = {}
-    for name, workers in (("tokenizers", 1), ("tiktoken", 2), ("fastokens", 1), ("fastokens", 2)):
+    for name, workers in (("tokenizers", 1), ("tiktoken", 2), ("fastokens", 1), ("fastokens", 2),
+                          ("gigatoken", 1), ("gigatoken", 2)):
         out = run_tokenize(TokenizeConfig(data=sample_prep, tokenizer=bpe, output=tmp_path / f"{name}{workers}",
                                           workers=workers, encoder=name, batch_bytes=60_000))
         extra = read_manifest(out)["extra"]
         tokenizer = extra["tokenizer"]
         assert tokenizer["backend"] == tokenizer["encoder"]["name"] == name
-        # fastokens encodes in this process on its own threads; the others in worker processes.
-        assert extra["processes"] == (1 if name == "fastokens" else workers)
+        # gigatoken and fastokens encode in this process on their own threads; the others in
+        # worker processes.
+        assert extra["processes"] == (1 if name in ("gigatoken", "fastokens") else workers)
         assert tokenizer["encoder"]["version"] not in ("", "unknown")
         outs[name, workers] = out
     ref = outs["tokenizers", 1]
@@ -163,7 +199,7 @@ def test_shards_are_byte_identical_whichever_encoder_and_workers(bpe, sample_pre
     # auto records what it chose, and what it passed over (nothing, here)
     auto = read_manifest(run_tokenize(TokenizeConfig(data=sample_prep, tokenizer=bpe, output=tmp_path / "auto",
                                                      workers=1)))
-    assert auto["extra"]["tokenizer"]["encoder"]["name"] == "fastokens"
+    assert auto["extra"]["tokenizer"]["encoder"]["name"] == "gigatoken"
     assert auto["extra"]["tokenizer"]["encoder"]["passed_over"] == {}
     ts = open_split(tmp_path / "auto", "val")
     assert ts.component_names[ts.component[len(ts) - 1]] == "Odd"

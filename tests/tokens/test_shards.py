@@ -383,10 +383,10 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.parametrize("encoder", ["fastokens", "tiktoken"])
+@pytest.mark.parametrize("encoder", ["gigatoken", "tiktoken"])
 def test_resume_after_sigkill_gives_identical_output(tmp_path, encoder):
     """kill -9 a `pilelm tokenize` mid-split, rerun it: the output equals an uninterrupted run's
-    (fastokens: one process, its reader thread ahead; tiktoken: a pool of worker processes)."""
+    (gigatoken: one process, its reader thread ahead; tiktoken: a pool of worker processes)."""
     docs = [d for p in sorted((SAMPLE / "train").glob("*.zst"))[:2] for d in read_pile_shard(p)]
     prep = _prepared(tmp_path / "prep", {"train/00.jsonl.zst": docs[::2], "train/01.jsonl.zst": docs[1::2]})
     tok = run_tokenizer_train(TokenizerTrainConfig(data=prep, output=tmp_path / "tok", vocab_size=300,
@@ -411,7 +411,7 @@ def test_resume_after_sigkill_gives_identical_output(tmp_path, encoder):
     while time.monotonic() < deadline and any(_alive(p) for p in children):
         time.sleep(0.05)
     assert not any(_alive(p) for p in children)
-    assert bool(children) == (encoder == "tiktoken")  # fastokens runs in the one process
+    assert bool(children) == (encoder == "tiktoken")  # gigatoken runs in the one process
     saved = json.loads(progress.read_text())
     assert 0 < saved["documents"] < len(docs) and not (out / "manifest.json").exists()
     run_tokenize(TokenizeConfig(data=prep, tokenizer=tok, output=out, workers=1))

@@ -72,7 +72,7 @@ def test_bpe_dir_layout_specials_and_report(bpe_dir, prepared):
     m = read_manifest(bpe_dir)
     assert m["stage"] == "tokenizer" and m["extra"]["kind"] == "bpe"
     tok = load_tokenizer(bpe_dir)
-    assert tok.kind == "bpe" and tok.vocab_size == 420 and tok.backend == "fastokens"
+    assert tok.kind == "bpe" and tok.vocab_size == 420 and tok.backend == "gigatoken"
     assert (tok.eod_id, tok.pad_id) == (0, 1)  # GPT-NeoX-20B: <|endoftext|> = 0, <|padding|> = 1
     assert tok.hf.id_to_token(0) == "<|endoftext|>" and tok.hf.id_to_token(1) == "<|padding|>"
     assert tok.mask_id is None and tok.cls_id is None
@@ -92,7 +92,7 @@ def test_bpe_dir_layout_specials_and_report(bpe_dir, prepared):
     assert m["counts"]["read_bytes"] < train_chars * 1.2
 
 
-@pytest.mark.parametrize("encoder", ["fastokens", "tiktoken"])
+@pytest.mark.parametrize("encoder", ["gigatoken", "fastokens", "tiktoken"])
 def test_fast_path_ids_identical_to_tokenizers(bpe_dir, prepared, encoder):
     tok = load_tokenizer(bpe_dir, encoder=encoder)
     slow = load_tokenizer(bpe_dir, fast=False)
@@ -206,9 +206,11 @@ def test_tiktoken_rank_file_and_conversion(bpe_dir, tmp_path):
     path = tmp_path / "custom.tiktoken"
     path.write_text("\n".join(lines) + "\n")
     tt = load_tokenizer(path)
-    # fastokens 0.3.5 cannot load a BPE whose vocabulary ids have gaps (here 0 and 1, the
-    # original's specials, are not ranks): passed over with its reason, tiktoken stands in.
-    assert tt.kind == "bpe" and tt.backend == "tiktoken" and "cannot load" in tt.passed_over["fastokens"]
+    # gigatoken loads a BPE whose vocabulary ids have gaps (here 0 and 1, the original's
+    # specials, are not ranks) and is proven on it; fastokens 0.3.5 cannot (its reason kept).
+    assert tt.kind == "bpe" and tt.backend == "gigatoken" and tt.passed_over == {}
+    with pytest.raises(ValueError, match="fastokens cannot stand in.*cannot load"):
+        load_tokenizer(path, encoder="fastokens")
     assert tt.eod_id == max(ranks.values()) + 1
     import tiktoken
 
@@ -243,7 +245,7 @@ def test_foreign_tokenizers_fall_back_or_keep_fast(tmp_path, bpe_dir):
     spec["pre_tokenizer"]["add_prefix_space"] = True
     (tmp_path / "prefix.json").write_text(json.dumps(spec))
     t = load_tokenizer(tmp_path / "prefix.json")
-    assert t.backend == "tokenizers" and t.eod_id == 0 and set(t.passed_over) == {"fastokens", "tiktoken"}
+    assert t.backend == "tokenizers" and t.eod_id == 0 and set(t.passed_over) == {"gigatoken", "fastokens", "tiktoken"}
     assert t.encode("hi there") == Tokenizer.from_file(str(tmp_path / "prefix.json")).encode("hi there").ids
     # A tokenizer.json without side files (like a run's copy made by hand): roles by name.
     tok = Tokenizer(models.BPE())
@@ -257,7 +259,7 @@ def test_foreign_tokenizers_fall_back_or_keep_fast(tmp_path, bpe_dir):
     (tmp_path / "plain").mkdir()
     tok.save(str(tmp_path / "plain" / "tokenizer.json"))
     p = load_tokenizer(tmp_path / "plain")
-    assert p.eod_id == 0 and p.pad_id is None and p.backend == "fastokens"
+    assert p.eod_id == 0 and p.pad_id is None and p.backend == "gigatoken"
     assert p.encode("hello world!") == tok.encode("hello world!").ids
     # An HF folder in the slow format (vocab.txt) is converted by transformers.
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "hello", "world", "##s", "!"]

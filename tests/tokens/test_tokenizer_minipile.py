@@ -26,7 +26,7 @@ def test_minipile_val_ids_identical_to_tokenizers(minipile, tmp_path):
     (prep / "val" / "val.jsonl.zst").symlink_to(Path(minipile, "val.jsonl.zst").resolve())
     write_manifest(prep, "prepare", {"source": "tests"})
     tok_dir = run_tokenizer_train(TokenizerTrainConfig(data=prep, output=tmp_path / "tok", vocab_size=512))
-    assert load_tokenizer(tok_dir).backend == "fastokens"
+    assert load_tokenizer(tok_dir).backend == "gigatoken"
     out = run_tokenize(TokenizeConfig(data=prep, tokenizer=tok_dir, output=tmp_path / "shards", workers=2,
                                       splits=["val"], batch_bytes=300_000))
     ts = open_split(out, "val")

@@ -8,7 +8,7 @@ import pytest
 import pilelm
 
 PACKAGE = Path(pilelm.__file__).parent
-FAMILY_FREE = ["training/trainer.py", "training/init_from.py", "training/loader.py", "training/metrics.py",
+FAMILY_FREE = ["training/trainer.py", "training/init_from.py", "training/loader.py", "training/metrics_log.py",
                "training/memory.py", "training/checkpoint.py", "interop/hf.py", "interop/adapter.py"]
 BRANCH = re.compile(r"""family\s*[!=]=|["'](gpt|bert)["']|isinstance\([^)]*(GPTConfig|BertConfig|GPT|Bert)\)""")
 
