@@ -27,7 +27,7 @@ dequantized to fp32, one layer at a time and freed after the call, through ``F.l
 fp32 (fast on every x86 CPU, where a bf16 GEMM is fast only with AVX512-BF16 or AMX); the
 extra cost over the float model is the dequantization, ~1/rows of the product.
 int8-dynamic keeps its kernel: it is a u8 x s8 GEMM, as fast as fp32 on many rows.
-Per-layer timings: ``benchmarks/decode_engines.py --kernels``; prefill tokens/s: its table.
+Per-layer timings: docs/compress.md; prefill tokens/s of whole models: ``benchmarks/decode_engines.py``.
 
 The stored form is what the state dict holds (safetensors): ``qweight`` (int8, or two 4-bit
 values per uint8 byte, low nibble first), ``scales`` (and ``mins`` for int4), ``bias``. The
