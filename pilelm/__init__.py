@@ -1,8 +1,8 @@
 """pilelm: from raw Pile shards to a trained, evaluated, served language model.
 
     import pilelm
-    lm = pilelm.load("runs/demo/train")   # see pilelm.api
-    pilelm.fine_tune("runs/demo/train", task="classify", data=["train.jsonl"], output="runs/cls")
+    lm = pilelm.load("runs/demo/run")   # see pilelm.api
+    pilelm.fine_tune("runs/demo/run", task="classify", data=["train.jsonl"], output="runs/cls")
 
 ``pilelm.load`` and one function per command (``pilelm.prepare``, ``pilelm.train``,
 ``pilelm.eval``, ... see ``pilelm.stage_functions``) are imported on first use, so ``import

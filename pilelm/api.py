@@ -1,7 +1,7 @@
 """The notebook API: ``pilelm.load(path)`` gives a model object with the obvious methods.
 
     import pilelm
-    lm = pilelm.load("runs/demo/train")          # a run: generate, score, embed, chat
+    lm = pilelm.load("runs/demo/run")          # a run: generate, score, embed, chat
     lm.generate("The Pile is", max_new_tokens=20)
     lm.score(["Some text."])[0]["bits_per_byte"]
     clf = pilelm.load("runs/demo/classify")      # a fine-tune: classify / tag / punctuate

@@ -33,13 +33,15 @@ MODULES = [
 
 def run_pooling(run: str | Path, requested: str, causal: bool) -> str:
     """The pooling to export: ``requested``, or with ``auto`` the one the run was trained with
-    (``finetune-contrastive``'s ``pooling``), else ``pilelm embed``'s default, mean."""
+    (a contrastive fine-tune's ``head.pooling``), else ``pilelm embed``'s default, mean."""
     from pilelm.core.manifest import MANIFEST, read_manifest
 
     pooling = requested
     if requested == "auto":
         config = read_manifest(run).get("config", {}) if (Path(run) / MANIFEST).is_file() else {}
-        pooling = (config.get("contrastive") or {}).get("pooling") or "mean"  # retrieval/contrastive.py
+        # retrieval/contrastive.py: a contrastive task's head.pooling, auto there meaning mean
+        trained = (config.get("head") or {}).get("pooling") if config.get("task") == "contrastive" else None
+        pooling = trained if trained and trained != "auto" else "mean"
     if pooling not in _ST_POOLING:
         raise ValueError(f"pooling must be auto, mean, last or cls, got {pooling!r}")
     if pooling == "cls" and causal:

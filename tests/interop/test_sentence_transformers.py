@@ -47,8 +47,8 @@ def test_contrastive_recipe_run_exports_with_its_trained_pooling(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"query": t.split()[0], "positive": t}) + "\n" for t in TINY_TEXTS * 4))
     run = tmp_path / "contrastive"
-    assert main(["finetune-contrastive", str(base), "--pairs", str(pairs), "-o", str(run), "--pooling", "last",
-                 "steps=3", "batch_size=4"]) == 0
+    assert main(["finetune-contrastive", str(base), "--pairs", str(pairs), "-o", str(run), "head.pooling=last",
+                 "loop.max_steps=3", "loop.batch_size=4"]) == 0
     out = tmp_path / "st"
     assert main(["export", str(run), "--format", "sentence-transformers", "-o", str(out)]) == 0
     assert json.loads((out / "manifest.json").read_text())["extra"]["pooling"] == "last"
