@@ -113,6 +113,25 @@ def _load_export_tokenizer(tok_dir: Path) -> tuple[Any, int | None, int | None]:
     return tok, bos, tok.eod_id
 
 
+def _save_export_tokenizer(tok: Any, out: Path, hf_cfg: Any, pad_id: int | None) -> None:
+    """Save the tokenizer into the HF folder and make the config's special ids agree with it:
+    ``pad_token_id`` / ``bos_token_id`` / ``eos_token_id`` are the ids of the tokenizer's
+    ``pad_token`` / ``bos_token`` / ``eos_token`` (a batched ``transformers.pipeline`` pads with
+    the tokenizer's and a GPT classifier pools the last token that is not the config's). A
+    tokenizer with no pad token gets the config's ``pad_id`` (eos for a GPT) as its pad token."""
+    special = tok.special_tokens_map()
+    for name in ("pad", "bos", "eos"):
+        if f"{name}_token" in special:
+            setattr(hf_cfg, f"{name}_token_id", tok.hf.token_to_id(special[f"{name}_token"]))
+    tok.save(out)
+    if "pad_token" not in special and pad_id is not None:
+        hf_cfg.pad_token_id = pad_id
+        pad = tok.hf.id_to_token(pad_id)
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            data = json.loads((out / name).read_text())
+            atomic_write_text(out / name, json.dumps({**data, "pad_token": pad}, indent=2, ensure_ascii=False))
+
+
 def _import_tokenizer(source: Path, out_dir: Path) -> None:
     """The HF folder's tokenizer (tokenizer.json, or a slow format transformers converts)
     saved as a pilelm tokenizer dir."""
@@ -198,14 +217,15 @@ def run_export(cfg: ExportConfig) -> Path:
             pooling = embedder.run_pooling(cfg.run, cfg.pooling, spec_for(model_cfg).causal)
         clear_manifest(out)
         out.mkdir(parents=True, exist_ok=True)
-        tok.save(out)
+        _save_export_tokenizer(tok, out, hf_cfg, None)
         with atomic_path(out / "model.safetensors") as tmp:
             save_file(hf_state, str(tmp), metadata={"format": "pt"})
         atomic_write_text(out / "config.json", hf_cfg.to_json_string())
         if spec_for(model_cfg).causal:
             from transformers import GenerationConfig
 
-            gen = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+            gen = GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
+                                   pad_token_id=eos if hf_cfg.pad_token_id is None else hf_cfg.pad_token_id)
             atomic_write_text(out / "generation_config.json", gen.to_json_string())
         extra: dict[str, Any] = {"architectures": hf_cfg.architectures}
         if cfg.format == "sentence-transformers":
@@ -242,11 +262,10 @@ def export_finetuned(cfg: ExportConfig) -> Path:
         state = {k: v.to(DTYPES[cfg.dtype]).contiguous() for k, v in state.items()}
         clear_manifest(out)
         out.mkdir(parents=True, exist_ok=True)
-        tok.save(out)
+        _save_export_tokenizer(tok, out, hf_cfg, model.head.pad_id)
         hf_cfg.architectures = [architecture]
         hf_cfg.id2label = model.head.id2label
         hf_cfg.label2id = {label: i for i, label in model.head.id2label.items()}
-        hf_cfg.pad_token_id = model.head.pad_id
         if model.head.kind == "sequence":
             hf_cfg.problem_type = "single_label_classification"
         with atomic_path(out / "model.safetensors") as tmp:
