@@ -195,6 +195,27 @@ def _refuse_compressed_weights(run: str, step: int | None) -> None:
                          "and quantize on the transformers side")
 
 
+def _adapter_apart(ckpt: Path, trunk: torch.nn.Module) -> Any:
+    """A checkpoint's LoRA adapter kept apart (lora.merge=false), with ``trunk``'s merged weights
+    turned back into the base the adapter was trained on; None when there is none."""
+    from pilelm.finetune.lora import read_adapter, unmerge
+
+    lora = read_adapter(ckpt)
+    if lora:
+        from pilelm.interop.peft_adapter import peft_state
+
+        peft_state(trunk.cfg, *lora)  # refuses (naming the fix) before anything changes
+        unmerge(trunk, *lora)
+    return lora
+
+
+def _write_adapter(out: Path, model_cfg: Any, lora: Any, task_type: str | None) -> None:
+    from pilelm.interop.peft_adapter import ADAPTER_DIR, write_peft_adapter
+
+    folder = write_peft_adapter(out / ADAPTER_DIR, model_cfg, *lora, task_type)
+    log.info("wrote the LoRA adapter (r=%d) for peft.PeftModel.from_pretrained to %s", lora[0]["r"], folder)
+
+
 def run_export(cfg: ExportConfig) -> Path:
     if not cfg.run or not cfg.output:
         raise ValueError("export needs a run and an output: pilelm export RUN_DIR --format hf -o HF_DIR")
@@ -205,6 +226,10 @@ def run_export(cfg: ExportConfig) -> Path:
     with timer("export"):
         model, model_cfg, tok_dir = load_for_inference(cfg.run, cfg.step)
         _refuse_compressed_weights(cfg.run, cfg.step)
+        lora = _adapter_apart(resolve_checkpoint(cfg.run, cfg.step)[1], model)
+        if lora and cfg.format != "hf":
+            raise ValueError(f"{cfg.run} holds a LoRA adapter apart (lora.merge=false): export it with --format hf "
+                             "(the base model + adapter/ for peft)")
         # Everything that can refuse runs before anything is written.
         adapter, hf_state = export_state(model, model_cfg)
         dtype = DTYPES[cfg.dtype]
@@ -221,6 +246,8 @@ def run_export(cfg: ExportConfig) -> Path:
         with atomic_path(out / "model.safetensors") as tmp:
             save_file(hf_state, str(tmp), metadata={"format": "pt"})
         atomic_write_text(out / "config.json", hf_cfg.to_json_string())
+        if lora:
+            _write_adapter(out, model_cfg, lora, "CAUSAL_LM")
         if spec_for(model_cfg).causal:
             from transformers import GenerationConfig
 
@@ -255,6 +282,7 @@ def export_finetuned(cfg: ExportConfig) -> Path:
     with timer("export"):
         model = load_task_model(ft_dir / "best")
         trunk_cfg = model.trunk.cfg
+        lora = _adapter_apart(ft_dir / "best", model.trunk)
         adapter, lm_state = export_state(model.trunk, trunk_cfg)
         tok, bos, eos = _load_export_tokenizer(ft_dir / "tokenizer")
         hf_cfg = adapter.hf_config(trunk_cfg, bos, eos, cfg.dtype)
@@ -271,6 +299,8 @@ def export_finetuned(cfg: ExportConfig) -> Path:
         with atomic_path(out / "model.safetensors") as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
         atomic_write_text(out / "config.json", hf_cfg.to_json_string())
+        if lora:
+            _write_adapter(out, trunk_cfg, lora, None)
     n_params = sum(v.numel() for v in state.values())
     write_manifest(out, "export", cfg, inputs=[ft_dir], counts={"parameters": n_params}, timings=timer.timings,
                    extra={"architectures": [architecture], "task": model.head.task})
