@@ -49,7 +49,9 @@ PRUNED_Q = "pruned-50% int8-dynamic fp32"
 CT2_TYPES = ["float32", "int8"]  # its CPU build here has no bfloat16 or int16
 
 
-def pilelm_modes(base: GPT) -> dict[str, GPT]:
+def pilelm_modes(base: GPT, pruned: bool = True) -> dict[str, GPT]:
+    """pilelm's decode modes of ``base``: bf16, each quantization method and (``pruned``) the
+    50 %-pruned model alone and with int8-dynamic."""
     modes = {"bf16": copy.deepcopy(base).to(torch.bfloat16)}
     for method in ("int8-weight", "int8-dynamic", "int4-weight"):
         model = copy.deepcopy(base)
@@ -60,6 +62,8 @@ def pilelm_modes(base: GPT) -> dict[str, GPT]:
     model = copy.deepcopy(base)
     quantize_model(model, "int8-dynamic")
     modes["int8-dynamic fp32"] = model
+    if not pruned:
+        return modes
     modes[PRUNED] = structured_prune(base, heads=0.5, channels=0.5).to(torch.bfloat16)
     pruned_q = structured_prune(base, heads=0.5, channels=0.5)
     quantize_model(pruned_q, "int8-dynamic")

@@ -17,6 +17,18 @@ Three methods, each a drop-in for ``models.cpu_kernels.RepackedLinear`` (same ``
 Each kernel was picked per method from per-linear timings at GPT-2 124M shapes
 (``benchmarks/compress_kernels.py``, docs/compress.md).
 
+The weight-only kernels are built for a few bf16 rows (decoding: one token per sequence).
+With fp32 activations their time grows linearly from the second row (~2 ms per row and
+768x3072 layer on one AVX2 core: `pilelm eval` in fp32 of an int8-weight model ran ~20x
+slower than the float model), and with bf16 ones they fall behind an fp32 GEMM past ~64 rows.
+So more rows than that (``dequantize_above``: prompt prefill, ``pilelm eval``, the
+compression report's BPB; any fp32 call of more than one row) multiply by the weight
+dequantized to fp32, one layer at a time and freed after the call, through ``F.linear`` in
+fp32 (fast on every x86 CPU, where a bf16 GEMM is fast only with AVX512-BF16 or AMX); the
+extra cost over the float model is the dequantization, ~1/rows of the product.
+int8-dynamic keeps its kernel: it is a u8 x s8 GEMM, as fast as fp32 on many rows.
+Per-layer timings: docs/compress.md; prefill tokens/s of whole models: ``benchmarks/decode_engines.py``.
+
 The stored form is what the state dict holds (safetensors): ``qweight`` (int8, or two 4-bit
 values per uint8 byte, low nibble first), ``scales`` (and ``mins`` for int4), ``bias``. The
 kernels' packed layouts are caches made on first use, never saved.
@@ -32,6 +44,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 METHODS = ("int8-weight", "int8-dynamic", "int4-weight")
+MANY_ROWS = 64
+"""Above this many bf16 rows per call, int8-weight and int4-weight multiply by the weight
+dequantized to fp32 instead of their few-row kernels (with fp32 rows: above one row).
+Crossover measured on one AVX2 core, 768x3072, CPU time (docs/compress.md): at 64 rows
+the bf16 kernels and the fp32 product take about the same time; at 256, 1.4-1.8x less for
+the fp32 product."""
+
+
+def dequantize_above(dtype: torch.dtype) -> int:
+    """Calls of more rows than this take the dequantized fp32 product (see ``MANY_ROWS``)."""
+    return 1 if dtype == torch.float32 else MANY_ROWS
 INT4_GROUP_SIZES = (32, 64, 128, 256)
 
 
@@ -170,10 +193,12 @@ class QuantizedLinear(nn.Module):
         """x (rows, in) -> (rows, out); ``kind`` (the float layers' layout choice) is ignored:
         each method has one kernel."""
         if x.device.type != "cpu" or (torch.is_grad_enabled() and x.requires_grad) or (
-                self.method == "int8-dynamic" and dynamic_engine() is None):
-            # Other devices, or a gradient through the activations (quantization-aware
-            # fine-tuning is not offered): the dequantized weight through F.linear.
-            return F.linear(x, self.dequantize().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+                self.method == "int8-dynamic" and dynamic_engine() is None) or (
+                x.size(0) > dequantize_above(x.dtype) and self.method != "int8-dynamic"):
+            # Other devices, a gradient through the activations (quantization-aware
+            # fine-tuning is not offered), or many rows (an fp32 GEMM beats the few-row
+            # kernels): the dequantized weight through F.linear.
+            return self.dequantized_matmul(x)
         if self.method == "int8-weight":
             (scales,) = self._kernel_inputs(x.dtype)
             y = torch.ops.aten._weight_int8pack_mm(x.contiguous(), self.qweight, scales)
@@ -188,6 +213,11 @@ class QuantizedLinear(nn.Module):
             # keep fbgemm's u8 x s8 pairwise sums from saturating int16 on CPUs without VNNI.
             y = torch.ops.quantized.linear_dynamic(x.float(), packed, True).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def dequantized_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (rows, in) -> (rows, out) in fp32 through the dequantized weight, in x's dtype."""
+        y = F.linear(x.float(), self.dequantize(), None if self.bias is None else self.bias.float())
+        return y.to(x.dtype)
 
     def _kernel_inputs(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         """The stored values in the layout (and activation dtype) the method's kernel reads;

@@ -148,21 +148,24 @@ def _import_tokenizer(source: Path, out_dir: Path) -> None:
 class ExportConfig:
     run: str = ""
     """Run directory to export (pilelm train or pilelm import output), or a pilelm finetune output (exported as a *ForSequenceClassification / *ForTokenClassification model)."""
-    format: Literal["hf", "sentence-transformers"] = "hf"
+    format: Literal["hf", "sentence-transformers", "gguf"] = "hf"
     """Output format: hf = a Hugging Face transformers folder; sentence-transformers = that folder
-    plus pooling and normalisation modules, for an embedder (interop/embedder.py)."""
+    plus pooling and normalisation modules, for an embedder (interop/embedder.py); gguf = one
+    llama.cpp GGUF file (causal models)."""
     output: str = ""
-    """Output folder (-o)."""
+    """Output folder (-o); with --format gguf, the .gguf file."""
     step: int | None = None
     """Checkpoint step to export; None = the latest."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Dtype of the exported weights."""
+    """Dtype of the exported weights (--format hf, sentence-transformers)."""
+    gguf_type: Literal["f16", "bf16", "f32", "q8_0"] = "f16"
+    """--format gguf: type of the weight matrices (norms and biases stay f32); q8_0 = llama.cpp's 8-bit blocks."""
     pooling: Literal["auto", "mean", "last", "cls"] = "auto"
     """sentence-transformers: how token states become one vector; auto = the pooling the run was trained with (finetune-contrastive), else mean (pilelm embed's default)."""
 
     def __post_init__(self) -> None:
-        if self.format not in ("hf", "sentence-transformers"):
-            raise ValueError(f"format must be hf or sentence-transformers, got {self.format!r}")
+        if self.format not in ("hf", "sentence-transformers", "gguf"):
+            raise ValueError(f"format must be hf, sentence-transformers or gguf, got {self.format!r}")
 
 
 @dataclass
@@ -218,7 +221,12 @@ def _write_adapter(out: Path, model_cfg: Any, lora: Any, task_type: str | None) 
 
 def run_export(cfg: ExportConfig) -> Path:
     if not cfg.run or not cfg.output:
-        raise ValueError("export needs a run and an output: pilelm export RUN_DIR --format hf -o HF_DIR")
+        raise ValueError("export needs a run and an output: pilelm export RUN_DIR --format hf -o HF_DIR "
+                         "(or --format gguf -o MODEL.gguf)")
+    if cfg.format == "gguf":
+        from pilelm.interop.gguf_export import run_export_gguf
+
+        return run_export_gguf(cfg.run, cfg.output, cfg.step, cfg.gguf_type)
     if (Path(cfg.run) / MANIFEST).is_file() and read_manifest(cfg.run).get("stage") == "finetune":
         return export_finetuned(cfg)  # a task model: *ForSequenceClassification / *ForTokenClassification
     timer = Timer()

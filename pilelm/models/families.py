@@ -41,6 +41,7 @@ GPT_SPEC = register(ModelSpec(
     eval_loss=_causal_eval_loss,
     hf_adapter="pilelm.interop.gpt2_neox",
     causal=True,
+    gguf_adapter="pilelm.interop.gguf_gpt",
 ))
 
 

@@ -65,6 +65,9 @@ class ModelSpec:
     """Module of the Hugging Face adapter (``pilelm.interop.*``; it defines ``ADAPTER``)."""
     causal: bool
     """A causal LM: generate, eval and serve can use it."""
+    gguf_adapter: str = ""
+    """Module that writes the family as a llama.cpp GGUF model (``pilelm.interop.gguf_*``:
+    ``gguf_refusal``, ``gguf_arch``, ``gguf_hparams``, ``gguf_tensors``); empty: no llama.cpp form."""
 
     def build(self, cfg: Any) -> nn.Module:
         return self.model_cls(cfg)

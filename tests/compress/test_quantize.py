@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from pilelm.compress.quantize import QuantizeConfig, is_quantized, quantize_model, run_quantize
-from pilelm.compress.quantized_linear import METHODS, QuantizedLinear
+from pilelm.compress.quantized_linear import METHODS, QuantizedLinear, dequantize_above
 from pilelm.core import cli
 from pilelm.inference.generate import GenerateConfig, SamplingParams, run_generate, stream_batch
 from pilelm.models.cpu_kernels import RepackedLinear
@@ -99,6 +99,35 @@ def test_cached_decoding_of_a_quantized_model_matches_its_full_forward(method, a
     for row, prompt in enumerate(prompts):
         got = [s[row] for s in steps]
         assert got == _greedy_full_forward(model, prompt, 10)
+
+
+@pytest.mark.parametrize("method", ["int8-weight", "int4-weight"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_token_path_gives_the_one_token_paths_logits(method, dtype):
+    # A prompt of more rows than dequantize_above goes through the dequantized weights in fp32
+    # (F.linear); decoding it one token at a time through the cache goes through the kernels.
+    from pilelm.models.kv_cache import KVCache
+
+    torch.manual_seed(0)
+    cfg = GPTConfig(arch="neox", vocab_size=96, block_size=80, n_layer=2, n_head=4, d_model=64)
+    model = GPT(cfg).eval()
+    quantize_model(model, method, group_size=32)
+    model.to(dtype)
+    T = max(20, dequantize_above(dtype) + 3)  # <= block_size
+    assert T > dequantize_above(dtype)
+    ids = torch.randint(0, 96, (1, T), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        layer = model.blocks[0].mlp.fc
+        x = torch.randn(T, 64, dtype=dtype)
+        assert torch.equal(layer.repacked_matmul(x), layer.dequantized_matmul(x))  # many rows: F.linear
+        full, _ = model(ids)
+        cache = KVCache(cfg, 1, T, "cpu", dtype)
+        steps = [model(ids[:, t : t + 1], cache=cache, last_only=True)[0][0, -1] for t in range(T)]
+    one_by_one = torch.stack(steps).float()
+    full = full[0].float()
+    tol = (2e-3 if dtype == torch.float32 else 3e-2) * full.abs().max()
+    assert (one_by_one - full).abs().max() <= tol
+    assert (one_by_one.argmax(-1) == full.argmax(-1)).float().mean() >= 0.9
 
 
 def test_dynamic_int8_decoding_stays_close_to_its_full_forward():
