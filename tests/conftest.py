@@ -78,11 +78,13 @@ def make_tiny_run(
     train_steps: int = 0,
     seed: int = 0,
     model_options: dict | None = None,
+    special_tokens: tuple[str, ...] = ("<|endoftext|>",),
 ) -> Path:
     """Build a run directory (``pilelm train`` layout) holding a tiny GPT and a byte-level BPE
     tokenizer trained on ``TINY_TEXTS``. ``train_steps`` > 0 fits the model to those texts
     with AdamW so greedy decoding reproduces them (``"the quick" -> " brown fox ..."``).
-    ``model_options`` are more GPTConfig fields (``{"norm": "rmsnorm", ...}``)."""
+    ``model_options`` are more GPTConfig fields (``{"norm": "rmsnorm", ...}``);
+    ``special_tokens`` take the first ids (add ``"<|padding|>"`` for pilelm's own BPE layout)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -96,7 +98,7 @@ def make_tiny_run(
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

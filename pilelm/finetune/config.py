@@ -34,6 +34,8 @@ class LoraConfig:
     """Dropout on the LoRA branch's input."""
     targets: list[str] = field(default_factory=list)
     """Names of the Linear layers to adapt (suffixes, e.g. attn.qkv); empty = every attention and MLP projection of the trunk."""
+    merge: bool = True
+    """false: the kept checkpoint also holds the adapter apart (adapter.safetensors + adapter.json), and pilelm export writes the base model plus adapter/ for peft.PeftModel.from_pretrained (docs/export.md)."""
 
     def __post_init__(self) -> None:
         if self.r < 0 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:

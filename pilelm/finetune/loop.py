@@ -171,6 +171,13 @@ class ValidatedLoop:
             return merged_state(self.model)
         return self.precision.model_state(self.model)
 
+    def save_adapter_apart(self, d: Path) -> None:
+        """lora.merge=false: the adapters beside the merged weights in the kept checkpoint ``d``."""
+        if self.cfg.lora.r and not self.cfg.lora.merge:
+            from pilelm.finetune.lora import save_adapter
+
+            save_adapter(d, self.model, self.cfg.lora)
+
     def train_step(self) -> float:
         """One optimizer step on the batch the shared order gives this step; returns its loss."""
         loop = self.cfg.loop

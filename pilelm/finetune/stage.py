@@ -134,6 +134,7 @@ class Finetuner(ValidatedLoop):
         tmp, best, old = self.out / ".best.tmp", self.out / BEST, self.out / ".best.old"
         shutil.rmtree(tmp, ignore_errors=True)
         save_task_model(tmp, self.model, self.weights())
+        self.save_adapter_apart(tmp)
         if best.exists():
             os.replace(best, old)
         os.replace(tmp, best)

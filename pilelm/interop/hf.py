@@ -113,6 +113,25 @@ def _load_export_tokenizer(tok_dir: Path) -> tuple[Any, int | None, int | None]:
     return tok, bos, tok.eod_id
 
 
+def _save_export_tokenizer(tok: Any, out: Path, hf_cfg: Any, pad_id: int | None) -> None:
+    """Save the tokenizer into the HF folder and make the config's special ids agree with it:
+    ``pad_token_id`` / ``bos_token_id`` / ``eos_token_id`` are the ids of the tokenizer's
+    ``pad_token`` / ``bos_token`` / ``eos_token`` (a batched ``transformers.pipeline`` pads with
+    the tokenizer's and a GPT classifier pools the last token that is not the config's). A
+    tokenizer with no pad token gets the config's ``pad_id`` (eos for a GPT) as its pad token."""
+    special = tok.special_tokens_map()
+    for name in ("pad", "bos", "eos"):
+        if f"{name}_token" in special:
+            setattr(hf_cfg, f"{name}_token_id", tok.hf.token_to_id(special[f"{name}_token"]))
+    tok.save(out)
+    if "pad_token" not in special and pad_id is not None:
+        hf_cfg.pad_token_id = pad_id
+        pad = tok.hf.id_to_token(pad_id)
+        for name in ("tokenizer_config.json", "special_tokens_map.json"):
+            data = json.loads((out / name).read_text())
+            atomic_write_text(out / name, json.dumps({**data, "pad_token": pad}, indent=2, ensure_ascii=False))
+
+
 def _import_tokenizer(source: Path, out_dir: Path) -> None:
     """The HF folder's tokenizer (tokenizer.json, or a slow format transformers converts)
     saved as a pilelm tokenizer dir."""
@@ -179,6 +198,27 @@ def _refuse_compressed_weights(run: str, step: int | None) -> None:
                          "and quantize on the transformers side")
 
 
+def _adapter_apart(ckpt: Path, trunk: torch.nn.Module) -> Any:
+    """A checkpoint's LoRA adapter kept apart (lora.merge=false), with ``trunk``'s merged weights
+    turned back into the base the adapter was trained on; None when there is none."""
+    from pilelm.finetune.lora import read_adapter, unmerge
+
+    lora = read_adapter(ckpt)
+    if lora:
+        from pilelm.interop.peft_adapter import peft_state
+
+        peft_state(trunk.cfg, *lora)  # refuses (naming the fix) before anything changes
+        unmerge(trunk, *lora)
+    return lora
+
+
+def _write_adapter(out: Path, model_cfg: Any, lora: Any, task_type: str | None) -> None:
+    from pilelm.interop.peft_adapter import ADAPTER_DIR, write_peft_adapter
+
+    folder = write_peft_adapter(out / ADAPTER_DIR, model_cfg, *lora, task_type)
+    log.info("wrote the LoRA adapter (r=%d) for peft.PeftModel.from_pretrained to %s", lora[0]["r"], folder)
+
+
 def run_export(cfg: ExportConfig) -> Path:
     if not cfg.run or not cfg.output:
         raise ValueError("export needs a run and an output: pilelm export RUN_DIR --format hf -o HF_DIR "
@@ -194,6 +234,10 @@ def run_export(cfg: ExportConfig) -> Path:
     with timer("export"):
         model, model_cfg, tok_dir = load_for_inference(cfg.run, cfg.step)
         _refuse_compressed_weights(cfg.run, cfg.step)
+        lora = _adapter_apart(resolve_checkpoint(cfg.run, cfg.step)[1], model)
+        if lora and cfg.format != "hf":
+            raise ValueError(f"{cfg.run} holds a LoRA adapter apart (lora.merge=false): export it with --format hf "
+                             "(the base model + adapter/ for peft)")
         # Everything that can refuse runs before anything is written.
         adapter, hf_state = export_state(model, model_cfg)
         dtype = DTYPES[cfg.dtype]
@@ -206,14 +250,17 @@ def run_export(cfg: ExportConfig) -> Path:
             pooling = embedder.run_pooling(cfg.run, cfg.pooling, spec_for(model_cfg).causal)
         clear_manifest(out)
         out.mkdir(parents=True, exist_ok=True)
-        tok.save(out)
+        _save_export_tokenizer(tok, out, hf_cfg, None)
         with atomic_path(out / "model.safetensors") as tmp:
             save_file(hf_state, str(tmp), metadata={"format": "pt"})
         atomic_write_text(out / "config.json", hf_cfg.to_json_string())
+        if lora:
+            _write_adapter(out, model_cfg, lora, "CAUSAL_LM")
         if spec_for(model_cfg).causal:
             from transformers import GenerationConfig
 
-            gen = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
+            gen = GenerationConfig(bos_token_id=hf_cfg.bos_token_id, eos_token_id=hf_cfg.eos_token_id,
+                                   pad_token_id=eos if hf_cfg.pad_token_id is None else hf_cfg.pad_token_id)
             atomic_write_text(out / "generation_config.json", gen.to_json_string())
         extra: dict[str, Any] = {"architectures": hf_cfg.architectures}
         if cfg.format == "sentence-transformers":
@@ -243,6 +290,7 @@ def export_finetuned(cfg: ExportConfig) -> Path:
     with timer("export"):
         model = load_task_model(ft_dir / "best")
         trunk_cfg = model.trunk.cfg
+        lora = _adapter_apart(ft_dir / "best", model.trunk)
         adapter, lm_state = export_state(model.trunk, trunk_cfg)
         tok, bos, eos = _load_export_tokenizer(ft_dir / "tokenizer")
         hf_cfg = adapter.hf_config(trunk_cfg, bos, eos, cfg.dtype)
@@ -250,16 +298,17 @@ def export_finetuned(cfg: ExportConfig) -> Path:
         state = {k: v.to(DTYPES[cfg.dtype]).contiguous() for k, v in state.items()}
         clear_manifest(out)
         out.mkdir(parents=True, exist_ok=True)
-        tok.save(out)
+        _save_export_tokenizer(tok, out, hf_cfg, model.head.pad_id)
         hf_cfg.architectures = [architecture]
         hf_cfg.id2label = model.head.id2label
         hf_cfg.label2id = {label: i for i, label in model.head.id2label.items()}
-        hf_cfg.pad_token_id = model.head.pad_id
         if model.head.kind == "sequence":
             hf_cfg.problem_type = "single_label_classification"
         with atomic_path(out / "model.safetensors") as tmp:
             save_file(state, str(tmp), metadata={"format": "pt"})
         atomic_write_text(out / "config.json", hf_cfg.to_json_string())
+        if lora:
+            _write_adapter(out, trunk_cfg, lora, None)
     n_params = sum(v.numel() for v in state.values())
     write_manifest(out, "export", cfg, inputs=[ft_dir], counts={"parameters": n_params}, timings=timer.timings,
                    extra={"architectures": [architecture], "task": model.head.task})

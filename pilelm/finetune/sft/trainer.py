@@ -84,6 +84,7 @@ class SftTrainer(ValidatedLoop):
     def save_best(self) -> None:
         d = ckpt_io.checkpoint_dir(self.out, self.step)
         ckpt_io.save_weights(d, self.weights(), self.model_cfg)
+        self.save_adapter_apart(d)
         ckpt_io.finalize_checkpoint(d)
         ckpt_io.prune_checkpoints(self.out, keep_last=1)
 
