@@ -42,7 +42,8 @@ from pilelm.compress.distill import DistillConfig, run_distill
 from pilelm.compress.report import CompressReportConfig, run_compress_report
 from pilelm.core.config import load_config
 from pilelm.core.manifest import MANIFEST
-from pilelm.core.stages import resolve_config_path, run_stage
+from pilelm.core.runner import run_stage
+from pilelm.core.stages import resolve_config_path
 from pilelm.training.config import TrainConfig, load_run_config
 from pilelm.training.trainer import run_train
 

@@ -35,7 +35,7 @@ import torch
 import zstandard
 
 from pilelm.core.atomic import atomic_write_text
-from pilelm.core.stages import run_stage
+from pilelm.core.runner import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "pilelm" / "sample"
