@@ -360,15 +360,17 @@ def execute(pipeline: Pipeline) -> list[StageResult]:
     return results
 
 
-def run_stage(name: str, **overrides: Any) -> Path:
-    """Run the stage ``name`` with config keys ``overrides`` (``output`` among them) unless its
+def run_stage(name: str, config: str | Path | None = None, **overrides: Any) -> Path:
+    """Run the stage ``name`` with config keys ``overrides`` (``output`` among them) over the base
+    YAML ``config`` (a file or a shipped name, like a pipeline entry's ``config:``) unless its
     output already holds the manifest of this exact config and inputs (``finished_output``, as
     ``pilelm run`` resumes): benchmarks and scripts chain stages this way. The output's parent
     is the work directory that keeps the record (``pipeline_state.json``); a changed key or
     input reruns the stage, and one with a ``restart`` key (train) then trains anew."""
     command = COMMANDS[name]
     cls, _ = command.load()
-    stage = PlannedStage(1, command, load_config(cls, overrides=overrides))
+    base = resolve_config_path(str(config)) if config else None
+    stage = PlannedStage(1, command, load_config(cls, base, overrides))
     if stage.output is None:
         raise ConfigError(f"run_stage({name!r}, ...) needs output=DIR: the output is what it reuses or makes")
     (result,) = execute(Pipeline(stage.output.parent, [stage]))

@@ -195,6 +195,12 @@ def test_run_stage_reuses_an_output_only_for_the_same_config_and_inputs(fake_sta
     for _ in range(2):
         run_stage("finetune-contrastive", data=str(prep), output=str(work / "ft"), max_steps=2)
     assert CALLS[6:] == ["train"]
+    # A base YAML (a pipeline entry's `config:`) is part of the config: editing it reruns.
+    base = tmp_path / "base.yaml"
+    for steps in (2, 2, 6):
+        base.write_text(f"max_steps: {steps}\n")
+        run_stage("train", config=base, data=str(prep), output=str(work / "based"))
+    assert CALLS[7:] == ["train", "train"] and read_manifest(work / "based")["counts"]["steps"] == 6
 
 
 def test_cli_run_with_dotted_overrides_writes_report(fake_stages, tmp_path, capsys):
