@@ -65,9 +65,13 @@ VOCAB_KEY = "vocabulary"  # a lever that retokenizes the data rather than overri
 LEVERS: dict[str, dict[str, Any]] = {
     "muon -> adamw": {"optim": {"name": "adamw", "lr": 1e-3}},
     "wsd -> cosine": {"schedule": {"kind": "cosine"}},
-    "qk_norm off": {"model": {"qk_norm": False}},
-    "gelu -> relu2": {"model": {"mlp": "relu2"}},
-    "gelu -> swiglu": {"model": {"mlp": "swiglu"}},
+    "qk_norm off": {"model": {"qk_norm": False, "qk_norm_gain": False}},
+    "swiglu -> relu2": {"model": {"mlp": "relu2"}},
+    "swiglu -> gelu": {"model": {"mlp": "gelu"}},
+    "rmsnorm -> layernorm": {"model": {"norm": "layernorm"}},
+    "qk-norm gains off": {"model": {"qk_norm_gain": False}},
+    # The recipe before it took Qwen3's form (exportable): LayerNorm, GELU, parameter-free QK-norm.
+    "the form before Qwen3's": {"model": {"norm": "layernorm", "mlp": "gelu", "qk_norm_gain": False}},
     "logit softcap 15 on": {"model": {"logit_softcap": 15.0}},
     "z-loss 1e-4 on": {"model": {"z_loss": 1e-4}},
     "tied -> untied head": {"model": {"tie_embeddings": False}},

@@ -106,10 +106,12 @@ def make_tiny_run(
     vocab_size: int = 320,
     train_steps: int = 0,
     seed: int = 0,
+    model_options: dict | None = None,
 ) -> Path:
     """Build a run directory (``pilelm train`` layout) holding a tiny GPT and a byte-level BPE
     tokenizer trained on ``TINY_TEXTS``. ``train_steps`` > 0 fits the model to those texts
-    with AdamW so greedy decoding reproduces them (``"the quick" -> " brown fox ..."``)."""
+    with AdamW so greedy decoding reproduces them (``"the quick" -> " brown fox ..."``).
+    ``model_options`` are more GPTConfig fields (``{"norm": "rmsnorm", ...}``)."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -133,7 +135,7 @@ def make_tiny_run(
 
     torch.manual_seed(seed)
     cfg = GPTConfig(arch=arch, vocab_size=tok.get_vocab_size(), n_layer=n_layer, n_head=n_head,
-                    d_model=d_model, block_size=block_size)
+                    d_model=d_model, block_size=block_size, **(model_options or {}))
     model = GPT(cfg)
     if train_steps:
         eod = tok.token_to_id("<|endoftext|>")
@@ -310,3 +312,46 @@ def tiny_shards(tiny_run, tmp_path_factory) -> Path:
     write_manifest(root / "prep", "prepare", {})
     return run_tokenize(TokenizeConfig(data=root / "prep", tokenizer=tiny_run / "tokenizer",
                                        output=root / "shards", workers=1))
+
+
+# --- Fine-tuned heads of the tiny run (tests/finetune/test_predict.py, tests/serve) ------------
+
+HEAD_WORDS = {"fruit": "apple banana cherry grape melon".split(), "animal": "zebra lion tiger horse camel".split()}
+PUNCT_SENTENCES = ["The cat saw the park.", "Did a dog like paris?", "My friend called london, and then the teacher left.",
+                   "Our team visited a house.", "Did the teacher find the river?"]
+
+
+def write_fruit_animal(path: Path, n: int, seed: int) -> Path:
+    """A separable two-label set (mostly fruit words or mostly animal words), JSONL."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            label = rng.choice(sorted(HEAD_WORDS))
+            words = [rng.choice(HEAD_WORDS[label]) for _ in range(6)]
+            f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def head_fine_tunes(tiny_run, tmp_path_factory) -> dict[str, Path]:
+    """classify, ner and punct fine-tunes of ``tiny_run`` (30 steps each)."""
+    import random
+
+    from pilelm.core.cli import main
+
+    d = tmp_path_factory.mktemp("heads")
+    train, val = write_fruit_animal(d / "train.jsonl", 160, 0), write_fruit_animal(d / "val.jsonl", 30, 1)
+    conll = str(ROOT / "tests" / "finetune" / "data" / "tiny.conll")
+    rng = random.Random(0)
+    (d / "punct.txt").write_text(" ".join(rng.choice(PUNCT_SENTENCES) for _ in range(200)))
+    jobs = {"classify": ["--data", str(train), "--val-data", str(val), "optim.lr=2e-3"],
+            "ner": ["--data", conll, "--val-data", conll, "loop.batch_size=8", "optim.lr=3e-3"],
+            "punct": ["--data", str(d / "punct.txt"), "words_per_example=12", "optim.lr=3e-3"]}
+    out = {}
+    for task, args in jobs.items():
+        out[task] = d / task
+        assert main(["finetune", str(tiny_run), "-o", str(out[task]), "--task", task, *args, "test_ratio=0",
+                     "loop.max_steps=30", "loop.eval_every=30", "loop.num_threads=1", "loop.tensorboard=false"]) == 0
+    return out

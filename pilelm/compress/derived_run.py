@@ -12,17 +12,20 @@ from typing import Any
 
 import torch.nn as nn
 
-from pilelm.core.manifest import clear_manifest
 from pilelm.training.checkpoint import checkpoint_dir, mark_complete, resolve_checkpoint, save_model
+from pilelm.training.resume import discard_run, require_separate_output
 
 
 def write_derived_run(source_run: str | Path, step: int | None, out: Path, model: nn.Module, cfg: Any,
                       tokenizer_dir: Path, extra_spec: dict[str, Any] | None = None) -> Path:
-    """Save ``model`` as ``out``'s one checkpoint and copy the tokenizer; returns the checkpoint folder."""
+    """Save ``model`` as ``out``'s one checkpoint and copy the tokenizer; returns the checkpoint
+    folder. Whatever run ``out`` held is discarded first (its manifest before anything else)."""
+    require_separate_output(source_run, out, "the run it reads")
     step, _ = resolve_checkpoint(source_run, step)
     ckpt = checkpoint_dir(out, step)
-    clear_manifest(out)  # unfinished until the stage writes its new manifest
+    discard_run(out, "a new model is written there")  # unfinished until the stage writes its manifest
     save_model(ckpt, model, cfg, extra_spec)
     mark_complete(ckpt)
-    shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+    shutil.copytree(tokenizer_dir, out / "tokenizer")
     return ckpt
+

@@ -52,7 +52,14 @@ def head_importance(model: GPT, layer: int) -> torch.Tensor:
 def channel_importance(model: GPT, layer: int) -> torch.Tensor:
     """(d_ff,) weight-norm importance of each MLP channel of block ``layer``."""
     mlp = model.blocks[layer].mlp
-    return mlp.fc.weight.detach().float().norm(dim=1) * mlp.proj.weight.detach().float().norm(dim=0)
+    fc = fc_rows_per_channel(mlp.fc.weight.detach().float(), model.cfg.ffn_size)  # (ffn, rows, C)
+    return fc.pow(2).sum(dim=(1, 2)).sqrt() * mlp.proj.weight.detach().float().norm(dim=0)
+
+
+def fc_rows_per_channel(t: torch.Tensor, ffn: int) -> torch.Tensor:
+    """The MLP input projection's rows (or bias) grouped by the channel they feed: (ffn, 1, ...),
+    or (ffn, 2, ...) for SwiGLU, whose fc holds the gate's rows then the value's."""
+    return t.view(-1, ffn, *t.shape[1:]).transpose(0, 1)
 
 
 def weight_scores(model: GPT) -> Scores:
@@ -79,9 +86,9 @@ def _taylor_terms(model: GPT, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     if (s := saliency(attn.proj.weight)) is not None:
         heads += s.view(-1, nh, hs).sum(dim=(0, 2))
     if (s := saliency(mlp.fc.weight)) is not None:
-        channels += s.sum(dim=1)
+        channels += fc_rows_per_channel(s, cfg.ffn_size).sum(dim=(1, 2))
     if (s := saliency(mlp.fc.bias)) is not None:
-        channels += s
+        channels += fc_rows_per_channel(s, cfg.ffn_size).sum(dim=1)
     if (s := saliency(mlp.proj.weight)) is not None:
         channels += s.sum(dim=0)
     return heads, channels

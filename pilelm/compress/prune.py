@@ -13,12 +13,15 @@
 
 Removing heads leaves ``n_head * head_dim < d_model``, which transformers' GPT-2 and
 GPT-NeoX cannot express: such runs do not export (``pilelm export`` says so); pruning MLP
-channels only (``heads=0``) keeps a run exportable. ``recovery_steps`` fine-tunes the pruned
+channels only (``heads=0``) keeps a run exportable. Runs of the cpu-10min recipe's form export
+as Qwen3 (or Llama), whose ``head_dim`` is free, so they export either way. A SwiGLU MLP loses
+a channel's gate and value rows together. ``recovery_steps`` fine-tunes the pruned
 model afterwards (``compress/recovery.py``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,9 +39,11 @@ from pilelm.compress.importance import (
     calibration_batches,
     importance_scores,
 )
+from pilelm.core.config import to_dict
 from pilelm.core.manifest import MANIFEST, Timer, read_manifest, write_manifest
 from pilelm.models.gpt import GPT, GPTConfig
 from pilelm.training.checkpoint import load_for_inference
+from pilelm.training.resume import discard_run
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +167,12 @@ def structured_prune(model: GPT, heads: float, channels: float, scores: Scores |
         state[p + "attn.qkv.weight"] = state[p + "attn.qkv.weight"][qkv_rows]
         state[p + "attn.proj.weight"] = state[p + "attn.proj.weight"][:, rows]
         kept = keep_top(scores[i][1], ff_keep)
-        state[p + "mlp.fc.weight"] = state[p + "mlp.fc.weight"][kept]
+        fc_rows = torch.cat([kept + j * cfg.ffn_size for j in range(2 if cfg.mlp == "swiglu" else 1)])
+        state[p + "mlp.fc.weight"] = state[p + "mlp.fc.weight"][fc_rows]
         state[p + "mlp.proj.weight"] = state[p + "mlp.proj.weight"][:, kept]
         if cfg.bias:
             state[p + "attn.qkv.bias"] = state[p + "attn.qkv.bias"][qkv_rows]
-            state[p + "mlp.fc.bias"] = state[p + "mlp.fc.bias"][kept]
+            state[p + "mlp.fc.bias"] = state[p + "mlp.fc.bias"][fc_rows]
     pruned.load_state_dict(state)
     return pruned.to(next(model.parameters()).dtype).eval()
 
@@ -180,10 +186,11 @@ def run_prune(cfg: PruneConfig) -> Path:
     if not cfg.recovery_steps:
         return _prune(cfg)
     pruned_dir = out / PRUNED
-    if not (pruned_dir / MANIFEST).is_file():  # a rerun after a kill keeps the pruned run
-        # The pruning stage proper: no fine-tune (its data only when it ranks by calibration batches).
-        _prune(replace(cfg, output=str(pruned_dir), recovery_steps=0,
-                       data=cfg.data if cfg.importance in NEEDS_DATA else ""))
+    # The pruning stage proper: no fine-tune (its data only when it ranks by calibration batches).
+    pruning = replace(cfg, output=str(pruned_dir), recovery_steps=0, data=cfg.data if cfg.importance in NEEDS_DATA else "")
+    if not _made_by(pruned_dir, pruning):  # a rerun after a kill keeps the pruned run and its fine-tune
+        discard_run(out, "another pruned model")  # a fine-tune of another pruning must not resume
+        _prune(pruning)
     from pilelm.compress.recovery import Recovery, recover
     from pilelm.training.trainer import ManifestEntry
 
@@ -195,6 +202,13 @@ def run_prune(cfg: PruneConfig) -> Path:
     return recover(Recovery(init_from=pruned_dir, output=out, data=cfg.data, steps=cfg.recovery_steps,
                             lr=cfg.recovery_lr, micro_batch=cfg.recovery_micro_batch, masked=masked,
                             manifest=entry))
+
+
+def _made_by(run: Path, cfg: PruneConfig) -> bool:
+    """Whether ``run`` is a finished pruning with the config ``cfg``."""
+    if not (run / MANIFEST).is_file():
+        return False
+    return read_manifest(run)["config"] == json.loads(json.dumps(to_dict(cfg), default=str))
 
 
 def _scores(cfg: PruneConfig, model: nn.Module, tok_dir: Path) -> Scores | None:

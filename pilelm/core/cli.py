@@ -12,6 +12,7 @@ Defaults < YAML < command line. ``pilelm STAGE --help`` lists every key with its
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 import re
 import sys
@@ -20,14 +21,23 @@ from pathlib import Path
 from typing import Any
 
 from pilelm import __version__
-from pilelm.core.config import ConfigError, _strip_optional, describe_config, iter_fields, load_config
+from pilelm.core.config import (
+    ConfigError,
+    _strip_optional,
+    describe_config,
+    flat_section_of,
+    iter_fields,
+    load_config,
+)
 from pilelm.core.stages import COMMANDS, CONFIG_DIR, Command, resolve_config_path
 
 
 def _field_type(cls: type, dotted: str) -> Any:
     """The annotated type of a dotted key, or None if there is no such key."""
     tp: Any = cls
-    for part in dotted.split("."):
+    parts = dotted.split(".")
+    section = flat_section_of(cls, parts[0]) if parts[0] not in typing.get_type_hints(cls) else None
+    for part in [section, *parts] if section else parts:  # a flat section's key (temperature: sampling.temperature)
         inner, _ = _strip_optional(tp)
         if not (isinstance(inner, type) and dataclasses.is_dataclass(inner)):
             return None
@@ -57,6 +67,7 @@ def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, li
     overrides: list[str] = []
     lists: dict[str, list[str]] = {}
     bare: list[str] = []
+    greedy: list[tuple[str, str]] = []  # values a list option took after its first
     i = 0
     while i < len(argv):
         tok = argv[i]
@@ -77,9 +88,13 @@ def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, li
                 overrides.append(f"{name[3:]}=false")
                 i += 1
                 continue
+            if tp is None and name in getattr(cls, "RENAMED", {}):
+                raise ConfigError(f"option {tok!r} of `pilelm {cmd.name}` is now {cls.RENAMED[name]}")
             if tp is None:
+                close = difflib.get_close_matches(name, _valid_keys(cls), n=2, cutoff=0.6)
+                hint = f"; did you mean {' or '.join('--' + k.replace('_', '-') for k in close)}?" if close else ""
                 raise ConfigError(
-                    f"unknown option {tok!r} for `pilelm {cmd.name}`; valid keys: {', '.join(_valid_keys(cls))}"
+                    f"unknown option {tok!r} for `pilelm {cmd.name}`{hint}; valid keys: {', '.join(_valid_keys(cls))}"
                 )
             inner, _ = _strip_optional(tp)
             if value is None and inner is bool:
@@ -93,17 +108,32 @@ def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, li
                     raise ConfigError(f"option {tok} needs a value")
                 value, i = argv[i + 1], i + 1
             if _is_list(tp):
-                lists.setdefault(name, []).append(value)
+                # A list option takes every value up to the next option: --splits val test
+                values = lists.setdefault(name, [])
+                values.append(value)
+                while i + 1 < len(argv) and _is_value(argv[i + 1]):
+                    i += 1
+                    values.append(argv[i])
+                    greedy.append((name, argv[i]))
             else:
-                overrides.append(f"{name}={value}")
+                overrides.append(_override(cls, name, value))
             i += 1
             continue
         if "=" in tok and _KEY.match(tok.split("=", 1)[0]):
-            overrides.append(tok)  # load_config reports an unknown key with the valid ones
+            key, value = tok.split("=", 1)
+            overrides.append(_override(cls, key.replace("-", "_"), value))  # load_config reports an unknown key
         else:
             bare.append(tok)
         i += 1
     pos = list(cmd.positionals)
+    # `pilelm generate --prompt hi RUN_DIR`: a value a list option took past its first goes back
+    # to the positionals that would otherwise be missing.
+    missing = [p for p in pos[len(bare):] if p not in lists and not _is_list(_field_type(cls, p))]
+    while missing and greedy and _required_positional(cls, missing[0]):
+        name, value = greedy.pop()
+        lists[name].pop()
+        bare.append(value)
+        missing.pop(0)
     while bare:
         if not pos:
             raise ConfigError(f"unexpected argument {bare[0]!r}; usage: {cmd.usage}")
@@ -121,10 +151,33 @@ def parse_args(cmd: Command, cls: type, argv: list[str]) -> tuple[str | None, li
     return config_path, overrides
 
 
+def _override(cls: type, name: str, value: str) -> str:
+    """``name=value`` for ``load_config``, which reads the value as YAML; a string field's value
+    is quoted so that it stays the text typed (``--host ::`` is an address, not a YAML mapping)."""
+    inner, _ = _strip_optional(_field_type(cls, name))
+    if inner is str:
+        import json
+
+        return f"{name}={json.dumps(value)}"
+    return f"{name}={value}"
+
+
 def _yaml_list(values: list[str]) -> str:
     import json
 
     return json.dumps(values)
+
+
+def _is_value(tok: str) -> bool:
+    """A token that is neither an option (``--x``) nor a ``key=value`` override."""
+    if tok.startswith("-") and tok not in ("-", "--") and not _looks_numeric(tok):
+        return False
+    return not ("=" in tok and _KEY.match(tok.split("=", 1)[0]))
+
+
+def _required_positional(cls: type, name: str) -> bool:
+    """A positional whose default is empty (the run or model directory a command needs)."""
+    return getattr(cls(), name, None) in ("", None)
 
 
 def _looks_numeric(tok: str) -> bool:

@@ -141,20 +141,53 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def _apply(obj: Any, data: dict[str, Any], prefix: str) -> Any:
-    """Return a copy of dataclass ``obj`` with ``data`` (a nested mapping) applied."""
+def flat_section_of(cls: type, key: str) -> str | None:
+    """The section of ``cls`` whose key ``key`` may be given without the section's name: a
+    config lists such sections in ``FLAT_SECTIONS`` (a ClassVar), e.g. ``GenerateConfig``'s
+    ``sampling``, so that ``temperature`` means ``sampling.temperature``."""
+    for section in getattr(cls, "FLAT_SECTIONS", ()):
+        inner, _ = _strip_optional(_hints(cls)[section])
+        if key in {f.name for f in dataclasses.fields(inner)}:
+            return section
+    return None
+
+
+def _unflatten(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the keys of ``cls``'s flat sections moved into their section."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        section = None if key in names else flat_section_of(cls, key)
+        out = _merge(out, {section: {key: value}} if section else {key: value})
+    return out
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str, root: type | None = None) -> Any:
+    """Return a copy of dataclass ``obj`` with ``data`` (a nested mapping) applied; ``root`` is
+    the top config class (for suggestions)."""
     cls = type(obj)
+    root = root or cls
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    if getattr(cls, "FLAT_SECTIONS", ()):
+        data = _unflatten(cls, data)
     changes: dict[str, Any] = {}
     for key, value in data.items():
         full = f"{prefix}{key}"
         if key not in names:
+            renamed = getattr(cls, "RENAMED", {}).get(key)
+            if renamed:
+                raise ConfigError(f"config key {full!r} is now {prefix}{renamed}")
             raise ConfigError(
-                f"unknown config key {full!r}; valid keys here: {', '.join(prefix + n for n in names)}"
+                f"unknown config key {full!r}{_did_you_mean(root, cls, key, value, prefix)}; "
+                f"valid keys here: {', '.join(prefix + n for n in names)}"
             )
         tp = hints[key]
         inner, _ = _strip_optional(tp)
+        if isinstance(value, dict) and not _is_config(inner) and typing.get_origin(inner) is not dict:
+            (sub, subvalue), *_ = value.items()
+            raise ConfigError(f"{full} is a value, not a section, so {full}.{sub} is no key"
+                              f"{_did_you_mean(root, cls, sub, subvalue, prefix)}")
         if _is_config(inner):
             if value is None:
                 changes[key] = None
@@ -164,7 +197,7 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str) -> Any:
             current = getattr(obj, key)
             if current is None:
                 current = inner()
-            changes[key] = _apply(current, value, f"{full}.")
+            changes[key] = _apply(current, value, f"{full}.", root)
         else:
             changes[key] = coerce(value, tp, full)
     if not changes:
@@ -175,6 +208,25 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str) -> Any:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def _did_you_mean(root: type, cls: type, key: str, value: Any, prefix: str) -> str:
+    """``; did you mean label_column=x?`` for a key misspelt or put in the wrong section: a
+    key of the same name elsewhere in the config, else the closest names here."""
+    import difflib
+
+    def shown(k: str) -> str:
+        return f"{k}={value}" if not isinstance(value, dict) else f"{k}.<key>"
+
+    leaves = [k for k, *_ in iter_fields(root)]
+    same = [k for k in leaves if k.rsplit(".", 1)[-1] == key]
+    if same:
+        return f"; did you mean {' or '.join(shown(k) for k in same)}?"
+    here = [prefix + f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(prefix + key, here, n=2, cutoff=0.6)
+    if not close:
+        close = difflib.get_close_matches(prefix + key, leaves, n=2, cutoff=0.75)
+    return f"; did you mean {' or '.join(shown(k) for k in close)}?" if close else ""
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -283,16 +335,18 @@ def _type_name(tp: Any) -> str:
     return f"{name} | None" if optional else name
 
 
-def iter_fields(cls: type, prefix: str = "") -> typing.Iterator[tuple[str, Any, Any, str]]:
-    """Yield (dotted key, type, default, doc) for every leaf field of a config class."""
+def iter_fields(cls: type, prefix: str = "", defaults: Any = None) -> typing.Iterator[tuple[str, Any, Any, str]]:
+    """Yield (dotted key, type, default, doc) for every leaf field of a config class (a flat
+    section's keys without the section's name; defaults as ``defaults``, else ``cls()``, has them)."""
     hints = _hints(cls)
     docs = field_docs(cls)
-    defaults = cls()
+    defaults = cls() if defaults is None else defaults
+    flat = getattr(cls, "FLAT_SECTIONS", ())
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         inner, _ = _strip_optional(tp)
         if _is_config(inner):
-            yield from iter_fields(inner, f"{prefix}{f.name}.")
+            yield from iter_fields(inner, prefix if f.name in flat else f"{prefix}{f.name}.", getattr(defaults, f.name))
         else:
             yield f"{prefix}{f.name}", tp, getattr(defaults, f.name), docs.get(f.name, "")
 

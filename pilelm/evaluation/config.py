@@ -31,8 +31,8 @@ class EvalConfig:
     """Score every completed checkpoint of each run, not only the latest (learning curves side by side)."""
     unigram: bool = True
     """Also score the add-one-smoothed unigram baseline from the data's train split."""
-    device: str = "cpu"
-    """Torch device."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda or cuda:N."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the models (log-softmax is always float32)."""
     bleu_data: str = ""

@@ -69,7 +69,8 @@ def run_eval(cfg: EvalConfig) -> Path:
             if first_docs is None:
                 first_docs, first_tok = docs, tok_dir
             with timer(f"score {spec.name}"):
-                nll, counts = score_documents(model, docs, context, stride, cfg.batch_tokens, cfg.device, spec.name)
+                nll, counts = score_documents(model, docs, context, stride, cfg.batch_tokens,
+                                              next(model.parameters()).device, spec.name)
             entry.update(aggregate(nll, counts, docs))
             entry.update({"context": context, "stride": stride})
             log.info("%s: %.4f bits per byte over %d documents", spec.name, entry["overall"]["bpb"], len(docs.tokens))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Literal
 
 from pilelm.core.config import require_at_least
@@ -53,7 +53,9 @@ class ContrastiveSection:
 @dataclass
 class FinetuneLoopConfig:
     max_steps: int = 300
-    """Optimizer steps at most (early stopping may end sooner); the schedule spans them."""
+    """Optimizer steps at most (early stopping may end sooner); the schedule spans the run's steps."""
+    epochs: float = 0.0
+    """Passes over the training data (fractions allowed); 0 = loop.max_steps alone. With both, the run ends at the first reached (as train's budgets): raise max_steps to train every epoch."""
     batch_size: int = 16
     """Examples per optimizer step."""
     group_by_length: bool = True
@@ -80,10 +82,14 @@ class FinetuneLoopConfig:
     """Checkpoint and stop after this step, as a preempted job would (rerun to resume); 0 = off."""
     tensorboard: bool = True
     """Write TensorBoard event files to FT_DIR/tensorboard."""
+    trackers: list[str] = field(default_factory=list)
+    """Experiment trackers that also get every metrics row: mlflow (a local SQLite store, FT_DIR/mlflow.db) and/or wandb (offline, FT_DIR/wandb); each needs pip install 'pilelm[track]'."""
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, ("max_steps", "batch_size", "eval_batch_size", "eval_every", "log_every"), prefix="loop.")
         require_at_least(self, 0, ("patience", "num_threads", "stop_at_step"), prefix="loop.")
+        if self.epochs < 0:
+            raise ValueError(f"loop.epochs must be >= 0 (0 = loop.max_steps alone), got {self.epochs}")
 
 
 def _finetune_optim() -> OptimConfig:
@@ -121,7 +127,7 @@ class FinetuneConfig:
     scheme: Literal["auto", "bio", "bioes"] = "auto"
     """ner: tag scheme; auto = bioes if any tag starts with S- or E-, else bio. Sequences that break it are errors."""
     max_length: int = 128
-    """Tokens per example (special tokens included); longer texts are truncated (sft: from the left of the prompt; also the length of a packed row). At most the model's block_size."""
+    """Tokens per example (special tokens included); longer texts are truncated (sft: the longest message before the reply is cut from its end, keeping its head; also the length of a packed row). At most the model's block_size."""
     words_per_example: int = 48
     """punct: words per training example (documents are cut into runs of this many words)."""
     max_train_examples: int = 0
@@ -157,3 +163,29 @@ class FinetuneConfig:
             raise ValueError("max_length >= 4 and words_per_example >= 1 are required")
         if self.max_train_examples < 0 or self.max_eval_examples < 0:
             raise ValueError("max_train_examples and max_eval_examples must be >= 0 (0 = all)")
+        refuse_unused_options(self)
+
+
+# Keys only some tasks read (``Task.options`` says which); the others are in every task's loop.
+TASK_OPTIONS = ("text_column", "label_column", "scheme", "words_per_example", "head.pooling", "head.dropout", "sft",
+                "contrastive")
+
+
+def refuse_unused_options(cfg: FinetuneConfig) -> None:
+    """An option the task does not read, set to anything but its default, is refused by name
+    (it would be silently ignored)."""
+    task = TASKS[cfg.task]
+    unused = []
+    for key in TASK_OPTIONS:
+        if key in task.options:
+            continue
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name) if name else getattr(cfg, key)
+        factory = {f.name: f for f in fields(FinetuneConfig)}[section]
+        base = factory.default_factory() if factory.default_factory is not MISSING else factory.default
+        if (getattr(base, name) if name else base) != value:
+            unused.append(key)
+    if unused:
+        users = {k: [t.name for t in TASKS.values() if k in t.options] for k in unused}
+        listed = "; ".join(f"{k} (read by {', '.join(users[k]) or 'no task'})" for k in unused)
+        raise ValueError(f"task {cfg.task} does not use {listed}: remove it, or pick the task that reads it")

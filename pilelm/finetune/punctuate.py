@@ -4,6 +4,11 @@ Reads text from files (each file one text) or stdin (each paragraph, i.e. block 
 separated by a blank line, one text) and writes each restored text, paragraphs separated by a
 blank line, to stdout or ``-o FILE``. A text longer than the model's ``max_length`` is cut
 into consecutive windows of whole words.
+
+The model adds marks and capitals; it never takes one away (``keep_existing``): a word that
+already ends in a mark keeps it, and a capital stays a capital, since the model reads only
+lower-cased, stripped words and cannot know a full stop or a proper noun was there. Restoring
+partly punctuated text therefore only fills gaps.
 """
 
 from __future__ import annotations
@@ -13,59 +18,26 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from pilelm.core.atomic import atomic_write_text
-from pilelm.core.manifest import require_stage
-from pilelm.finetune.encoding import IGNORE, TaskEncoder, collate
-from pilelm.finetune.model import load_task_model
-from pilelm.finetune.punct import plain_words, restore
-from pilelm.training.distributed import pick_device
+from pilelm.finetune.predict import Predictor, keep_existing, task_of
 
 log = logging.getLogger(__name__)
 
+__all__ = ["Punctuator", "PunctuateConfig", "keep_existing", "run_punctuate"]
 
-class Punctuator:
+
+class Punctuator(Predictor):
     """A loaded punctuation model: ``restore_texts(texts)`` -> texts with marks and capitals."""
 
-    def __init__(self, ft_dir: str | Path, device: str = "cpu", batch_size: int = 32):
-        from pilelm.tokens.tokenizer import load_tokenizer
-
-        ft_dir = Path(ft_dir)
-        manifest = require_stage(ft_dir, "finetune", what="fine-tuned model")
-        if manifest.get("extra", {}).get("task") != "punct":
-            raise ValueError(f"{ft_dir} was fine-tuned for {manifest.get('extra', {}).get('task')!r}, not punct; "
+    def __init__(self, ft_dir: str | Path, device: str = "auto", batch_size: int = 32):
+        task = task_of(ft_dir)
+        if task != "punct":
+            raise ValueError(f"{ft_dir} was fine-tuned for {task!r}, not punct; "
                              "train one with pilelm finetune RUN --task punct --data PREPARED_DIR -o FT_DIR")
-        self.device = pick_device(device)
-        self.model = load_task_model(ft_dir / "best", self.device)
-        head = self.model.head
-        self.encoder = TaskEncoder(load_tokenizer(ft_dir / "tokenizer"), self.model.causal, head.max_length)
-        self.labels = head.labels
-        self.batch_size = batch_size
-
-    def _windows(self, words: list[str]) -> list[list[str]]:
-        out, start = [], 0
-        while start < len(words):
-            kept = max(1, self.encoder.encode_words(words[start:start + self.encoder.room]).words)
-            out.append(words[start:start + kept])
-            start += kept
-        return out
+        super().__init__(ft_dir, device, batch_size)
 
     def restore_texts(self, texts: list[str]) -> list[str]:
-        windows = [(t, w) for t, text in enumerate(texts) for w in self._windows(plain_words(text))]
-        labels: list[list[str]] = [[] for _ in texts]
-        words: list[list[str]] = [[] for _ in texts]
-        with torch.no_grad():
-            for start in range(0, len(windows), self.batch_size):
-                chunk = windows[start:start + self.batch_size]
-                batch = collate([self.encoder.encode_words(w) for _, w in chunk], self.encoder.pad_id)
-                logits = self.model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-                pred = logits.argmax(-1).cpu()
-                for row, (t, w) in enumerate(chunk):
-                    ids = pred[row][batch["labels"][row] != IGNORE].tolist()
-                    labels[t] += [self.labels[i] for i in ids]
-                    words[t] += w
-        return [restore(w, lab) for w, lab in zip(words, labels, strict=True)]
+        return self.punctuate(texts)
 
 
 @dataclass
@@ -78,8 +50,8 @@ class PunctuateConfig:
     """Write the restored text here (-o); empty = stdout."""
     batch_size: int = 32
     """Windows of words per forward pass."""
-    device: str = "cpu"
-    """cpu, cuda or auto."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda or cuda:N."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:

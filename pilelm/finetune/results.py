@@ -12,6 +12,7 @@ from typing import Any
 from pilelm.core.atomic import atomic_write_text
 from pilelm.core.plots import png_figure
 from pilelm.core.report import ReportSection, display_path, plot_train_loss, read_metrics
+from pilelm.finetune.baselines import baseline_table
 
 CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion.png"
@@ -96,6 +97,7 @@ def write_results(ft_dir: Path, results: dict[str, Any]) -> Path:
         if split in results:
             lines += [f"**{split}** ({results['metric']} {results[split]['main']:.4f}):", "",
                       *metric_table(results[split])]
+    lines += baseline_table(results)
     if plot_curves(ft_dir, results["metric"]):
         lines += [f"![train loss and validation metric]({CURVES_PNG})", ""]
     split = "test" if "test" in results else "val"

@@ -35,16 +35,16 @@ import torch
 import torch.nn.functional as F
 
 from pilelm.core.atomic import atomic_write_json
-from pilelm.core.manifest import clear_manifest, require_stage, write_manifest
+from pilelm.core.manifest import require_stage, write_manifest
 from pilelm.finetune.config import FinetuneConfig
 from pilelm.finetune.encoding import IGNORE, Encoded, TaskEncoder, collate
-from pilelm.finetune.loop import ValidatedLoop, batch_indices, record_config
+from pilelm.finetune.loop import ValidatedLoop, open_output, record_config
 from pilelm.finetune.model import HeadSpec, TaskModel, build_task_model, resolve_pooling, save_task_model
 from pilelm.finetune.tasks import TASKS, Task, TaskData
 from pilelm.models import spec_for
 from pilelm.training import checkpoint as ckpt_io
 from pilelm.training.distributed import pick_device
-from pilelm.training.optim import build_optimizer, lr_multiplier, set_lr
+from pilelm.training.optim import build_optimizer
 from pilelm.training.precision import Precision, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -104,8 +104,8 @@ class Finetuner(ValidatedLoop):
         self.encoder = TaskEncoder(load_tokenizer(tok_dir), spec.causal, max_length)
         t0 = time.perf_counter()
         self.data = self.task.load(cfg, self.encoder)
-        self.train_lengths = (np.array([len(e.ids) for e in self.data.examples["train"]])
-                              if loop.group_by_length else None)
+        self.num_items = len(self.data.examples["train"])
+        self.item_lengths = np.array([len(e.ids) for e in self.data.examples["train"]])
         self.load_seconds = time.perf_counter() - t0
         pooling = resolve_pooling(cfg.head.pooling, spec.causal) if self.task.kind == "sequence" else "none"
         head = HeadSpec(self.task.name, self.task.kind, self.data.labels, pooling, self.encoder.pad_id,
@@ -150,18 +150,14 @@ class Finetuner(ValidatedLoop):
 
     # --- the loop --------------------------------------------------------------------------
 
-    def train_step(self) -> float:
-        cfg, loop = self.cfg, self.cfg.loop
-        self.model.train()
-        set_lr(self.optimizer, lr_multiplier(self.step, loop.max_steps, cfg.schedule))
+    def batch_loss(self, idx: list[int]) -> tuple[torch.Tensor, int]:
         train = self.data.examples["train"]
-        idx = batch_indices(self.step, loop.batch_size, len(train), loop.seed, self.train_lengths)
         batch = {k: v.to(self.device) for k, v in collate([train[i] for i in idx], self.encoder.pad_id).items()}
         with self.precision.autocast():
             logits = self.model(batch["input_ids"], batch["attention_mask"])
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch["labels"].reshape(-1),
                                ignore_index=IGNORE)
-        return self.update(loss, len(idx))
+        return loss, len(idx)
 
     def evaluate(self, split: str) -> dict[str, Any]:
         pred = predict(self.model, self.data.examples[split], self.cfg.loop.eval_batch_size, self.precision,
@@ -187,10 +183,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
         return own_loop(cfg)
     ft = Finetuner(cfg)
     out = ft.out
-    out.mkdir(parents=True, exist_ok=True)
-    clear_manifest(out)  # the dir is unfinished until the new manifest lands
-    record_config(out, ft.state_root, cfg)
-    if not (out / "tokenizer").is_dir():
+    resuming = open_output(out, ft.state_root, cfg)
+    record_config(out, cfg, resuming)
+    if not (out / "tokenizer").is_dir():  # a fresh start removed the old run's
         copy_tokenizer(ft.tok_dir, out / "tokenizer")
     ft.fit(f"finetune {ft.task.name}")
     if ft.preempted:
@@ -204,6 +199,9 @@ def run_finetune(cfg: FinetuneConfig) -> Path:
     for split in ("val", "test"):
         if ft.data.examples.get(split):
             results[split] = ft.evaluate(split)
+    from pilelm.finetune.baselines import score_baselines
+
+    results["baselines"] = score_baselines(ft.task, ft.data)  # the simple methods, same split
     atomic_write_json(out / "results.json", results)
     write_results(out, results)
     counts = {f"{s}_examples": len(v) for s, v in ft.data.examples.items()} | dict(ft.data.counts)

@@ -13,12 +13,13 @@ of the token, not a silent repair: the usual cause is a file in IOB1 or another 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pilelm.finetune.records import DataError, iter_json_records
+from pilelm.finetune.records import DataError, iter_json_records, text_lines
 
 Scheme = Literal["auto", "bio", "bioes"]
 
@@ -47,25 +48,24 @@ def read_conll(path: str | Path, tag_column: int = -1) -> list[TaggedSentence]:
             sentences.append(TaggedSentence(list(tokens), list(tags), list(where)))
             tokens.clear(), tags.clear(), where.clear()
 
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            cols = line.split()
-            if not cols:
-                close()
-                continue
-            if cols[0] == "-DOCSTART-":
-                close()
-                continue
-            if not width:
-                width, first_line = len(cols), lineno
-                if width < 2:
-                    raise DataError(f"{path}:{lineno}: one column; CoNLL lines are `TOKEN ... TAG`")
-            elif len(cols) != width:
-                raise DataError(f"{path}:{lineno}: {len(cols)} columns, but line {first_line} has {width}; "
-                                "every token line of a CoNLL file needs the same columns")
-            tokens.append(cols[0])
-            tags.append(cols[tag_column])
-            where.append(f"{path}:{lineno}")
+    for lineno, line in text_lines(path):
+        cols = line.split()
+        if not cols:
+            close()
+            continue
+        if cols[0] == "-DOCSTART-":
+            close()
+            continue
+        if not width:
+            width, first_line = len(cols), lineno
+            if width < 2:
+                raise DataError(f"{path}:{lineno}: one column; CoNLL lines are `TOKEN ... TAG`")
+        elif len(cols) != width:
+            raise DataError(f"{path}:{lineno}: {len(cols)} columns, but line {first_line} has {width}; "
+                            "every token line of a CoNLL file needs the same columns")
+        tokens.append(cols[0])
+        tags.append(cols[tag_column])
+        where.append(f"{path}:{lineno}")
     close()
     return sentences
 
@@ -81,8 +81,13 @@ def read_tagged_jsonl(path: str | Path, tokens_key: str = "tokens", tags_key: st
             raise DataError(f"{where}: needs lists {tokens_key!r} and {tags_key!r} (have {', '.join(record)})")
         if len(tokens) != len(tags):
             raise DataError(f"{where}: {len(tokens)} tokens but {len(tags)} tags")
+        for key, values in ((tokens_key, tokens), (tags_key, tags)):
+            bad = next((v for v in values if not isinstance(v, str)), None)
+            if bad is not None:
+                raise DataError(f"{where}: {key!r} holds {json.dumps(bad)[:80]} ({type(bad).__name__}); every "
+                                "token and tag must be a string: fix the file")
         if tokens:
-            out.append(TaggedSentence([str(t) for t in tokens], [str(t) for t in tags], [where] * len(tokens)))
+            out.append(TaggedSentence(list(tokens), list(tags), [where] * len(tokens)))
     return out
 
 

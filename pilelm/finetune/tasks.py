@@ -27,7 +27,7 @@ from pilelm.data.prepared import SPLITS, is_prepared, split_files
 from pilelm.finetune import punct as punct_labels
 from pilelm.finetune.encoding import Encoded, TaskEncoder
 from pilelm.finetune.metrics import classification_metrics, entity_metrics, punctuation_metrics
-from pilelm.finetune.records import DataError, TextRecord, read_text_records
+from pilelm.finetune.records import DataError, TextRecord, read_text_records, require_one_label_kind
 from pilelm.finetune.tags import TaggedSentence, detect_scheme, iter_checked, read_tagged
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,9 @@ class TaskData:
     """Per split: a sequence task's label ids, a token task's label names per word."""
     scheme: str = ""
     counts: Counter[str] = field(default_factory=Counter)
+    inputs: dict[str, list[Any]] = field(default_factory=dict)
+    """Per split, what the model reads before encoding: a sequence task's texts, a token task's
+    words per example (the classical baselines of ``finetune.baselines`` train on these)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ class Task:
     summary: str
     runner: str = ""
     """``module:function`` running the whole task from the config (tasks that are not a head)."""
+    options: tuple[str, ...] = ()
+    """The task-specific keys it reads (``config.TASK_OPTIONS``); setting another is refused."""
 
     def load_runner(self) -> Callable[[Any], Path] | None:
         """The runner, which takes the whole ``FinetuneConfig``."""
@@ -114,8 +119,10 @@ def prepared_dir(paths: list[str]) -> Path | None:
     return Path(paths[0]) if len(paths) == 1 and is_prepared(paths[0]) else None
 
 
-def split_sources(cfg: TaskSource, read: Callable[[list[Path]], list[Any]]) -> dict[str, list[Any]]:
-    """train/val/test items: a prepared dir's splits, explicit files, or a seeded ratio split."""
+def split_sources(cfg: TaskSource, read: Callable[[list[Path]], list[Any]],
+                  require_val: bool = True) -> dict[str, list[Any]]:
+    """train/val/test items: a prepared dir's splits, explicit files, or a seeded ratio split.
+    ``require_val=False``: a task that can train without validation (keeping the newest model)."""
     explicit = {"val": cfg.val_data, "test": cfg.test_data}
     prep = prepared_dir(cfg.data)
     if prep is not None:
@@ -133,7 +140,7 @@ def split_sources(cfg: TaskSource, read: Callable[[list[Path]], list[Any]]) -> d
             out[split] = read([Path(p) for p in files])
     if not out["train"]:
         raise DataError(f"no training examples in {', '.join(cfg.data)}")
-    if not out["val"]:
+    if not out["val"] and require_val:
         raise DataError("no validation examples: give --val-data FILE or a val_ratio > 0 "
                         "(early stopping and the best checkpoint need them)")
     rng = random.Random(cfg.loop.seed + 1)
@@ -162,6 +169,7 @@ def load_classify(cfg: TaskSource, enc: TaskEncoder) -> TaskData:
         return [r for f in files for r in read_text_records(f, cfg.text_column, cfg.label_column, counts)]
 
     splits = split_sources(cfg, read)
+    require_one_label_kind([r for records in splits.values() for r in records])
     labels = tuple(sorted({r.label for r in splits["train"]}))
     if len(labels) < 2:
         raise DataError(f"the training data has {len(labels)} label(s) in {cfg.label_column!r}; need >= 2")
@@ -170,6 +178,7 @@ def load_classify(cfg: TaskSource, enc: TaskEncoder) -> TaskData:
         ids = [label_ids(labels, r.label, r.where) for r in records]
         data.examples[split] = [enc.encode_text(r.text, i) for r, i in zip(records, ids, strict=True)]
         data.gold[split] = ids
+        data.inputs[split] = [r.text for r in records]
     return data
 
 
@@ -189,14 +198,15 @@ def load_ner(cfg: TaskSource, enc: TaskEncoder) -> TaskData:
     labels = tuple(sorted({t for s in splits["train"] for t in s.tags} | {"O"}))
     data = TaskData(labels, {}, {}, scheme=scheme)
     for split, sentences in splits.items():
-        examples, gold = [], []
+        examples, gold, words = [], [], []
         for s in iter_checked(sentences, scheme):
             ids = [label_ids(labels, t, w) for t, w in zip(s.tags, s.where, strict=True)]
             e = enc.encode_words(s.tokens, ids)
             data.counts["truncated_words"] += len(s.tokens) - e.words
             examples.append(e)
             gold.append(list(s.tags))
-        data.examples[split], data.gold[split] = examples, gold
+            words.append(list(s.tokens))
+        data.examples[split], data.gold[split], data.inputs[split] = examples, gold, words
     return data
 
 
@@ -231,6 +241,7 @@ def load_punct(cfg: TaskSource, enc: TaskEncoder) -> TaskData:
         examples = [enc.encode_words(x.words, [labels.index(t) for t in x.labels]) for x in items]
         data.counts["truncated_words"] += sum(len(x.words) - e.words for x, e in zip(items, examples, strict=True))
         data.examples[split], data.gold[split] = examples, [x.labels for x in items]
+        data.inputs[split] = [x.words for x in items]
     return data
 
 
@@ -239,14 +250,18 @@ def score_punct(gold: list[list[str]], pred: list[list[str]], labels: tuple[str,
 
 
 register_task(Task("classify", "sequence", load_classify, score_classify,
-                   "text classification: accuracy, macro-F1, confusion matrix"))
+                   "text classification: accuracy, macro-F1, confusion matrix",
+                   options=("text_column", "label_column", "head.pooling", "head.dropout")))
 register_task(Task("ner", "token", load_ner, score_ner,
-                   "named-entity recognition (BIO/BIOES): entity P/R/F1 per type (seqeval)"))
+                   "named-entity recognition (BIO/BIOES): entity P/R/F1 per type (seqeval)",
+                   options=("scheme", "head.dropout")))
 register_task(Task("punct", "token", load_punct, score_punct,
-                   "punctuation and casing restoration: per-mark P/R/F1, micro-F1"))
+                   "punctuation and casing restoration: per-mark P/R/F1, micro-F1",
+                   options=("text_column", "words_per_example", "head.dropout")))
 register_task(Task("sft", "causal", None, None,
                    "supervised fine-tuning on conversations (summaries, dialogue): ROUGE, BLEU/chrF, reply loss",
-                   runner="pilelm.finetune.sft.stage:run_sft"))
+                   runner="pilelm.finetune.sft.stage:run_sft", options=("sft",)))
 register_task(Task("contrastive", "embedding", None, None,
                    "pooled states for retrieval: in-batch InfoNCE on query/positive pairs (JSONL) or mined pairs",
-                   runner="pilelm.retrieval.contrastive:run_contrastive_task"))
+                   runner="pilelm.retrieval.contrastive:run_contrastive_task",
+                   options=("head.pooling", "head.dropout", "contrastive")))

@@ -78,6 +78,7 @@ class DecodeBatch:
         self._next_id = 0
         self.logprobs: dict[int, TokenLogprob] = {}  # the last step's, for rows that ask
         self.prompt_logprobs: dict[int, list[TokenLogprob | None]] = {}  # the last add's, for rows that ask
+        self.failed: dict[int, str] = {}  # the last step's rows whose sampling failed: {row id: their settings}
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -183,13 +184,18 @@ class DecodeBatch:
         """Feed every live row its pending token and sample its next one: {row id: token}.
 
         Rows that sampled eos or reached their budget have left the batch when this returns.
+        A row whose sampling failed (probabilities not finite: ``RowSampler.failed``) gets no
+        token, leaves the batch, and is listed in ``failed`` ({row id: its settings}); the
+        other rows are unaffected.
         """
         if not self.ids:
             return {}
         assert self.cache is not None
         logits, _ = self.model(self.pending[:, None], cache=self.cache, positions=self.pos[:, None], last_only=True)
         nxt = self.sampler(logits[:, -1].float(), self.seen)  # (B,)
-        wanted = [j for j, p in enumerate(self.sampler.params) if p.logprobs is not None]
+        failed = set(self.sampler.failed)
+        self.failed = {self.ids[j]: self.sampler.describe(j) for j in failed}
+        wanted = [j for j, p in enumerate(self.sampler.params) if p.logprobs is not None and j not in failed]
         self.logprobs = {}
         if wanted:
             index = torch.tensor(wanted, device=self.device)
@@ -201,9 +207,12 @@ class DecodeBatch:
         self.pending = nxt
         self.pos = self.pos + 1
         tokens = nxt.tolist()
-        out = dict(zip(self.ids, tokens, strict=True))
-        ended = []
-        for j, (row_id, token) in enumerate(out.items()):
+        out = {}
+        ended = list(self.failed)
+        for j, (row_id, token) in enumerate(zip(self.ids, tokens, strict=True)):
+            if j in failed:
+                continue
+            out[row_id] = token
             self.budget[j] -= 1
             if self.budget[j] == 0 or token == self.eos_id:
                 ended.append(row_id)
@@ -281,6 +290,10 @@ def stream_batch(
         out: list[int | None] = [None] * len(prompts)
         for row_id, token in batch.step().items():
             out[row_of[row_id]] = token
+        if batch.failed:
+            row_id, settings = next(iter(batch.failed.items()))
+            raise FloatingPointError(f"sampling prompt {row_of[row_id]} failed: its next-token probabilities are "
+                                     f"not finite ({settings}); use a temperature or repetition_penalty nearer 1")
         requested = yield out
         if requested:
             batch.drop([ids[int(r)] for r in requested if 0 <= int(r) < len(ids)])

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch.nn as nn
 
@@ -29,10 +29,11 @@ from pilelm.core.stages import load_hook
 from pilelm.inference.beam import beam_search
 from pilelm.inference.context import model_device_dtype
 from pilelm.inference.decode_batch import stream_batch
-from pilelm.inference.sampling import SamplingParams
+from pilelm.inference.sampling import GENERATE_PRESET, SamplingParams
 from pilelm.inference.textstream import CompletionText, TextTokenizer, clean_text, cut_at_stop, unescape
 from pilelm.models import spec_for
 from pilelm.models.dtypes import resolve_dtype
+from pilelm.tokens.chat import DEFAULT_CHAT_STOP, chat_template_of, load_special_tokens, render_chat
 
 log = logging.getLogger(__name__)
 
@@ -112,40 +113,39 @@ class GenerateConfig:
     """Prompt text; repeat --prompt for a batch. None given: one unconditional sample."""
     prompt_file: str = ""
     """A text file with one prompt per line (added after the --prompt ones)."""
-    max_new_tokens: int = 128
-    """Most tokens to generate per sample."""
-    temperature: float = 0.8
-    """Softmax temperature; 0 = greedy decoding."""
-    top_k: int = 0
-    """Sample among the k most likely tokens only; 0 = no limit."""
-    top_p: float = 0.95
-    """Nucleus sampling mass (1 = off)."""
-    repetition_penalty: float = 1.0
-    """CTRL repetition penalty (> 1 discourages repeats; 1 = off)."""
+    sampling: SamplingParams = field(default_factory=lambda: replace(GENERATE_PRESET))
+    """How to sample (``pilelm.inference.sampling.SamplingParams``, starting from its ``GENERATE_PRESET``); its keys are given without the section's name: --temperature 0 --max-new-tokens 64."""
     num_beams: int = 1
     """Beam search with this many beams (> 1 ignores temperature/top-k/top-p)."""
     length_penalty: float = 1.0
     """Beam search: a hypothesis scores sum log p / length ** length_penalty."""
-    stop: list[str] = field(default_factory=list)
-    """Stop a sample at the first of these strings (repeatable; \\n, \\t, \\r are unescaped)."""
     num_samples: int = 1
     """Samples per prompt."""
-    seed: int | None = None
-    """Seed for reproducible samples (sample i of the batch uses seed + i); None = random."""
     step: int | None = None
     """Checkpoint step to load; None = the latest."""
-    device: str = "cpu"
-    """Torch device (cpu, cuda, cuda:1, mps)."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda, cuda:1, mps."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights and KV-cache dtype; auto = bfloat16 where bf16 matmuls are native (AMX / AVX512-BF16 CPUs, CUDA), else float32."""
     output: str = ""
     """Also write the samples to this JSONL file ({prompt, completion}); empty = terminal only."""
+    chat: bool = False
+    """Treat each prompt as a user message of a one-turn chat, rendered by the run's chat template (a `finetune --task sft` run); prints only the reply."""
+    system: str = ""
+    """--chat: a system prompt put before the user message."""
+    plain_template: bool = False
+    """--chat on a run without a chat template: use the plain 'User: / Assistant:' transcript."""
     punctuate: str = ""
     """A `pilelm finetune --task punct` directory: also print each sample (prompt + completion) with punctuation and casing restored by it (and add it to the JSONL as `punctuated`)."""
     retrieve: str = ""
     """Index directory (pilelm embed output): put each prompt's top passages in front of it; empty = no retrieval."""
     retrieve_k: int = 3
     """Passages retrieved per prompt (fewer when the context is full)."""
+    retrieve_mode: Literal["hybrid", "bm25", "dense"] = "hybrid"
+    """How passages are ranked: hybrid (BM25 + the index's vectors, reciprocal rank fusion), bm25 or dense."""
+
+    FLAT_SECTIONS: ClassVar[tuple[str, ...]] = ("sampling",)
+    """``--temperature`` means ``--sampling.temperature`` (``pilelm.core.config.flat_section_of``)."""
 
     def __post_init__(self) -> None:
         if self.retrieve_k < 1:
@@ -154,18 +154,14 @@ class GenerateConfig:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
         if self.num_beams < 1:
             raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
-        self.sampling()  # validates the sampling keys
+        for key in ("logprobs", "prompt_logprobs"):
+            if getattr(self.sampling, key) is not None:
+                raise ValueError(f"generate does not report log-probabilities ({key}); pilelm serve does "
+                                 "(/v1/completions with logprobs)")
 
-    def sampling(self) -> SamplingParams:
-        return SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            repetition_penalty=self.repetition_penalty,
-            stop=[unescape(s) for s in self.stop],
-            seed=self.seed,
-        )
+    def sampling_params(self) -> SamplingParams:
+        """``sampling`` with the stop strings unescaped (\\n typed on a command line is a newline)."""
+        return replace(self.sampling, stop=[unescape(s) for s in self.sampling.stop])
 
 
 def _read_prompts(cfg: GenerateConfig) -> list[str]:
@@ -226,6 +222,16 @@ def _punctuate(ft_dir: str, texts: list[str]) -> list[str]:
     return importlib.import_module(COMMANDS["punctuate"].module).Punctuator(ft_dir).restore_texts(texts)
 
 
+def _chat_prompts(cfg: GenerateConfig, tokenizer: Any, tok_dir: Path, prompts: list[str]) -> tuple[list[str], list[str]]:
+    """Each prompt as the user message of a one-turn chat through the run's template, and the
+    stop strings the template needs."""
+    template = chat_template_of(tokenizer, cfg.run, cfg.plain_template)  # refuses a run without one, saying how
+    specials = {**tokenizer.special_tokens_map(), **load_special_tokens(tok_dir)}
+    head = [{"role": "system", "content": cfg.system}] if cfg.system else []
+    rendered = [render_chat([*head, {"role": "user", "content": p}], template, True, specials) for p in prompts]
+    return rendered, (DEFAULT_CHAT_STOP if template is None else [])
+
+
 def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None) -> Path | None:
     """Generate from a run, streaming each sample to ``write`` (default: stdout) as it comes.
 
@@ -248,18 +254,31 @@ def run_generate(cfg: GenerateConfig, write: Callable[[str], Any] | None = None)
     model = model.to(resolve_dtype(cfg.dtype, next(model.parameters()).device))
     tokenizer = load_tokenizer(tok_dir)
     prompts, sources = _read_prompts(cfg), ""
+    shown = prompts
     if cfg.retrieve:  # (prompts with passages, the sources used): pilelm.retrieval.rag
+        shown = [f"Question: {q}\nAnswer:" for q in prompts]  # the passages are not echoed
         prompts, sources = load_hook("generate.retrieve")(cfg, prompts)
     prompts = [p for p in prompts for _ in range(cfg.num_samples)]
+    shown = [p for p in shown for _ in range(cfg.num_samples)]
     many = len(prompts) > 1
-    headers = [(f"--- sample {i} ---\n" if many else "") + p for i, p in enumerate(prompts)]
+    headers = [(f"--- sample {i} ---\n" if many else "") + ("" if cfg.chat else p) for i, p in enumerate(shown)]
+    params = cfg.sampling_params()
+    model_inputs = prompts
+    if cfg.chat:
+        model_inputs, stop = _chat_prompts(cfg, tokenizer, tok_dir, prompts)
+        params = replace(params, stop=[*params.stop, *stop])
     screen = _OrderedStream(headers, write)
     completions = generate(
-        model, tokenizer, prompts, cfg.sampling(), cfg.num_beams, on_text=screen.text,
+        model, tokenizer, model_inputs, params, cfg.num_beams, on_text=screen.text,
         length_penalty=cfg.length_penalty,
     )
     for row in range(len(prompts)):
         screen.finish(row)
+    empty = [i for i, c in enumerate(completions) if not c.strip()]
+    if empty:  # never an empty answer without a word
+        log.warning("%d of %d samples are empty", len(empty), len(completions))
+        write(f"({'samples ' + ', '.join(map(str, empty)) if many else 'the sample'}: no text: the model ended at "
+              "once; try --temperature 0.7, more --max-new-tokens, or a model fine-tuned to answer)\n")
     punctuated = _punctuate(cfg.punctuate, [p + c for p, c in zip(prompts, completions, strict=True)])
     for i, text in enumerate(punctuated):
         write(f"--- punctuated{f' {i}' if many else ''} ---\n{text}\n")

@@ -1,7 +1,12 @@
 """Choosing the next token: per-request sampling settings and the batched sampler.
 
 ``SamplingParams`` holds one request's settings: greedy (temperature 0), temperature, top-k,
-top-p, repetition penalty, stop strings, max new tokens, seed. ``RowSampler`` holds the
+top-p, repetition penalty, stop strings, max new tokens, seed. It is the one definition of
+these options: ``pilelm generate``'s config embeds it (``GenerateConfig.sampling``) and
+``pilelm serve`` converts each request into it. Its defaults are the OpenAI API's
+(temperature 1, top_p 1, 16 tokens; top-k and the repetition penalty off): the model's own,
+unfiltered distribution, which is what an API client that omits a field expects. ``pilelm
+generate`` starts from the one named preset ``GENERATE_PRESET`` instead. ``RowSampler`` holds the
 settings of every row of a running batch as tensors and turns a step's logits into one token
 per row; each row samples with its own seeded ``torch.Generator``, so a row's tokens do not
 depend on the other rows of the batch.
@@ -17,10 +22,27 @@ from dataclasses import dataclass, field
 
 import torch
 
+FLOAT32 = torch.finfo(torch.float32)
+
+
+def float32_problem(value: float) -> str | None:
+    """Why ``value`` cannot be a float32 sampling setting, or None when it can.
+
+    Sampling runs in float32: a nonzero value below the smallest normal float32 (1.2e-38)
+    becomes 0 or a subnormal there (``temperature: 1e-40`` would divide the logits by ~0), and
+    one above 3.4e38 becomes inf."""
+    if not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    if value != 0 and abs(value) < FLOAT32.tiny:
+        return f"{value:g} is too close to 0 for float32 (the smallest normal float32 is {FLOAT32.tiny:.3g}); use a larger value (or 0 where 0 is allowed)"
+    if abs(value) > FLOAT32.max:
+        return f"{value:g} overflows float32 (the largest float32 is {FLOAT32.max:.3g})"
+    return None
+
 
 @dataclass
 class SamplingParams:
-    max_new_tokens: int = 64
+    max_new_tokens: int = 16
     """Most tokens to generate per prompt (0: none; the prompt is only prefilled, e.g. to score it)."""
     temperature: float = 1.0
     """Softmax temperature; 0 means greedy (argmax)."""
@@ -31,13 +53,13 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     """CTRL penalty (Keskar et al. 2019) on tokens already in the prompt or output; 1 = off."""
     stop: list[str] = field(default_factory=list)
-    """Stop at the first of these strings (which is cut from the text)."""
+    """Stop at the first of these strings (which is cut from the text; on the command line \\n, \\t, \\r are unescaped)."""
     seed: int | None = None
-    """Seed of this request's sampler; None draws one from torch's global RNG."""
+    """Seed of the sampler (prompt or choice i of a batch uses seed + i); None draws one from torch's global RNG."""
     logprobs: int | None = None
-    """Report each generated token's log-probability and this many most likely alternatives; None = off."""
+    """Report each generated token's log-probability and this many most likely alternatives; None = off (pilelm serve's logprobs; pilelm generate refuses it)."""
     prompt_logprobs: int | None = None
-    """Report the prompt's own tokens' log-probabilities (and this many alternatives); None = off."""
+    """Report the prompt's own tokens' log-probabilities (and this many alternatives); None = off (serve's echo + logprobs; generate refuses it)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -45,7 +67,11 @@ class SamplingParams:
         for key in ("logprobs", "prompt_logprobs"):
             if (getattr(self, key) or 0) < 0:
                 raise ValueError(f"{key} must be >= 0 (or None = off), got {getattr(self, key)}")
-        if self.temperature < 0 or not math.isfinite(self.temperature):
+        for key in ("temperature", "top_p", "repetition_penalty"):
+            problem = float32_problem(getattr(self, key))
+            if problem is not None:
+                raise ValueError(f"{key}: {problem}")
+        if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
@@ -55,6 +81,12 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+
+
+GENERATE_PRESET = SamplingParams(max_new_tokens=128, temperature=0.8, top_p=0.95)
+"""``pilelm generate``'s starting point (each option can be overridden): a longer sample, a
+little colder and without the unlikely tail (nucleus sampling, Holtzman et al. 2019), which
+reads better from small models than their raw distribution."""
 
 
 def seeded_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -101,6 +133,8 @@ class RowSampler:
         self.top_p = torch.tensor([p.top_p for p in params], device=device)
         self.penalty = torch.tensor([p.repetition_penalty for p in params], device=device)
         self.generators = [seeded_generator(p.seed, device) for p in params]
+        self.failed: list[int] = []
+        """Rows of the last call whose probabilities were not finite (they got no token)."""
         self._update()
 
     def _update(self) -> None:
@@ -128,7 +162,12 @@ class RowSampler:
         self._update()
 
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
-        """logits (b, V) float32 -> next tokens (b,)."""
+        """logits (b, V) float32 -> next tokens (b,).
+
+        A sampled row whose probabilities are not finite (an extreme temperature or penalty
+        overflowing float32, or non-finite logits) gets no token: it is listed in ``failed``
+        (its entry in the result is meaningless) and the other rows sample as usual."""
+        self.failed: list[int] = []
         if self.use_penalty and seen is not None:
             logits = apply_repetition_penalty(logits, seen, self.penalty)
         tokens = logits.argmax(dim=-1)
@@ -138,7 +177,16 @@ class RowSampler:
             tempered = logits[index] / self.temperature[index, None]
             filtered, ids = filter_top_k_top_p(tempered, self.top_k[index], self.top_p[index])
             probs = filtered.softmax(dim=-1)
+            finite = torch.isfinite(probs).all(dim=-1).tolist()  # (r,)
             for j, row in enumerate(rows):
+                if not finite[j]:  # multinomial would raise for the whole batch
+                    self.failed.append(row)
+                    continue
                 choice = torch.multinomial(probs[j], 1, generator=self.generators[row])
                 tokens[row] = ids[j, choice[0]]
         return tokens
+
+    def describe(self, row: int) -> str:
+        """Row ``row``'s settings that can overflow float32, for an error message."""
+        p = self.params[row]
+        return f"temperature={p.temperature:g}, top_p={p.top_p:g}, repetition_penalty={p.repetition_penalty:g}"

@@ -156,7 +156,7 @@ class TextEncoder:
         model, model_cfg, tok_dir = load_for_inference(run, step, device)
         identity = EncoderIdentity(str(run), weights_fingerprint(model), fingerprint_of(tok_dir), pooling)
         model = model.to(dtype)
-        return cls(model, model_cfg, load_tokenizer(tok_dir), pooling, device, identity)
+        return cls(model, model_cfg, load_tokenizer(tok_dir), pooling, next(model.parameters()).device, identity)
 
     @property
     def dim(self) -> int:

@@ -1,4 +1,6 @@
-"""The GPT family (``pilelm.models.gpt``) <-> ``GPT2LMHeadModel`` / ``GPTNeoXForCausalLM``.
+"""The GPT family (``pilelm.models.gpt``) <-> ``GPT2LMHeadModel`` / ``GPTNeoXForCausalLM``
+(LayerNorm models), ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` (RMSNorm models:
+``interop/llama_qwen3.py``). Each function below hands an RMSNorm config to that module.
 
 - ``arch=gpt2`` -> ``GPT2LMHeadModel``. HF GPT-2 keeps OpenAI's ``Conv1D`` layers whose
   weight is (in, out), the transpose of ``nn.Linear``; its MLP uses ``gelu_new`` (the tanh
@@ -20,6 +22,7 @@ from typing import Any
 
 import torch
 
+from pilelm.interop import llama_qwen3
 from pilelm.interop.adapter import HFAdapter, WeightMap, ffn_width
 from pilelm.models.gpt import GPTConfig
 
@@ -109,7 +112,11 @@ def _bias_shape(key: str, cfg: GPTConfig) -> tuple[int, ...]:
 
 
 def gpt_to_hf(cfg: GPTConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our GPT state dict -> the HF state dict of GPT2LMHeadModel / GPTNeoXForCausalLM."""
+    """Our GPT state dict -> the HF state dict of its transformers class (raises, naming the
+    fix, for a model no class computes exactly)."""
+    if cfg.norm == "rmsnorm":
+        return llama_qwen3.to_hf(cfg, state)
+    _refuse_inexact(cfg)
     out = {}
     for ours, theirs, how in _weight_map(cfg):
         if ours not in state:
@@ -128,7 +135,9 @@ def gpt_to_hf(cfg: GPTConfig, state: dict[str, torch.Tensor]) -> dict[str, torch
 
 
 def gpt_from_hf(cfg: GPTConfig, hf_state: dict[str, torch.Tensor], source: str = "") -> dict[str, torch.Tensor]:
-    """The HF state dict of a GPT-2 / GPT-NeoX model -> our GPT state dict (strict)."""
+    """The HF state dict of a GPT-2 / GPT-NeoX / Llama / Qwen3 model -> our GPT state dict (strict)."""
+    if cfg.norm == "rmsnorm":
+        return llama_qwen3.from_hf(cfg, hf_state, source)
     hf_state = _normalise_hf_keys(cfg.arch, hf_state)
     out, used = {}, set()
     for ours, theirs, how in _weight_map(cfg):
@@ -173,16 +182,9 @@ def gpt_hf_config(cfg: GPTConfig, bos_id: int | None, eos_id: int | None, dtype:
     """The transformers config object of our GPT config."""
     import transformers
 
-    if cfg.attn_width != cfg.d_model:
-        raise ValueError(f"this model has {cfg.n_head} heads of width {cfg.head_size} (heads were pruned), which "
-                         f"transformers' GPT-2 and GPT-NeoX cannot express (they need n_head * head size == "
-                         f"d_model = {cfg.d_model}); prune MLP channels only (heads=0) to keep it exportable")
-    if not cfg.standard:
-        on = {k: v for k, v in (("qk_norm", cfg.qk_norm), ("mlp", cfg.mlp if cfg.mlp != "gelu" else None),
-                                ("logit_softcap", cfg.logit_softcap)) if v}
-        raise ValueError(f"this model uses {on}, which transformers' GPT-2 / GPT-NeoX cannot express; export "
-                         "needs model.qk_norm=false, model.mlp=gelu and model.logit_softcap=0 "
-                         "(train with those, or use the run with pilelm eval/generate/serve)")
+    if cfg.norm == "rmsnorm":
+        return llama_qwen3.hf_config(cfg, bos_id, eos_id, dtype)
+    _refuse_inexact(cfg)
 
     common = dict(
         vocab_size=cfg.vocab_size, bos_token_id=bos_id, eos_token_id=eos_id, tie_word_embeddings=cfg.tied,
@@ -207,10 +209,29 @@ def gpt_hf_config(cfg: GPTConfig, bos_id: int | None, eos_id: int | None, dtype:
     return hf
 
 
+def _refuse_inexact(cfg: GPTConfig) -> None:
+    """Raise (naming the fix) for a LayerNorm model that GPT-2 / GPT-NeoX cannot compute exactly."""
+    if cfg.attn_width != cfg.d_model:
+        raise ValueError(f"this model has {cfg.n_head} heads of width {cfg.head_size} (heads were pruned), which "
+                         f"transformers' GPT-2 and GPT-NeoX cannot express (they need n_head * head size == "
+                         f"d_model = {cfg.d_model}); prune MLP channels only (heads=0) to keep it exportable, "
+                         "or train with the RMSNorm form (it exports as Llama / Qwen3, whose head_dim is free)")
+    if not cfg.standard:
+        on = {k: v for k, v in (("qk_norm", cfg.qk_norm), ("mlp", cfg.mlp if cfg.mlp != "gelu" else None),
+                                ("logit_softcap", cfg.logit_softcap)) if v}
+        raise ValueError(f"this LayerNorm model uses {on}, which transformers' GPT-2 / GPT-NeoX cannot express "
+                         "(and no other transformers class computes exactly); export needs model.qk_norm=false, "
+                         "model.mlp=gelu and model.logit_softcap=0, or the cpu-10min recipe's current form "
+                         "(model.norm=rmsnorm, model.mlp=swiglu, model.qk_norm_gain=true: Qwen3). Retrain with "
+                         "one of those, or use this run with pilelm eval/generate/serve")
+
+
 def gpt_config_from_hf(hf: dict[str, Any], weights: dict[str, torch.Tensor] | None = None,
                        source: str = "") -> GPTConfig:
     """Our GPT config of a transformers config dict (``config.to_dict()``)."""
     kind = hf.get("model_type")
+    if kind in llama_qwen3.ARCHITECTURES:
+        return llama_qwen3.config_from_hf(hf, weights, source)
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -246,7 +267,7 @@ def gpt_config_from_hf(hf: dict[str, Any], weights: dict[str, torch.Tensor] | No
 
 
 ADAPTER = HFAdapter(
-    model_types=("gpt2", "gpt_neox"),
+    model_types=("gpt2", "gpt_neox", *llama_qwen3.ARCHITECTURES),
     config_from_hf=gpt_config_from_hf,
     hf_config=gpt_hf_config,
     to_hf=gpt_to_hf,

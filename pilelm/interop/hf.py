@@ -36,6 +36,7 @@ from pilelm.training.checkpoint import (
     save_model,
     stored_weight_formats,
 )
+from pilelm.training.resume import discard_run, require_separate_output
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +102,15 @@ def _load_torch_bin(path: Path) -> dict[str, torch.Tensor]:
 # Tokenizer files
 
 
-def _export_tokenizer(tok_dir: Path, out_dir: Path) -> tuple[int | None, int | None]:
-    """Write the run's tokenizer into the HF folder (tokenizer.json + the files AutoTokenizer
-    reads); returns its (bos, eos) ids for the model config."""
+def _load_export_tokenizer(tok_dir: Path) -> tuple[Any, int | None, int | None]:
+    """The run's tokenizer and its (bos, eos) ids for the model config. Saved into the HF
+    folder (tokenizer.json + the files AutoTokenizer reads, chat template included) with
+    ``.save(folder)`` once the whole export is known to be possible."""
     from pilelm.tokens.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tok_dir)
-    tok.save(out_dir)
     bos = tok.eod_id if tok.kind == "bpe" else tok.cls_id  # GPT-2/NeoX: bos = eos = <|endoftext|>
-    return bos, tok.eod_id
+    return tok, bos, tok.eod_id
 
 
 def _import_tokenizer(source: Path, out_dir: Path) -> None:
@@ -128,18 +129,21 @@ def _import_tokenizer(source: Path, out_dir: Path) -> None:
 class ExportConfig:
     run: str = ""
     """Run directory to export (pilelm train or pilelm import output), or a pilelm finetune output (exported as a *ForSequenceClassification / *ForTokenClassification model)."""
-    format: Literal["hf"] = "hf"
-    """Output format: hf = a Hugging Face transformers folder."""
+    format: Literal["hf", "sentence-transformers"] = "hf"
+    """Output format: hf = a Hugging Face transformers folder; sentence-transformers = that folder
+    plus pooling and normalisation modules, for an embedder (interop/embedder.py)."""
     output: str = ""
     """Output folder (-o)."""
     step: int | None = None
     """Checkpoint step to export; None = the latest."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Dtype of the exported weights."""
+    pooling: Literal["auto", "mean", "last", "cls"] = "auto"
+    """sentence-transformers: how token states become one vector; auto = the pooling the run was trained with (finetune-contrastive), else mean (pilelm embed's default)."""
 
     def __post_init__(self) -> None:
-        if self.format != "hf":
-            raise ValueError(f"format must be hf, got {self.format!r}")
+        if self.format not in ("hf", "sentence-transformers"):
+            raise ValueError(f"format must be hf or sentence-transformers, got {self.format!r}")
 
 
 @dataclass
@@ -182,13 +186,19 @@ def run_export(cfg: ExportConfig) -> Path:
     with timer("export"):
         model, model_cfg, tok_dir = load_for_inference(cfg.run, cfg.step)
         _refuse_compressed_weights(cfg.run, cfg.step)
+        # Everything that can refuse runs before anything is written.
         adapter, hf_state = export_state(model, model_cfg)
         dtype = DTYPES[cfg.dtype]
         hf_state = {k: v.detach().to(dtype).contiguous() for k, v in hf_state.items()}
+        tok, bos, eos = _load_export_tokenizer(Path(tok_dir))
+        hf_cfg = adapter.hf_config(model_cfg, bos, eos, cfg.dtype)
+        if cfg.format == "sentence-transformers":
+            from pilelm.interop import embedder
+
+            pooling = embedder.run_pooling(cfg.run, cfg.pooling, spec_for(model_cfg).causal)
         clear_manifest(out)
         out.mkdir(parents=True, exist_ok=True)
-        bos, eos = _export_tokenizer(Path(tok_dir), out)
-        hf_cfg = adapter.hf_config(model_cfg, bos, eos, cfg.dtype)
+        tok.save(out)
         with atomic_path(out / "model.safetensors") as tmp:
             save_file(hf_state, str(tmp), metadata={"format": "pt"})
         atomic_write_text(out / "config.json", hf_cfg.to_json_string())
@@ -197,9 +207,14 @@ def run_export(cfg: ExportConfig) -> Path:
 
             gen = GenerationConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos)
             atomic_write_text(out / "generation_config.json", gen.to_json_string())
+        extra: dict[str, Any] = {"architectures": hf_cfg.architectures}
+        if cfg.format == "sentence-transformers":
+            pad = tok.specials.get("pad", tok.specials.get("eod"))
+            embedder.write_sentence_transformers_files(out, pooling, model_cfg.d_model, model_cfg.block_size, pad)
+            extra["pooling"] = pooling
     n_params = sum(v.numel() for v in hf_state.values())
     write_manifest(out, "export", cfg, inputs=[cfg.run], counts={"parameters": n_params},
-                   timings=timer.timings, extra={"architectures": hf_cfg.architectures})
+                   timings=timer.timings, extra=extra)
     log.info("exported %s (%s, %d parameters) to %s", cfg.run, hf_cfg.architectures[0], n_params, out)
     return out
 
@@ -213,17 +228,21 @@ def export_finetuned(cfg: ExportConfig) -> Path:
 
     ft_dir, out = Path(cfg.run), Path(cfg.output)
     require_stage(ft_dir, "finetune", what="fine-tuned model")
+    if cfg.format != "hf":
+        raise ValueError(f"{ft_dir} is a task model (classifier / tagger): export it with --format hf; "
+                         "--format sentence-transformers is for embedders (a train or finetune-contrastive run)")
     timer = Timer()
     with timer("export"):
         model = load_task_model(ft_dir / "best")
         trunk_cfg = model.trunk.cfg
         adapter, lm_state = export_state(model.trunk, trunk_cfg)
-        architecture, state = task_model_to_hf(model, lm_state)
+        tok, bos, eos = _load_export_tokenizer(ft_dir / "tokenizer")
+        hf_cfg = adapter.hf_config(trunk_cfg, bos, eos, cfg.dtype)
+        architecture, state = task_model_to_hf(model, lm_state, hf_cfg.architectures[0])
         state = {k: v.to(DTYPES[cfg.dtype]).contiguous() for k, v in state.items()}
         clear_manifest(out)
         out.mkdir(parents=True, exist_ok=True)
-        bos, eos = _export_tokenizer(ft_dir / "tokenizer", out)
-        hf_cfg = adapter.hf_config(trunk_cfg, bos, eos, cfg.dtype)
+        tok.save(out)
         hf_cfg.architectures = [architecture]
         hf_cfg.id2label = model.head.id2label
         hf_cfg.label2id = {label: i for i, label in model.head.id2label.items()}
@@ -258,7 +277,8 @@ def run_import(cfg: ImportConfig) -> Path:
         if missing or unexpected:
             raise ValueError(f"{source}: converted weights do not fit: missing {missing}, unexpected {unexpected}")
         model.to(DTYPES[cfg.dtype])
-        clear_manifest(out)
+        require_separate_output(source, out, "the model it imports")
+        discard_run(out, "a new model is imported there")  # no older step may outrank step 0
         _import_tokenizer(Path(cfg.tokenizer) if cfg.tokenizer else source, out / "tokenizer")
         ckpt = checkpoint_dir(out, 0)
         save_model(ckpt, model, model_cfg)

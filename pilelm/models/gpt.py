@@ -9,10 +9,12 @@ The gpt family; two architectures (``model.arch``) share one block:
 
 Options of the quality-per-compute recipe (``pilelm/configs/cpu-10min.yaml``), each off by
 default so the two architectures above stay exactly what transformers loads: ``qk_norm``
-(parameter-free RMSNorm of queries and keys, Dehghani et al. 2023, "Scaling Vision
-Transformers to 22B", sec. 3.1; allows higher learning rates), ``mlp`` relu2 (squared ReLU,
-So et al. 2021, "Primer") or swiglu (Shazeer 2020), ``logit_softcap`` and ``z_loss``
-(``models/fused_ce.py``). ``tie_embeddings`` chooses the head.
+(RMSNorm of each head's queries and keys, Dehghani et al. 2023, "Scaling Vision
+Transformers to 22B", sec. 3.1; allows higher learning rates; ``qk_norm_gain`` gives it
+Qwen3's learnable gains), ``norm`` rmsnorm, ``mlp`` relu2 (squared ReLU, So et al. 2021,
+"Primer") or swiglu (Shazeer 2020), ``logit_softcap`` and ``z_loss``
+(``models/fused_ce.py``). ``tie_embeddings`` chooses the head. neox with rmsnorm, swiglu, full
+rotary, no biases is Llama; with a gained QK-norm, Qwen3 (``interop/llama_qwen3.py``).
 
 Shapes: B batch, T time, C = d_model, nh heads, hs = C // nh head size, V vocabulary.
 
@@ -59,7 +61,10 @@ class GPTConfig:
     bias: bool = True
     """Biases in linear layers and LayerNorms (GPT-2 and Pythia both use them)."""
     norm_eps: float = 1e-5
-    """LayerNorm epsilon."""
+    """Epsilon of the block norms (and of the QK-norm when it has gains)."""
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    """Block norms: layernorm (GPT-2, GPT-NeoX) or rmsnorm (learnable gain, no bias; Zhang &
+    Sennrich 2019, as Llama / Qwen3)."""
     rotary_pct: float = 0.25
     """neox: fraction of each head's dimensions that get rotary embeddings (Pythia: 0.25)."""
     rotary_base: float = 10000.0
@@ -71,7 +76,11 @@ class GPTConfig:
     init_std: float = 0.02
     """Std of the normal init; residual output projections get init_std / sqrt(2 * n_layer)."""
     qk_norm: bool = False
-    """RMS-normalise each head's queries and keys (no gain) before attention (and rotary)."""
+    """RMS-normalise each head's queries and keys before attention (and rotary)."""
+    qk_norm_gain: bool = False
+    """qk_norm with a learnable gain per head dimension (one for queries, one for keys, shared
+    by the heads, initialised at 1) and epsilon norm_eps, the form of Qwen3's q_norm / k_norm;
+    without it the QK-norm has no parameters (epsilon: the dtype's)."""
     mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
     """MLP activation: gelu (the arch's: tanh-GELU for gpt2, exact for neox), relu2
     (squared ReLU) or swiglu (gated SiLU; d_ff=0 means 8/3 * d_model rounded up to 64)."""
@@ -91,6 +100,10 @@ class GPTConfig:
             raise ValueError(f"model.rotary_pct must be in [0, 1], got {self.rotary_pct}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError(f"model.norm must be layernorm or rmsnorm, got {self.norm!r}")
+        if self.qk_norm_gain and not self.qk_norm:
+            raise ValueError("model.qk_norm_gain needs model.qk_norm=true")
         if self.mlp not in ("gelu", "relu2", "swiglu"):
             raise ValueError(f"model.mlp must be gelu, relu2 or swiglu, got {self.mlp!r}")
         if self.logit_softcap < 0 or self.z_loss < 0:
@@ -119,7 +132,7 @@ class GPTConfig:
     def standard(self) -> bool:
         """No option that changes the forward pass is on: the model is a plain GPT-2 / GPT-NeoX
         (transformers can load it; the z-loss only changes training)."""
-        return not (self.qk_norm or self.mlp != "gelu" or self.logit_softcap)
+        return not (self.qk_norm or self.mlp != "gelu" or self.logit_softcap or self.norm != "layernorm")
 
     @property
     def tied(self) -> bool:
@@ -195,6 +208,9 @@ class Attention(nn.Module):
         self.proj = RepackedLinear(cfg.attn_width, cfg.d_model, bias=cfg.bias)
         self.dropout = cfg.dropout
         self.resid_drop = Dropout(cfg.dropout)
+        gain = (lambda: nn.Parameter(torch.ones(cfg.head_size))) if cfg.qk_norm_gain else (lambda: None)
+        self.q_gain, self.k_gain = gain(), gain()  # Qwen3's q_norm / k_norm: shared by the heads
+        self.qk_eps = cfg.norm_eps if cfg.qk_norm_gain else None
 
     def forward(
         self,
@@ -211,7 +227,8 @@ class Attention(nn.Module):
         k = k.view(B, T, nh, hs).transpose(1, 2)
         v = v.view(B, T, nh, hs).transpose(1, 2)
         if self.cfg.qk_norm:
-            q, k = F.rms_norm(q, (hs,)), F.rms_norm(k, (hs,))
+            q = F.rms_norm(q, (hs,), self.q_gain, self.qk_eps)
+            k = F.rms_norm(k, (hs,), self.k_gain, self.qk_eps)
         if rope is not None:
             q, k = apply_rotary(q, k, *rope)
         drop = self.dropout if self.training else 0.0
@@ -243,7 +260,8 @@ class Attention(nn.Module):
         S = cache.length + 1
         qkv = self.qkv.repacked_matmul(x, kind).view(B, 3, nh, 1, hs)
         if self.cfg.qk_norm:
-            qkv = torch.cat((F.rms_norm(qkv[:, :2], (hs,)), qkv[:, 2:]), dim=1)
+            qkv = torch.stack((F.rms_norm(qkv[:, 0], (hs,), self.q_gain, self.qk_eps),
+                               F.rms_norm(qkv[:, 1], (hs,), self.k_gain, self.qk_eps), qkv[:, 2]), dim=1)
         q = qkv[:, 0]  # (B, nh, 1, hs)
         if rope is None:
             cache.kv[layer, :, :, :, S - 1 : S] = qkv[:, 1:].transpose(0, 1)  # keys and values in one copy
@@ -307,9 +325,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln1 = block_norm(cfg)
         self.attn = Attention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln2 = block_norm(cfg)
         self.mlp = MLP(cfg)
         self.parallel = cfg.arch == "neox" and cfg.parallel_residual
 
@@ -330,8 +348,17 @@ class Block(nn.Module):
         return x + self.mlp.decode_one(_layer_norm(self.ln2, x), kind)
 
 
-def _layer_norm(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+def block_norm(cfg: GPTConfig) -> nn.Module:
+    """The norm before attention, before the MLP and after the last block."""
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def _layer_norm(ln: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``ln(x)`` without the module call (hooks and dispatch cost more than the op at decode size)."""
+    if isinstance(ln, nn.RMSNorm):
+        return F.rms_norm(x, ln.normalized_shape, ln.weight, ln.eps)
     return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
@@ -364,7 +391,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.arch == "gpt2" else None
         self.drop = Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+        self.ln_f = block_norm(cfg)
         self.lm_head = RepackedLinear(cfg.d_model, cfg.vocab_size, bias=False)
         self.rotary = Rotary(cfg.rotary_dim, cfg.rotary_base) if cfg.rotary_dim > 0 else None
         if cfg.tied:

@@ -11,7 +11,8 @@
   greedy continuation contains the original.
 
 Writes ``AUDIT/results.json`` (per canary, per group, PII) and ``results.md``, and
-``manifest.json`` (stage "audit") last.
+``manifest.json`` (stage "audit") last. ``results.json`` never holds the PII itself: each
+original, and any PII in its prompt or in the model's completion, is masked (``masked``).
 """
 
 from __future__ import annotations
@@ -60,8 +61,8 @@ class AuditConfig:
     """Sequences per forward pass when scoring."""
     seed: int = 0
     """Seed of the candidate secrets."""
-    device: str = "cpu"
-    """cpu, cuda or cuda:N."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda or cuda:N."""
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, ("candidates", "batch_size"))
@@ -120,19 +121,53 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def masked(original: str) -> str:
+    """A PII original as its first and last character around asterisks (only asterisks up to 4
+    characters): enough to tell the items of a results file apart, not to read them back. Not a
+    hash: phone numbers and IP addresses are few enough to hash them all."""
+    return "*" * len(original) if len(original) <= 4 else original[0] + "*" * (len(original) - 2) + original[-1]
+
+
+def redacted(text: str, scrubber: Any, originals: tuple[str, ...] = ()) -> str:
+    """``text`` with every PII span the scrubber finds, and every one of ``originals``, masked."""
+    for original in originals:
+        text = text.replace(original, masked(original))
+    parts, pos = [], 0
+    for a, b, _ in scrubber.find(text):
+        parts += [text[pos:a], masked(text[a:b])]
+        pos = b
+    return "".join(parts) + text[pos:]
+
+
+def redacted_rows(rows: list[dict[str, Any]], scrubber: Any) -> list[dict[str, Any]]:
+    """What ``results.json`` keeps of ``audit_pii``'s rows: the prompt, original and completion
+    masked (the scrubbed data must not reappear in the audit's own output)."""
+    return [{**row, "prefix": redacted(row["prefix"], scrubber), "original": masked(row["original"]),
+             "completion": redacted(row["completion"], scrubber, (row["original"],))} for row in rows]
+
+
+def pii_scrubber(prepared: Path) -> Any:
+    """The scrubber ``prepare`` ran with (its manifest's config), or None when it scrubbed nothing."""
+    from pilelm.core.config import from_dict
+    from pilelm.data.config import PrepareConfig
+    from pilelm.data.pii import PiiScrubber
+
+    pcfg = from_dict(PrepareConfig, read_manifest(prepared)["config"])
+    return PiiScrubber(pcfg.pii) if pcfg.pii.enabled else None
+
+
 def scrubbed_pii(prepared: Path, limit: int, context_chars: int) -> list[dict[str, str]]:
     """Up to ``limit`` PII originals that prepare scrubbed from its train inputs: kind, the
     text before it (``context_chars``, from its line) and the original."""
     from pilelm.core.config import from_dict
     from pilelm.data.config import PrepareConfig
-    from pilelm.data.pii import PiiScrubber
     from pilelm.data.readers import iter_source
     from pilelm.data.sources import expand_inputs
 
     pcfg = from_dict(PrepareConfig, read_manifest(prepared)["config"])
-    if not pcfg.pii.enabled:
+    scrubber = pii_scrubber(prepared)
+    if scrubber is None:
         return []
-    scrubber = PiiScrubber(pcfg.pii)
     found: list[dict[str, str]] = []
     for src in expand_inputs(pcfg.inputs, pcfg.reader.default_component):
         if src.split != "train":
@@ -183,6 +218,7 @@ def run_audit(cfg: AuditConfig) -> Path:
     prepared = canaries_path.parent
     if cfg.pii_originals and (prepared / "manifest.json").is_file():
         pii_rows = audit_pii(model, tokenizer, scrubbed_pii(prepared, cfg.pii_originals, cfg.pii_context_chars))
+        pii_rows = redacted_rows(pii_rows, pii_scrubber(prepared))
     privacy = read_manifest(cfg.run).get("extra", {}).get("privacy")
     results = {"run": str(cfg.run), "privacy": privacy, "candidates": cfg.candidates, "groups": groups,
                "canaries": rows, "pii": {"tried": len(pii_rows), "completed": sum(r["completed"] for r in pii_rows),

@@ -3,9 +3,9 @@
 One private step (Abadi et al. 2016, Algorithm 1, as Opacus implements it):
 
 1. **Sample**: with ``privacy.sampling=poisson`` every training window joins the step
-   independently with probability ``q = expected batch / N`` (N windows), drawn from
-   ``(loop.seed, step)``, so the batch size varies; ``shuffle`` takes the loader's shuffled
-   fixed-size batch and accounts it as Poisson at the same ``q`` (the approximation most DP
+   independently with probability ``q = expected batch / N`` (N windows), so the batch size
+   varies; ``shuffle`` takes the loader's shuffled fixed-size batch (its order from
+   ``loop.seed``) and accounts it as Poisson at the same ``q`` (the approximation most DP
    training code makes; Opacus' ``poisson_sampling=False``). The batch is processed in
    chunks of ``loop.micro_batch`` windows: gradient accumulation within one sampled batch
    does not change what is sampled, so it is allowed.
@@ -20,8 +20,14 @@ One private step (Abadi et al. 2016, Algorithm 1, as Opacus implements it):
 The privacy unit is one training window (``model.block_size`` + 1 tokens; neighbouring
 windows share their boundary token): a fact repeated in k windows is protected as a group
 of k (epsilon grows about k-fold). The accountant's state is saved with every checkpoint
-(``privacy.json``) and restored on resume; with ``privacy.secure_noise=false`` the noise of
-step s is drawn from ``(loop.seed, s)``, so a resumed run reproduces the uninterrupted one.
+(``privacy.json``) and restored on resume.
+
+The accounting assumes nobody can replay the sampling or the noise. So by default
+(``privacy.secure_rng=true``, Opacus' ``secure_mode`` idea) every step seeds both from the OS's
+entropy (``secrets``): a run cannot be repeated. With ``privacy.secure_rng=false`` step s draws
+them from ``(loop.seed, s)``: a resumed run reproduces the uninterrupted one (tests, debugging),
+but the seed is in the run's config.yaml, so the epsilon does not hold against anyone who reads
+it. The manifest's privacy record says which was used (``randomness``).
 """
 
 from __future__ import annotations
@@ -100,6 +106,10 @@ class PrivateTraining:
                  "delta %.3g, %s sampling, %s accountant", self.num_samples, self.expected_batch,
                  self.sample_rate, self.noise_multiplier, cfg.max_grad_norm, self.delta, cfg.sampling,
                  cfg.accountant)
+        if not cfg.secure_rng:
+            log.warning("privacy.secure_rng=false: the sampling and the noise follow loop.seed, which the run's "
+                        "config.yaml records; the epsilon holds only against someone who does not know it "
+                        "(for tests and debugging; drop the setting for real private training)")
 
     @property
     def noise_std(self) -> float:
@@ -111,7 +121,7 @@ class PrivateTraining:
     def poisson_windows(self, step: int) -> np.ndarray:
         """The windows of step ``step``: each joins independently with probability q (a binomial
         count, then that many distinct windows uniformly: the same distribution)."""
-        rng = np.random.default_rng([self.trainer.cfg.loop.seed, step, 0x44505347])  # "DPSG"
+        rng = np.random.default_rng(self._seed(step, 0x44505347))  # "DPSG"
         n = int(rng.binomial(self.num_samples, self.sample_rate))
         return np.sort(rng.choice(self.num_samples, size=n, replace=False))
 
@@ -126,12 +136,22 @@ class PrivateTraining:
         return [loader.collate(windows[i : i + mb], [step] * len(windows[i : i + mb]))
                 for i in range(0, len(windows), mb)]
 
+    def _seed(self, step: int, stream: int) -> int:
+        """The seed of one of step ``step``'s draws: 128 secret bits, or (privacy.secure_rng=false)
+        a function of (loop.seed, step, stream)."""
+        if self.cfg.secure_rng:
+            return secrets.randbits(128)
+        words = np.random.SeedSequence([self.trainer.cfg.loop.seed, step, stream]).generate_state(4, np.uint32)
+        return sum(int(w) << (32 * i) for i, w in enumerate(words))
+
     def _noise_generator(self, device: torch.device, step: int) -> torch.Generator:
-        if self.cfg.secure_noise:
-            seed = secrets.randbits(63)
-        else:
-            seed = int(np.random.SeedSequence([self.trainer.cfg.loop.seed, step, 0x4E4F4953]).generate_state(1)[0])
-        return torch.Generator(device=device).manual_seed(seed)
+        return torch.Generator(device=device).manual_seed(self._seed(step, 0x4E4F4953) % 2**63)  # "NOIS"
+
+    def randomness(self) -> dict[str, str]:
+        """Where the sampling and the noise came from (the manifest's record)."""
+        source = "os-entropy (secrets)" if self.cfg.secure_rng else "loop.seed (reproducible, not secret)"
+        sampling = source if self.cfg.sampling == "poisson" else "loop.seed (the shuffled loader's order)"
+        return {"sampling": sampling, "noise": source}
 
     def gradients(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Sample, clip, sum, noise; set ``p.grad`` of every trained parameter.
@@ -178,7 +198,8 @@ class PrivateTraining:
                 "expected_batch": self.expected_batch, "samples": self.num_samples,
                 "steps": self.accountant.steps, "sampling": self.cfg.sampling,
                 "accountant": self.cfg.accountant, "per_sample": self.clipped.method,
-                "target_epsilon": self.cfg.target_epsilon or None, "unit": "window"}
+                "target_epsilon": self.cfg.target_epsilon or None, "unit": "window",
+                "randomness": self.randomness()}
 
     def save(self, step_dir: Path) -> None:
         self.accountant.save(step_dir, {"step": self.trainer.step, "noise_multiplier": self.noise_multiplier,

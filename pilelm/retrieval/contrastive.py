@@ -8,117 +8,88 @@ and temperature tau the loss is symmetric (CLIP, Radford et al. 2021):
 
 Pairs come from JSONL files of ``{"query": ..., "positive": ..., "negative": ...}`` (the
 negative optional: a hard negative, e.g. BM25's best wrong answer, which every query of the
-batch is also scored against, as DPR's "gold + one BM25 negative" batches) and/or are mined from a
-corpus: a StackExchange question and its first answer, and for other documents the first
-paragraph and the rest (the "inverse cloze" idea of Lee et al. 2019, ORQA). Each epoch visits
-the pairs in a seeded permutation, so a batch never holds one pair twice.
+batch is also scored against, as DPR's "gold + one BM25 negative" batches) and/or are mined from
+documents: a StackExchange question and its first answer, and for other documents the first
+paragraph and the rest (the "inverse cloze" idea of Lee et al. 2019, ORQA).
 
-``pilelm finetune RUN --task contrastive --data PAIRS_OR_CORPUS -o OUT`` runs the same training
-from the fine-tuning config (``run_contrastive_task``); ``pilelm finetune-contrastive`` is the
-same command with its own flags (--pairs, --corpus, --splits, --temperature, ...).
+``pilelm finetune RUN --task contrastive --data PAIRS_OR_CORPUS -o OUT`` runs it on the
+fine-tuning engine (``pilelm.finetune.loop.ValidatedLoop``), as every fine-tuning task:
+the splits of every task (a prepared dir's train/val/test, or ``val_data``/``test_data``, or
+``val_ratio``/``test_ratio`` of the pairs), the optimizer (``optim.*``), schedule
+(``schedule.*``), precision, LoRA, device, early stopping on the validation MRR@10 and the
+checkpoint/resume path. An epoch visits the pairs in a seeded permutation and ends at its last
+whole batch (``training/order.py``), so a batch never holds one pair twice.
+``pilelm finetune-contrastive`` is the same command with the pair files and the corpus given
+apart (``--pairs``, ``--corpus``).
 
 The output is a run directory (stage ``train``: eval, embed, generate and serve read it as any
-run) whose tokenizer is the base run's; a checkpoint every ``save_every`` steps holds the
-optimizer state, so a killed fine-tune resumes where it stopped.
+run) whose tokenizer is the base run's: ``checkpoints/step_N/`` holds the weights with the best
+validation MRR@10 (LoRA merged; without validation pairs the newest), ``training/`` the newest
+training state a killed run resumes from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from pilelm.core.config import require_at_least, to_dict
-from pilelm.core.manifest import Timer, clear_manifest, write_manifest
-from pilelm.evaluation.retrieval import STACKEXCHANGE, qa_pair
+from pilelm.core.atomic import atomic_write_json
+from pilelm.core.manifest import Timer, require_stage, write_manifest
+from pilelm.evaluation.retrieval import STACKEXCHANGE, dense_scores, gold_ranks, qa_pair, rank_metrics
+from pilelm.finetune.config import FinetuneConfig
+from pilelm.finetune.loop import ValidatedLoop, open_output, record_config
+from pilelm.finetune.model import with_dropout
+from pilelm.finetune.tasks import split_sources
 from pilelm.inference.text_encoder import TextEncoder
-from pilelm.models import model_spec
+from pilelm.models import build_model, spec_for
 from pilelm.retrieval.embed import iter_corpus
-from pilelm.training import checkpoint
-
-if TYPE_CHECKING:
-    from pilelm.finetune.config import FinetuneConfig
+from pilelm.training import checkpoint as ckpt_io
+from pilelm.training.distributed import pick_device
+from pilelm.training.optim import build_optimizer
+from pilelm.training.precision import resolve_precision
 
 log = logging.getLogger(__name__)
 
 MIN_CHARS = 32  # a mined query or positive shorter than this carries too little to learn from
 
 
-@dataclass
-class ContrastiveConfig:
-    run: str = ""
-    """Run to fine-tune (pilelm train / import output)."""
-    pairs: list[str] = field(default_factory=list)
-    """JSONL files of {"query": ..., "positive": ...} pairs."""
-    corpus: list[str] = field(default_factory=list)
-    """A prepared dir or document files to mine pairs from (StackExchange question -> answer; first paragraph -> rest)."""
-    splits: list[str] = field(default_factory=lambda: ["train"])
-    """Splits of a prepared corpus to mine (keep test out: eval --task retrieval reads it)."""
-    output: str = ""
-    """Run directory to write (-o)."""
-    pooling: Literal["mean", "last", "cls"] = "mean"
-    """Pooling trained (embed, search and eval must use the same)."""
-    steps: int = 200
-    """Optimizer steps."""
-    batch_size: int = 32
-    """Pairs per batch (each pair's positive is a negative for the others)."""
-    lr: float = 1e-4
-    """Peak AdamW learning rate (linear warm-up over warmup_steps, then cosine decay to 10 %)."""
-    warmup_steps: int = 10
-    """Warm-up steps."""
-    weight_decay: float = 0.01
-    """AdamW weight decay."""
-    temperature: float = 0.05
-    """Softmax temperature of the InfoNCE logits."""
-    max_tokens: int = 128
-    """Query and positive are cut to this many tokens (and to the model's context)."""
-    max_pairs: int = 0
-    """Use at most this many pairs (0 = all)."""
-    save_every: int = 100
-    """Write a resumable checkpoint every this many steps (and at the end)."""
-    seed: int = 0
-    """Seed of the pair order."""
-    device: str = "cpu"
-    """Torch device."""
-
-    def __post_init__(self) -> None:
-        require_at_least(self, 1, ("steps", "batch_size", "max_tokens", "save_every"))
-        if self.temperature <= 0 or self.lr <= 0:
-            raise ValueError("temperature and lr must be > 0")
-        if self.warmup_steps < 0 or self.max_pairs < 0:
-            raise ValueError("warmup_steps and max_pairs must be >= 0")
-
-
 Pair = tuple[str, str, str | None]  # (query, positive, hard negative or None)
 
 
 def read_pair_files(paths: list[str]) -> list[Pair]:
+    """The (query, positive, negative or None) of every line of JSONL pair files. A line that is
+    not such an object, or whose fields are not strings, is an error naming file and line; a
+    pair with an empty query or positive is skipped, and the skips are counted in the log."""
+    from pilelm.finetune.records import iter_json_records
+
     pairs: list[Pair] = []
+    empty: list[str] = []
     for p in paths:
         path = Path(p)
         if not path.is_file():
             raise FileNotFoundError(f"pairs file {path} does not exist")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                q, pos, neg = rec["query"], rec["positive"], rec.get("negative")
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"{path}:{n}: expected a JSON object with \"query\" and \"positive\" "
-                                 f"(and optionally \"negative\") ({e})") from e
-            if neg is not None and not isinstance(neg, str):
-                raise ValueError(f"{path}:{n}: \"negative\" must be a string, got {type(neg).__name__}")
-            if isinstance(q, str) and isinstance(pos, str) and q.strip() and pos.strip():
+        for where, rec in iter_json_records(path):
+            if "query" not in rec or "positive" not in rec:
+                raise ValueError(f"{where}: expected a JSON object with \"query\" and \"positive\" "
+                                 f"(and optionally \"negative\"); have {', '.join(rec) or 'no keys'}")
+            q, pos, neg = rec["query"], rec["positive"], rec.get("negative")
+            for key, value in (("query", q), ("positive", pos), ("negative", neg)):
+                if not isinstance(value, str) and not (key == "negative" and value is None):
+                    raise ValueError(f"{where}: \"{key}\" must be a string, got {type(value).__name__}")
+            if q.strip() and pos.strip():
                 pairs.append((q, pos, neg if neg and neg.strip() else None))
+            else:
+                empty.append(where)
+    if empty:
+        log.warning("skipped %d pair(s) with an empty query or positive (the first at %s)", len(empty), empty[0])
     return pairs
 
 
@@ -153,36 +124,13 @@ def info_nce(q: torch.Tensor, p: torch.Tensor, temperature: float,
     return (F.cross_entropy(logits, labels) + positive_side) / 2
 
 
-def lr_at(step: int, cfg: ContrastiveConfig) -> float:
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
-
-
-def batch_order(n: int, batch: int, step: int, seed: int) -> list[int]:
-    """The pair indices of a step: epochs are seeded permutations, so any step is reproducible."""
-    per_epoch = max(1, n // batch)
-    epoch, i = divmod(step, per_epoch)
-    perm = np.random.default_rng([seed, epoch]).permutation(n)
-    return perm[i * batch : (i + 1) * batch].tolist()
-
-
-def _save(out: Path, step: int, encoder: TextEncoder, opt: torch.optim.Optimizer, losses: list[float]) -> None:
-    ckpt = out / checkpoint.CHECKPOINTS / checkpoint.step_dir_name(step)
-    checkpoint.save_model(ckpt, encoder.model, encoder.model_cfg)
-    checkpoint.save_torch(ckpt / checkpoint.TRAIN_STATE, {"step": step, "optimizer": opt.state_dict(),
-                                                           "losses": losses})
-    checkpoint.finalize_checkpoint(ckpt)
-    checkpoint.prune_checkpoints(out, keep_last=1)
-
-
 def is_pairs_file(path: str | Path) -> bool:
     """A JSONL file whose first record has a ``query`` (else: documents to mine pairs from)."""
     p = Path(path)
     if not p.is_file() or not p.name.endswith(".jsonl"):
         return False
-    with open(p, encoding="utf-8") as f:
+    # -sig: a byte-order mark is not part of the JSON; bad bytes are read_pair_files' error (file:line).
+    with open(p, encoding="utf-8-sig", errors="replace") as f:
         first = next((line for line in f if line.strip()), "")
     try:
         return isinstance(record := json.loads(first), dict) and "query" in record
@@ -190,107 +138,207 @@ def is_pairs_file(path: str | Path) -> bool:
         return False
 
 
+def read_pairs(files: list[Path]) -> list[Pair]:
+    """The pairs of ``files``: pair files read as they are, other files' documents mined (a
+    prepared dir among other files: its train split)."""
+    pairs = read_pair_files([str(f) for f in files if is_pairs_file(f)])
+    for f in files:
+        if not is_pairs_file(f):
+            pairs += mine_pairs([str(f)], ["train"])
+    return pairs
+
+
+@dataclass
+class PairSplit:
+    """One split's pairs as token ids, cut to the length limit."""
+
+    queries: list[list[int]]
+    positives: list[list[int]]
+    negatives: list[list[int] | None]
+    texts: list[Pair]
+
+    @classmethod
+    def encode(cls, pairs: list[Pair], encoder: TextEncoder, limit: int) -> PairSplit:
+        def cut(ids: list[int]) -> list[int]:
+            return ids[:limit] or [encoder.pad_id]
+
+        queries = [cut(q) for q in encoder.tokenize([q for q, _, _ in pairs])]
+        positives = [cut(p) for p in encoder.tokenize([p for _, p, _ in pairs])]
+        has_negative = [i for i, (_, _, n) in enumerate(pairs) if n is not None]
+        negatives: list[list[int] | None] = [None] * len(pairs)
+        for i, ids in zip(has_negative, encoder.tokenize([pairs[i][2] or "" for i in has_negative]), strict=True):
+            negatives[i] = cut(ids)
+        return cls(queries, positives, negatives, pairs)
+
+
+def retrieval_metrics(encoder: TextEncoder, pairs: list[Pair], batch_size: int) -> dict[str, float]:
+    """MRR@10 and recall@k of each query against every positive of ``pairs`` (eval mode)."""
+    encoder.model.eval()
+    scores, _ = dense_scores(encoder, [q for q, _, _ in pairs], [p for _, p, _ in pairs], batch_size)
+    return rank_metrics(gold_ranks(scores))
+
+
+class ContrastiveTrainer(ValidatedLoop):
+    """In-batch InfoNCE on the fine-tuning engine; validated by MRR@10 on the validation pairs."""
+
+    metric_name = "MRR@10"
+    drop_last = True  # a pair twice in one batch would be its own negative
+    state_keys = (*ValidatedLoop.state_keys, "losses")
+
+    def __init__(self, cfg: FinetuneConfig, splits: dict[str, list[Pair]]):
+        loop = cfg.loop
+        self.cfg, self.out = cfg, Path(cfg.output)
+        self.state_root = self.out / "training"
+        if loop.num_threads:
+            torch.set_num_threads(loop.num_threads)
+        self.device = pick_device(loop.device)
+        trunk, self.model_cfg, tok_dir = ckpt_io.load_for_inference(cfg.run)
+        from pilelm.tokens.tokenizer import load_tokenizer
+
+        torch.manual_seed(loop.seed)
+        model = build_model(with_dropout(self.model_cfg, cfg.head.dropout))  # head.dropout: the trunk's
+        model.load_state_dict(trunk.state_dict())
+        del trunk
+        family = spec_for(self.model_cfg).family
+        if cfg.lora.r:
+            from pilelm.finetune.lora import add_lora
+
+            add_lora(model, family, cfg.lora)
+        self.precision = resolve_precision(loop.precision, self.device)
+        self.model = model.to(self.device)
+        self.precision.prepare_model(self.model)
+        pooling = "mean" if cfg.head.pooling == "auto" else cfg.head.pooling
+        self.encoder = TextEncoder(self.model, self.model_cfg, load_tokenizer(tok_dir), pooling, self.device)
+        self.tok_dir = Path(tok_dir)
+        limit = min(cfg.max_length, self.encoder.max_tokens)
+        self.pairs = splits
+        self.train = PairSplit.encode(splits["train"], self.encoder, limit)
+        if len(self.train.queries) < 2:
+            raise ValueError(f"{len(self.train.queries)} (query, positive) training pairs found; in-batch negatives "
+                             "need at least 2")
+        self.batch = min(loop.batch_size, len(self.train.queries))
+        if self.batch != loop.batch_size:
+            self.cfg = cfg = dataclasses.replace(cfg, loop=dataclasses.replace(loop, batch_size=self.batch))
+        self.num_items = len(self.train.queries)
+        self.item_lengths = np.array([len(q) + len(p) for q, p in zip(self.train.queries, self.train.positives,
+                                                                       strict=True)])
+        self.optimizer = self.precision.wrap_optimizer(build_optimizer(self.model, cfg.optim), self.model)
+        self.losses: list[float] = []
+        self.init_progress()
+
+    def has_validation(self) -> bool:
+        return bool(self.pairs.get("val"))
+
+    def batch_loss(self, idx: list[int]) -> tuple[torch.Tensor, int]:
+        t, enc = self.train, self.encoder
+        hard = [n for i in idx if (n := t.negatives[i]) is not None]
+        with self.precision.autocast():
+            loss = info_nce(enc.forward_pooled([t.queries[i] for i in idx]),
+                            enc.forward_pooled([t.positives[i] for i in idx]), self.cfg.contrastive.temperature,
+                            enc.forward_pooled(hard) if hard else None)
+        return loss, len(idx)
+
+    def train_step(self) -> float:
+        loss = super().train_step()
+        self.losses.append(loss)
+        return loss
+
+    def evaluate(self, split: str) -> dict[str, float]:
+        return retrieval_metrics(self.encoder, self.pairs[split], self.cfg.loop.eval_batch_size)
+
+    def validation_metric(self) -> tuple[float, dict[str, Any]]:
+        result = self.evaluate("val")
+        return result["mrr@10"], {f"val_{k}": v for k, v in result.items()}
+
+    def save_best(self) -> None:
+        d = ckpt_io.checkpoint_dir(self.out, self.step)
+        ckpt_io.save_weights(d, self.weights(), self.model_cfg)
+        ckpt_io.finalize_checkpoint(d)
+        ckpt_io.prune_checkpoints(self.out, keep_last=1)
+
+    def save_weights_to(self, d: Path) -> None:
+        ckpt_io.save_weights(d, self.precision.model_state(self.model), self.model_cfg)
+
+
 def run_contrastive_task(cfg: FinetuneConfig) -> Path:
-    """``pilelm finetune --task contrastive``: the fine-tuning config mapped onto
-    ``ContrastiveConfig`` (data: pair files and/or documents to mine; max_length -> max_tokens;
-    loop.max_steps, batch_size, seed, eval_every -> save_every; optim.lr and weight_decay;
-    schedule.warmup_steps; max_train_examples -> max_pairs; head.pooling, auto = mean)."""
-    pairs = [d for d in cfg.data if is_pairs_file(d)]
-    return run_contrastive(ContrastiveConfig(
-        run=cfg.run, pairs=pairs, corpus=[d for d in cfg.data if d not in pairs], output=cfg.output,
-        pooling="mean" if cfg.head.pooling == "auto" else cfg.head.pooling, steps=cfg.loop.max_steps,
-        batch_size=cfg.loop.batch_size, lr=cfg.optim.lr, warmup_steps=cfg.schedule.warmup_steps,
-        weight_decay=cfg.optim.weight_decay, temperature=cfg.contrastive.temperature, max_tokens=cfg.max_length,
-        max_pairs=cfg.max_train_examples, save_every=cfg.loop.eval_every, seed=cfg.loop.seed,
-        device="cpu" if cfg.loop.device == "auto" else cfg.loop.device))
+    """``pilelm finetune --task contrastive``: pairs files and/or documents to mine in ``data``
+    (or a prepared dir: its train/val/test splits), trained on the fine-tuning engine."""
+    from pilelm.tokens.tokenizer import copy_tokenizer
+
+    if not cfg.run or not cfg.output or not cfg.data:
+        raise ValueError("contrastive fine-tuning needs a run, pairs and/or a corpus, and an output: "
+                         "pilelm finetune RUN_DIR --task contrastive --data PAIRS.jsonl|PREPARED_DIR -o RUN_DIR")
+    require_stage(cfg.run, "train", "import", what="run")
+    timer = Timer()
+    with timer("pairs"):
+        splits = split_sources(cfg, read_pairs, require_val=False)
+    trainer = ContrastiveTrainer(cfg, splits)
+    out = trainer.out
+    resuming = open_output(out, trainer.state_root, cfg)
+    record_config(out, cfg, resuming)
+    if not (out / "tokenizer").is_dir():
+        copy_tokenizer(trainer.tok_dir, out / "tokenizer")
+    with timer("train"):
+        trainer.fit("finetune contrastive")
+    if trainer.preempted:
+        return out
+    best, _ = ckpt_io.load_model(ckpt_io.resolve_checkpoint(out)[1], trainer.device)
+    trainer.encoder.model = best
+    results: dict[str, Any] = {"task": "contrastive", "metric": trainer.metric_name, "best_step": trainer.best_step,
+                               "steps": trainer.step, "lora_r": cfg.lora.r}
+    if trainer.has_validation():
+        results["best_val"] = trainer.best
+    for split in ("val", "test"):
+        if splits.get(split):
+            results[split] = trainer.evaluate(split)
+    atomic_write_json(out / "results.json", results)
+    losses = trainer.losses
+    from pilelm.finetune.lora import trainable_parameters
+
+    trainable, total = trainable_parameters(trainer.model)
+    counts = {f"{s}_pairs": len(p) for s, p in splits.items()} | {
+        "pairs": len(splits["train"]), "hard_negatives": sum(n is not None for _, _, n in splits["train"]),
+        "steps": trainer.step, "best_step": trainer.best_step, "trainable_parameters": trainable,
+        "parameters": total, "first_loss": losses[0] if losses else None,
+        "final_loss": float(np.mean(losses[-10:])) if losses else None}
+    write_manifest(out, "train", cfg, inputs=[cfg.run, *cfg.data, *cfg.val_data, *cfg.test_data], counts=counts,
+                   timings=timer.timings, extra={"objective": "contrastive", "task": "contrastive",
+                                                 "base_run": cfg.run,
+                                                 "test_mrr@10": results.get("test", {}).get("mrr@10")})
+    return out
 
 
-CONFIG_FILE = "config.yaml"
-RESUME_NEUTRAL = frozenset({"output", "steps", "save_every", "device"})
-"""Keys a resumed contrastive fine-tune may change: how long, how often it saves, where it runs."""
+@dataclass
+class ContrastiveConfig(FinetuneConfig):
+    """``pilelm finetune-contrastive``: ``pilelm finetune --task contrastive`` with the pair
+    files and the corpus to mine given apart; every other key is ``finetune``'s."""
 
+    RENAMED: ClassVar[dict[str, str]] = {
+        "steps": "loop.max_steps", "lr": "optim.lr", "batch_size": "loop.batch_size",
+        "warmup_steps": "schedule.warmup_steps", "weight_decay": "optim.weight_decay",
+        "temperature": "contrastive.temperature", "max_tokens": "max_length", "max_pairs": "max_train_examples",
+        "save_every": "loop.eval_every", "seed": "loop.seed", "device": "loop.device", "pooling": "head.pooling",
+        "splits": "data=PREPARED_DIR (its train split trains, val validates, test tests, as every finetune task)",
+    }
+    """The old finetune-contrastive keys and the finetune keys that replaced them."""
 
-def record_config(out: Path, cfg: ContrastiveConfig, resuming: bool) -> None:
-    """Write ``out/config.yaml``, first refusing to resume a run started with another config (as
-    ``pilelm train`` and ``pilelm finetune`` refuse): the resumed run must equal an
-    uninterrupted one, so every key that shapes the weights must be the same."""
-    from pilelm.core.atomic import atomic_write_text
-    from pilelm.core.config import dump_yaml
-    from pilelm.training.resume import refuse_resume, saved_config_differences
+    task: str = "contrastive"
+    """Always contrastive here."""
+    pairs: list[str] = field(default_factory=list)
+    """JSONL files of {"query": ..., "positive": ..., "negative": ...} pairs (added to data)."""
+    corpus: list[str] = field(default_factory=list)
+    """A prepared dir or document files to mine pairs from (StackExchange question -> answer; first paragraph -> rest; added to data)."""
 
-    saved = out / CONFIG_FILE
-    if resuming:
-        refuse_resume(out, "a contrastive fine-tune started with another config",
-                      saved_config_differences(saved, cfg, RESUME_NEUTRAL),
-                      f"Give a new -o, or delete {out} to train anew there")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, dump_yaml(cfg))
+    def __post_init__(self) -> None:
+        if self.task != "contrastive":
+            raise ValueError(f"finetune-contrastive trains task contrastive, not {self.task!r}; use pilelm finetune")
+        super().__post_init__()
+
+    def as_finetune(self) -> FinetuneConfig:
+        keys = {f.name: getattr(self, f.name) for f in dataclasses.fields(FinetuneConfig)}
+        return FinetuneConfig(**keys | {"data": [*self.pairs, *self.corpus, *self.data]})
 
 
 def run_contrastive(cfg: ContrastiveConfig) -> Path:
-    from pilelm.tokens.tokenizer import copy_tokenizer
-
-    if not cfg.run or not cfg.output or not (cfg.pairs or cfg.corpus):
-        raise ValueError("finetune-contrastive needs a run, pairs and/or a corpus, and an output: "
-                         "pilelm finetune-contrastive RUN_DIR --corpus PREPARED_DIR -o RUN_DIR")
-    out = Path(cfg.output)
-    timer = Timer()
-    with timer("pairs"):
-        pairs = read_pair_files(cfg.pairs) + (mine_pairs(cfg.corpus, cfg.splits) if cfg.corpus else [])
-    if cfg.max_pairs:
-        pairs = pairs[: cfg.max_pairs]
-    if len(pairs) < 2:
-        raise ValueError(f"{len(pairs)} (query, positive) pairs found; in-batch negatives need at least 2")
-    encoder = TextEncoder.from_run(cfg.run, pooling=cfg.pooling, device=cfg.device)
-    limit = min(cfg.max_tokens, encoder.max_tokens)
-    queries = [q[:limit] or [encoder.pad_id] for q in encoder.tokenize([q for q, _, _ in pairs])]
-    positives = [p[:limit] or [encoder.pad_id] for p in encoder.tokenize([p for _, p, _ in pairs])]
-    has_negative = [i for i, (_, _, n) in enumerate(pairs) if n is not None]
-    negative_ids = encoder.tokenize([pairs[i][2] or "" for i in has_negative])
-    negatives: list[list[int] | None] = [None] * len(pairs)
-    for i, ids in zip(has_negative, negative_ids, strict=True):
-        negatives[i] = ids[:limit] or [encoder.pad_id]
-    model = encoder.model
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start, losses = 0, []
-    resumable = checkpoint.find_resumable(out) if out.is_dir() else None
-    record_config(out, cfg, resuming=resumable is not None)
-    clear_manifest(out)  # training (on): the dir is unfinished until the new manifest lands
-    if resumable is not None:
-        step, ckpt = resumable
-        model.load_state_dict(checkpoint.load_model(ckpt, cfg.device)[0].state_dict())
-        state = checkpoint.load_torch(ckpt / checkpoint.TRAIN_STATE)
-        opt.load_state_dict(state["optimizer"])
-        start, losses = int(state["step"]), list(state["losses"])
-        log.info("resuming from step %d", start)
-    batch = min(cfg.batch_size, len(pairs))
-    bar = tqdm(range(start, cfg.steps), desc="contrastive", unit="step", initial=start, total=cfg.steps, disable=None)
-    with timer("train"):
-        for step in bar:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg)
-            idx = batch_order(len(pairs), batch, step, cfg.seed)
-            hard = [n for i in idx if (n := negatives[i]) is not None]
-            loss = info_nce(encoder.forward_pooled([queries[i] for i in idx]),
-                            encoder.forward_pooled([positives[i] for i in idx]), cfg.temperature,
-                            encoder.forward_pooled(hard) if hard else None)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"step {step}: loss is {loss.item()}; lower lr or raise temperature")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            losses.append(loss.detach().item())
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
-                _save(out, step + 1, encoder, opt, losses)
-    bar.close()
-    copy_tokenizer(Path(cfg.run) / "tokenizer", out / "tokenizer")
-    counts = {"pairs": len(pairs), "hard_negatives": len(has_negative), "steps": cfg.steps,
-              "first_loss": losses[0] if losses else None,
-              "final_loss": float(np.mean(losses[-10:])) if losses else None}
-    config = {"contrastive": to_dict(cfg), "model": model_spec(encoder.model_cfg)["config"]}
-    write_manifest(out, "train", config, inputs=[cfg.run, *cfg.pairs, *cfg.corpus], counts=counts,
-                   timings=timer.timings, extra={"objective": "contrastive", "base_run": cfg.run})
-    return out
+    """``pilelm finetune-contrastive``."""
+    return run_contrastive_task(cfg.as_finetune())

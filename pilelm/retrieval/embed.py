@@ -5,7 +5,9 @@ the chunks' vectors and texts are written as one part (``INDEX/parts/``, the vec
 a part with vectors is whole). A run killed at any point restarts after its last whole part;
 parts made with another config or model are discarded. When the stream ends the parts are
 concatenated into ``vectors.npy`` (a memmap: memory stays one part plus the faiss index), the
-faiss index is built, and the manifest is written last. See ``retrieval/index.py`` for the layout.
+faiss index and a BM25 index of the same chunks (``retrieval/hybrid.py``) are built, hybrid
+search's dense weight is calibrated on pairs mined from the first ``calibration_docs``
+documents, and the manifest is written last. See ``retrieval/index.py`` for the layout.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from pilelm.data.document import Document
 from pilelm.data.prepared import SPLITS, split_files
 from pilelm.inference.text_encoder import POOLINGS, TextEncoder
 from pilelm.models.dtypes import DTYPES
+from pilelm.retrieval.hybrid import build_bm25, calibrate_fusion
 from pilelm.retrieval.index import (
     CHUNK_OFFSETS,
     CHUNKS,
@@ -44,6 +47,7 @@ from pilelm.retrieval.index import (
 log = logging.getLogger(__name__)
 
 PARTS = "parts"
+CALIBRATION_CHARS = 20000  # of each sampled document: enough for its pairs, bounded memory
 
 
 @dataclass
@@ -76,6 +80,8 @@ class EmbedConfig:
     """hnsw: neighbours per node."""
     ef_search: int = 64
     """hnsw: candidate list size per query (more = slower, closer to exact)."""
+    calibration_docs: int = 2000
+    """Documents (the first ones streamed) whose mined pairs calibrate hybrid search's dense weight; 0 = plain RRF (weight 1)."""
     batch_size: int = 32
     """Chunks per forward pass."""
     part_docs: int = 1000
@@ -84,13 +90,14 @@ class EmbedConfig:
     """Embed only the first N documents (0 = all)."""
     step: int | None = None
     """Checkpoint step of the run; None = the latest."""
-    device: str = "cpu"
-    """Torch device."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda or cuda:N."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Compute dtype of the model (vectors are normalised in float32)."""
 
     def __post_init__(self) -> None:
-        require_at_least(self, 0, ("chunk_tokens", "chunk_stride", "max_chunks", "nlist", "max_documents"))
+        require_at_least(self, 0, ("chunk_tokens", "chunk_stride", "max_chunks", "nlist", "max_documents",
+                                    "calibration_docs"))
         require_at_least(self, 1, ("nprobe", "hnsw_m", "ef_search", "batch_size", "part_docs"))
         if self.chunk_tokens and self.chunk_stride > self.chunk_tokens:
             raise ValueError(f"chunk_stride ({self.chunk_stride}) must not exceed chunk_tokens ({self.chunk_tokens}): "
@@ -221,12 +228,15 @@ def run_embed(cfg: EmbedConfig) -> Path:
         log.info("resuming after %d whole parts (%d documents)", done, skip)
     bar = tqdm(desc="embed", unit="doc", initial=skip, disable=None)
     buffer: list[Document] = []
+    sample: list[tuple[str, str]] = []  # (text, component) of the first documents, for calibrate_fusion
     n_part = done
     t0 = time.perf_counter()
     with timer("embed"):
         for i, doc in enumerate(iter_corpus(cfg.data, cfg.splits)):
             if cfg.max_documents and i >= cfg.max_documents:
                 break
+            if len(sample) < cfg.calibration_docs:  # resumed runs sample the same documents
+                sample.append((doc.text[:CALIBRATION_CHARS], doc.component or ""))
             if i < skip:
                 continue
             buffer.append(doc)
@@ -252,14 +262,18 @@ def run_embed(cfg: EmbedConfig) -> Path:
     with timer("index"):
         vectors = np.load(out / VECTORS, mmap_mode="r")
         write_faiss(build_faiss(vectors, cfg.index, cfg.vector_dtype, cfg.nlist, cfg.hnsw_m), out / FAISS)
-    files = {name: content_hash(out / name) for name in HASHED_FILES}
+    with timer("bm25"):
+        bm25_files = build_bm25(out)
+    with timer("calibrate"):
+        fusion = calibrate_fusion(sample, encoder) if cfg.calibration_docs else {"dense_weight": 1.0, "pairs": 0}
+    files = {name: content_hash(out / name) for name in HASHED_FILES} | bm25_files
     final = {"documents": docs, "chunks": chunks, "empty_documents_skipped": counts["empty"],
              "documents_embedded_this_run": counts["documents"], "tokens_this_run": counts["tokens"]}
     if elapsed > 0 and counts["documents"]:
         final["docs_per_s_this_run"] = round(counts["documents"] / elapsed, 2)
     write_manifest(out, "embed", cfg, inputs=[cfg.run, *cfg.data], counts=final, timings=timer.timings,
                    extra={"encoder": encoder.identity.to_json(), "dim": encoder.dim,
-                          "max_tokens": encoder.max_tokens, "files": files})
+                          "max_tokens": encoder.max_tokens, "files": files, "fusion": fusion})
     shutil.rmtree(parts, ignore_errors=True)
     log.info("embedded %d documents as %d chunk vectors into %s", docs, chunks, out)
     return out

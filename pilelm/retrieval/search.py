@@ -1,6 +1,8 @@
 """``pilelm search INDEX "query"`` and ``pilelm similar INDEX --doc ID``: ranked documents.
 
-A query is embedded by the model that built the index (the run named in its manifest, or
+``search`` ranks by BM25 and the index's vectors fused by reciprocal rank fusion
+(``--mode hybrid``, the default: see ``retrieval/hybrid.py``), or by either alone
+(``--mode bm25`` loads no model; ``--mode dense``). A query is embedded by the model that built the index (the run named in its manifest, or
 ``--run``); a run whose weights, tokenizer or pooling differ from the index's is refused,
 naming both, because its vectors would not be comparable. A document scores its best chunk.
 """
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 from pilelm.inference.text_encoder import TextEncoder
 from pilelm.models.dtypes import DTYPES
+from pilelm.retrieval.hybrid import HybridSearcher, Mode
 from pilelm.retrieval.index import Hit, VectorIndex
 
 
@@ -27,10 +30,14 @@ class SearchConfig:
     """Print the results as JSON instead of a table."""
     snippet_chars: int = 200
     """Characters of the best chunk shown per result."""
+    mode: Mode = "hybrid"
+    """Ranking: hybrid (BM25 + vectors, reciprocal rank fusion), bm25 (words only) or dense (vectors only)."""
+    dense_weight: float | None = None
+    """Hybrid: the dense ranking's weight in the fusion (BM25's is 1); None = the one pilelm embed calibrated."""
     run: str = ""
     """Run whose model embeds the query; empty = the run that built the index."""
-    device: str = "cpu"
-    """Torch device."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda or cuda:N."""
 
     def __post_init__(self) -> None:
         if self.k < 1:
@@ -87,9 +94,10 @@ def run_search(cfg: SearchConfig) -> str:
     if not cfg.index or not cfg.query:
         raise ValueError('search needs an index and a query: pilelm search INDEX_DIR "query" [-k 10]')
     index = VectorIndex(cfg.index)
-    encoder = open_encoder_for(index, cfg.run, cfg.device)
-    hits = index.search(encoder.embed_queries([cfg.query])[0], cfg.k)
-    return format_hits(hits, cfg.json, cfg.snippet_chars, f"top {len(hits)} of {len(index)} documents for {cfg.query!r}")
+    encoder = None if cfg.mode == "bm25" else open_encoder_for(index, cfg.run, cfg.device)
+    hits = HybridSearcher(index).search(cfg.query, cfg.k, cfg.mode, encoder, dense_weight=cfg.dense_weight)
+    return format_hits(hits, cfg.json, cfg.snippet_chars,
+                       f"top {len(hits)} of {len(index)} documents for {cfg.query!r} ({cfg.mode})")
 
 
 def run_similar(cfg: SimilarConfig) -> str:

@@ -15,13 +15,15 @@ Routes:
 Every error is ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status, as
 the OpenAI API answers, so clients raise their usual exceptions; a server error says only that
 (the details go to the server log). What a generation request goes through (limits, slots,
-events to responses) is ``respond.py``; what a web page may ask is ``browser_guard.py``.
+events to responses) is ``respond.py``; what a web page may ask is ``browser_guard.py``. Each
+endpoint module registers its routes with one ``add_*_routes(app, ctx)``, listed in ``ROUTES``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +32,13 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pilelm.inference.text_encoder import TextEncoder
 from pilelm.serve.browser_guard import BrowserGuard, BrowserGuardMiddleware
-from pilelm.serve.chat import add_chat_route
-from pilelm.serve.completions import add_completions_route
+from pilelm.serve.chat import add_chat_routes
+from pilelm.serve.completions import add_completions_routes
 from pilelm.serve.config import ServeConfig
-from pilelm.serve.embeddings import add_embeddings_route
+from pilelm.serve.embeddings import add_embeddings_routes
 from pilelm.serve.engine import Engine
-from pilelm.serve.respond import ServeContext, Slots, read_body
+from pilelm.serve.respond import ServeContext, Slots
 from pilelm.serve.schemas import APIError
 from pilelm.serve.tokenizer_routes import add_tokenizer_routes
 from pilelm.tokens.chat import load_chat_template, load_special_tokens
@@ -46,13 +47,21 @@ log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
 
+ROUTES: list[Callable[[FastAPI, ServeContext], None]] = [
+    add_completions_routes, add_chat_routes, add_tokenizer_routes, add_embeddings_routes,
+]
+"""How an endpoint module registers its routes: ``add_*_routes(app, ctx)``, one per module,
+listed here (``ServeContext`` holds what routes check and share: key, model, limits, slots)."""
+
 
 def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None) -> FastAPI:
     """The FastAPI app serving ``engine``; starting and stopping the engine is the caller's."""
     name = model_name or cfg.model_name or Path(cfg.run).name or "pilelm"
     created = int(time.time())
     tokenizer_dir = Path(getattr(engine.tokenizer, "source", "") or "-")  # a run's tokenizer/ folder
-    ctx = ServeContext(engine, cfg, name, Slots(cfg.max_concurrent), cfg.resolved_api_key(),
+    request_work = cfg.max_request_work or engine.max_batch * engine.block_size
+    ctx = ServeContext(engine, cfg, name, Slots(cfg.max_concurrent, cfg.max_work_in_flight or 4 * request_work),
+                       cfg.resolved_api_key(),
                        chat_template=load_chat_template(tokenizer_dir) if tokenizer_dir.is_dir() else None,
                        special_tokens=_special_tokens(engine.tokenizer, tokenizer_dir))
 
@@ -103,8 +112,11 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None) 
                 "max_tokens": ctx.max_tokens,
                 "max_concurrent": cfg.max_concurrent,
                 "max_batch": engine.max_batch,
+                "max_request_work": ctx.max_request_work,
+                "max_work_in_flight": ctx.slots.max_work,
             },
             "active_requests": ctx.slots.active,
+            "work_in_flight": ctx.slots.work,
             "batching": "continuous" if engine.continuous else "static",
             "engine": engine.snapshot(),
         }
@@ -120,12 +132,8 @@ def create_app(engine: Engine, cfg: ServeConfig, model_name: str | None = None) 
         ctx.check_model(model_id)
         return model_card()
 
-    add_completions_route(app, ctx)
-    add_chat_route(app, ctx)
-    add_tokenizer_routes(app, ctx)
-    add_embeddings_route(app, TextEncoder(engine.model, engine.model.cfg, engine.tokenizer, device=engine.device),
-                         name, ctx.check_key, ctx.check_model, ctx.slots, cfg.max_request_bytes, read_body,
-                         engine.max_batch, engine.batch_window_s)
+    for add_routes in ROUTES:
+        add_routes(app, ctx)
     return app
 
 

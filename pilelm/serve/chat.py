@@ -16,6 +16,9 @@ reply's token log-probabilities. Tools, and response formats other than text, ar
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import logging
 import uuid
 from typing import Any
 
@@ -23,8 +26,8 @@ import jinja2
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from pydantic import Field
+from starlette.concurrency import run_in_threadpool
 
-from pilelm.inference.sampling import SamplingParams
 from pilelm.inference.textstream import TextTokenizer
 from pilelm.serve.engine import Finished, PromptLogprobs, RowSpec, TextDelta
 from pilelm.serve.logprobs import chat_logprobs
@@ -36,7 +39,9 @@ from pilelm.serve.schemas import (
     parse_request,
     refuse_unsupported,
 )
-from pilelm.tokens.chat import DEFAULT_CHAT_STOP, render_chat
+from pilelm.tokens.chat import DEFAULT_CHAT_STOP, encode_chat
+
+log = logging.getLogger(__name__)
 
 ROLES = ("system", "developer", "user", "assistant")
 MESSAGE_FIELDS = {"role", "content", "name"}
@@ -107,15 +112,31 @@ def _content_text(content: Any, where: str) -> str:
                         '{"type": "text", "text": ...} parts', param="messages")
 
 
-def render_prompt(ctx: ServeContext, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-    """The messages as the prompt text, through the served tokenizer's chat template."""
+async def chat_prompt_ids(ctx: ServeContext, messages: list[dict[str, str]], add_generation_prompt: bool = True
+                          ) -> list[int]:
+    """The messages as prompt token ids, through the served tokenizer's chat template: rendered
+    in a worker thread (the event loop never runs template code) within the configured time and
+    size limits, with text of the messages encoded as text (``pilelm.tokens.chat.encode_chat``:
+    only the template's own markers are special tokens). Any failure of the template is a 400."""
+    cfg = ctx.cfg
+    work = functools.partial(encode_chat, ctx.engine.tokenizer, messages, ctx.chat_template, add_generation_prompt,
+                             ctx.special_tokens, cfg.template_timeout_s, cfg.template_max_chars)
     try:
-        return render_chat(messages, ctx.chat_template, add_generation_prompt, ctx.special_tokens)
+        # The sandbox stops itself at the deadline; the wait's own limit covers template code
+        # that never reaches a check (a loop over a list doing nothing): the thread is left behind.
+        return await asyncio.wait_for(run_in_threadpool(work), timeout=2 * cfg.template_timeout_s + 1)
     except jinja2.TemplateError as e:
         raise APIError(400, f"the chat template refused the messages: {e}", param="messages") from None
+    except TimeoutError:
+        raise APIError(400, f"the chat template took longer than {cfg.template_timeout_s:g} s on these messages",
+                       param="messages") from None
+    except Exception as e:  # template code can raise anything (1/0, 'a' + 1): the messages' problem
+        log.warning("the chat template failed: %s: %s", type(e).__name__, e)
+        raise APIError(400, f"the chat template failed on these messages: {type(e).__name__}: {e}",
+                       param="messages") from None
 
 
-def add_chat_route(app: FastAPI, ctx: ServeContext) -> None:
+def add_chat_routes(app: FastAPI, ctx: ServeContext) -> None:
     engine = ctx.engine
 
     @app.post("/v1/chat/completions")
@@ -123,15 +144,11 @@ def add_chat_route(app: FastAPI, ctx: ServeContext) -> None:
         req, messages = parse_chat_request(await ctx.read_json(request))
         ctx.check_model(req.model)
         ctx.check_choices(1, req.n)
-        prompt = engine.tokenizer.encode(render_prompt(ctx, messages))
+        prompt = await chat_prompt_ids(ctx, messages)
         param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
         budget = ctx.budget(req.max_completion_tokens or req.max_tokens, [prompt], param, "messages")
         stop = req.stop_strings() + (DEFAULT_CHAT_STOP if ctx.chat_template is None else [])
-        params = SamplingParams(
-            max_new_tokens=budget, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-            repetition_penalty=req.repetition_penalty, stop=stop, seed=req.seed,
-            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
-        )
+        params = req.sampling_params(budget, stop, (req.top_logprobs or 0) if req.logprobs else None)
         rows = choice_rows([prompt], req.n, params)
         result = ChatResult(f"chatcmpl-{uuid.uuid4().hex}", ctx.model_name, rows, len(prompt), engine.tokenizer,
                             req.logprobs)

@@ -17,7 +17,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
-from pilelm.inference.sampling import SamplingParams
 from pilelm.inference.textstream import TextTokenizer
 from pilelm.serve.engine import Finished, PromptLogprobs, RowSpec, TextDelta
 from pilelm.serve.logprobs import CompletionLogprobs
@@ -28,7 +27,7 @@ from pilelm.serve.schemas import CompletionRequest, parse_completion_request
 INLINE_TOKENIZE_CHARS = 4096
 
 
-def add_completions_route(app: FastAPI, ctx: ServeContext) -> None:
+def add_completions_routes(app: FastAPI, ctx: ServeContext) -> None:
     engine = ctx.engine
 
     @app.post("/v1/completions")
@@ -51,18 +50,15 @@ def add_completions_route(app: FastAPI, ctx: ServeContext) -> None:
 def _prompt_ids(req: CompletionRequest, ctx: ServeContext) -> list[list[int]]:
     prompts = req.prompts()
     if isinstance(prompts[0], str):
-        return [ctx.engine.tokenizer.encode(p) for p in prompts]  # type: ignore[arg-type]
+        return [ctx.encode_text(p) for p in prompts]  # type: ignore[arg-type]
     ids = [list(p) for p in prompts]  # type: ignore[arg-type]
     ctx.check_token_ids([t for p in ids for t in p], "prompt")
     return ids
 
 
 def _rows(req: CompletionRequest, prompts: list[list[int]], max_new_tokens: int) -> list[RowSpec]:
-    params = SamplingParams(
-        max_new_tokens=max_new_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-        repetition_penalty=req.repetition_penalty, stop=req.stop_strings(), seed=req.seed,
-        logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None,
-    )
+    params = req.sampling_params(max_new_tokens, req.stop_strings(), req.logprobs,
+                                 req.logprobs if req.echo else None)
     return choice_rows(prompts, req.n, params)
 
 

@@ -29,8 +29,8 @@ class ServeConfig:
     """Web origins (e.g. http://localhost:3000) whose pages may call the API from a browser (CORS), and whose host names are accepted in the Host header; '*' = any page and any Host (turns the browser checks off). Empty: only the playground this server serves."""
     model_name: str = ""
     """Model id in /v1/models and responses; empty = the run directory's name."""
-    device: str = "cpu"
-    """Torch device (cpu, cuda, cuda:1, mps)."""
+    device: str = "auto"
+    """Torch device: auto (cuda if available), cpu, cuda, cuda:1, mps."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights and KV-cache dtype (bfloat16 is several times faster on CPUs with AMX)."""
     threads: int = 0
@@ -49,6 +49,14 @@ class ServeConfig:
     """Continuous batching: requests join the running batch at the next decode step. --no-continuous: static batching (they wait until the running batch has ended; for comparison)."""
     max_request_bytes: int = 1_000_000
     """Largest request body accepted (413 above)."""
+    max_request_work: int = 0
+    """Most work one request may ask for, in token units: each choice's prompt plus max_tokens, times 2 + logprobs when it asks for log-probabilities (each scored token carries that many numbers); an embeddings request's input tokens. Bounds the work and the response of one request (a 400 above). 0 = max_batch x the model's context (one full batch)."""
+    max_work_in_flight: int = 0
+    """Most token units (as max_request_work counts them) all requests in flight may hold together, which bounds the server's memory; a request that would pass it is refused with 429 until others end (one request alone is always taken). 0 = 4 x max_request_work."""
+    template_timeout_s: float = 1.0
+    """Longest a chat template may render one request's messages (a 400 past it; the template comes with the model and may be hostile)."""
+    template_max_chars: int = 1_000_000
+    """Longest text a chat template may render, or build on the way (a 400 past it)."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     """uvicorn's log level (access log at info)."""
 
@@ -57,7 +65,12 @@ class ServeConfig:
             raise ValueError(f"port must be in [1, 65535], got {self.port}")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key must not be empty; omit it to serve without a key")
-        require_at_least(self, 1, ("max_tokens", "max_concurrent", "max_batch", "max_request_bytes"))
+        require_at_least(self, 1, ("max_tokens", "max_concurrent", "max_batch", "max_request_bytes",
+                                  "template_max_chars"))
+        if self.template_timeout_s <= 0:
+            raise ValueError(f"template_timeout_s must be > 0, got {self.template_timeout_s}")
+        if self.max_request_work < 0 or self.max_work_in_flight < 0:
+            raise ValueError("max_request_work and max_work_in_flight must be >= 0 (0 = automatic)")
         if self.max_prompt_tokens < 0:
             raise ValueError(f"max_prompt_tokens must be >= 0 (0 = the model's context), got {self.max_prompt_tokens}")
         if self.batch_window_ms < 0:

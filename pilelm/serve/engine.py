@@ -14,8 +14,9 @@ callback, which the HTTP layer points at an asyncio queue. Rows that ask for log
 get them from the decode step that sampled the token (``TextDelta.logprobs``, one event per
 token) and, for their prompt, from its prefill (``PromptLogprobs``, before any text).
 
-A row ends at eos, at its stop string, at ``max_new_tokens``, or when its request is
-cancelled (the client went away); it then leaves the batch before the next step, so the rest
+A row ends at eos, at its stop string, at ``max_new_tokens``, when its request is
+cancelled (the client went away), or when its own sampling fails (probabilities not finite:
+that request alone gets a 400, the other rows go on); it then leaves the batch before the next step, so the rest
 stop paying for it. ``continuous=False`` keeps the old static batching (rows that arrive while
 a batch runs wait until all of it has ended), for comparison in ``benchmarks/serve_load.py``.
 """
@@ -73,9 +74,11 @@ class Finished:
 
 @dataclass
 class Failed:
-    """Generation raised; the request's unfinished choices end with this message."""
+    """Generation failed; the request's unfinished choices end with this message."""
 
     message: str
+    status: int = 500
+    """The HTTP status to answer with: 400 when the request's own settings caused it."""
 
 
 Event = TextDelta | PromptLogprobs | Finished | Failed
@@ -138,6 +141,8 @@ class EngineStats:
     largest_batch: int = 0
     """Most rows decoded together in one step."""
     errors: int = 0
+    rows_failed: int = 0
+    """Rows ended alone because their sampling failed (the rest of the batch went on)."""
 
 
 class Engine:
@@ -291,6 +296,12 @@ class Engine:
         try:
             tokens = self._batch.step()
             st.decode_steps += 1
+            for row_id, settings in self._batch.failed.items():  # only these rows fail
+                job = live[row_id].row.job
+                self._leave([row_id])
+                st.rows_failed += 1
+                self._fail([job], f"sampling failed: the next-token probabilities are not finite ({settings}); "
+                                  "use a temperature or repetition_penalty nearer 1", status=400)
             for row_id, token in tokens.items():
                 lv = live[row_id]
                 if lv.row.job.cancelled:  # cancelled during the step
@@ -346,10 +357,10 @@ class Engine:
         self.stats.errors += 1
         return "generation failed: internal server error; the server log has the details"  # not the exception text
 
-    def _fail(self, jobs: list[Submission], message: str) -> None:
+    def _fail(self, jobs: list[Submission], message: str, status: int = 500) -> None:
         """End these requests with ``message`` (once each); their other rows are cancelled."""
         for job in {id(job): job for job in jobs}.values():
-            _safe_emit(job, Failed(message))
+            _safe_emit(job, Failed(message, status))
             job.cancel()
 
 

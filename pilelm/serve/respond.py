@@ -43,29 +43,39 @@ from pilelm.serve.engine import (
 )
 from pilelm.serve.schemas import APIError, StreamOptions, parse_json_body
 
-DEFAULT_MAX_TOKENS = 16  # the OpenAI completions default when max_tokens is omitted
+DEFAULT_MAX_TOKENS = SamplingParams().max_new_tokens  # 16, the OpenAI completions default when max_tokens is omitted
 
 
 class Slots:
-    """Requests in flight, limited to ``limit`` (only touched from the event loop)."""
+    """Requests in flight, limited to ``limit`` requests and ``max_work`` token units of work
+    together (only touched from the event loop)."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, max_work: int = 0):
         self.limit = limit
+        self.max_work = max_work
+        """0: no limit on the work in flight."""
         self.active = 0
+        self.work = 0
 
-    def acquire(self) -> None:
+    def acquire(self, work: int = 0) -> None:
+        """Take a slot for a request of ``work`` token units, or refuse with 429 (a request
+        alone is always taken: the per-request limit bounds it)."""
         if self.active >= self.limit:
-            raise APIError(
-                429,
-                f"too many concurrent requests: the server takes {self.limit} at a time; retry shortly",
-                type="rate_limit_error",
-                code="too_many_concurrent_requests",
-                headers={"Retry-After": "1"},
-            )
+            raise _busy(f"too many concurrent requests: the server takes {self.limit} at a time; retry shortly",
+                        "too_many_concurrent_requests")
+        if self.max_work and self.active and self.work + work > self.max_work:
+            raise _busy(f"the server is at its limit of work in flight ({self.work} of {self.max_work} token "
+                        f"units; this request needs {work}); retry shortly", "too_much_work_in_flight")
         self.active += 1
+        self.work += work
 
-    def release(self) -> None:
+    def release(self, work: int = 0) -> None:
         self.active -= 1
+        self.work -= work
+
+
+def _busy(message: str, code: str) -> APIError:
+    return APIError(429, message, type="rate_limit_error", code=code, headers={"Retry-After": "1"})
 
 
 class EventStream(StreamingResponse):
@@ -125,6 +135,17 @@ class ServeContext:
     def max_tokens(self) -> int:
         return min(self.cfg.max_tokens, self.max_context - 1)
 
+    @property
+    def max_request_work(self) -> int:
+        return self.cfg.max_request_work or self.engine.max_batch * self.max_context
+
+    def check_work(self, work: int, param: str) -> None:
+        """Refuse a request of more than ``max_request_work`` token units, naming ``param``."""
+        if work > self.max_request_work:
+            raise APIError(400, f"this request asks for {work} token units of work (choices x (prompt + "
+                                f"max_tokens), x (2 + logprobs) with log-probabilities; embedding input tokens); "
+                                f"this server takes at most {self.max_request_work} per request", param=param)
+
     def check_key(self, request: Request) -> None:
         if self.api_key is None:
             return
@@ -152,6 +173,14 @@ class ServeContext:
         if n_prompts * n > self.engine.max_batch:
             raise APIError(400, f"{n_prompts} prompt(s) x n={n} asks for {n_prompts * n} completions; "
                                 f"this server makes at most {self.engine.max_batch} per request", param="n")
+
+    def encode_text(self, text: str) -> list[int]:
+        """The ids of text from a request, taken as text: a special token's string in it
+        (``<|endoftext|>``) encodes as ordinary characters (``PileTokenizer.encode_plain``);
+        send token ids to put special tokens in a prompt."""
+        tokenizer = self.engine.tokenizer
+        encode_plain = getattr(tokenizer, "encode_plain", None)
+        return encode_plain(text) if encode_plain is not None else tokenizer.encode(text)
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         bad = [t for t in ids if not 0 <= t < self.engine.vocab_size]
@@ -188,15 +217,18 @@ class ServeContext:
 
     async def respond(self, request: Request, rows: list[RowSpec], result: Result, stream: bool,
                       stream_options: StreamOptions | None) -> Response:
-        """Submit ``rows`` and answer with ``result``'s JSON or event stream."""
-        self.slots.acquire()
+        """Submit ``rows`` and answer with ``result``'s JSON or event stream (a request over
+        the per-request work limit is a 400; one that would pass the work in flight, a 429)."""
+        work = sum(row_work(r) for r in rows)
+        self.check_work(work, "logprobs" if any(r.params.logprobs is not None for r in rows) else "max_tokens")
+        self.slots.acquire(work)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
         job = Submission(rows, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
 
         def close() -> None:
             job.cancel()  # no-op for finished rows; drops running or waiting ones
-            self.slots.release()
+            self.slots.release(work)
 
         try:
             self.engine.submit(job)
@@ -210,6 +242,15 @@ class ServeContext:
             return JSONResponse(await result.collect(queue, request))
         finally:
             close()
+
+
+def row_work(row: RowSpec) -> int:
+    """A row's work in token units: its prompt and completion tokens, times 2 + k when it asks
+    for log-probabilities with k alternatives (the token, its log-probability and k more per
+    position; what its response holds)."""
+    p = row.params
+    k = max(-1 if p.logprobs is None else p.logprobs, -1 if p.prompt_logprobs is None else p.prompt_logprobs)
+    return (max(len(row.prompt), 1) + p.max_new_tokens) * (1 if k < 0 else 2 + k)
 
 
 def choice_rows(prompts: list[list[int]], n: int, params: SamplingParams) -> list[RowSpec]:
@@ -265,7 +306,7 @@ class Result:
 
     def _apply(self, ev: Event) -> None:
         if isinstance(ev, Failed):
-            raise APIError(500, ev.message, type="server_error")
+            raise APIError(ev.status, ev.message, type="server_error" if ev.status >= 500 else "invalid_request_error")
         if isinstance(ev, PromptLogprobs):
             self.prompt_logprobs[ev.index] = ev.logprobs
             return
@@ -282,7 +323,7 @@ class Result:
     async def collect(self, queue: asyncio.Queue[Event], request: Request) -> dict[str, Any]:
         # Watch for the client leaving while events arrive (they may never pause): the request
         # ends, and its rows are cancelled, the moment the disconnect message comes.
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone = asyncio.ensure_future(disconnected(request))
         try:
             while not self._done():
                 event = asyncio.ensure_future(queue.get())
@@ -322,7 +363,7 @@ class Result:
         yield "data: [DONE]\n\n"
 
 
-async def _disconnected(request: Request) -> None:
+async def disconnected(request: Request) -> None:
     """Returns when the client has gone (the body was read already, so the next ASGI message
     is the disconnect)."""
     while (await request.receive())["type"] != "http.disconnect":

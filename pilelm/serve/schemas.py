@@ -14,16 +14,32 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, TypeVar
+import re
+from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from pilelm.inference.sampling import SamplingParams, float32_problem
 
 # torch.Generator.manual_seed takes a 64-bit seed; the choices of a request use seed + i.
 MAX_SEED = 2**63 - 1
 MAX_STOP_STRINGS = 4  # OpenAI's limit
 MAX_STOP_CHARS = 256
 RequestT = TypeVar("RequestT", bound=BaseModel)
+_DEFAULT = SamplingParams()  # what a request that omits a sampling field gets
 MAX_LOGPROBS = 20  # alternatives per token (vLLM's default limit; OpenAI's completions allow 5)
+
+
+def _float32(value: float) -> float:
+    problem = float32_problem(value)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
+
+Float32 = Annotated[float, AfterValidator(_float32)]
+"""A float the float32 sampler can carry: 0, or a normal float32 (a nonzero value that would
+become 0, a subnormal or inf in float32 is a 400 naming the field)."""
 
 
 class APIError(Exception):
@@ -65,23 +81,31 @@ class GenerationFields(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 
     model: str | None = None
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    # Defaults: SamplingParams' (the OpenAI API's); the ranges are the API's (le=2 for temperature).
+    temperature: Float32 = Field(default=_DEFAULT.temperature, ge=0.0, le=2.0)
+    top_p: Float32 = Field(default=_DEFAULT.top_p, gt=0.0, le=1.0)
+    top_k: int = Field(default=_DEFAULT.top_k, ge=0)
+    repetition_penalty: Float32 = Field(default=_DEFAULT.repetition_penalty, gt=0.0, le=10.0)
     n: int = Field(default=1, ge=1, le=128)  # OpenAI's limit
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Accepted only at their neutral values (clients such as LangChain always send them).
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Float32 = 0.0
+    frequency_penalty: Float32 = 0.0
+    logit_bias: dict[str, Float32] | None = None
     user: str | None = None
 
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def sampling_params(self, max_new_tokens: int, stop: list[str], logprobs: int | None = None,
+                        prompt_logprobs: int | None = None) -> SamplingParams:
+        """The request's sampling as the engine takes it (the one ``SamplingParams``)."""
+        return SamplingParams(max_new_tokens=max_new_tokens, temperature=self.temperature, top_k=self.top_k,
+                              top_p=self.top_p, repetition_penalty=self.repetition_penalty, stop=stop, seed=self.seed,
+                              logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def check_common(self) -> None:
         refuse_unsupported({
@@ -140,17 +164,49 @@ _SHAPES = {
 
 
 def parse_json_body(raw: bytes) -> Any:
-    """JSON per RFC 8259: NaN and Infinity (which Python's json accepts) are refused."""
+    """JSON per RFC 8259: NaN and Infinity (which Python's json accepts) are refused, and so
+    are strings holding a lone UTF-16 surrogate (``"\\ud800"``: valid JSON escapes, but not
+    text; no tokenizer can encode them)."""
 
     def no_constants(name: str) -> Any:
         raise ValueError(f"{name} is not valid JSON")
 
     try:
-        return json.loads(raw, parse_constant=no_constants)
+        body = json.loads(raw, parse_constant=no_constants)
     except (UnicodeDecodeError, ValueError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}") from None
     except RecursionError:
         raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
+    try:
+        where = _lone_surrogate(body, "")
+    except RecursionError:
+        raise APIError(400, "the request body is not valid JSON: nested too deeply") from None
+    if where is not None:
+        field = where.lstrip(".").split(".")[0].split("[")[0] or None
+        raise APIError(400, f"{where.lstrip('.') or 'the body'} holds a lone UTF-16 surrogate (an unpaired \\ud800-"
+                            "\\udfff escape), which is not text; send valid Unicode", param=field)
+    return body
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any, where: str) -> str | None:
+    """The path of the first string (or key) in ``value`` holding a lone surrogate, or None
+    (json pairs escaped surrogates into one character, so any left are unpaired)."""
+    if isinstance(value, str):
+        return where if _SURROGATE.search(value) else None
+    if isinstance(value, list):
+        for i, v in enumerate(value):
+            if (found := _lone_surrogate(v, f"{where}[{i}]")) is not None:
+                return found
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            if _SURROGATE.search(k):
+                return f"{where}.{ascii(k)}"
+            if (found := _lone_surrogate(v, f"{where}.{k}")) is not None:
+                return found
+    return None
 
 
 def parse_request(model: type[RequestT], body: Any) -> RequestT:
@@ -182,7 +238,8 @@ def validation_error(e: ValidationError, body: dict[str, Any]) -> APIError:
         return APIError(400, f"{field} must be {_SHAPES[field]}; got {_short(body.get(field))}", param=field)
     where = ".".join(loc)
     value = err.get("input")
-    return APIError(400, f"{where}: {err['msg']} (got {_short(value)})", param=field)
+    msg = str(err["ctx"]["error"]) if err["type"] == "value_error" and "error" in err.get("ctx", {}) else err["msg"]
+    return APIError(400, f"{where}: {msg} (got {_short(value)})", param=field)
 
 
 def _short(value: Any) -> str:

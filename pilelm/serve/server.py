@@ -30,8 +30,8 @@ def load_engine(cfg: ServeConfig) -> Engine:
         torch.set_num_threads(cfg.threads)
     model, _, tok_dir = load_for_inference(cfg.run, cfg.step, cfg.device)
     if not isinstance(model, GPT):
-        raise ValueError(f"{cfg.run} holds a {type(model).__name__} model; serve generates text with "
-                         "causal language models (gpt2 or neox)")
+        raise ValueError(f"{cfg.run} holds a {type(model).__name__} model; the generation engine needs "
+                         "a causal language model (gpt2 or neox); `pilelm serve` serves encoders with /embed")
     model = model.to(DTYPES[cfg.dtype])
     return Engine(model, load_tokenizer(tok_dir), max_batch=cfg.max_batch, batch_window_s=cfg.batch_window_ms / 1000,
                   continuous=cfg.continuous)
@@ -95,6 +95,10 @@ def run_serve(cfg: ServeConfig) -> None:
     import uvicorn
 
     require_key_off_loopback(cfg)
+    from pilelm.serve.heads_app import run_heads_serve, serves_heads
+
+    if serves_heads(cfg.run):  # a classifier, tagger or encoder: TEI's /predict, /embed
+        return run_heads_serve(cfg)
     engine = load_engine(cfg)
     app = create_app(engine, cfg)
     if not is_loopback(cfg.host) and cfg.resolved_api_key() is None:

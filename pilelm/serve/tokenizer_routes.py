@@ -8,7 +8,10 @@ the server answers ``/tokenizer_info``, so it needs no copy of the tokenizer):
 - ``GET /tokenizer_info`` -> the special tokens, the chat template in use and the sizes.
 
 Special tokens are never added (``add_special_tokens`` is accepted and ignored: pilelm's
-tokenizers add none). The API key, when set, is required as on ``/v1/*``.
+tokenizers add none), and a prompt is encoded as text, as completions encode it: a special
+token's string in it is ordinary characters (``ServeContext.encode_text``); messages are
+rendered and encoded as chat completions do (``chat.chat_prompt_ids``). The API key, when set,
+is required as on ``/v1/*``.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict
 
-from pilelm.serve.chat import check_messages, render_prompt
+from pilelm.serve.chat import chat_prompt_ids, check_messages
 from pilelm.serve.respond import ServeContext
 from pilelm.serve.schemas import APIError, parse_request
 from pilelm.tokens.chat import DEFAULT_CHAT_TEMPLATE
@@ -50,9 +53,10 @@ def add_tokenizer_routes(app: FastAPI, ctx: ServeContext) -> None:
         ctx.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "send either prompt (a string) or messages (a chat)", param="prompt")
-        text = req.prompt if req.prompt is not None else render_prompt(
-            ctx, check_messages(req.messages or []), req.add_generation_prompt)
-        tokens = tokenizer.encode(text)
+        if req.prompt is not None:
+            tokens = ctx.encode_text(req.prompt)
+        else:
+            tokens = await chat_prompt_ids(ctx, check_messages(req.messages or []), req.add_generation_prompt)
         return {"count": len(tokens), "max_model_len": ctx.max_context, "tokens": tokens}
 
     @app.post("/detokenize")

@@ -3,7 +3,8 @@
 ``render_chat`` renders a Jinja chat template as ``transformers``'
 ``PreTrainedTokenizerBase.apply_chat_template(..., tokenize=False)`` does
 (https://huggingface.co/docs/transformers/chat_templating; ``utils/chat_template_utils.py``):
-an ``ImmutableSandboxedEnvironment`` (templates from the Hub are untrusted code) with
+an ``ImmutableSandboxedEnvironment`` (templates from the Hub are untrusted code; here with a
+time and size limit, ``template_sandbox``) with
 ``trim_blocks`` and ``lstrip_blocks``, the loop-controls extension, the globals
 ``raise_exception(message)`` and ``strftime_now(format)``, a ``tojson`` filter that does not
 escape HTML, ``{% generation %}`` blocks (rendered as their body; nothing tracks them here),
@@ -37,6 +38,7 @@ for it; a base model then tends to write the user's next turn, so a server ends 
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -45,7 +47,8 @@ from typing import Any
 import jinja2
 import jinja2.ext
 import jinja2.nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from pilelm.tokens.template_sandbox import LimitedEnvironment, limits, render_limited
 
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -100,14 +103,66 @@ def load_special_tokens(tokenizer_dir: str | Path) -> dict[str, str]:
 
 
 def render_chat(messages: list[dict], template: str | None, add_generation_prompt: bool = True,
-                special_tokens: dict | None = None) -> str:
-    """``messages`` rendered through ``template`` (None: ``DEFAULT_CHAT_TEMPLATE``).
+                special_tokens: dict | None = None, timeout_s: float | None = None,
+                max_chars: int | None = None) -> str:
+    """``messages`` rendered through ``template`` (None: ``DEFAULT_CHAT_TEMPLATE``), within
+    ``timeout_s`` seconds and ``max_chars`` characters (None: no limit; ``template_sandbox``).
 
-    Raises ``jinja2.TemplateError`` when the template is malformed or refuses the messages
-    (its ``raise_exception``)."""
+    Raises ``jinja2.TemplateError`` when the template is malformed, refuses the messages (its
+    ``raise_exception``) or breaks a limit (``TemplateLimitError``)."""
     compiled = _compile(template if template is not None else DEFAULT_CHAT_TEMPLATE)
-    return compiled.render(messages=messages, tools=None, documents=None,
-                           add_generation_prompt=add_generation_prompt, **(special_tokens or {}))
+    with limits(timeout_s, max_chars):
+        return render_limited(compiled, messages=messages, tools=None, documents=None,
+                              add_generation_prompt=add_generation_prompt, **(special_tokens or {}))
+
+
+# Stand-ins for special-token strings inside message text while the template renders: private
+# use characters of planes 15-16 (U+F0000 on), at a base no character of the chat uses.
+_PRIVATE_USE = (0xF0000, 0x10FFFD)
+
+
+def encode_chat(tokenizer: Any, messages: list[dict], template: str | None, add_generation_prompt: bool = True,
+                special_tokens: dict | None = None, timeout_s: float | None = None,
+                max_chars: int | None = None) -> list[int]:
+    """``messages`` rendered through ``template`` (``render_chat``) as token ids, where only the
+    template's own text can be special tokens: a special token's string inside a message
+    (``<|endoftext|>`` or a role marker typed by a user) encodes as text, as transformers' chat
+    templates encode messages with ``split_special_tokens``. ``tokenizer`` needs ``encode``; one
+    with ``special_strings`` and ``encode_plain`` (``PileTokenizer``) gets the protection.
+
+    Each special string in the messages is swapped for a private-use character before the
+    template runs, so every special string of the rendered text is the template's; the text
+    between them gets the swapped strings back and encodes with ``encode_plain``."""
+    specials: list[str] = list(getattr(tokenizer, "special_strings", []))
+    if not specials:
+        return tokenizer.encode(render_chat(messages, template, add_generation_prompt, special_tokens, timeout_s,
+                                            max_chars))
+    used = {ord(c) for text in _strings(messages) for c in text} | {ord(c) for c in template or ""}
+    base = next((b for b in range(*_PRIVATE_USE, len(specials))
+                 if b + len(specials) <= _PRIVATE_USE[1] and not any(b <= u < b + len(specials) for u in used)), None)
+    if base is None:
+        raise ValueError("the messages use every private-use character; cannot tell their text from the template's")
+    pattern = re.compile("|".join(re.escape(s) for s in specials))
+    stand_in = {s: chr(base + i) for i, s in enumerate(specials)}
+    back = {v: k for k, v in stand_in.items()}
+    swapped = [{k: pattern.sub(lambda m: stand_in[m.group()], v) if isinstance(v, str) else v for k, v in m.items()}
+               for m in messages]
+    rendered = render_chat(swapped, template, add_generation_prompt, special_tokens, timeout_s, max_chars)
+    restore = re.compile("|".join(re.escape(c) for c in back))
+    ids: list[int] = []
+    pos = 0
+    for m in [*pattern.finditer(rendered), None]:
+        text = rendered[pos : None if m is None else m.start()]
+        if text:
+            ids += tokenizer.encode_plain(restore.sub(lambda c: back[c.group()], text))
+        if m is not None:
+            ids += tokenizer.encode(m.group())  # the template's marker: its special id
+            pos = m.end()
+    return ids
+
+
+def _strings(messages: list[dict]) -> list[str]:
+    return [v for m in messages for v in m.values() if isinstance(v, str)]
 
 
 class _GenerationBlock(jinja2.ext.Extension):
@@ -140,9 +195,29 @@ def _strftime_now(fmt: str) -> str:
 
 @lru_cache(maxsize=16)
 def _compile(template: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+    env = LimitedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(template)
+
+
+class NoChatTemplate(ValueError):
+    """The run's tokenizer has no chat template; the message says how to get one."""
+
+
+def no_template_message(run: str | Path) -> str:
+    return (f"{run} has no chat template (a base model: its tokenizer_config.json holds no chat_template). "
+            f"Fine-tune it on conversations to get one: pilelm finetune {run} --task sft --data CHATS.jsonl "
+            "-o CHAT_RUN (docs/sft.md), then chat with CHAT_RUN; or pass --plain-template to chat with the "
+            "plain 'User: / Assistant:' transcript, which a base model continues without training")
+
+
+def chat_template_of(tokenizer: Any, run: str | Path, plain_template: bool = False) -> str | None:
+    """The tokenizer's template; None (the plain transcript) when ``plain_template`` allows it."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        return template
+    if plain_template:
+        return None
+    raise NoChatTemplate(no_template_message(run))

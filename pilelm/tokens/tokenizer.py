@@ -69,6 +69,7 @@ class PileTokenizer:
         self.encoder: Encoder
         self.encoder, self.passed_over = choose_encoder(tokenizer, spec, encoder if fast else "tokenizers")
         """The encoder in use, and why each faster one was not."""
+        self._plain: tuple[Tokenizer, int] | None = None  # encode_plain's copy, and the vocabulary size it was made at
 
     # ids of the roles; None when the tokenizer has no such token
     def _id(self, role: str) -> int | None:
@@ -106,6 +107,26 @@ class PileTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self.encoder.encode(text).tolist()
+
+    @property
+    def special_strings(self) -> list[str]:
+        """The strings of the special added tokens (``<|endoftext|>``, role markers), longest first."""
+        found = [a.content for a in self.hf.get_added_tokens_decoder().values() if a.special]
+        return sorted(found, key=len, reverse=True)
+
+    def encode_plain(self, text: str) -> list[int]:
+        """The ids of ``text`` taken as text: a special token's string in it (``<|endoftext|>``
+        typed by a user) encodes as the ordinary characters it is, never as the special id
+        (transformers' ``split_special_tokens=True``). Text from a request is encoded so."""
+        specials = self.special_strings
+        if not any(s in text for s in specials):
+            return self.encode(text)
+        size = self.hf.get_vocab_size(with_added_tokens=True)  # a tokenizer that gained tokens needs a new copy
+        if self._plain is None or self._plain[1] != size:
+            plain = Tokenizer.from_str(self.hf.to_str())
+            plain.encode_special_tokens = True  # special tokens are split like any other text
+            self._plain = (plain, size)
+        return self._plain[0].encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         ids, offsets = self.encoder.encode_flat(texts)

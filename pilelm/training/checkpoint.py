@@ -197,9 +197,14 @@ def resolve_init_checkpoint(src: Path) -> tuple[Path, Path]:
 def load_for_inference(
     run_dir: str | Path, step: int | None = None, device: str | torch.device = "cpu"
 ) -> tuple[nn.Module, Any, Path]:
-    """(model in eval mode, its config, tokenizer directory) of a run's latest (or given) step."""
+    """(model in eval mode, its config, tokenizer directory) of a run's latest (or given) step;
+    ``device="auto"`` is cuda where there is one, else the CPU."""
     run_dir = Path(run_dir)
     require_stage(run_dir, *RUN_STAGES, what="run")
+    if device == "auto":
+        from pilelm.training.distributed import pick_device
+
+        device = pick_device("auto")
     _, ckpt = resolve_checkpoint(run_dir, step)
     model, cfg = load_model(ckpt, device)
     model.eval()

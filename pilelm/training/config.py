@@ -86,6 +86,8 @@ class LoopConfig:
     uses and checkpoints save as the model (the raw weights go in train_state); 0 = off."""
     tensorboard: bool = True
     """Write TensorBoard event files to RUN/tensorboard."""
+    trackers: list[str] = field(default_factory=list)
+    """Experiment trackers that also get every metrics row: mlflow (a local SQLite store, RUN/mlflow.db) and/or wandb (offline, RUN/wandb); each needs pip install 'pilelm[track]'."""
 
     def __post_init__(self) -> None:
         require_at_least(self, 1, ("max_steps", "micro_batch"), prefix="loop.")

@@ -34,11 +34,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from pilelm.models.spec import IGNORE_INDEX, Objective
+from pilelm.training.order import epoch_order
 
 __all__ = ["IGNORE_INDEX", "BatchLoader", "ByteCounter", "SpecialTokens", "eval_batches", "validation_batches"]
 
@@ -58,8 +60,20 @@ class SpecialTokens:
         return sorted({i for i in (self.mask, self.cls, self.sep, self.pad, self.eod) if i is not None})
 
 
+def special_tokens_of(tokenizer_dir: Path, family: str) -> SpecialTokens:
+    """The special ids a masked LM's batches need, from the tokenizer the shards were made with."""
+    from pilelm.tokens.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)
+    if tok.mask_id is None:
+        raise ValueError(f"family={family} needs a tokenizer with a mask token; {tokenizer_dir} has none "
+                         "(train a WordPiece tokenizer: pilelm tokenizer train ... --kind wordpiece)")
+    return SpecialTokens(mask=tok.mask_id, vocab_size=tok.vocab_size, cls=tok.cls_id, sep=tok.sep_id,
+                         pad=tok.pad_id if tok.pad_id is not None else 0, eod=tok.eod_id)
+
+
 class WindowSampler:
-    """Global sample index -> window start, a pure function of (seed, index)."""
+    """Global sample index -> window start, a pure function of (seed, index) (``order.epoch_order``)."""
 
     def __init__(self, num_windows: int, seed: int, shuffle: bool = True):
         if num_windows < 1:
@@ -83,8 +97,7 @@ class WindowSampler:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm is None or self._perm[0] != epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm = (epoch, rng.permutation(self.num_windows))
+            self._perm = (epoch, epoch_order(epoch, self.num_windows, self.seed))
         return self._perm[1]
 
 

@@ -6,8 +6,8 @@
   orthogonalised momentum for 2-D hidden matrices, AdamW for everything else).
   Weight decay applies to matrices (dim >= 2: linear weights and embeddings, as nanoGPT);
   biases and norm gains are never decayed.
-- Schedules are pure functions of the step (``lr_at``), so a resumed run needs nothing but the
-  step number: linear warmup then cosine to a floor; warmup-stable-decay (Hu et al. 2024,
+- Schedules are pure functions of the step (``lr_multiplier``; every loop, pretraining and
+  each fine-tuning task, calls it), so a resumed run needs nothing but the step number: linear warmup then cosine to a floor; warmup-stable-decay (Hu et al. 2024,
   MiniCPM, sec. 4); constant after warmup. A wall-clock budget has no step count known in
   advance: ``lr_multiplier_at_progress`` shapes the same schedules over the fraction of the
   budget used (``training/budget.py``).
@@ -119,10 +119,6 @@ def lr_multiplier_at_progress(step: int, progress: float, cfg: ScheduleConfig) -
     if p < decay_start:
         return 1.0
     return 1.0 - (1.0 - floor) * (p - decay_start) / cfg.decay_frac
-
-
-def lr_at(step: int, total_steps: int, base_lr: float, cfg: ScheduleConfig) -> float:
-    return base_lr * lr_multiplier(step, total_steps, cfg)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> None:

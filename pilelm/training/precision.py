@@ -152,10 +152,14 @@ def resolve_precision(name: str, device: torch.device, distributed: str | None =
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16, seconds: float = 0.3) -> float:
-    """Measured dense matmul FLOP/s of ``device`` in ``dtype`` (the MFU denominator)."""
+    """Measured dense matmul FLOP/s of ``device`` in ``dtype`` (the MFU denominator).
+
+    The operands come from a private generator: a run measures at every start, after a resumed
+    checkpoint's RNG state was restored, and must not move the generator dropout draws from."""
     n = 4096 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     for _ in range(3):
         a @ b
     _sync(device)

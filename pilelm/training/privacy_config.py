@@ -36,13 +36,19 @@ class PrivacyConfig:
     per_sample: Literal["auto", "vmap", "loop"] = "auto"
     """How per-sample gradients are computed: vmap (torch.func, one batched pass), loop (one
     backward pass per sample; works for any model), auto = vmap, else loop."""
-    secure_noise: bool = False
-    """Seed the noise from the OS's entropy instead of loop.seed and the step (reproducible,
-    and a resumed run repeats the uninterrupted one exactly, but the seed is not secret)."""
+    secure_rng: bool = True
+    """Draw which windows join a step (poisson sampling) and the noise from the OS's entropy
+    (``secrets``), as the accounting assumes: nobody can replay them. false draws both from
+    loop.seed and the step: reproducible (a resumed run repeats the uninterrupted one exactly;
+    for tests and debugging), but anyone who knows the seed can, so the epsilon does not hold."""
 
     def __post_init__(self) -> None:
         if self.target_epsilon < 0 or self.noise_multiplier < 0:
             raise ValueError("privacy.target_epsilon and privacy.noise_multiplier must be >= 0")
+        if not self.enabled and (self.target_epsilon > 0 or self.noise_multiplier > 0):
+            given = "privacy.target_epsilon" if self.target_epsilon > 0 else "privacy.noise_multiplier"
+            raise ValueError(f"{given} is set but privacy.enabled=false: the run would train without "
+                             f"DP-SGD; add privacy.enabled=true to train privately, or drop {given}")
         if self.enabled and (self.target_epsilon > 0) == (self.noise_multiplier > 0):
             raise ValueError("privacy.enabled=true needs exactly one of privacy.target_epsilon (e.g. 8) "
                              "or privacy.noise_multiplier (e.g. 1.0)")

@@ -34,11 +34,14 @@ RESUME_NEUTRAL = frozenset({
     "data",  # the shards are compared by content hash (a moved shard dir is the same data)
     "output", "resume", "restart",
     "loop.max_steps", "loop.stop_at_step", "loop.eval_every", "loop.eval_windows", "loop.save_every",
-    "loop.keep_last", "loop.log_every", "loop.num_threads", "loop.peak_flops", "loop.tensorboard",
+    "loop.keep_last", "loop.log_every", "loop.num_threads", "loop.peak_flops", "loop.tensorboard", "loop.trackers",
     "loop.compile",
 })
-# What --restart removes (hardware.json, a measurement of the machine, stays).
-RUN_STATE = (CHECKPOINTS, "metrics.jsonl", "tensorboard", MANIFEST, CONFIG_FILE, INPUTS_FILE)
+# What --restart (and any stage writing a new model into a used directory) removes, the
+# manifest first: from then on the directory reads as unfinished, so a stop part-way never
+# leaves an old manifest vouching for what is left. hardware.json, a measurement of the
+# machine, stays.
+RUN_STATE = (MANIFEST, CHECKPOINTS, "tokenizer", "metrics.jsonl", "tensorboard", CONFIG_FILE, INPUTS_FILE)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -63,6 +66,35 @@ def config_differences(old: dict[str, Any], new: dict[str, Any],
 
 def data_identity(data: str | Path) -> dict[str, str]:
     return {"path": str(data), "hash": content_hash(data)}
+
+
+def record_input_files(run_dir: Path, inputs: dict[str, list[str]]) -> None:
+    """Write ``RUN/inputs.json`` with the content hash of every input file, by role (a
+    fine-tune's ``data``, ``val_data``, ``test_data``), when a run starts from scratch."""
+    atomic_write_json(run_dir / INPUTS_FILE, {k: [data_identity(p) for p in paths] for k, paths in inputs.items()})
+
+
+def input_file_differences(run_dir: Path, inputs: dict[str, list[str]]) -> list[str]:
+    """``ROLE: ...`` for every role of ``inputs`` whose files' contents differ from those
+    recorded by ``record_input_files`` (names may change: a moved file is the same data)."""
+    path = run_dir / INPUTS_FILE
+    if not path.is_file():
+        log.info("%s has no %s (an older run): its data cannot be compared", run_dir, INPUTS_FILE)
+        return []
+    recorded = json.loads(path.read_text())
+    problems = []
+    for role, paths in inputs.items():
+        old = recorded.get(role, [])
+        if not isinstance(old, list):
+            continue
+        new = [data_identity(p) for p in paths]
+        if [o.get("hash") for o in old] != [n["hash"] for n in new]:
+            changed = [f"{o['path']} ({o['hash'][:12]}) -> {n['path']} ({n['hash'][:12]})"
+                       for o, n in zip(old, new, strict=False) if o.get("hash") != n["hash"]]
+            if len(old) != len(new):
+                changed.append(f"{len(old)} files -> {len(new)}")
+            problems.append(f"{role}: the contents changed: {'; '.join(changed)}")
+    return problems
 
 
 def record_run_inputs(run_dir: Path, data: str | Path) -> None:
@@ -111,12 +143,26 @@ def require_same_run(run_dir: Path, cfg: Any) -> None:
                   f"run's own {CONFIG_FILE} to continue it")
 
 
-def discard_run(run_dir: Path) -> None:
-    """``--restart``: remove a run's checkpoints, metrics, manifest and recorded config/inputs."""
+def discard_run(run_dir: str | Path, why: str = "--restart") -> None:
+    """Remove a run's manifest (first), checkpoints, tokenizer, metrics and recorded config/inputs:
+    ``--restart``, a fresh start, or a stage that writes a new model into a used directory, so no
+    loader can pair an old run's checkpoint with the new run's tokenizer or manifest."""
+    run_dir = Path(run_dir)
+    found = []
     for name in RUN_STATE:
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
         else:
-            path.unlink(missing_ok=True)
-    log.info("%s: discarded the previous run (--restart)", run_dir)
+            continue
+        found.append(name)
+    if found:
+        log.info("%s: discarded the previous run's %s (%s)", run_dir, ", ".join(found), why)
+
+
+def require_separate_output(source: str | Path, out: str | Path, what: str) -> None:
+    """Refuse an output that is ``source``: writing there would discard ``what``."""
+    if Path(source).resolve() == Path(out).resolve():
+        raise ValueError(f"output {out} is {what}; writing there would discard it: give another -o")

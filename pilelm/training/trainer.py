@@ -21,12 +21,14 @@ and reproduces the uninterrupted run's losses exactly (same device and world siz
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from tqdm.auto import tqdm
 
 from pilelm.core.atomic import atomic_write_text
 from pilelm.core.config import dump_yaml, to_dict
-from pilelm.core.manifest import MANIFEST, clear_manifest, require_stage, write_manifest
+from pilelm.core.manifest import MANIFEST, clear_manifest, require_stage
 from pilelm.core.stages import load_hook
 from pilelm.models import build_model, config_from_spec, model_spec
 from pilelm.models.spec import IGNORE_INDEX
@@ -59,8 +61,8 @@ from pilelm.training.init_from import init_source
 from pilelm.training.loader import (
     BatchLoader,
     ByteCounter,
-    SpecialTokens,
     document_window_starts,
+    special_tokens_of,
     validation_batches,
 )
 from pilelm.training.memory import enable_activation_checkpointing, keep_freed_memory_mapped
@@ -70,23 +72,13 @@ from pilelm.training.optim import build_optimizer, set_lr
 from pilelm.training.outcomes import ManifestEntry, NonFiniteLossError, StepResult
 from pilelm.training.precision import resolve_precision
 from pilelm.training.resume import discard_run, record_run_inputs, require_same_run
+from pilelm.training.run_log import RunLog
 
 # The stage table (pilelm/core/stages.py) and callers find the config here too.
 __all__ = ["LoopConfig", "ManifestEntry", "NonFiniteLossError", "StepResult", "TrainConfig", "Trainer", "load_run_config",
            "round_vocab", "run_train"]
 
 log = logging.getLogger(__name__)
-
-
-def _special_tokens(tokenizer_dir: Path, family: str) -> SpecialTokens:
-    from pilelm.tokens.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_dir)
-    if tok.mask_id is None:
-        raise ValueError(f"family={family} needs a tokenizer with a mask token; {tokenizer_dir} has none "
-                         "(train a WordPiece tokenizer: pilelm tokenizer train ... --kind wordpiece)")
-    return SpecialTokens(mask=tok.mask_id, vocab_size=tok.vocab_size, cls=tok.cls_id, sep=tok.sep_id,
-                         pad=tok.pad_id if tok.pad_id is not None else 0, eod=tok.eod_id)
 
 
 class Trainer:
@@ -96,8 +88,6 @@ class Trainer:
     """
 
     def __init__(self, cfg: TrainConfig, info: DistInfo | None = None):
-        from pilelm.tokens.shards import listed_splits, open_split
-
         self.info = info or DistInfo()
         loop = cfg.loop
         if not str(cfg.data) or str(cfg.data) == ".":
@@ -112,6 +102,24 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast
             torch.backends.cudnn.allow_tf32 = True
         self.out = Path(cfg.output)
+        init_step = self._open_data(cfg)
+        self.precision = resolve_precision(loop.precision, self.device,
+                                           loop.distributed if self.info.enabled else None)
+        self._build_loader()
+        self._build_model(init_step)
+        torch.manual_seed(loop.seed + 1 + self.info.rank)  # dropout streams differ per rank
+        self.step = 0
+        self.tokens_seen = 0
+        self.skips_in_a_row = 0
+        self.elapsed = 0.0  # seconds of training loop, carried over resumes (training/budget.py)
+        self.clock = time.perf_counter  # tests inject a fake one
+
+    def _open_data(self, cfg: TrainConfig) -> Path | None:
+        """Open the shards and resolve the config against them (``init_from``, the vocabulary
+        from the shards when model.vocab_size=0); sets ``cfg``, ``mcfg``, ``spec``, ``seq_len``.
+        Returns the checkpoint to initialise from, if any."""
+        from pilelm.tokens.shards import listed_splits, open_split
+
         self.train_split = open_split(cfg.data, "train")
         self.val_split = open_split(cfg.data, "val") if "val" in listed_splits(cfg.data) else None
 
@@ -132,16 +140,17 @@ class Trainer:
         self.cfg = cfg
         self.mcfg = mcfg
         self.seq_len = mcfg.block_size
-        self.precision = resolve_precision(loop.precision, self.device,
-                                           loop.distributed if self.info.enabled else None)
+        return init_step
 
-        # Batch geometry.
+    def _build_loader(self) -> None:
+        """Batch geometry (micro-batches per step from loop.tokens_per_step), the loader, the budget."""
+        cfg, loop, spec = self.cfg, self.cfg.loop, self.spec
         per_micro = loop.micro_batch * self.seq_len * self.info.world
         self.accum = max(1, math.ceil(loop.tokens_per_step / per_micro)) if loop.tokens_per_step else 1
         if loop.tokens_per_step and self.accum * per_micro != loop.tokens_per_step:
             log.info("loop.tokens_per_step=%d is not a multiple of micro_batch*block_size*world=%d; "
                      "using %d tokens per step", loop.tokens_per_step, per_micro, self.accum * per_micro)
-        special = _special_tokens(self.train_split.tokenizer_dir, spec.family) if spec.needs_special_tokens else None
+        special = special_tokens_of(self.train_split.tokenizer_dir, spec.family) if spec.needs_special_tokens else None
         self.special = special
         starts = None
         if loop.window_start == "document":
@@ -155,9 +164,11 @@ class Trainer:
         )
         self.budget = TrainingBudget(loop.max_steps, loop.max_tokens, loop.max_minutes, self.loader.tokens_per_step)
 
-        # Model, optimizer; all ranks draw the same initial weights from the seed.
+    def _build_model(self, init_step: Path | None) -> None:
+        """Model, optimizer, compile, DP-SGD, EMA; all ranks draw the same initial weights from the seed."""
+        cfg, loop = self.cfg, self.cfg.loop
         torch.manual_seed(loop.seed)
-        model = build_model(mcfg)
+        model = build_model(self.mcfg)
         if init_step is not None:
             source, _ = ckpt_io.load_model(init_step)
             model.load_state_dict(source.state_dict())
@@ -180,12 +191,6 @@ class Trainer:
             if loop.distributed == "fsdp" and self.info.enabled:
                 raise ValueError("loop.ema needs whole weights on every rank; use loop.distributed=ddp or loop.ema=0")
             self.ema = WeightEMA(trained_tensors(self.raw_model), loop.ema)
-        torch.manual_seed(loop.seed + 1 + self.info.rank)  # dropout streams differ per rank
-        self.step = 0
-        self.tokens_seen = 0
-        self.skips_in_a_row = 0
-        self.elapsed = 0.0  # seconds of training loop, carried over resumes (training/budget.py)
-        self.clock = time.perf_counter  # tests inject a fake one
 
     # --- the step --------------------------------------------------------------------------
 
@@ -415,112 +420,108 @@ class Trainer:
     # --- the loop --------------------------------------------------------------------------
 
     def fit(self) -> Path:
+        """Train (or resume) to the end of the budget or ``loop.stop_at_step``; returns the run dir."""
         cfg, loop, info = self.cfg, self.cfg.loop, self.info
-        out = self.out
-        if cfg.restart and out.exists():
+        found = self._open_run()
+        if found and self.budget.done(self.step, self.elapsed) and (self.out / MANIFEST).is_file():
+            log.info("%s already finished its budget (%s) at step %d; nothing to do (raise the budget "
+                     "to train on)", self.out, self.budget.describe(), self.step)
+            return self.out
+        if found:
+            log.info("resumed from %s (step %d, %.0f s of training)", found[1], self.step, self.elapsed)
+        if info.is_main:
+            self._record_start(fresh=found is None)
+        peak = resolve_peak(self.device, loop.peak_flops, self.out / "hardware.json", measure=info.is_main)
+        log.info("MFU against a peak of %s per device", peak.describe())
+        log.info("training %s (%.1fM parameters) for %s: %d sequences x %d tokens x %d micro-batches "
+                 "x %d ranks = %d tokens per step, precision %s", cfg.family, self.num_params / 1e6,
+                 self.budget.describe(), loop.micro_batch, self.seq_len, self.accum, info.world,
+                 self.loader.tokens_per_step, self.precision.name)
+        run = RunLog(time.perf_counter(), self.tokens_seen, peak)
+        metrics = MetricsLog(self.out, self.step, enabled=info.is_main, tensorboard=loop.tensorboard,
+                             trackers=loop.trackers, config=cfg)
+        bar = tqdm(total=None if loop.max_minutes else self.budget.total_steps, initial=self.step, desc="train",
+                   unit="step", dynamic_ncols=True, disable=True if not info.is_main else None)
+        try:
+            finished = self._run_steps(run, metrics, bar)
+        finally:
+            bar.close()
+            metrics.close()
+        if not finished:
+            log.info("stopped at step %d (loop.stop_at_step); rerun the same command to resume", self.step)
+            return self.out
+        if info.is_main:
+            run.write_manifest(self)
+        barrier(info)
+        return self.out
+
+    def _open_run(self) -> tuple[int, Path] | None:
+        """``--restart``, then resume from the newest intact checkpoint (after checking it is
+        this run: ``training/resume.py``) or refuse to overwrite one; the checkpoint found."""
+        out, info = self.out, self.info
+        if self.cfg.restart and out.exists():
             if info.is_main:
                 discard_run(out)
             barrier(info)
-        cfg = self.cfg = replace(cfg, restart=False)  # an action, not part of the run's config
-        budget = self.budget
+        cfg = self.cfg = replace(self.cfg, restart=False)  # an action, not part of the run's config
         found = ckpt_io.find_resumable(out) if out.exists() else None
         if found and not cfg.resume:
             raise ValueError(f"output {out} already holds checkpoints; give a new --output, resume=true or --restart")
         if found:
             require_same_run(out, cfg)
             self.load(found[1])
-            if budget.done(self.step, self.elapsed) and (out / MANIFEST).is_file():
-                log.info("%s already finished its budget (%s) at step %d; nothing to do (raise the budget "
-                         "to train on)", out, budget.describe(), self.step)
-                return out
-            log.info("resumed from %s (step %d, %.0f s of training)", found[1], self.step, self.elapsed)
-        if info.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            clear_manifest(out)  # training on: the old manifest no longer describes the run
-            shutil.copytree(self.train_split.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
-            atomic_write_text(out / "config.yaml", dump_yaml(cfg))
-            if not found:
-                record_run_inputs(out, cfg.data)
-        peak = resolve_peak(self.device, loop.peak_flops, out / "hardware.json", measure=info.is_main)
-        log.info("MFU against a peak of %s per device", peak.describe())
-        metrics = MetricsLog(out, self.step, enabled=info.is_main, tensorboard=loop.tensorboard)
-        bar = tqdm(total=None if loop.max_minutes else budget.total_steps, initial=self.step, desc="train",
-                   unit="step", dynamic_ncols=True, disable=True if not info.is_main else None)
-        t_start = time.perf_counter()
-        train_time = 0.0
-        tokens_at_start = self.tokens_seen
-        log.info("training %s (%.1fM parameters) for %s: %d sequences x %d tokens x %d micro-batches "
-                 "x %d ranks = %d tokens per step, precision %s", cfg.family, self.num_params / 1e6,
-                 budget.describe(), loop.micro_batch, self.seq_len, self.accum, info.world,
-                 self.loader.tokens_per_step, self.precision.name)
-        last: StepResult | None = None
-        evals: dict[str, float] = {}
-        window_t, window_tokens = time.perf_counter(), 0
+        return found
+
+    def _record_start(self, fresh: bool) -> None:
+        """What the run dir holds while training (rank 0): no manifest, the tokenizer, the config,
+        and on a fresh start the content hash of the data."""
+        out = self.out
+        out.mkdir(parents=True, exist_ok=True)
+        if fresh:  # no checkpoint of what was there (another stage's) outlives a fresh start
+            discard_run(out, "a fresh start")
+        clear_manifest(out)  # training on: the old manifest no longer describes the run
+        shutil.copytree(self.train_split.tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_yaml(self.cfg))
+        if fresh:
+            record_run_inputs(out, self.cfg.data)
+
+    def _run_steps(self, run: RunLog, metrics: MetricsLog, bar: Any) -> bool:
+        """The loop: step, log, evaluate, save until the budget ends (True) or a stop request."""
+        loop, budget = self.cfg.loop, self.budget
         finished = budget.done(self.step, self.elapsed)
         stopped = bool(loop.stop_at_step) and self.step >= loop.stop_at_step
-        try:
-            while not (finished or stopped):
-                t_iter = self.clock()
+        while not (finished or stopped):
+            with self._budget_time():
                 t0, tokens_before = time.perf_counter(), self.tokens_seen
-                last = self.train_step()
-                train_time += time.perf_counter() - t0
-                window_tokens += self.tokens_seen - tokens_before
-                self.elapsed += self.clock() - t_iter
-                finished = budget.done(self.step, self._agreed_elapsed())
-                stopped = bool(loop.stop_at_step) and self.step >= loop.stop_at_step
-                row: dict[str, Any] = {}
-                if self.step % loop.log_every == 0 or finished or stopped:
-                    now = time.perf_counter()
-                    tps = window_tokens / max(now - window_t, 1e-9)
-                    window_t, window_tokens = now, 0
-                    mfu = peak.utilisation(tps * self.flops_per_token / info.world)
-                    row = {"step": self.step, "loss": round(last.loss, 6), "lr": last.lr,
-                           "tokens": self.tokens_seen, "tokens_per_s": round(tps, 1), "mfu": round(mfu, 4),
-                           "grad_norm": round(last.grad_norm, 4), "epoch": round(self.loader.epoch(), 4),
-                           "elapsed_s": round(self.elapsed, 2)}
-                    if last.skipped:
-                        row["skipped"] = True
-                    if self.private is not None:
-                        row.update(self.private.metrics())
-                    bar.set_postfix(loss=f"{last.loss:.4f}", lr=f"{last.lr:.2e}", tok_s=f"{tps:,.0f}",
-                                    mfu=f"{100 * mfu:.1f}%", refresh=False)
-                t_after = self.clock()  # periodic evaluations and checkpoints count; the final ones not
+                run.last = self.train_step()
+                run.train_time += time.perf_counter() - t0
+                run.window_tokens += self.tokens_seen - tokens_before
+            finished = budget.done(self.step, self._agreed_elapsed())
+            stopped = bool(loop.stop_at_step) and self.step >= loop.stop_at_step
+            row = run.train_row(self, bar) if self.step % loop.log_every == 0 or finished or stopped else {}
+            # periodic evaluations and checkpoints count towards a time budget; the final ones not
+            with self._budget_time(counts=not finished):
                 if loop.eval_every and (self.step % loop.eval_every == 0 or finished):
-                    evals = self.evaluate()
-                    row = {**(row or {"step": self.step, "loss": round(last.loss, 6), "lr": last.lr,
-                                      "tokens": self.tokens_seen}), **evals}
-                    window_t = time.perf_counter()  # keep eval time out of tokens/s
+                    run.evals = self.evaluate()
+                    row = {**(row or {"step": self.step, "loss": round(run.last.loss, 6), "lr": run.last.lr,
+                                      "tokens": self.tokens_seen}), **run.evals}
+                    run.window_t = time.perf_counter()  # keep eval time out of tokens/s
                 if row:
                     metrics.write(row)
-                if not finished:
-                    self.elapsed += self.clock() - t_after
-                    t_after = self.clock()
+            with self._budget_time(counts=not finished):
                 if self.step % loop.save_every == 0 or finished or stopped:
                     self.save()
-                    window_t = time.perf_counter()
-                if not finished:
-                    self.elapsed += self.clock() - t_after
-                bar.update(1)
-        finally:
-            bar.close()
-            metrics.close()
-        if not finished:
-            log.info("stopped at step %d (loop.stop_at_step); rerun the same command to resume", self.step)
-            return out
-        if info.is_main:
-            tokens = self.tokens_seen - tokens_at_start
-            counts = {"steps": self.step, "tokens": self.tokens_seen, "parameters": self.num_params,
-                      "final_loss": last.loss if last else None, **evals}
-            entry = self.manifest_entry()
-            write_manifest(out, entry.stage, entry.config, inputs=entry.inputs, counts={**counts, **entry.counts},
-                           timings={"total": time.perf_counter() - t_start, "train": train_time,
-                                    "budget_elapsed": self.elapsed},
-                           extra={"tokens_per_s": tokens / train_time if train_time else None,
-                                  "precision": self.precision.name, "world": info.world,
-                                  "peak_flops": peak.value, "peak_flops_source": peak.source,
-                                  **({"privacy": self.private.summary()} if self.private is not None else {})})
-        barrier(info)
-        return out
+                    run.window_t = time.perf_counter()
+            bar.update(1)
+        return finished
+
+    @contextlib.contextmanager
+    def _budget_time(self, counts: bool = True) -> Iterator[None]:
+        """Add the block's seconds (``self.clock``) to ``elapsed``, the time budget's count."""
+        t = self.clock() if counts else 0.0
+        yield
+        if counts:
+            self.elapsed += self.clock() - t
 
     def _agreed_elapsed(self) -> float:
         """The budget seconds used; under torchrun with a time budget the ranks' mean (one

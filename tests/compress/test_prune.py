@@ -23,10 +23,15 @@ from pilelm.interop.hf import ExportConfig, run_export
 from pilelm.models.gpt import GPT, GPTConfig
 from pilelm.training.checkpoint import load_for_inference
 
+# The cpu-10min recipe's form (Qwen3's): RMSNorm, SwiGLU (fc holds gate and value rows), gained QK-norm.
+RECIPE = dict(norm="rmsnorm", mlp="swiglu", qk_norm=True, qk_norm_gain=True, rotary_pct=1.0, parallel_residual=False,
+              bias=False)
 
-def _model(arch: str = "gpt2", seed: int = 0) -> GPT:
+
+def _model(arch: str = "gpt2", seed: int = 0, **options) -> GPT:
     torch.manual_seed(seed)
-    cfg = GPTConfig(arch=arch, vocab_size=96, block_size=48, n_layer=2, n_head=4, d_model=64, tie_embeddings=False)
+    cfg = GPTConfig(arch=arch, vocab_size=96, block_size=48, n_layer=2, n_head=4, d_model=64, tie_embeddings=False,
+                    **options)
     model = GPT(cfg).eval()
     with torch.no_grad():  # biases are zero at init; make them matter
         for p in model.parameters():
@@ -56,11 +61,12 @@ def test_magnitude_pruning_zeroes_the_smallest_weights_and_keeps_the_rest(scope)
     assert torch.equal(model.wte.weight, before["wte.weight"])  # embeddings are not pruned
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "neox"])
+@pytest.mark.parametrize("arch", ["gpt2", "neox", "recipe"])
 def test_removed_heads_and_channels_do_not_change_the_kept_ones(arch):
-    model = _model(arch)
+    model = _model("neox", **RECIPE) if arch == "recipe" else _model(arch)
+    ffn = model.cfg.ffn_size  # 256; SwiGLU: 192
     small = structured_prune(model, heads=0.5, channels=0.25)
-    assert small.cfg.n_head == 2 and small.cfg.head_dim == 16 and small.cfg.ffn_size == 192
+    assert small.cfg.n_head == 2 and small.cfg.head_dim == 16 and small.cfg.ffn_size == ffn - ffn // 4
     assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
     x = torch.randn(2, 7, 64)
     rope = model.rotary(torch.arange(7)[None].expand(2, 7), x.dtype) if model.rotary is not None else None
@@ -70,8 +76,8 @@ def test_removed_heads_and_channels_do_not_change_the_kept_ones(arch):
         dropped_cols = torch.ones(64, dtype=torch.bool)
         for h in keep_top(head_importance(model, i), 2):
             dropped_cols[h * 16 : (h + 1) * 16] = False
-        dropped_channels = torch.ones(256, dtype=torch.bool)
-        dropped_channels[keep_top(channel_importance(model, i), 192)] = False
+        dropped_channels = torch.ones(ffn, dtype=torch.bool)
+        dropped_channels[keep_top(channel_importance(model, i), ffn - ffn // 4)] = False
         with torch.no_grad():
             masked.attn.proj.weight[:, dropped_cols] = 0
             masked.mlp.proj.weight[:, dropped_channels] = 0
@@ -98,7 +104,7 @@ def test_prune_stage_round_trip_and_export_rules(tiny_run, tmp_path):
     model, cfg, _ = load_for_inference(out)
     assert cfg.n_head == 1 and cfg.head_dim == 32
     texts: list[str] = []
-    run_generate(GenerateConfig(run=str(out), prompt=["the"], temperature=0.0, max_new_tokens=4), texts.append)
+    run_generate(GenerateConfig(run=str(out), prompt=["the"], sampling=SamplingParams(max_new_tokens=4, temperature=0.0)), texts.append)
     assert "".join(texts).startswith("the")
     with pytest.raises(ValueError, match="heads were pruned"):
         run_export(ExportConfig(run=str(out), output=str(tmp_path / "hf")))
@@ -157,6 +163,14 @@ def test_magnitude_pruned_zeros_stay_zero_through_recovery(tiny_run, tiny_shards
             assert torch.all(after[zero] == 0)
             moved += int((after[~zero] != mod.weight[~zero]).sum())
     assert moved > 0
+    # The same output, another sparsity: a new pruned model and a new fine-tune of it, not the old ones.
+    run_prune(PruneConfig(run=str(tiny_run), output=str(out), method="magnitude", sparsity=0.8, recovery_steps=4,
+                          data=str(tiny_shards), recovery_lr=3e-3, recovery_micro_batch=4))
+    assert json.loads((out / "pruned" / "manifest.json").read_text())["counts"]["zero_fraction"] == pytest.approx(0.8, abs=0.01)
+    assert json.loads((out / "manifest.json").read_text())["config"]["sparsity"] == 0.8
+    recovered, _, _ = load_for_inference(out)
+    weights = [m.weight for n, m in recovered.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"]
+    assert sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights) > 0.75
 
 
 def test_recovery_needs_data():

@@ -140,7 +140,7 @@ def test_quantized_run_loads_through_the_one_loader_and_generates(quantized_runs
     model, _, _ = load_for_inference(run)
     assert is_quantized(model)
     texts: list[str] = []
-    run_generate(GenerateConfig(run=str(run), prompt=["the quick"], temperature=0.0, max_new_tokens=8), texts.append)
+    run_generate(GenerateConfig(run=str(run), prompt=["the quick"], sampling=SamplingParams(max_new_tokens=8, temperature=0.0)), texts.append)
     # The tiny run is fitted to "the quick brown fox ..."; 8 bits keep that, 4 bits nearly.
     assert "".join(texts).startswith("the quick brown" if method != "int4-weight" else "the quick")
 

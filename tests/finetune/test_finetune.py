@@ -67,6 +67,10 @@ def test_classify_gpt2_keeps_the_best_checkpoint_and_exports(tiny_run, cls_files
     res = finetune(tiny_run, out, *cls_args(cls_files), "loop.max_steps=60", "loop.eval_every=20",
                    "optim.lr=2e-3")
     assert res["test"]["accuracy"] >= 0.75 and res["labels"] == ["animal", "fruit"]
+    # The classical baseline is scored on the same test examples and shown beside the fine-tune.
+    tfidf = res["baselines"]["TF-IDF + logistic regression"]["test"]
+    assert tfidf["examples"] == res["test"]["examples"] and 0.0 <= tfidf["macro_f1"] <= 1.0
+    assert "| TF-IDF + logistic regression |" in (out / "results.md").read_text()
     # The kept model is the best validation one, not the last: re-scored, it gives the best metric.
     assert res["val"]["main"] == pytest.approx(res["best_val"])
     assert res["best_step"] in (20, 40, 60)
@@ -144,6 +148,8 @@ def test_punct_then_punctuate_stdin_and_files(tiny_run, punct_files, tmp_path):
                    str(punct_files["val"]), "test_ratio=0", "words_per_example=12", "loop.max_steps=40",
                    "loop.eval_every=20", "optim.lr=3e-3")
     assert set(res["val"]["per_mark"]) == {"COMMA", "PERIOD", "QUESTION"}
+    assert set(res["baselines"]) == {"unchanged text", "rule (capital after a full stop, full stop at the end)"}
+    assert res["baselines"]["unchanged text"]["val"]["micro_f1"] == 0.0
     text = "the cat saw the park did a dog like paris"
     proc = subprocess.run([sys.executable, "-m", "pilelm", "punctuate", str(out)], input=text + "\n\n" + text,
                           capture_output=True, text=True, check=True)

@@ -101,7 +101,7 @@ def test_metrics():
 def test_length_grouped_batches_cover_each_epoch_and_pad_little():
     import numpy as np
 
-    from pilelm.finetune.loop import batch_indices
+    from pilelm.training.order import batch_indices
 
     rng = np.random.default_rng(0)
     n, bs = 1000, 16
@@ -117,3 +117,76 @@ def test_length_grouped_batches_cover_each_epoch_and_pad_little():
         return sum(int(lengths[b].max()) * len(b) - int(lengths[b].sum()) for b in batches)
 
     assert padding(grouped) < padding(plain) / 5
+
+
+def _jsonl(path, rows) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    ({"text": "a", "label": ["a", "b"]}, r"label 'label' is \[\"a\", \"b\"\] \(list\)"),
+    ({"text": "a", "label": 1.5}, r"label 'label' is 1.5 \(float\)"),
+    ({"text": "a", "label": True}, r"label 'label' is true \(bool\)"),
+    ({"text": 7, "label": "x"}, r"text 'text' is 7 \(int\)"),
+    ({"text": {"t": "a"}, "label": "x"}, r"text 'text' is \{\"t\": \"a\"\} \(dict\)"),
+])
+def test_a_label_or_text_that_is_not_a_string_is_refused_naming_the_line(tmp_path, row, message):
+    p = tmp_path / "d.jsonl"
+    _jsonl(p, [{"text": "ok", "label": "x"}, row])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: " + message):
+        read_text_records(p, "text", "label")
+
+
+def test_integer_labels_are_classes_but_not_mixed_with_strings(tmp_path):
+    from pilelm.finetune.records import require_one_label_kind
+
+    p = tmp_path / "d.jsonl"
+    _jsonl(p, [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
+    records = read_text_records(p, "text", "label")
+    assert [r.label for r in records] == ["0", "1"]
+    require_one_label_kind(records)
+    q = tmp_path / "e.jsonl"
+    _jsonl(q, [{"text": "c", "label": "1"}])
+    with pytest.raises(DataError, match=r"labels mix strings \(.*e\.jsonl:1: '1'\) and integers \(.*d\.jsonl:1: 0\)"):
+        require_one_label_kind(records + read_text_records(q, "text", "label"))
+
+
+def test_ner_tokens_and_tags_must_be_strings(tmp_path):
+    p = tmp_path / "t.jsonl"
+    _jsonl(p, [{"tokens": ["a", "b"], "tags": ["O", "O"]}, {"tokens": ["a", 1], "tags": ["O", "O"]}])
+    with pytest.raises(DataError, match=r"t\.jsonl:2: 'tokens' holds 1 \(int\)"):
+        read_tagged(p)
+    _jsonl(p, [{"tokens": ["a"], "tags": [["B-PER"]]}])
+    with pytest.raises(DataError, match=r"t\.jsonl:1: 'tags' holds \[\"B-PER\"\] \(list\)"):
+        read_tagged(p)
+
+
+@pytest.mark.parametrize("line", ["a b,x,extra", "a b"])
+def test_a_csv_row_of_another_width_than_its_header_is_refused(tmp_path, line):
+    p = tmp_path / "d.csv"
+    p.write_text(f"text,label\nc,y\n{line}\n")
+    with pytest.raises(DataError, match=r"d\.csv:3: \d fields, but the header has 2"):
+        read_text_records(p, "text", "label")
+
+
+def test_bytes_that_are_not_utf8_are_refused_naming_file_and_line(tmp_path):
+    import zstandard
+
+    bad = "é".encode("latin-1")
+    cases = {"d.jsonl": b'{"text": "a", "label": "x"}\n{"text": "' + bad + b'", "label": "y"}\n',
+             "d.csv": b"text,label\na,x\n" + bad + b",y\n",
+             "d.conll": b"Alice B-PER\n\n" + bad + b" O\n"}
+    cases["d.jsonl.zst"] = zstandard.ZstdCompressor().compress(cases["d.jsonl"])
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        read = read_conll if name.endswith(".conll") else lambda p: read_text_records(p, "text", "label")
+        line = 2 if name.startswith("d.jsonl") else 3
+        with pytest.raises(DataError, match=rf"{name.replace('.', '[.]')}:{line}: not UTF-8"):
+            read(tmp_path / name)
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_column_or_record(tmp_path):
+    (tmp_path / "d.csv").write_bytes("\ufefftext,label\na b,x\n".encode())
+    (tmp_path / "d.jsonl").write_bytes(('\ufeff{"text": "a b", "label": "x"}\n').encode())
+    for name in ("d.csv", "d.jsonl"):
+        assert [(r.text, r.label) for r in read_text_records(tmp_path / name, "text", "label")] == [("a b", "x")]

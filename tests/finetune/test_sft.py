@@ -62,6 +62,15 @@ def encoder(tiny_run, tmp_path) -> ChatEncoder:
     return ChatEncoder(tok, SFT_CHAT_TEMPLATE, load_special_tokens(tmp_path / "tok"), 64)
 
 
+def test_the_prompt_also_fits_the_room_generation_leaves(tiny_run, tmp_path):
+    tok, _, _ = chat_tokenizer(tiny_run / "tokenizer", tmp_path / "tok")
+    enc = ChatEncoder(tok, SFT_CHAT_TEMPLATE, load_special_tokens(tmp_path / "tok"), 64, prompt_room=40)
+    counts: Counter[str] = Counter()
+    e = enc.encode(conv(("user", " ".join(WORDS * 20)), ("assistant", "cat dog")), counts)
+    assert len(tok.encode(e.prompt)) <= 40 and counts["prompt_truncated"] == 1
+    assert e.prompt.startswith("<|user|>\n" + " ".join(WORDS[:3]))
+
+
 def conv(*turns: tuple[str, str]) -> Conversation:
     return Conversation(tuple({"role": r, "content": c} for r, c in turns), "test")
 
@@ -85,11 +94,16 @@ def test_only_reply_tokens_are_trained_and_the_ids_are_transformers_ids(encoder,
     assert all(encoder.tok.hf.token_to_id(t) is not None for t in ROLE_TOKENS.values())
 
 
-def test_long_prompts_are_cut_on_the_left_and_long_replies_skipped(encoder):
+def test_long_prompts_keep_their_head_and_long_replies_are_skipped(encoder):
     counts: Counter[str] = Counter()
     long_prompt = " ".join(WORDS * 20)
-    e = encoder.encode(conv(("user", long_prompt), ("assistant", "cat dog")), counts)
-    assert counts["prompt_truncated"] == 1 and len(e.ids) == encoder.max_length
+    e = encoder.encode(conv(("user", "Summarise: " + long_prompt), ("assistant", "cat dog")), counts)
+    assert counts["prompt_truncated"] == 1 and counts["prompt_cut_from_left"] == 0
+    assert encoder.max_length - 3 <= len(e.ids) <= encoder.max_length
+    # The message was cut from its end: the instruction and the document's head stay.
+    head = "Summarise: " + " ".join(WORDS[:4])
+    assert head in e.prompt and head in encoder.tok.decode(e.ids)
+    assert len(encoder.tok.encode(e.prompt)) <= encoder.prompt_room
     trained = [t for t, keep in zip(e.ids, e.trained, strict=True) if keep]
     assert encoder.tok.decode(trained, skip_special_tokens=False).startswith("cat dog")  # the reply is whole
     assert not e.trained[0]

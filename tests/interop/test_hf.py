@@ -53,8 +53,9 @@ def test_state_dict_conversion_is_exact_both_ways(variant):
 def test_unsupported_hf_configs_are_refused():
     with pytest.raises(ValueError, match="activation"):
         gpt_config_from_hf({"model_type": "gpt2", "activation_function": "relu"})
-    with pytest.raises(ValueError, match="model_type 'llama' is not supported; pilelm imports gpt2, gpt_neox, bert"):
-        config_from_hf({"model_type": "llama"}, {})
+    with pytest.raises(ValueError, match="model_type 'mamba' is not supported; pilelm imports gpt2, gpt_neox, "
+                                         "llama, qwen3, bert"):
+        config_from_hf({"model_type": "mamba"}, {})
 
 
 @pytest.mark.parametrize("nsp", [False, True])

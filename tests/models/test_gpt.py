@@ -180,6 +180,8 @@ def test_encode_gives_the_hidden_states_the_head_reads():
     dict(arch="gpt2", bias=False, tie_embeddings=False, d_ff=96),
     dict(arch="gpt2", qk_norm=True, mlp="relu2", logit_softcap=15.0, tie_embeddings=False),
     dict(arch="neox", qk_norm=True, mlp="swiglu", rotary_pct=1.0, logit_softcap=10.0),
+    # the cpu-10min recipe's form (Qwen3's): RMSNorm blocks, QK-norm with gains
+    dict(arch="neox", norm="rmsnorm", qk_norm=True, qk_norm_gain=True, mlp="swiglu", rotary_pct=1.0, bias=False),
 ])
 @pytest.mark.parametrize("threads", [1, 2])  # 1 thread: fp32 one-row steps take the W^T layout
 def test_flat_decode_step_follows_the_module_forward_in_every_variant(variant, threads, monkeypatch):

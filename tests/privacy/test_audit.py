@@ -151,3 +151,33 @@ def test_audit_errors_name_the_fix(tmp_path, tiny_run):
         run_audit(AuditConfig(run=tiny_run, canaries=tmp_path / "none.json", output=tmp_path / "a"))
     with pytest.raises(ValueError, match="canaries"):
         run_audit(AuditConfig(run=tiny_run, output=tmp_path / "a"))
+
+
+def test_the_audit_results_never_hold_the_scrubbed_pii(tmp_path, tiny_run):
+    """results.json names each scrubbed original only masked, in the prompt and the completion too."""
+    from pilelm.core.config import to_dict
+    from pilelm.core.manifest import write_manifest
+    from pilelm.data.pii import PiiConfig, PiiScrubber
+    from pilelm.privacy.audit import AuditConfig, masked, redacted_rows, run_audit
+
+    emails = [f"jane.doe{i}@example.org" for i in range(3)]
+    docs = [{"text": f"the quick brown fox wrote to {e} and then to bob{i}@example.net today",
+             "meta": {"pile_set_name": "Pile-CC"}} for i, e in enumerate(emails)]
+    write_pile_shard(tmp_path / "raw" / "train" / "00.jsonl.zst", docs)
+    prepared = tmp_path / "prepared"
+    write_manifest(prepared, "prepare", to_dict(PrepareConfig(inputs=[str(tmp_path / "raw" / "train")])))
+    (prepared / "canaries.json").write_text(json.dumps(make_canaries(CanaryConfig(canaries=1, repetitions=[1])).to_json()))
+    out = run_audit(AuditConfig(run=tiny_run, canaries=prepared / "canaries.json", output=tmp_path / "audit",
+                                candidates=4, pii_originals=10))
+    text = (out / "results.json").read_text()
+    items = json.loads(text)["pii"]["items"]
+    assert {masked(e) for e in emails} <= {i["original"] for i in items}
+    assert all(i["kind"] == "email" and set(i["original"][1:-1]) == {"*"} for i in items)
+    assert not any(e in text for e in emails) and "@example.net" not in text  # prompts hold PII too
+    # A completion that reproduced the original: counted, and masked in the file.
+    scrubber = PiiScrubber(PiiConfig())
+    row = {"kind": "email", "prefix": "mail bob@example.net or ", "original": emails[0],
+           "completion": f"{emails[0]} soon", "completed": True}
+    (kept,) = redacted_rows([row], scrubber)
+    assert kept["completed"] and kept["completion"] == f"{masked(emails[0])} soon"
+    assert kept["prefix"] == f"mail {masked('bob@example.net')} or " and kept["original"] == "j" + "*" * 19 + "g"

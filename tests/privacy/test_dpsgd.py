@@ -20,6 +20,7 @@ from pilelm.training.trainer import Trainer, run_train
 from tests.training.test_train import losses, make_shards, tiny_config
 
 PRIVATE = {"privacy.enabled": True, "privacy.noise_multiplier": 1.0, "loop.eval_every": 0}
+REPRODUCIBLE = {**PRIVATE, "privacy.secure_rng": False}  # sampling and noise from loop.seed
 
 
 @pytest.fixture(scope="module")
@@ -108,13 +109,32 @@ def test_noise_scale_matches_the_accountants_multiplier(shards, tmp_path):
 
 
 def test_poisson_sampling_is_seeded_and_has_the_expected_rate(shards, tmp_path):
-    dp = Trainer(tiny_config(shards, tmp_path / "run", **PRIVATE)).private
+    dp = Trainer(tiny_config(shards, tmp_path / "run", **REPRODUCIBLE)).private
     sizes = [len(dp.poisson_windows(s)) for s in range(2000)]
     assert np.mean(sizes) == pytest.approx(dp.expected_batch, rel=0.05)
     assert np.var(sizes) == pytest.approx(dp.num_samples * dp.sample_rate * (1 - dp.sample_rate), rel=0.15)
     assert np.array_equal(dp.poisson_windows(7), dp.poisson_windows(7))
     w = dp.poisson_windows(7)
     assert len(set(w.tolist())) == len(w) and (w < dp.num_samples).all()
+
+
+def test_sampling_and_noise_are_secret_unless_asked_to_be_reproducible(shards, tmp_path):
+    """By default the windows of a step and its noise come from the OS's entropy, not from the
+    public loop.seed: two runs with the same seed (and one run asked twice) draw differently."""
+    cfg = tiny_config(shards, tmp_path / "run", **PRIVATE)
+    a, b = Trainer(cfg).private, Trainer(cfg).private
+    assert a.expected_batch >= 4
+    assert not np.array_equal(a.poisson_windows(3), b.poisson_windows(3))
+    assert not np.array_equal(a.poisson_windows(3), a.poisson_windows(3))
+    noise = [torch.randn(64, generator=dp._noise_generator(torch.device("cpu"), 3)) for dp in (a, a, b)]
+    assert not torch.equal(noise[0], noise[1]) and not torch.equal(noise[0], noise[2])
+    assert a.randomness() == {"sampling": "os-entropy (secrets)", "noise": "os-entropy (secrets)"}
+    # Asked to be reproducible: the same draws from the same seed, and the record says so.
+    r = tiny_config(shards, tmp_path / "run", **REPRODUCIBLE)
+    a, b = Trainer(r).private, Trainer(r).private
+    assert np.array_equal(a.poisson_windows(3), b.poisson_windows(3))
+    assert torch.equal(*(torch.randn(64, generator=dp._noise_generator(torch.device("cpu"), 3)) for dp in (a, b)))
+    assert set(a.randomness().values()) == {"loop.seed (reproducible, not secret)"}
 
 
 def test_private_training_logs_and_stores_epsilon(shards, tmp_path):
@@ -128,6 +148,7 @@ def test_private_training_logs_and_stores_epsilon(shards, tmp_path):
     record = read_manifest(run)["extra"]["privacy"]
     assert record["epsilon"] == pytest.approx(eps[-1], abs=1e-3) and record["steps"] == 8
     assert record["per_sample"] == "vmap" and record["sampling"] == "poisson"
+    assert record["randomness"] == {"sampling": "os-entropy (secrets)", "noise": "os-entropy (secrets)"}
     assert (checkpoint.latest_checkpoint(run) / "privacy.json").is_file()
     assert list((run / "tensorboard").iterdir())
     from pilelm.core.report import StageResult, write_report
@@ -137,7 +158,7 @@ def test_private_training_logs_and_stores_epsilon(shards, tmp_path):
 
 
 def test_resume_keeps_the_accountant_exact(shards, tmp_path):
-    kw = {**PRIVATE, "loop.max_steps": 10, "loop.save_every": 5, "model.dropout": 0.1}
+    kw = {**REPRODUCIBLE, "loop.max_steps": 10, "loop.save_every": 5, "model.dropout": 0.1}
     straight = run_train(tiny_config(shards, tmp_path / "straight", **kw))
     resumed = tmp_path / "resumed"
     run_train(tiny_config(shards, resumed, **kw, **{"loop.stop_at_step": 5}))
@@ -180,3 +201,9 @@ def test_privacy_config_needs_one_noise_setting(shards, tmp_path):
         tiny_config(shards, tmp_path / "run", **{"privacy.enabled": True})
     with pytest.raises(ValueError, match="exactly one of privacy.target_epsilon"):
         tiny_config(shards, tmp_path / "run", **{**PRIVATE, "privacy.target_epsilon": 3.0})
+
+
+@pytest.mark.parametrize("key", ["privacy.target_epsilon", "privacy.noise_multiplier"])
+def test_a_privacy_setting_without_privacy_enabled_is_refused(shards, tmp_path, key):
+    with pytest.raises(ValueError, match=rf"{key} is set but privacy.enabled=false.*add privacy.enabled=true"):
+        tiny_config(shards, tmp_path / "run", **{key: 8.0})

@@ -1,8 +1,9 @@
-"""eval --task retrieval (metrics, BM25 baseline) and contrastive fine-tuning."""
+"""eval --task retrieval (metrics, BM25 baseline) and contrastive pairs (training: test_contrastive.py)."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -11,10 +12,8 @@ from conftest import write_pile_shard
 
 from pilelm.core import cli
 from pilelm.core.manifest import read_manifest
-from pilelm.evaluation.retrieval import bm25_scores, dense_scores, gold_ranks, qa_pair, rank_metrics
-from pilelm.inference.text_encoder import TextEncoder
+from pilelm.evaluation.retrieval import bm25_scores, gold_ranks, qa_pair, rank_metrics
 from pilelm.retrieval import contrastive
-from pilelm.training.checkpoint import load_for_inference
 
 TOPICS = [
     ("How do I cook rice?", "Rinse the rice, add water, simmer rice for twenty minutes."),
@@ -72,72 +71,12 @@ def test_eval_task_retrieval_needs_pairs(tiny_run, tmp_path, capsys):
     assert "0 StackExchange question/answer pairs" in capsys.readouterr().err
 
 
-def _pairs_file(path):
-    path.write_text("".join(json.dumps({"query": q, "positive": a}) + "\n" for q, a in TOPICS))
-    return path
-
-
-def _mrr(run) -> float:
-    enc = TextEncoder.from_run(run)
-    scores, _ = dense_scores(enc, [q for q, _ in TOPICS], [a for _, a in TOPICS])
-    return rank_metrics(gold_ranks(scores))["mrr@10"]
-
-
-def test_contrastive_fine_tuning_learns_its_pairs(tiny_run, tmp_path):
-    out = tmp_path / "ft"
-    argv = ["finetune-contrastive", str(tiny_run), "--pairs", str(_pairs_file(tmp_path / "pairs.jsonl")),
-            "-o", str(out), "--steps", "40", "--batch-size", "6", "--lr", "3e-3", "--warmup-steps", "2"]
-    assert cli.main(argv) == 0
-    m = read_manifest(out)
-    assert m["stage"] == "train" and m["extra"]["objective"] == "contrastive"
-    assert m["counts"]["final_loss"] < m["counts"]["first_loss"]
-    assert _mrr(out) > _mrr(tiny_run)
-    assert _mrr(out) == 1.0
-
-
-def test_a_killed_contrastive_run_resumes_to_the_same_weights(tiny_run, tmp_path, monkeypatch):
-    pairs = _pairs_file(tmp_path / "pairs.jsonl")
-    common = ["--pairs", str(pairs), "--steps", "6", "--batch-size", "4", "--save-every", "3", "--lr", "1e-3"]
-    assert cli.main(["finetune-contrastive", str(tiny_run), "-o", str(tmp_path / "whole"), *common]) == 0
-    real, calls = contrastive.info_nce, []
-
-    def dies_at_step_4(q, p, t, negatives=None):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return real(q, p, t, negatives)
-
-    monkeypatch.setattr(contrastive, "info_nce", dies_at_step_4)
-    assert cli.main(["finetune-contrastive", str(tiny_run), "-o", str(tmp_path / "cut"), *common]) == 130
-    monkeypatch.setattr(contrastive, "info_nce", real)
-    assert cli.main(["finetune-contrastive", str(tiny_run), "-o", str(tmp_path / "cut"), *common]) == 0
-    a, _, _ = load_for_inference(tmp_path / "whole")
-    b, _, _ = load_for_inference(tmp_path / "cut")
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        torch.testing.assert_close(x, y, msg=name)
-
-
 def test_mined_pairs_come_from_threads_and_first_paragraphs():
     assert contrastive.mined_pair("Q:\n\nWhy?\n\nA:\n\nBecause.", "StackExchange") == ("Why?", "Because.")
     head = "A first paragraph that is long enough to be a query."
     rest = "The rest of the document, also long enough to be a positive."
     assert contrastive.mined_pair(f"{head}\n\n{rest}", "Wikipedia (en)") == (head, rest)
     assert contrastive.mined_pair("short\n\nrest", "Pile-CC") is None
-
-
-def test_finetune_task_contrastive_runs_the_same_training(tiny_run, tmp_path):
-    """`pilelm finetune --task contrastive` maps its config onto finetune-contrastive's."""
-    pairs = _pairs_file(tmp_path / "pairs.jsonl")
-    common = ["--lr", "3e-3", "--warmup-steps", "2"]
-    assert cli.main(["finetune-contrastive", str(tiny_run), "--pairs", str(pairs), "-o", str(tmp_path / "old"),
-                     "--steps", "6", "--batch-size", "6", "--save-every", "6", *common]) == 0
-    assert cli.main(["finetune", str(tiny_run), "--task", "contrastive", "--data", str(pairs), "-o",
-                     str(tmp_path / "new"), "loop.max_steps=6", "loop.batch_size=6", "loop.eval_every=6",
-                     "optim.lr=3e-3", "schedule.warmup_steps=2", "optim.weight_decay=0.01", "loop.seed=0",
-                     "max_length=128"]) == 0
-    old, new = read_manifest(tmp_path / "old"), read_manifest(tmp_path / "new")
-    assert new["extra"]["objective"] == "contrastive" and new["counts"]["pairs"] == old["counts"]["pairs"]
-    assert new["counts"]["final_loss"] == pytest.approx(old["counts"]["final_loss"], rel=1e-6)
 
 
 def test_hard_negatives_are_extra_columns_of_the_query_side(tmp_path):
@@ -154,29 +93,23 @@ def test_hard_negatives_are_extra_columns_of_the_query_side(tmp_path):
         contrastive.read_pair_files([str(path)])
 
 
-def test_contrastive_fine_tuning_with_hard_negatives(tiny_run, tmp_path):
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"query": q, "positive": a, "negative": TOPICS[(i + 1) % len(TOPICS)][1]})
-                             + "\n" for i, (q, a) in enumerate(TOPICS)))
-    out = tmp_path / "ft"
-    assert cli.main(["finetune-contrastive", str(tiny_run), "--pairs", str(pairs), "-o", str(out), "--steps", "30",
-                     "--batch-size", "6", "--lr", "3e-3", "--warmup-steps", "2"]) == 0
-    m = read_manifest(out)
-    assert m["counts"]["hard_negatives"] == len(TOPICS)
-    assert m["counts"]["final_loss"] < m["counts"]["first_loss"]
-    assert _mrr(out) > _mrr(tiny_run)
-
-
-def test_a_contrastive_run_refuses_to_resume_with_another_config(tiny_run, tmp_path):
-    """Resuming with another learning rate would not give the uninterrupted run's weights: refused,
-    naming the key; more steps (how long it runs) resume."""
-    pairs = _pairs_file(tmp_path / "pairs.jsonl")
-    common = ["finetune-contrastive", str(tiny_run), "--pairs", str(pairs), "-o", str(tmp_path / "ft"),
-              "--batch-size", "4", "--save-every", "2"]
-    assert cli.main([*common, "--steps", "2", "--lr", "1e-3"]) == 0
-    with pytest.raises(ValueError, match=r"lr: 0\.001 -> 0\.002"):
-        contrastive.run_contrastive(contrastive.ContrastiveConfig(
-            run=str(tiny_run), pairs=[str(pairs)], output=str(tmp_path / "ft"), steps=4, batch_size=4,
-            save_every=2, lr=2e-3))
-    assert cli.main([*common, "--steps", "4", "--lr", "1e-3"]) == 0
-    assert read_manifest(tmp_path / "ft")["counts"]["steps"] == 4
+def test_pair_files_refuse_non_strings_count_empty_pairs_and_ignore_a_bom(tmp_path, caplog):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps({"query": "q1", "positive": "p1"}) + "\n"
+                    + json.dumps({"query": ["q2"], "positive": "p2"}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: \"query\" must be a string, got list"):
+        contrastive.read_pair_files([str(path)])
+    path.write_text(json.dumps({"query": "q1", "positive": 5}) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl:1: \"positive\" must be a string, got int"):
+        contrastive.read_pair_files([str(path)])
+    path.write_text("".join(json.dumps({"query": q, "positive": p}) + "\n" for q, p in
+                            (("q1", "p1"), ("", "p2"), ("q3", " "), ("q4", "p4"))))
+    with caplog.at_level(logging.WARNING):
+        assert contrastive.read_pair_files([str(path)]) == [("q1", "p1", None), ("q4", "p4", None)]
+    assert any("skipped 2 pair(s)" in r.message and "pairs.jsonl:2" in r.message for r in caplog.records)
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"query": "q1", "positive": "p1"}).encode() + b"\n")
+    assert contrastive.is_pairs_file(path)  # a BOM does not turn a pairs file into documents to mine
+    assert contrastive.read_pair_files([str(path)]) == [("q1", "p1", None)]
+    path.write_bytes(json.dumps({"query": "q1", "positive": "p1"}).encode() + b'\n{"query": "\xe9"}\n')
+    with pytest.raises(ValueError, match=r"pairs.jsonl:2: not UTF-8"):
+        contrastive.read_pair_files([str(path)])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
+
+import pytest
 
 from pilelm.core import cli
 from pilelm.core.manifest import read_manifest
@@ -36,3 +39,16 @@ def test_topics_clusters_every_document_and_names_each_cluster(tiny_index, tmp_p
 def test_more_topics_than_documents_is_capped(tiny_index, tmp_path):
     assert cli.main(["topics", str(tiny_index), "-k", "50", "-o", str(tmp_path / "t")]) == 0
     assert json.loads((tmp_path / "t" / "topics.json").read_text())["k"] == 10
+
+
+def test_npmi_is_one_for_words_always_together_and_minus_one_for_never():
+    from pilelm.retrieval.topic_coherence import lda_topics, npmi_coherence
+
+    docs = [{"cat", "dog"}, {"cat", "dog"}, {"sun", "moon"}, {"sun", "moon", "cat"}]
+    together, apart = npmi_coherence([["sun", "moon"], ["dog", "moon"]], docs)
+    assert together == pytest.approx(1.0) and apart == -1.0
+    # p(cat, dog) = 0.5, p(cat) = 0.75, p(dog) = 0.5: log(0.5 / 0.375) / -log(0.5)
+    assert npmi_coherence([["cat", "dog"]], docs)[0] == pytest.approx(math.log(0.5 / 0.375) / math.log(2))
+    words = [["cat", "dog", "pet"] * 5, ["sun", "moon", "star"] * 5] * 4
+    topics = lda_topics(words, k=2, terms=3)
+    assert sorted(map(sorted, topics)) == [["cat", "dog", "pet"], ["moon", "star", "sun"]]

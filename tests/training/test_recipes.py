@@ -68,7 +68,7 @@ def test_every_ablation_lever_is_a_valid_change_of_cpu_10min(monkeypatch):
 def test_gpt2_124m_uses_the_recipe():
     cpu = load_config(TrainConfig, resolve_config_path("cpu-10min"))
     gpu = load_config(TrainConfig, resolve_config_path("gpt2-124m"))
-    for key in ("arch", "qk_norm", "mlp", "logit_softcap", "tie_embeddings", "rotary_pct"):
+    for key in ("arch", "qk_norm", "qk_norm_gain", "norm", "mlp", "logit_softcap", "tie_embeddings", "rotary_pct"):
         assert getattr(gpu.model, key) == getattr(cpu.model, key), key
     assert (gpu.optim.name, gpu.schedule.kind, gpu.loop.window_start) == ("muon", "wsd", "document")
     assert (gpu.model.n_layer, gpu.model.d_model, gpu.model.block_size) == (12, 768, 1024) and gpu.loop.compile

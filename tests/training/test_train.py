@@ -286,3 +286,51 @@ def test_init_from_an_imported_model_continues_its_training(shards, tmp_path):
         run_train(tiny_config(shards, tmp_path / "bad", **{**kw, "init_from": str(other)}))
     with pytest.raises(FileNotFoundError, match="no intact checkpoint"):
         run_train(tiny_config(shards, tmp_path / "bad", **{**kw, "init_from": str(tmp_path / "nowhere")}))
+
+
+def _checkpoint_state(ckpt: Path) -> dict:
+    """Everything a checkpoint holds but the seconds it took: weights, training state, RNG."""
+    from safetensors.torch import load_file
+
+    state = checkpoint.load_torch(ckpt / checkpoint.TRAIN_STATE)
+    state.pop("elapsed_s")
+    return {"weights": load_file(str(ckpt / "model.safetensors")), "train_state": state,
+            "rng": checkpoint.load_torch(ckpt / checkpoint.rng_file(0))}
+
+
+def _assert_same(a, b, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_resume_with_dropout_a_measured_peak_and_evals_is_bit_exact(shards, tmp_path, monkeypatch):
+    """Interrupted after a checkpoint and rerun, a run with dropout, periodic evaluations and a
+    measured MFU peak (a matmul benchmark at every start) saves the very checkpoints of the
+    uninterrupted run: weights, optimizer, loader and RNG state (only elapsed_s differs)."""
+    from pilelm.training import mfu
+    from pilelm.training.precision import matmul_flops
+
+    # The real measurement, in fp32 and once (bf16 matmuls crawl on CPUs without native bf16).
+    monkeypatch.setattr(mfu, "best_measured_flops", lambda device: matmul_flops(device, torch.float32, 0.0))
+    kw = {"loop.max_steps": 15, "loop.save_every": 5, "loop.eval_every": 3, "loop.keep_last": 0,
+          "loop.peak_flops": 0.0, "model.dropout": 0.1}
+    straight = run_train(tiny_config(shards, tmp_path / "straight", **kw))
+    resumed = tmp_path / "resumed"
+    run_train(tiny_config(shards, resumed, **kw, **{"loop.stop_at_step": 5}))
+    run_train(tiny_config(shards, resumed, **kw))
+    assert losses(resumed) == losses(straight)
+    steps = [s for s, _ in checkpoint.list_checkpoints(straight)]
+    assert steps == [5, 10, 15] == [s for s, _ in checkpoint.list_checkpoints(resumed)]
+    for step in steps:
+        _assert_same(_checkpoint_state(checkpoint.checkpoint_dir(straight, step)),
+                     _checkpoint_state(checkpoint.checkpoint_dir(resumed, step)), f"step {step}")

@@ -9,10 +9,16 @@ only. Both renderings must encode to prefixes of the whole; a template and token
 which they do not would train on ids the model never sees when it is prompted, so such a
 conversation is refused (``unstable_boundary``).
 
-Too long for ``max_length``: tokens after the last reply are dropped (``tail_dropped`` when
-that is enough), then tokens are cut from the left (the start of the prompt, never the reply)
-and the conversation is counted as ``prompt_truncated``; a last reply that cannot fit with one token of prompt before it is
-skipped (``response_too_long``).
+Too long for ``max_length`` (or a prompt longer than ``prompt_room``, the room generation
+leaves it at evaluation): tokens after the last reply are dropped (``tail_dropped`` when that
+is enough), then the longest message before the last reply is cut from its end, at a token
+boundary, until the conversation fits (``prompt_truncated``): a document to summarise keeps
+its head, where the lead sentence's content is (See et al. 2017: the lead-3 baseline), and the
+instruction before it stays whole. Cutting the rendered prompt from the left instead taught
+the model to write an article's first sentence from its last paragraphs. Only when that
+cannot make it fit are tokens cut from the left (the start of the prompt, never the reply);
+a last reply that cannot fit with one token of prompt before it is skipped
+(``response_too_long``). The counts are logged once per load, not once per example.
 
 Batches: ``packed_rows`` groups examples into rows of at most ``length`` tokens (the
 examples in a seeded order, each row filled until the next would not fit); a row's examples
@@ -51,14 +57,44 @@ class SftExample:
         return sum(self.trained)
 
 
+MAX_SHRINKS = 4  # re-encoding a cut text can merge differently: a few passes settle it
+
+
 class ChatEncoder:
-    def __init__(self, tokenizer: PileTokenizer, template: str, special_tokens: dict[str, str], max_length: int):
+    def __init__(self, tokenizer: PileTokenizer, template: str, special_tokens: dict[str, str], max_length: int,
+                 prompt_room: int = 0):
         self.tok, self.template, self.special, self.max_length = tokenizer, template, special_tokens, max_length
+        self.prompt_room = prompt_room or max_length
+        """Most tokens of an example's prompt (what evaluation generates from)."""
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
         return render_chat(messages, self.template, add_generation_prompt, self.special)
 
+    def shorten(self, conv: Conversation) -> tuple[Conversation, bool]:
+        """``conv`` with its longest message before the last reply cut from the end, until the
+        whole fits ``max_length`` and the prompt ``prompt_room``; (conv, whether it was cut)."""
+        messages = [dict(m) for m in conv.messages]
+        last = conv.reply_index
+        cut = False
+        for _ in range(MAX_SHRINKS):
+            whole = len(self.tok.encode(self.render(messages[: last + 1], False)))
+            prompt = len(self.tok.encode(self.render(messages[:last], True)))
+            over = max(whole - self.max_length, prompt - self.prompt_room)
+            if over <= 0 or last == 0:
+                break
+            longest = max(range(last), key=lambda i: len(messages[i]["content"]))
+            ids = self.tok.encode(messages[longest]["content"])
+            keep = len(ids) - over
+            if keep <= 0:
+                break
+            messages[longest]["content"] = self.tok.decode(ids[:keep]).rstrip()
+            cut = True
+        return (Conversation(tuple(messages), conv.where) if cut else conv), cut
+
     def encode(self, conv: Conversation, counts: Counter[str]) -> SftExample | None:
+        conv, shortened = self.shorten(conv)
+        if shortened:
+            counts["prompt_truncated"] += 1
         messages = list(conv.messages)
         ids = self.tok.encode(self.render(messages, False))
         trained = [False] * len(ids)
@@ -82,7 +118,7 @@ class ChatEncoder:
             counts["response_too_long"] += 1
             return None
         cut = max(0, end - self.max_length)  # 0: dropping what follows the last reply was enough
-        counts["prompt_truncated" if cut else "tail_dropped"] += 1
+        counts["prompt_cut_from_left" if cut else "tail_dropped"] += 1
         return SftExample(ids[cut:end], trained[cut:end], example.prompt, example.reference)
 
 

@@ -25,7 +25,7 @@ from pilelm.core.atomic import atomic_write_json
 from pilelm.core.manifest import require_stage, write_manifest
 from pilelm.core.runner import SAMPLE_DIR
 from pilelm.finetune.config import FinetuneConfig
-from pilelm.finetune.loop import record_config
+from pilelm.finetune.loop import open_output, record_config
 from pilelm.finetune.records import DataError
 from pilelm.finetune.sft.chat_format import SFT_CHAT_TEMPLATE, chat_tokenizer, grow_vocabulary
 from pilelm.finetune.sft.conversations import Conversation, mine_conversations, read_conversations
@@ -87,6 +87,7 @@ class SftSetup:
     counts: Counter[str]
     pad_id: int
     device: torch.device
+    resuming: bool
 
 
 def setup_sft(cfg: FinetuneConfig) -> SftSetup:
@@ -102,28 +103,33 @@ def setup_sft(cfg: FinetuneConfig) -> SftSetup:
     if loop.num_threads:
         torch.set_num_threads(loop.num_threads)
     out = Path(cfg.output)
-    out.mkdir(parents=True, exist_ok=True)
     trunk, trunk_cfg, tok_dir = ckpt_io.load_for_inference(cfg.run)
     if not spec_for(trunk_cfg).causal:
         raise ValueError(f"--task sft fine-tunes a causal LM; {cfg.run} holds a {spec_for(trunk_cfg).family} model")
     if cfg.sft.max_new_tokens >= trunk_cfg.block_size:
         raise ValueError(f"sft.max_new_tokens ({cfg.sft.max_new_tokens}) must be below the model's context "
                          f"({trunk_cfg.block_size}) to leave room for the prompt")
+    # Before anything is written: a fresh start clears the old run (its manifest first).
+    resuming = open_output(out, out / TRAINING, cfg)
     tokenizer, new_ids, trained_rows = chat_tokenizer(tok_dir, out / "tokenizer")
     torch.manual_seed(loop.seed)
     model, model_cfg = grow_vocabulary(trunk, trunk_cfg, new_ids, trained_rows)
     cfg = dataclasses.replace(cfg, max_length=min(cfg.max_length, model_cfg.block_size))
-    encoder = ChatEncoder(tokenizer, SFT_CHAT_TEMPLATE, load_special_tokens(out / "tokenizer"), cfg.max_length)
+    encoder = ChatEncoder(tokenizer, SFT_CHAT_TEMPLATE, load_special_tokens(out / "tokenizer"), cfg.max_length,
+                          prompt_room=model_cfg.block_size - cfg.sft.max_new_tokens)
     counts: Counter[str] = Counter()
     splits = load_splits(cfg, encoder, counts)
+    if counts:
+        log.info("sft examples: %s", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eod_id
-    return SftSetup(cfg, tokenizer, model, model_cfg, new_ids, splits, counts, pad_id, pick_device(loop.device))
+    return SftSetup(cfg, tokenizer, model, model_cfg, new_ids, splits, counts, pad_id, pick_device(loop.device),
+                    resuming)
 
 
 def run_sft(cfg: FinetuneConfig) -> Path:
     s = setup_sft(cfg)
     cfg, loop, out = s.cfg, s.cfg.loop, Path(s.cfg.output)
-    record_config(out, out / TRAINING, cfg)
+    record_config(out, cfg, s.resuming)
     tokenizer, model, model_cfg, splits, pad_id, device = s.tokenizer, s.model, s.model_cfg, s.splits, s.pad_id, s.device
     new_ids, counts = s.new_ids, s.counts
     eval_split = "test" if splits.get("test") else "val"

@@ -12,7 +12,7 @@ generate, serve and export read it as any run:
     tokenizer/              the base tokenizer plus the role tokens and the chat template
 
 The rows of step s are a function of (seed, s) alone (``batch_indices`` over the rows made
-once from the seed), so a resumed run steps through the same batches as an uninterrupted one.
+once from the seed; ``training/order.py``), so a resumed run steps through the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from pilelm.finetune.config import FinetuneConfig
-from pilelm.finetune.loop import ValidatedLoop, batch_indices
+from pilelm.finetune.loop import ValidatedLoop
 from pilelm.finetune.sft.encoding import IGNORE, SftExample, collate_rows, packed_rows
 from pilelm.training import checkpoint as ckpt_io
-from pilelm.training.optim import build_optimizer, lr_multiplier, set_lr
+from pilelm.training.optim import build_optimizer
 from pilelm.training.precision import Precision, resolve_precision
 
 TRAINING = "training"
@@ -70,6 +70,7 @@ class SftTrainer(ValidatedLoop):
         self.out = Path(cfg.output)
         self.state_root = self.out / TRAINING
         self.rows = {s: rows_of(ex, cfg.max_length, cfg.sft.pack, cfg.loop.seed) for s, ex in splits.items()}
+        self.num_items = len(self.rows["train"])  # rows are drawn in plain shuffled order
         self.precision = resolve_precision(cfg.loop.precision, device)
         self.model = model.to(device)
         self.precision.prepare_model(self.model)
@@ -89,19 +90,14 @@ class SftTrainer(ValidatedLoop):
     def save_weights_to(self, d: Path) -> None:
         ckpt_io.save_weights(d, self.precision.model_state(self.model), self.model_cfg)
 
-    def train_step(self) -> float:
-        cfg, loop = self.cfg, self.cfg.loop
-        self.model.train()
-        set_lr(self.optimizer, lr_multiplier(self.step, loop.max_steps, cfg.schedule))
+    def batch_loss(self, idx: list[int]) -> tuple[torch.Tensor, int]:
         train, rows = self.splits["train"], self.rows["train"]
-        picked = [[train[i] for i in rows[j]] for j in batch_indices(self.step, loop.batch_size, len(rows), loop.seed)]
-        batch = collate_rows(picked, self.pad_id, cfg.sft.pack)
+        picked = [[train[i] for i in rows[j]] for j in idx]
+        batch = collate_rows(picked, self.pad_id, self.cfg.sft.pack)
         with self.precision.autocast():
             _, loss = self.model(batch["input_ids"].to(self.device), batch["targets"].to(self.device),
                                  segments=_segments(batch, self.device), return_logits=False)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"step {self.step + 1}: training loss is {float(loss)}; lower optim.lr")
-        return self.update(loss, sum(len(r) for r in picked))
+        return loss, sum(len(r) for r in picked)
 
     def loss_on(self, split: str) -> tuple[float, int]:
         return reply_loss(self.model, self.splits[split], self.rows[split], self.cfg.loop.eval_batch_size,
