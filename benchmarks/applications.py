@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from pilelm.core.config import load_yaml
-from pilelm.core.stages import run_stage
+from pilelm.core.runner import run_stage
 from pilelm.finetune.baselines import rule_punct, tfidf_logreg, unchanged_punct
 from pilelm.finetune.config import FinetuneConfig
 from pilelm.finetune.metrics import classification_metrics, punctuation_metrics

@@ -38,13 +38,9 @@ from typing import Any
 import torch
 from quality_10min import MINIPILE, build_data  # minipile -> prepare -> BPE -> shards (benchmarks/)
 
-from pilelm.compress.distill import DistillConfig, run_distill
 from pilelm.compress.report import CompressReportConfig, run_compress_report
-from pilelm.core.config import load_config
-from pilelm.core.manifest import MANIFEST
-from pilelm.core.stages import resolve_config_path, run_stage
-from pilelm.training.config import TrainConfig, load_run_config
-from pilelm.training.trainer import run_train
+from pilelm.core.runner import run_stage
+from pilelm.training.config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONTEXT = 1024
@@ -58,27 +54,21 @@ def loop_section(steps: int, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def train_base(shards: Path, out: Path, args: argparse.Namespace) -> Path:
-    if (out / MANIFEST).is_file():
-        return out
-    return run_train(load_config(TrainConfig, resolve_config_path("gpt2-124m"), overrides={
-        "data": str(shards), "output": str(out), "model": TINY if args.tiny else {}, "schedule": {"warmup_steps": max(5, args.base_steps // 20)},
-        "loop": loop_section(args.base_steps, args)}))
+    return run_stage("train", config="gpt2-124m", data=str(shards), output=str(out), model=TINY if args.tiny else {},
+                     schedule={"warmup_steps": max(5, args.base_steps // 20)}, loop=loop_section(args.base_steps, args))
 
 
 def distill_and_alone(base: Path, shards: Path, work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     teacher = load_run_config(base)
     student, alone = work / "student", work / "alone"
-    if not (student / MANIFEST).is_file():
-        run_distill(load_config(DistillConfig, overrides={
-            "teacher": str(base), "data": str(shards), "output": str(student),
-            "optim": {k: getattr(teacher.optim, k) for k in ("name", "lr", "muon_lr", "beta2", "weight_decay")},
-            "schedule": {"kind": teacher.schedule.kind, "decay_frac": teacher.schedule.decay_frac,
-                         "warmup_steps": max(3, args.student_steps // 20)},
-            "loop": {**loop_section(args.student_steps, args), "window_start": teacher.loop.window_start},
-            "distill": {"student_layers": teacher.model_config.n_layer // 2, "temperature": args.temperature,
-                        "kl_weight": args.kl_weight, "lm_weight": 1.0 - args.kl_weight}}))
-    if not (alone / MANIFEST).is_file():
-        run_train(load_config(TrainConfig, student / "config.yaml", {"output": str(alone)}))
+    run_stage("distill", teacher=str(base), data=str(shards), output=str(student),
+              optim={k: getattr(teacher.optim, k) for k in ("name", "lr", "muon_lr", "beta2", "weight_decay")},
+              schedule={"kind": teacher.schedule.kind, "decay_frac": teacher.schedule.decay_frac,
+                        "warmup_steps": max(3, args.student_steps // 20)},
+              loop={**loop_section(args.student_steps, args), "window_start": teacher.loop.window_start},
+              distill={"student_layers": teacher.model_config.n_layer // 2, "temperature": args.temperature,
+                       "kl_weight": args.kl_weight, "lm_weight": 1.0 - args.kl_weight})
+    run_stage("train", config=student / "config.yaml", output=str(alone))
     return student, alone
 
 

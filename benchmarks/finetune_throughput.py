@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 
 from pilelm.core.config import load_config
-from pilelm.core.stages import run_stage
+from pilelm.core.runner import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "pilelm" / "sample"
@@ -202,10 +202,11 @@ def main() -> None:
     print(f"work dir {work}", flush=True)
     prep, run, hf = base_run(work, args.pretrain_steps)
     ner = silver_ner(prep, work)
-    from pilelm.training.mfu import best_measured_flops
+    from pilelm.training.mfu import best_measured_flops, peak_dtype
 
     peak = best_measured_flops(torch.device("cpu"))
-    print(f"bf16 matmul peak (best of 3 measurements): {peak / 1e9:.0f} GFLOP/s", flush=True)
+    print(f"{str(peak_dtype(torch.device('cpu'))).removeprefix('torch.')} matmul peak (best of 3 measurements): "
+          f"{peak / 1e9:.0f} GFLOP/s", flush=True)
 
     from pilelm.finetune.config import FinetuneConfig
 

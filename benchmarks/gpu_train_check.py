@@ -27,7 +27,8 @@ import torch
 
 from pilelm.core.config import load_config
 from pilelm.core.manifest import MANIFEST
-from pilelm.core.stages import resolve_config_path, run_stage
+from pilelm.core.runner import run_stage
+from pilelm.core.stages import resolve_config_path
 from pilelm.training.mfu import DATASHEET_BF16
 from pilelm.training.precision import matmul_flops
 from pilelm.training.trainer import TrainConfig, run_train

@@ -46,7 +46,8 @@ import torch
 
 from pilelm.core.config import load_config
 from pilelm.core.manifest import MANIFEST
-from pilelm.core.stages import resolve_config_path, run_stage
+from pilelm.core.runner import run_stage
+from pilelm.core.stages import resolve_config_path
 from pilelm.training.loader import ByteCounter
 
 ROOT = Path(__file__).resolve().parents[1]

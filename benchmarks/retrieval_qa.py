@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import zstandard
 
-from pilelm.core.stages import run_stage
+from pilelm.core.runner import run_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "pilelm" / "sample"

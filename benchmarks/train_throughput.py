@@ -31,8 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from pilelm.core.config import load_config
-from pilelm.core.manifest import MANIFEST
-from pilelm.core.stages import COMMANDS
+from pilelm.core.runner import run_stage
 from pilelm.models.gpt import GPT, GPTConfig
 from pilelm.training.precision import matmul_flops
 from pilelm.training.trainer import TrainConfig, Trainer
@@ -43,15 +42,6 @@ SHAPE = {"n_layer": 6, "n_head": 6, "d_model": 384, "block_size": 256}
 VOCAB = 8192
 BATCH = 16
 HYPER = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "weight_decay": 0.1, "grad_clip": 1.0}
-
-
-def run_stage(name: str, **overrides) -> Path:
-    cls, runner = COMMANDS[name].load()
-    cfg = load_config(cls, overrides=overrides)
-    out = Path(overrides["output"])
-    if (out / MANIFEST).is_file():
-        return out
-    return runner(cfg)
 
 
 def build_shards(work: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 from pathlib import Path
@@ -53,6 +54,34 @@ def minipile() -> Path:
     if not (MINIPILE / "val.jsonl.zst").is_file():
         pytest.skip("../shared/minipile is not present")
     return MINIPILE
+
+
+# --- Native bf16: CI's CPUs differ (AVX512-BF16, AMX, or none) ---------------------------
+
+NATIVE_BF16_REASON = ("this CPU has no native bf16 (AVX512-BF16 or AMX), so training refuses "
+                      "loop.precision=bf16 and bf16-autocast (pilelm.models.dtypes.bf16_native)")
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """The product's own test (``pilelm.models.dtypes.bf16_native``) on this machine's CPU."""
+    import torch
+
+    from pilelm.models.dtypes import bf16_native
+
+    return bf16_native(torch.device("cpu"))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "native_bf16: needs a CPU with native bf16; skipped (with the "
+                                       "reason) where pilelm refuses bf16 training")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    # Evaluated only for marked tests, so collecting the suite does not import torch.
+    if item.get_closest_marker("native_bf16") is not None and not cpu_has_native_bf16():
+        pytest.skip(NATIVE_BF16_REASON)
 
 
 # --- A tiny trained run directory (serve, generate, demo and eval tests can share it) ---------

@@ -295,13 +295,14 @@ def finished_output(stage: PlannedStage, state: dict[str, Any] | None = None) ->
         manifest = read_manifest(out)
     except (OSError, json.JSONDecodeError):
         return False
-    if manifest.get("stage") not in (stage.name, stage.name.split()[0]):
+    record = (state or {}).get(str(out), {})
+    # This runner made that very manifest by running this stage (some stages name another in
+    # their manifest: `finetune-contrastive` and `finetune --task sft` write a train run's).
+    made_here = record.get("stage") == stage.name and record.get("manifest") == content_hash(out)
+    if manifest.get("stage") not in (stage.name, stage.name.split()[0]) and not made_here:
         return False
     planned = _normalised(to_dict(stage.config))
-    record = (state or {}).get(str(out), {})
-    same_config = _normalised(manifest.get("config")) == planned or (
-        record.get("config") == planned and record.get("manifest") == content_hash(out)
-    )
+    same_config = _normalised(manifest.get("config")) == planned or (made_here and record.get("config") == planned)
     if not same_config:
         log.info("%s: config changed since %s was written; running it again", stage.name, out)
         return False
@@ -357,6 +358,23 @@ def execute(pipeline: Pipeline) -> list[StageResult]:
             state[str(out)] = {"stage": stage.name, "config": planned, "manifest": content_hash(out)}
             atomic_write_json(work_dir / STATE_FILE, state)
     return results
+
+
+def run_stage(name: str, config: str | Path | None = None, **overrides: Any) -> Path:
+    """Run the stage ``name`` with config keys ``overrides`` (``output`` among them) over the base
+    YAML ``config`` (a file or a shipped name, like a pipeline entry's ``config:``) unless its
+    output already holds the manifest of this exact config and inputs (``finished_output``, as
+    ``pilelm run`` resumes): benchmarks and scripts chain stages this way. The output's parent
+    is the work directory that keeps the record (``pipeline_state.json``); a changed key or
+    input reruns the stage, and one with a ``restart`` key (train) then trains anew."""
+    command = COMMANDS[name]
+    cls, _ = command.load()
+    base = resolve_config_path(str(config)) if config else None
+    stage = PlannedStage(1, command, load_config(cls, base, overrides))
+    if stage.output is None:
+        raise ConfigError(f"run_stage({name!r}, ...) needs output=DIR: the output is what it reuses or makes")
+    (result,) = execute(Pipeline(stage.output.parent, [stage]))
+    return stage.output if result.output is None else result.output
 
 
 def run_pipeline(cfg: PipelineConfig, title: str = "") -> Path:

@@ -167,16 +167,3 @@ def resolve_config_path(name: str) -> Path:
     names = sorted(q.stem for q in CONFIG_DIR.glob("*.yaml"))
     raise ConfigError(f"config {name!r} is neither a file nor a shipped config ({', '.join(names)})")
 
-
-def run_stage(name: str, **overrides: Any) -> Path:
-    """Run the stage ``name`` with config keys ``overrides`` (``output`` among them), unless its
-    output already holds a manifest (a finished run of it): benchmarks and scripts chain stages
-    this way without the pipeline runner's config and input-hash bookkeeping."""
-    from pilelm.core.config import load_config
-    from pilelm.core.manifest import MANIFEST
-
-    out = Path(overrides["output"])
-    if (out / MANIFEST).is_file():
-        return out
-    cls, runner = COMMANDS[name].load()
-    return runner(load_config(cls, overrides=overrides))

@@ -5,7 +5,8 @@ measured once on a busy machine reads low (another job's threads share the cores
 MFU above it reads high: over 100 % is a broken denominator, not a fast run. So:
 
 - a GPU whose name is in ``DATASHEET_BF16`` uses the vendor's dense bf16 peak;
-- otherwise the peak is the best of several short matmul measurements, and the run dir's
+- otherwise the peak is the best of several short matmul measurements in the device's fastest
+  native dtype (``peak_dtype``: bf16 where it is native, else fp32), and the run dir's
   ``hardware.json`` keeps the best ever seen for the device (a later quiet run raises it);
 - an achieved rate above the peak proves the peak too low: the peak is raised to it (MFU
   reads 100 %) with one warning, so MFU is never logged above 100 %.
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from pilelm.core.atomic import atomic_write_json
+from pilelm.models.dtypes import bf16_native
 from pilelm.training.precision import matmul_flops
 
 log = logging.getLogger(__name__)
@@ -69,25 +71,35 @@ def datasheet_peak(device: torch.device) -> PeakFlops | None:
     return None
 
 
+def peak_dtype(device: torch.device) -> torch.dtype:
+    """The dtype whose matmul rate is ``device``'s peak: bf16 where bf16 matmuls are native, else
+    fp32. Emulated bf16 is no peak: on a CPU without AVX512-BF16/AMX one 1024^3 bf16 matmul
+    takes seconds (~40x slower than fp32), so a bf16 "peak" would sit below what fp32 training
+    (the only precision such a CPU trains in) achieves, and every MFU would read 100 %."""
+    return torch.bfloat16 if bf16_native(device) else torch.float32
+
+
 def best_measured_flops(device: torch.device, measurements: int = MEASUREMENTS) -> float:
-    """The best of ``measurements`` short bf16 matmul rate measurements."""
-    return max(matmul_flops(device, seconds=0.2) for _ in range(measurements))
+    """The best of ``measurements`` short matmul rate measurements in ``peak_dtype(device)``."""
+    dtype = peak_dtype(device)
+    return max(matmul_flops(device, dtype=dtype, seconds=0.2) for _ in range(measurements))
 
 
 def resolve_peak(device: torch.device, configured: float, cache: Path | None, measure: bool = True) -> PeakFlops:
     """The peak per device: ``configured`` if set, else the datasheet, else the best measured
-    (``cache``, a ``hardware.json``, keeps the best per device and thread count). Ranks that
-    do not ``measure`` read the cache (0 when it is empty: no MFU)."""
+    (``cache``, a ``hardware.json``, keeps the best per device, thread count and dtype). Ranks
+    that do not ``measure`` read the cache (0 when it is empty: no MFU)."""
     if configured:
         return PeakFlops(configured, "configured")
     known = datasheet_peak(device)
     if known is not None:
         return known
-    key = f"{device.type}:{torch.get_num_threads()}"
+    dtype = str(peak_dtype(device)).removeprefix("torch.")
+    key = f"{device.type}:{torch.get_num_threads()}:{dtype}"
     cached = json.loads(cache.read_text()) if cache is not None and cache.is_file() else {}
     best = float(cached.get(key, 0.0))
     if measure:
         best = max(best, best_measured_flops(device))
         if cache is not None:
             atomic_write_json(cache, {**cached, key: best})
-    return PeakFlops(best, f"measured, best of {MEASUREMENTS} bf16 matmul runs and earlier starts")
+    return PeakFlops(best, f"measured, best of {MEASUREMENTS} {dtype} matmul runs and earlier starts")

@@ -81,15 +81,3 @@ def test_missing_input_dir_says_what_to_run_first(argv, first, tmp_path, capsys)
 def test_prepare_missing_input_file_is_a_clear_error(tmp_path, capsys):
     assert cli.main(["prepare", str(tmp_path / "nope.jsonl.zst"), "-o", str(tmp_path / "p")]) != 0
     assert "nope.jsonl.zst" in capsys.readouterr().err
-
-
-def test_run_stage_skips_a_finished_output_and_runs_a_missing_one(tmp_path):
-    from pilelm.core.stages import run_stage
-
-    done = tmp_path / "done"
-    done.mkdir()
-    (done / "manifest.json").write_text("{}")
-    # A finished output is returned as is: the bogus data path would fail if the stage ran.
-    assert run_stage("tokenize", data=str(tmp_path / "missing"), tokenizer="x", output=str(done)) == done
-    with pytest.raises(Exception, match="missing"):
-        run_stage("tokenize", data=str(tmp_path / "missing"), tokenizer="x", output=str(tmp_path / "new"))

@@ -14,9 +14,9 @@ import pytest
 
 from pilelm.core import cli, stages
 from pilelm.core.config import ConfigError, load_config
-from pilelm.core.manifest import require_stage, write_manifest
+from pilelm.core.manifest import read_manifest, require_stage, write_manifest
 from pilelm.core.report import StageResult, write_report
-from pilelm.core.runner import SAMPLE_DIR, PipelineConfig, execute, load_pipeline, plan_pipeline
+from pilelm.core.runner import SAMPLE_DIR, PipelineConfig, execute, load_pipeline, plan_pipeline, run_stage
 
 CALLS: list[str] = []
 
@@ -162,6 +162,45 @@ def test_resume_skips_finished_stages_and_reruns_changed_ones(fake_stages, tmp_p
     execute(load_pipeline(pfile, work, {"train": {"max_steps": 5}}))
     assert CALLS[3:] == ["prepare", "train"]
     assert (work / "prepared" / "docs.txt").read_text() == "Changed\n"
+
+
+def test_run_stage_reuses_an_output_only_for_the_same_config_and_inputs(fake_stages, tmp_path, monkeypatch):
+    """Benchmarks chain stages with ``run_stage``: a finished output is reused only when its
+    manifest's config and input hashes match (the pipeline's own check), never by folder name."""
+    raw = tmp_path / "raw.txt"
+    raw.write_text("Hello\n")
+    work = tmp_path / "work"
+    prep = run_stage("prepare", inputs=[str(raw)], output=str(work / "prep"))
+    assert prep == work / "prep" and CALLS == ["prepare"]
+    assert run_stage("prepare", inputs=[str(raw)], output=str(work / "prep")) == prep and CALLS == ["prepare"]
+    # train records a more resolved config (vocab_size 0 -> 100): the record of what was asked still matches.
+    run = run_stage("train", data=str(prep), output=str(work / "run"), max_steps=3)
+    run_stage("train", data=str(prep), output=str(work / "run"), max_steps=3)
+    assert CALLS == ["prepare", "train"]
+    # A changed key reruns the stage (a 5-step request never gets the cached 3-step run) ...
+    run_stage("train", data=str(prep), output=str(work / "run"), max_steps=5)
+    assert CALLS[2:] == ["train"] and read_manifest(run)["counts"]["steps"] == 5
+    # ... and so does a changed input, or a manifest of another config it did not make.
+    raw.write_text("Changed\n")
+    run_stage("prepare", inputs=[str(raw)], output=str(work / "prep"))
+    assert CALLS[3:] == ["prepare"] and (prep / "docs.txt").read_text() == "Changed\n"
+    other = tmp_path / "elsewhere" / "prep"
+    run_fake_prepare(FakePrepareConfig(inputs=[raw], output=other, lowercase=True))
+    run_stage("prepare", inputs=[str(raw)], output=str(other))
+    assert CALLS[4:] == ["prepare", "prepare"] and (other / "docs.txt").read_text() == "Changed\n"
+    # A stage whose manifest names another stage (finetune-contrastive writes a train run's) is
+    # reused when this runner made it.
+    monkeypatch.setitem(stages.COMMANDS, "finetune-contrastive", dataclasses.replace(
+        stages.COMMANDS["train"], name="finetune-contrastive"))
+    for _ in range(2):
+        run_stage("finetune-contrastive", data=str(prep), output=str(work / "ft"), max_steps=2)
+    assert CALLS[6:] == ["train"]
+    # A base YAML (a pipeline entry's `config:`) is part of the config: editing it reruns.
+    base = tmp_path / "base.yaml"
+    for steps in (2, 2, 6):
+        base.write_text(f"max_steps: {steps}\n")
+        run_stage("train", config=base, data=str(prep), output=str(work / "based"))
+    assert CALLS[7:] == ["train", "train"] and read_manifest(work / "based")["counts"]["steps"] == 6
 
 
 def test_cli_run_with_dotted_overrides_writes_report(fake_stages, tmp_path, capsys):

@@ -188,7 +188,7 @@ def test_bert_trains_privately_one_sample_at_a_time(shards, tmp_path):
     ({"family": "bert", "bert.n_layer": 2, "bert.n_head": 2, "bert.d_model": 64, "bert.block_size": 32,
       "bert.nsp": True}, "bert.nsp=false"),
     ({"loop.on_nonfinite": "skip"}, "loop.on_nonfinite=stop"),
-    ({"loop.precision": "bf16"}, "bf16-autocast"),
+    pytest.param({"loop.precision": "bf16"}, "bf16-autocast", marks=pytest.mark.native_bf16),
     ({"loop.micro_batch": 400}, "expected batch"),
 ])
 def test_settings_it_cannot_account_for_are_refused(shards, tmp_path, overrides, message):

@@ -140,13 +140,30 @@ def test_the_measured_peak_keeps_the_best_of_all_starts(tmp_path, monkeypatch):
     import pilelm.training.mfu as mfu
 
     rates = iter([1e9, 4e9, 2e9, 1e9, 1e9, 1e9])
-    monkeypatch.setattr(mfu, "matmul_flops", lambda device, seconds: next(rates))
+    monkeypatch.setattr(mfu, "matmul_flops", lambda device, dtype, seconds: next(rates))
     cache = tmp_path / "hardware.json"
     cpu = torch.device("cpu")
     assert resolve_peak(cpu, 0.0, cache).value == 4e9  # best of three
     assert resolve_peak(cpu, 0.0, cache).value == 4e9  # a slower (busier) start does not lower it
     assert resolve_peak(cpu, 0.0, cache, measure=False).value == 4e9
     assert resolve_peak(cpu, 7e12, cache).source == "configured"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_peak_is_measured_in_the_fastest_native_dtype(tmp_path, monkeypatch, native):
+    """Without native bf16 (emulated bf16 matmuls run ~40x below fp32) the peak is fp32's, the
+    precision such a CPU trains in; a cached peak of the other dtype is not reused."""
+    import pilelm.training.mfu as mfu
+
+    seen = []
+    monkeypatch.setattr(mfu, "bf16_native", lambda device: native)
+    monkeypatch.setattr(mfu, "matmul_flops", lambda device, dtype, seconds: seen.append(dtype) or 2e9)
+    cache = tmp_path / "hardware.json"
+    cache.write_text(json.dumps({f"cpu:{torch.get_num_threads()}:{'float32' if native else 'bfloat16'}": 9e9}))
+    peak = resolve_peak(torch.device("cpu"), 0.0, cache)
+    name = "bfloat16" if native else "float32"
+    assert seen == [torch.bfloat16 if native else torch.float32] * 3
+    assert peak.value == 2e9 and f"{name} matmul" in peak.source
 
 
 def test_a_run_logs_mfu_within_one(shards, tmp_path):

@@ -141,7 +141,8 @@ def test_rerunning_a_finished_run_changes_nothing(shards, tmp_path):
     assert read_manifest(run)["counts"]["steps"] == 6
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16-autocast", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", *(pytest.param(p, marks=pytest.mark.native_bf16)
+                                                 for p in ("bf16-autocast", "bf16"))])
 def test_resume_reproduces_the_uninterrupted_losses(shards, tmp_path, precision):
     kw = {"loop.max_steps": 20, "loop.save_every": 5, "loop.eval_every": 0, "loop.precision": precision,
           "model.dropout": 0.1}
