@@ -38,7 +38,9 @@ pretoken-safe boundaries and reassembles identical ids.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -177,35 +179,27 @@ class GigatokenEncoder(Encoder):
 # ---------------------------------------------------------------- candidates
 
 
-def _fastokens(hf: Tokenizer, spec: dict[str, Any]) -> Encoder:
+def _rust_encoder(package: str, hf: Tokenizer, spec: dict[str, Any]) -> Encoder:
+    """gigatoken or fastokens over this tokenizer's ``tokenizer.json`` (both read it themselves)."""
     require_byte_level_bpe(spec)
     try:
-        import fastokens
+        module = importlib.import_module(package)
     except ImportError:
-        raise EncoderUnavailable("fastokens is not installed") from None
+        raise EncoderUnavailable(f"{package} is not installed") from None
     try:
-        return FastokensEncoder(fastokens.Tokenizer.from_json_str(hf.to_str()))
+        if package == "gigatoken":
+            return GigatokenEncoder(module.Tokenizer.from_json(hf.to_str()))
+        return FastokensEncoder(module.Tokenizer.from_json_str(hf.to_str()))
     except Exception as e:  # its loader raises its own errors for what it does not support
-        raise EncoderUnavailable(f"fastokens cannot load it ({e})") from None
-
-
-def _gigatoken(hf: Tokenizer, spec: dict[str, Any]) -> Encoder:
-    require_byte_level_bpe(spec)
-    try:
-        import gigatoken
-    except ImportError:
-        raise EncoderUnavailable("gigatoken is not installed") from None
-    try:
-        return GigatokenEncoder(gigatoken.Tokenizer.from_json(hf.to_str()))
-    except Exception as e:  # its loader raises its own errors for what it does not support
-        raise EncoderUnavailable(f"gigatoken cannot load it ({e})") from None
+        raise EncoderUnavailable(f"{package} cannot load it ({e})") from None
 
 
 def _tiktoken(hf: Tokenizer, spec: dict[str, Any]) -> Encoder:
     return TiktokenEncoder(fast_bpe(spec))
 
 
-_BUILDERS = {"gigatoken": _gigatoken, "fastokens": _fastokens, "tiktoken": _tiktoken}
+_BUILDERS = {"gigatoken": functools.partial(_rust_encoder, "gigatoken"),
+             "fastokens": functools.partial(_rust_encoder, "fastokens"), "tiktoken": _tiktoken}
 
 # Texts covering what a stand-in must get right: contractions, digits and digit runs,
 # punctuation runs, whitespace runs and trailing whitespace, tabs/CR/LF/form feeds, scripts,
