@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,ray]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,ray,track]'
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -26,7 +26,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check pilelm tests benchmarks
 
 bench: $(STAMP)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,ray,bench]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,ray,track,bench]'
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
