@@ -85,7 +85,10 @@ def silver_ner(prepared: Path, out_dir: Path, words: int = 32) -> dict[str, Path
     return out
 
 
-def base_run(work: Path, pretrain_steps: int) -> tuple[Path, Path, Path]:
+def base_run(work: Path, pretrain_steps: int, precision: str = "bf16-autocast",
+             export: bool = True) -> tuple[Path, Path, Path | None]:
+    """The pretrained base (prepared sample, 4096-token BPE, 4-layer d=256 GPT-2) and, with
+    ``export``, its transformers folder; ``precision="auto"`` trains in this machine's."""
     prep = run_stage("prepare", inputs=[str(SAMPLE / "train"), str(SAMPLE / "val.jsonl.zst"),
                                         str(SAMPLE / "test.jsonl.zst")], output=str(work / "prepared"))
     tok = run_stage("tokenizer train", data=str(prep), output=str(work / "tokenizer"), kind="bpe", vocab_size=4096)
@@ -93,9 +96,9 @@ def base_run(work: Path, pretrain_steps: int) -> tuple[Path, Path, Path]:
     run = run_stage("train", data=str(shards), output=str(work / "run"),
                     model={"arch": "gpt2", "block_size": 256, "n_layer": 4, "n_head": 4, "d_model": 256},
                     optim={"lr": 2e-3}, schedule={"warmup_steps": 10},
-                    loop={"max_steps": pretrain_steps, "micro_batch": 16, "precision": "bf16-autocast",
+                    loop={"max_steps": pretrain_steps, "micro_batch": 16, "precision": precision,
                           "eval_every": 0, "save_every": pretrain_steps, "tensorboard": False})
-    hf = run_stage("export", run=str(run), output=str(work / "hf"))
+    hf = run_stage("export", run=str(run), output=str(work / "hf")) if export else None
     return prep, run, hf
 
 

@@ -33,24 +33,9 @@ import time
 from pathlib import Path
 
 import torch
+from finetune_throughput import base_run  # the same base run (this folder is on sys.path)
 
 from pilelm.core.runner import run_stage
-
-SAMPLE = Path(__file__).resolve().parents[1] / "pilelm" / "sample"
-
-
-def base_run(work: Path, pretrain_steps: int) -> tuple[Path, Path]:
-    """finetune_throughput.py's base run (same stages and shape) in this machine's precision."""
-    prep = run_stage("prepare", inputs=[str(SAMPLE / "train"), str(SAMPLE / "val.jsonl.zst"),
-                                        str(SAMPLE / "test.jsonl.zst")], output=str(work / "prepared"))
-    tok = run_stage("tokenizer train", data=str(prep), output=str(work / "tokenizer"), kind="bpe", vocab_size=4096)
-    shards = run_stage("tokenize", data=str(prep), tokenizer=str(tok), output=str(work / "shards"))
-    run = run_stage("train", data=str(shards), output=str(work / "run"),
-                    model={"arch": "gpt2", "block_size": 256, "n_layer": 4, "n_head": 4, "d_model": 256},
-                    optim={"lr": 2e-3}, schedule={"warmup_steps": 10},
-                    loop={"max_steps": pretrain_steps, "micro_batch": 16, "eval_every": 0,
-                          "save_every": pretrain_steps, "tensorboard": False})
-    return prep, run
 
 
 def texts_of(prepared: Path, n: int, chars: int, unit: str) -> list[str]:
@@ -82,7 +67,8 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work_dir)
-    prep, run = base_run(work, args.pretrain_steps)
+    # finetune_throughput.py's base run (same stages and shape) in this machine's precision
+    prep, run, _ = base_run(work, args.pretrain_steps, precision="auto", export=False)
     ft = run_stage("finetune", run=str(run), task="classify", data=[str(prep)], output=str(work / "predict_cls"),
                    label_column="meta.pile_set_name", max_length=args.max_length, max_eval_examples=64,
                    loop={"max_steps": 5, "eval_every": 5, "tensorboard": False, "num_threads": args.threads})
