@@ -25,8 +25,6 @@ import argparse
 import asyncio
 import collections
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,7 +34,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_load import PROMPTS, ROOT, Result, default_run, free_port, one, pct  # noqa: E402
+from serve_load import PROMPTS, Result, default_run, one, pct, serve_process  # noqa: E402
 
 
 class PeakRSS:
@@ -135,22 +133,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(args.run) if args.run else default_run(Path(tmp))
-        port = free_port()
-        cmd = [sys.executable, "-m", "pilelm", "serve", str(run), "--host", "127.0.0.1", "--port", str(port),
-               "--log-level", "warning"]
-        env = {k: v for k, v in os.environ.items() if k != "PILELM_API_KEY"}
-        server = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    health = httpx.get(f"{url}/health", timeout=2).json()
-                    break
-                except httpx.HTTPError:
-                    if server.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError("the server did not start") from None
-                    time.sleep(0.2)
+        with serve_process(run, [], quiet=True) as (url, health, server):
             asyncio.run(normal_client(url, argparse.Namespace(**{**vars(args), "normal": 2})))  # warm-up
             rss = PeakRSS(server.pid)
             start_rss = rss.now()
@@ -162,9 +145,6 @@ def main() -> int:
                 abused = asyncio.run(abuse_phase(url, args, statuses))
             abused_peak = rss.peak
             after = httpx.get(f"{url}/health", timeout=10).json()
-        finally:
-            server.terminate()
-            server.wait(30)
 
     print(f"model {health['model']} (context {health['limits']['context']}); normal client: {args.normal} streaming "
           f"requests x {args.max_tokens} tokens, {args.normal_concurrency} at a time; limits: max_request_work "

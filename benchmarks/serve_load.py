@@ -145,15 +145,15 @@ def report(name: str, results: list[Result], wall: float) -> Summary:
 
 
 @contextmanager
-def serving(run: Path, args: argparse.Namespace, continuous: bool) -> Iterator[tuple[str, dict]]:
-    """``pilelm serve`` on a free loopback port; yields (url, /health) once it answers."""
+def serve_process(run: Path, options: list[str], quiet: bool = False
+                  ) -> Iterator[tuple[str, dict, subprocess.Popen]]:
+    """``pilelm serve RUN OPTIONS`` on a free loopback port (stderr dropped when ``quiet``);
+    yields (url, /health, the server process) once it answers, and stops it after."""
     port = free_port()
     cmd = [sys.executable, "-m", "pilelm", "serve", str(run), "--host", "127.0.0.1", "--port", str(port),
-           "--max-batch", str(args.max_batch), "--batch-window-ms", str(args.batch_window_ms),
-           "--max-concurrent", str(max(args.requests, 1)), "--continuous", str(continuous).lower(),
-           "--device", args.device, "--dtype", args.dtype, "--log-level", "warning"]
+           *options, "--log-level", "warning"]
     env = {k: v for k, v in os.environ.items() if k != "PILELM_API_KEY"}
-    server = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    server = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.DEVNULL if quiet else None)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -165,10 +165,20 @@ def serving(run: Path, args: argparse.Namespace, continuous: bool) -> Iterator[t
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("the server did not start") from None
                 time.sleep(0.2)
-        yield url, health
+        yield url, health, server
     finally:
         server.terminate()
         server.wait(30)
+
+
+@contextmanager
+def serving(run: Path, args: argparse.Namespace, continuous: bool) -> Iterator[tuple[str, dict]]:
+    """``pilelm serve`` on a free loopback port; yields (url, /health) once it answers."""
+    options = ["--max-batch", str(args.max_batch), "--batch-window-ms", str(args.batch_window_ms),
+               "--max-concurrent", str(max(args.requests, 1)), "--continuous", str(continuous).lower(),
+               "--device", args.device, "--dtype", args.dtype]
+    with serve_process(run, options) as (url, health, _):
+        yield url, health
 
 
 def engine_stats(url: str) -> dict:
